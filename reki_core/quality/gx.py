@@ -1,0 +1,179 @@
+"""Great Expectations plumbing shared by every gate: one ephemeral context, one way to run a suite.
+
+A gate is a list of expectations run over a pandas DataFrame. `run_suite` returns a `GateResult`
+(JSON-able summary: each expectation, success, counts); `GateResult.raise_if_failed()` raises a
+`GateError` whose message lists the failing expectations with their counts.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+_lock = threading.Lock()
+_context = None
+
+
+class GateError(RuntimeError):
+    """A quality gate failed; `result` holds the full summary."""
+
+    def __init__(self, message: str, result: "GateResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass
+class ExpectationOutcome:
+    expectation: str
+    column: str | None
+    kwargs: dict[str, Any]
+    success: bool
+    unexpected_count: int | None = None
+    observed_value: Any = None
+    unexpected_sample: list[Any] = field(default_factory=list)
+    unexpected_index: list[int] = field(default_factory=list)
+    severity: str = "fail"  # "fail" stops the run; "warn" is reported only
+
+    def describe(self) -> str:
+        where = f" column '{self.column}'" if self.column else ""
+        args = {k: v for k, v in self.kwargs.items() if k not in ("column", "batch_id")}
+        detail = []
+        if self.unexpected_count is not None:
+            detail.append(f"{self.unexpected_count} unexpected")
+        if self.observed_value is not None:
+            detail.append(f"observed {self.observed_value!r}")
+        if self.unexpected_sample:
+            detail.append(f"e.g. {self.unexpected_sample[:3]!r}")
+        return f"{self.expectation}{where} {args}: " + ", ".join(detail)
+
+
+@dataclass
+class GateResult:
+    gate: str
+    dataset: str
+    rows: int
+    outcomes: list[ExpectationOutcome]
+
+    @property
+    def failed(self) -> list[ExpectationOutcome]:
+        return [o for o in self.outcomes if not o.success and o.severity == "fail"]
+
+    @property
+    def warnings(self) -> list[ExpectationOutcome]:
+        return [o for o in self.outcomes if not o.success and o.severity == "warn"]
+
+    @property
+    def success(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate,
+            "dataset": self.dataset,
+            "rows": self.rows,
+            "success": self.success,
+            "evaluated": len(self.outcomes),
+            "failed": [o.describe() for o in self.failed],
+            "warnings": [o.describe() for o in self.warnings],
+        }
+
+    def raise_if_failed(self) -> "GateResult":
+        if self.failed:
+            lines = "\n".join(f"  - {o.describe()}" for o in self.failed)
+            raise GateError(
+                f"quality gate '{self.gate}' failed on {self.dataset} ({self.rows} rows): "
+                f"{len(self.failed)} of {len(self.outcomes)} expectations failed:\n{lines}",
+                self,
+            )
+        return self
+
+
+def warn_only(expectation):
+    """Mark an expectation whose failure is reported as a warning instead of stopping the run."""
+    expectation.meta = {**(expectation.meta or {}), "severity": "warn"}
+    return expectation
+
+
+def _get_context():
+    global _context
+    with _lock:
+        if _context is None:
+            import great_expectations as gx
+
+            _context = gx.get_context(mode="ephemeral")
+            try:  # progress bars would flood task logs
+                from great_expectations.data_context.types.base import ProgressBarsConfig
+
+                _context.variables.progress_bars = ProgressBarsConfig(globally=False)
+            except Exception:  # noqa: BLE001 - cosmetic only
+                pass
+        return _context
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    try:
+        return value.item()  # numpy scalars
+    except AttributeError:
+        return str(value)
+
+
+def run_suite(
+    gate: str,
+    dataset: str,
+    df: pd.DataFrame,
+    expectations: list,
+    complete: bool = False,
+) -> GateResult:
+    """Validate `df` against `expectations` (gxe.* instances); `complete` also returns every unexpected row index."""
+    import great_expectations as gx
+
+    ctx = _get_context()
+    with _lock:
+        name = f"{gate}-{dataset}"
+        try:
+            batch_def = ctx.data_sources.get("reki").get_asset(name).get_batch_definition("whole")
+        except Exception:  # noqa: BLE001 - first use of this gate in the process
+            try:
+                source = ctx.data_sources.get("reki")
+            except Exception:  # noqa: BLE001
+                source = ctx.data_sources.add_pandas("reki")
+            batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+        suite = gx.ExpectationSuite(name=f"{name}-suite")
+        for exp in expectations:
+            suite.add_expectation(exp)
+        batch = batch_def.get_batch(batch_parameters={"dataframe": df})
+        fmt = {"result_format": "COMPLETE"} if complete else {"result_format": "SUMMARY", "partial_unexpected_count": 5}
+        res = batch.validate(suite, result_format=fmt)
+
+    outcomes = []
+    for r in res.results:
+        config = r.expectation_config
+        result = r.result or {}
+        kwargs = _json_safe(dict(config.kwargs))
+        outcomes.append(
+            ExpectationOutcome(
+                expectation=config.type,
+                column=kwargs.get("column"),
+                kwargs=kwargs,
+                success=bool(r.success),
+                unexpected_count=result.get("unexpected_count"),
+                observed_value=_json_safe(result.get("observed_value")),
+                unexpected_sample=_json_safe(result.get("partial_unexpected_list") or [])[:5],
+                unexpected_index=[int(i) for i in result.get("unexpected_index_list") or []
+                                  if isinstance(i, (int,)) or str(i).isdigit()],
+                severity=(config.meta or {}).get("severity", "fail"),
+            )
+        )
+    return GateResult(gate=gate, dataset=dataset, rows=len(df), outcomes=outcomes)
