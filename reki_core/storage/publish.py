@@ -1,0 +1,471 @@
+"""Publish versioned augmented vectors to object storage: immutable, atomic, verifiable.
+
+Layout (ARCHITECTURE.md "Data zones"):
+
+    s3://<bucket>/<scenario>/vectors/v=<dt>_<run_id>/user_vectors.parquet, item_vectors.parquet,
+                                                     adaptor.pt, model_card.*, quality_summary.json,
+                                                     run_report.* (when given), manifest.json (LAST)
+    s3://<bucket>/<scenario>/vectors/_LATEST.json
+
+A version without `manifest.json` does not exist for consumers. `_LATEST.json` moves only after the
+manifest reads back intact, and only forward in (dt, manifest created_at): a backfill of an older
+date publishes its version but leaves `latest` alone. The pointer is moved with S3 conditional
+writes (If-Match / If-None-Match), so racing publishers end with one consistent `latest`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from reki_core.storage.lake import as_date
+from reki_core.storage.s3_access import ObjectStore, ObjectStoreError, S3Access, resolve_s3_access
+
+MANIFEST = "manifest.json"
+LATEST = "_LATEST.json"
+QUALITY_SUMMARY = "quality_summary.json"
+VECTOR_FILES = {"user_vectors.parquet": "user", "item_vectors.parquet": "item"}
+MANIFEST_FORMAT = 1
+HALF_WRITTEN_MAX_AGE = dt.timedelta(days=1)
+# Manifest keys computed here; metadata may not override them.
+_COMPUTED_KEYS = {"format_version", "scenario", "dt", "run_id", "version", "uri", "created_at", "files",
+                  "row_counts", "vector_dim", "has_group_vectors", "code_version"}
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PublishError(RuntimeError):
+    """Publishing was refused or failed; the message names the file, column or rule."""
+
+
+# ---------------------------------------------------------------- names and keys
+
+
+def safe_run_id(run_id: str) -> str:
+    """Airflow run ids carry ':' and '+'; object keys keep letters, digits, '.', '_' and '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-")
+    if not cleaned:
+        raise PublishError(f"run_id {run_id!r} has no usable characters")
+    return cleaned
+
+
+def version_name(day: str | dt.date, run_id: str) -> str:
+    return f"{as_date(day).isoformat()}_{safe_run_id(run_id)}"
+
+
+def vectors_prefix(scenario: str) -> str:
+    return f"{scenario}/vectors/"
+
+
+def version_prefix(scenario: str, version: str) -> str:
+    return f"{vectors_prefix(scenario)}v={version}/"
+
+
+def latest_key(scenario: str) -> str:
+    return vectors_prefix(scenario) + LATEST
+
+
+def _normalise_version(name: str) -> str:
+    name = name.strip().strip("/")
+    return name[2:] if name.startswith("v=") else name
+
+
+# ---------------------------------------------------------------- content checks
+
+
+def _read_bytes(source: str | Path | bytes) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise PublishError(f"file to publish {path} does not exist")
+    return path.read_bytes()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def describe_vectors(name: str, data: bytes) -> dict[str, Any]:
+    """Row count, dimension and kinds of a vectors file; fails naming the file, column and rule."""
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise PublishError(f"{name}: not a readable Parquet file ({exc})") from exc
+    for column in ("entity_kind", "entity_id", "vector"):
+        if column not in table.column_names:
+            raise PublishError(f"{name}: required column '{column}' is missing (has {table.column_names})")
+    if table.num_rows == 0:
+        raise PublishError(f"{name}: no rows; refusing to publish an empty vectors file")
+    vectors = table.column("vector").combine_chunks()
+    if not pa.types.is_list(vectors.type) and not pa.types.is_fixed_size_list(vectors.type):
+        raise PublishError(f"{name}: column 'vector' must be list<float>, is {vectors.type}")
+    if vectors.null_count:
+        raise PublishError(f"{name}: column 'vector' has {vectors.null_count} null rows")
+    lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+    if lengths.min() != lengths.max() or lengths.min() == 0:
+        raise PublishError(f"{name}: column 'vector' must have one non-zero length, has {lengths.min()}..{lengths.max()}")
+    values = vectors.flatten().to_numpy(zero_copy_only=False)
+    if not (values == values).all() or (abs(values) == float("inf")).any():
+        raise PublishError(f"{name}: column 'vector' has NaN or infinite values")
+    keys = pc.binary_join_element_wise(table.column("entity_kind").cast(pa.string()),
+                                               table.column("entity_id").cast(pa.string()), "\x1f")
+    if pc.count_distinct(keys).as_py() != table.num_rows:
+        raise PublishError(f"{name}: duplicate (entity_kind, entity_id) rows; each entity must appear once")
+    kinds = sorted(set(table.column("entity_kind").to_pylist()))
+    expected = VECTOR_FILES[name]
+    wrong = [k for k in kinds if k != expected and k != f"{expected}_group"]
+    if wrong:
+        raise PublishError(f"{name}: column 'entity_kind' has {wrong}; allowed '{expected}' and '{expected}_group'")
+    model_versions = (sorted(set(table.column("model_version").to_pylist()))
+                      if "model_version" in table.column_names else [])
+    return {"rows": table.num_rows, "dim": int(lengths[0]), "kinds": kinds, "model_versions": model_versions}
+
+
+def code_version() -> dict[str, Any]:
+    """The package version and, in a git checkout, the commit (and whether the tree had changes)."""
+    from reki_core import __version__
+    from reki_core.config import PROJECT_ROOT
+
+    info: dict[str, Any] = {"package_version": __version__, "git_sha": None, "git_dirty": None}
+    try:
+        info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                                         text=True, timeout=5, check=True).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                                capture_output=True, text=True, timeout=5, check=True).stdout
+        info["git_dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (e.g. an installed wheel): the package version still says what ran
+    return info
+
+
+def failed_gates(gates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [g for g in gates if not g.get("success", False)]
+
+
+# ---------------------------------------------------------------- latest pointer
+
+
+def _order_key(pointer: dict[str, Any]) -> tuple[str, str, str]:
+    # Forward means a later data date; a rerun of the same date wins when its manifest is newer.
+    return (pointer["dt"], pointer["created_at"], pointer["version"])
+
+
+def read_latest(store: ObjectStore, scenario: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The `_LATEST.json` pointer and its ETag (None, None before the first publish)."""
+    return store.get_json(latest_key(scenario), missing_ok=True)
+
+
+def advance_latest(store: ObjectStore, scenario: str, pointer: dict[str, Any], max_attempts: int = 50) -> dict[str, Any]:
+    """Move `_LATEST.json` to `pointer` unless it already points at a newer version (compare-and-swap).
+
+    Returns {"moved": bool, "latest": the pointer in force afterwards}.
+    """
+    key = latest_key(scenario)
+    body = json.dumps(pointer, indent=2, sort_keys=True).encode()
+    for attempt in range(max_attempts):
+        current, etag = read_latest(store, scenario)
+        if current is not None and _order_key(current) >= _order_key(pointer):
+            return {"moved": current["version"] == pointer["version"], "latest": current}
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            store.put(key, body, **condition)
+        except ObjectStoreError as exc:
+            if exc.code not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))  # another publisher moved it: re-read
+            continue
+        # Re-read: a store that ignored the condition would show another publisher's write here.
+        after, _ = read_latest(store, scenario)
+        if after is not None and _order_key(after) >= _order_key(pointer):
+            return {"moved": after["version"] == pointer["version"], "latest": after}
+    raise PublishError(f"could not move {store.access.uri(key)} to {pointer['version']} after {max_attempts} attempts")
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def read_manifest(store: ObjectStore, scenario: str, version: str) -> dict[str, Any] | None:
+    manifest, _ = store.get_json(version_prefix(scenario, _normalise_version(version)) + MANIFEST, missing_ok=True)
+    return manifest
+
+
+def list_versions(store: ObjectStore, scenario: str) -> dict[str, dict[str, Any]]:
+    """Every version folder: its objects, whether it has a manifest, and when it was last written."""
+    prefix = vectors_prefix(scenario)
+    versions: dict[str, dict[str, Any]] = {}
+    for obj in store.list(prefix):
+        rest = obj["Key"][len(prefix):]
+        if not rest.startswith("v=") or "/" not in rest:
+            continue
+        name = rest[2:].split("/", 1)[0]
+        entry = versions.setdefault(name, {"keys": [], "complete": False, "last_modified": obj["LastModified"]})
+        entry["keys"].append(obj["Key"])
+        if obj["Key"].endswith("/" + MANIFEST):
+            entry["complete"], entry["published_at"] = True, obj["LastModified"]
+        entry["last_modified"] = max(entry["last_modified"], obj["LastModified"])
+    return versions
+
+
+def _put_manifest(store: ObjectStore, key: str, body: bytes) -> None:
+    # If-None-Match: a published version is immutable, never overwritten in place.
+    store.put(key, body, IfNoneMatch="*", ContentType="application/json")
+
+
+# ---------------------------------------------------------------- publish
+
+
+def publish_version(cfg, day: str | dt.date, run_id: str, files: dict[str, str | Path | bytes],
+                    metadata: dict[str, Any] | None = None, *, endpoint_url: str | None = None,
+                    access_key: str | None = None, secret_key: str | None = None, bucket: str | None = None,
+                    apply_retention_after: bool = True) -> dict[str, Any]:
+    """Upload one version, write its manifest last, then move `latest` forward if this version is newest.
+
+    `files` maps object names (user_vectors.parquet and item_vectors.parquet required; adaptor.pt,
+    model_card.*, run_report.* ...) to a local path or bytes. `metadata` goes into the manifest:
+    `gates` (list of gate summaries; any failed gate refuses the publish), `source_partitions`,
+    `metrics`, `model_version`, and anything else the run wants recorded.
+    Returns {"version", "uri", "manifest_uri", "latest_moved", "latest", "retention", "manifest"}.
+    """
+    metadata = dict(metadata or {})
+    access = resolve_s3_access(cfg, endpoint_url=endpoint_url, access_key=access_key, secret_key=secret_key,
+                               bucket=bucket)
+    store = ObjectStore(access)
+    scenario = cfg.scenario.name
+    version = version_name(day, run_id)
+    prefix = version_prefix(scenario, version)
+
+    clashes = sorted(_COMPUTED_KEYS & metadata.keys())
+    if clashes:
+        raise PublishError(f"metadata keys {clashes} are computed by publish_version; remove them")
+    missing = [n for n in VECTOR_FILES if n not in files]
+    if missing:
+        raise PublishError(f"version {version}: required files {missing} are missing (given {sorted(files)})")
+    bad_names = [n for n in files if not _FILE_NAME_RE.match(n) or n in (MANIFEST, LATEST)]
+    if bad_names:
+        raise PublishError(f"file names {bad_names} are not allowed (plain names; '{MANIFEST}' is written by publish)")
+    gates = list(metadata.get("gates", []))
+    if failed_gates(gates):
+        names = [f"{g.get('gate')} on {g.get('dataset')}" for g in failed_gates(gates)]
+        raise PublishError(f"version {version} not published: quality gates failed: {', '.join(names)}")
+
+    payloads = {name: _read_bytes(src) for name, src in files.items()}
+    if QUALITY_SUMMARY not in payloads:
+        summary = {"dt": as_date(day).isoformat(), "run_id": run_id, "all_passed": True, "gates": gates}
+        payloads[QUALITY_SUMMARY] = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    described = {name: describe_vectors(name, payloads[name]) for name in VECTOR_FILES}
+
+    store.check_readable(vectors_prefix(scenario))
+    existing = read_manifest(store, scenario, version)
+    file_entries = {name: {"key": prefix + name, "size": len(data), "sha256": sha256_hex(data)}
+                    for name, data in payloads.items()}
+    if existing is not None:
+        return _republish_existing(store, cfg, version, existing, file_entries, apply_retention_after)
+
+    for name, data in payloads.items():
+        store.put(prefix + name, data, Metadata={"sha256": file_entries[name]["sha256"]})
+
+    model_versions = sorted({v for d in described.values() for v in d["model_versions"]})
+    manifest = {
+        "format_version": MANIFEST_FORMAT,
+        "scenario": scenario,
+        "dt": as_date(day).isoformat(),
+        "run_id": run_id,
+        "version": version,
+        "uri": access.uri(prefix),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+        "files": file_entries,
+        "row_counts": {VECTOR_FILES[n]: d["rows"] for n, d in described.items()},
+        "vector_dim": {VECTOR_FILES[n]: d["dim"] for n, d in described.items()},
+        "has_group_vectors": any(k.endswith("_group") for d in described.values() for k in d["kinds"]),
+        "model_version": model_versions[0] if len(model_versions) == 1 else (model_versions or None),
+        "llm": {"backend": cfg.llm.backend, "model_id": cfg.llm.engine.model_id,
+                "is_smoke_model": cfg.llm.is_smoke_model, "sampling": cfg.llm.sampling.model_dump()},
+        "template_version": cfg.scenario.template_version,
+        "encoder": cfg.encoding.encoder,
+        "source_partitions": {},
+        "metrics": {},
+        "gates": gates,
+        "code_version": code_version(),
+    }
+    manifest.update({k: v for k, v in metadata.items() if k != "gates"})
+    manifest_body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    manifest_key = prefix + MANIFEST
+    _put_manifest(store, manifest_key, manifest_body)
+
+    # `latest` may only point at a manifest that reads back intact.
+    readback, _ = store.get(manifest_key)
+    if readback != manifest_body:
+        raise PublishError(f"{access.uri(manifest_key)} did not read back as written; latest not moved")
+    return _finish(store, cfg, manifest, sha256_hex(manifest_body), apply_retention_after)
+
+
+def _republish_existing(store, cfg, version, existing, file_entries, apply_retention_after) -> dict[str, Any]:
+    """A retried publish of the same dt and run: same content is a no-op, different content is refused."""
+    published = {n: e["sha256"] for n, e in existing["files"].items()}
+    wanted = {n: e["sha256"] for n, e in file_entries.items()}
+    if published != wanted:
+        changed = sorted(n for n in set(published) | set(wanted) if published.get(n) != wanted.get(n))
+        raise PublishError(f"version {version} is already published with different content ({changed}); "
+                           f"versions are immutable: publish under a new run_id")
+    body, _ = store.get(version_prefix(cfg.scenario.name, version) + MANIFEST)
+    return _finish(store, cfg, existing, sha256_hex(body), apply_retention_after)
+
+
+def _finish(store, cfg, manifest, manifest_sha256, apply_retention_after) -> dict[str, Any]:
+    scenario = manifest["scenario"]
+    manifest_key = version_prefix(scenario, manifest["version"]) + MANIFEST
+    pointer = {"version": manifest["version"], "dt": manifest["dt"], "run_id": manifest["run_id"],
+               "created_at": manifest["created_at"], "manifest_key": manifest_key,
+               "manifest_uri": store.access.uri(manifest_key), "manifest_sha256": manifest_sha256,
+               "updated_at": dt.datetime.now(dt.UTC).isoformat()}
+    moved = advance_latest(store, scenario, pointer)
+    retention = (apply_retention(cfg, store=store, protect=[manifest["version"]])
+                 if apply_retention_after else None)
+    return {"version": manifest["version"], "uri": manifest["uri"], "manifest_uri": pointer["manifest_uri"],
+            "latest_moved": moved["moved"], "latest": moved["latest"], "retention": retention, "manifest": manifest}
+
+
+# ---------------------------------------------------------------- retention
+
+
+def apply_retention(cfg, *, store: ObjectStore | None = None, protect: list[str] = (), now: dt.datetime | None = None,
+                    endpoint_url: str | None = None, access_key: str | None = None, secret_key: str | None = None,
+                    bucket: str | None = None) -> dict[str, list[str]]:
+    """Keep the newest `keep_versions` complete versions, pinned ones, `latest` and `protect`; delete the rest
+    and any half-written version (no manifest) untouched for more than a day.
+    """
+    store = store or ObjectStore(resolve_s3_access(cfg, endpoint_url=endpoint_url, access_key=access_key,
+                                                   secret_key=secret_key, bucket=bucket))
+    scenario = cfg.scenario.name
+    now = now or dt.datetime.now(dt.UTC)
+    versions = list_versions(store, scenario)
+    latest, _ = read_latest(store, scenario)
+    keep = {_normalise_version(v) for v in cfg.object_store.pinned_versions} | {_normalise_version(v) for v in protect}
+    if latest:
+        keep.add(latest["version"])
+    # Newest = latest data date, then latest manifest (a rerun of a date is newer than the first run).
+    complete = sorted((name for name, v in versions.items() if v["complete"]),
+                      key=lambda n: (n[:10], versions[n]["published_at"]), reverse=True)
+    keep.update(complete[:cfg.object_store.keep_versions])
+
+    deleted, half_written = [], []
+    for name, info in sorted(versions.items()):
+        if name in keep:
+            continue
+        if info["complete"]:
+            deleted.append(name)
+        elif now - info["last_modified"] > HALF_WRITTEN_MAX_AGE:
+            half_written.append(name)
+    for name in deleted + half_written:
+        keys = versions[name]["keys"]
+        # Manifest first: the version stops existing for consumers before its files go.
+        manifest_keys = [k for k in keys if k.endswith("/" + MANIFEST)]
+        store.delete_many(manifest_keys)
+        store.delete_many([k for k in keys if k not in manifest_keys])
+    kept = sorted(n for n in versions if n not in deleted and n not in half_written)
+    return {"kept": kept, "deleted": deleted, "deleted_half_written": half_written}
+
+
+# ---------------------------------------------------------------- from the lake
+
+
+def collect_gate_results(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every gate summary (a dict with 'gate' and 'success') found in the day's step records."""
+    found: list[dict[str, Any]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "gate" in node and "success" in node:
+                found.append(node)
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for step in steps:
+        walk(step)
+    return found
+
+
+_LINEAGE_DATASETS = ["raw/interactions", "features/items", "features/user_history", "features/ctr_samples",
+                     "features/clusters", "prompts", "knowledge/assigned", "features/knowledge_vectors",
+                     "vectors/augmented"]
+
+
+def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str | None = None,
+                      access_key: str | None = None, secret_key: str | None = None, bucket: str | None = None,
+                      extra_files: dict[str, str | Path | bytes] | None = None) -> dict[str, Any]:
+    """Gather day D's augmented vectors, the model's registry files and the run's gate results, then publish.
+
+    Reads `vectors/augmented/dt=D/` (entity_kind, entity_id, vector, model_version), the files of
+    `models/registry/<model_version>/` (adaptor.pt required; model card, metrics.json and any other file
+    in that folder), and `_runs/dt=D/*.json` (step records and gate summaries).
+    """
+    from reki_core.runlog import read_steps
+    from reki_core.storage.lake import Lake
+
+    lake = Lake(cfg.lake_uri)
+    if not lake.has_partition("vectors/augmented", day):
+        raise PublishError(f"{lake.uri_of(lake.partition_path('vectors/augmented', day))}: no augmented vectors "
+                           f"for {as_date(day)}; the encoding/model step has not written them")
+    vectors = lake.read_partition("vectors/augmented", day)
+    if "model_version" not in vectors.columns:
+        raise PublishError(f"vectors/augmented/dt={as_date(day)}: column 'model_version' is missing")
+    model_versions = sorted(vectors["model_version"].astype(str).unique())
+    if len(model_versions) != 1:
+        raise PublishError(f"vectors/augmented/dt={as_date(day)}: column 'model_version' must hold one version, "
+                           f"has {model_versions}")
+    model_version = model_versions[0]
+
+    files: dict[str, str | Path | bytes] = {}
+    for name, kind in VECTOR_FILES.items():
+        part = vectors[vectors["entity_kind"].astype(str).str.startswith(kind)]
+        table = pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False)
+        table = table.set_column(table.schema.get_field_index("vector"), "vector",
+                                 table.column("vector").cast(pa.list_(pa.float32())))
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        files[name] = sink.getvalue()
+
+    registry = f"{lake.root}/models/registry/{model_version}"
+    if not lake.fs.exists(f"{registry}/adaptor.pt"):
+        raise PublishError(f"{lake.uri_of(registry)}/adaptor.pt not found: the model step did not register "
+                           f"model version {model_version}")
+    metrics: dict[str, Any] = {}
+    for path in lake.fs.find(registry):
+        name = path.rsplit("/", 1)[-1]
+        with lake.fs.open(path, "rb") as fh:
+            files[name] = fh.read()
+        if name == "metrics.json":
+            metrics = json.loads(files[name])
+    files.update(extra_files or {})
+
+    steps = read_steps(lake, day)
+    lineage = {}
+    for dataset in _LINEAGE_DATASETS:
+        latest_day = lake.latest_partition(dataset, upto=day)
+        if latest_day is not None:
+            lineage[dataset] = latest_day.isoformat()
+    metadata = {
+        "gates": collect_gate_results(steps),
+        "source_partitions": lineage,
+        "metrics": metrics,
+        "steps": [{k: s.get(k) for k in ("step", "started_at", "seconds") if k in s} for s in steps],
+        "lake_uri": lake.uri,
+    }
+    return publish_version(cfg, day, run_id, files, metadata, endpoint_url=endpoint_url, access_key=access_key,
+                           secret_key=secret_key, bucket=bucket)
