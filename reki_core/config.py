@@ -107,6 +107,9 @@ class LLMEngineConfig(_Strict):
     max_concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 4
+    # Exponential backoff between retries on 429/5xx: base * 2**attempt, capped.
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 30.0
 
 
 class LLMSamplingConfig(_Strict):

@@ -50,3 +50,79 @@ def known_prompt_hashes(lake: Lake, model_id: str, sampling_version: str) -> set
         mask = pc.and_(pc.equal(table["model_id"], model_id), pc.equal(table["sampling_version"], sampling_version))
         known.update(table.filter(mask)["prompt_hash"].to_pylist())
     return known
+
+
+# ---------------------------------------------------------------- writing and reading answers (the runner)
+
+# Columns of a store shard (docs/data_contracts.md); `truncated_prompt` marks answers to a cut prompt.
+STORE_COLUMNS = ["prompt_hash", "model_id", "sampling_version", "text", "prompt_tokens", "completion_tokens",
+                 "finish_reason", "created_dt", "truncated_prompt"]
+
+
+def _model_folder(model_id: str, sampling_version: str) -> str:
+    # One folder per model and sampling version keeps reads of one model cheap as the store grows.
+    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+    return f"{STORE_DATASET}/model_id={safe_model}/sampling_version={sampling_version}"
+
+
+def store_table(rows):
+    """A store shard table with the contract's column types, from a DataFrame or a list of dicts."""
+    import pandas as pd
+    import pyarrow as pa
+
+    df = pd.DataFrame(rows, columns=STORE_COLUMNS) if not isinstance(rows, pd.DataFrame) else rows[STORE_COLUMNS]
+    schema = pa.schema([("prompt_hash", pa.string()), ("model_id", pa.string()), ("sampling_version", pa.string()),
+                        ("text", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+                        ("finish_reason", pa.string()), ("created_dt", pa.string()), ("truncated_prompt", pa.bool_())])
+    return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+
+
+def write_parquet_atomically(lake: Lake, relpath: str, table) -> str:
+    """Write `table` to `<lake>/<relpath>` so readers see the whole file or none (dot-named temp, then rename)."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    path = f"{lake.root}/{relpath}"
+    folder, name = path.rsplit("/", 1)
+    lake.fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+    with lake.fs.open(tmp, "wb") as fh:
+        pq.write_table(table, fh)
+    lake.fs.mv(tmp, path)
+    return path
+
+
+def write_store_shard(lake: Lake, model_id: str, sampling_version: str, name: str, rows) -> str:
+    """Append one finished shard of answers to the store as `<model folder>/<name>.parquet`."""
+    return write_parquet_atomically(lake, f"{_model_folder(model_id, sampling_version)}/{name}.parquet", store_table(rows))
+
+
+def read_answers(lake: Lake, model_id: str, sampling_version: str, prompt_hashes=None):
+    """Answers of `model_id` under `sampling_version` (one row per prompt_hash), optionally only some hashes."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    wanted = pa.array(sorted(set(prompt_hashes)), pa.string()) if prompt_hashes is not None else None
+    tables = []
+    for path in store_files(lake):
+        with lake.fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+        missing = [c for c in ("prompt_hash", "model_id", "sampling_version", "text") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"knowledge store shard {lake.uri_of(path)}: missing columns {missing}")
+        mask = pc.and_(pc.equal(table["model_id"], model_id), pc.equal(table["sampling_version"], sampling_version))
+        if wanted is not None:
+            mask = pc.and_(mask, pc.is_in(table["prompt_hash"], value_set=wanted))
+        table = table.filter(mask)
+        for col in STORE_COLUMNS:  # shards written by older code may lack added columns
+            if col not in table.column_names:
+                table = table.append_column(col, pa.nulls(len(table)))
+        tables.append(table.select(STORE_COLUMNS).cast(store_table([]).schema))
+    if not tables:
+        return pd.DataFrame(columns=STORE_COLUMNS)
+    df = pa.concat_tables(tables).to_pandas()
+    # A shard re-published after a crash can repeat a hash: the answers are equivalent, keep one.
+    return df.drop_duplicates("prompt_hash", keep="last").reset_index(drop=True)

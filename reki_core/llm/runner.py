@@ -1,0 +1,471 @@
+"""The knowledge-extraction runner: plan shards, run each shard (resumable), assign answers to entities.
+
+Flow for one date `dt` (the DAG maps one task per shard):
+
+1. `plan_shards(cfg, dt)`: prompts of `prompts/dt=D/` to send (individual: user/item prompts; collective:
+   group prompts) whose `prompt_hash` has no answer in the knowledge store for this model and sampling
+   version, cut into shards of `llm.shard_size` (ids 0..n-1 over the sorted hashes). Writes the plan to
+   `knowledge/plan/dt=D/`. Finished batches of a killed shard are folded into the store first.
+2. `run_shard(cfg, dt, shard_id)`: generates the shard's answers batch by batch; each batch is
+   checkpointed atomically under `knowledge/_inflight/dt=D/shard-N/`, so a retried shard resumes and a
+   killed worker loses at most one batch. On success the shard becomes one store file.
+3. `assign_knowledge(cfg, dt)`: `knowledge/assigned/dt=D/`, one row per user and item with the text to encode.
+4. `extraction_summary(cfg, dt)`: calls, tokens, tokens/s, wall time, cache hits, failures, gate warnings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import time
+import uuid
+from typing import Any
+
+import pandas as pd
+
+from reki_core.config import Config
+from reki_core.llm.store import (
+    known_prompt_hashes,
+    read_answers,
+    sampling_version,
+    store_table,
+    write_parquet_atomically,
+    write_store_shard,
+)
+from reki_core.runlog import read_steps, record_step
+from reki_core.storage.lake import Lake, as_date
+
+log = logging.getLogger(__name__)
+
+PROMPTS = "prompts"
+CLUSTERS = "features/clusters"
+PLAN = "knowledge/plan"
+FAILURES = "knowledge/failures"
+ASSIGNED = "knowledge/assigned"
+INFLIGHT = "knowledge/_inflight"
+
+INDIVIDUAL_KINDS = ("user", "item")
+GROUP_KINDS = ("item_group", "user_pos_group", "user_neg_group")
+FAILURE_COLUMNS = ["prompt_hash", "entity_kind", "entity_id", "shard_id", "action", "reason",
+                   "model_id", "sampling_version", "recorded_at"]
+SHARD_STEP_PREFIX = "llm_shard_"
+
+
+class ShardFailedError(RuntimeError):
+    """More prompts of a shard failed than `llm.max_failure_rate` allows; its finished batches are kept."""
+
+
+def _day(day: str | dt.date) -> str:
+    return as_date(day).isoformat()
+
+
+def _model_keys(cfg: Config) -> tuple[str, str]:
+    return cfg.llm.engine.model_id, sampling_version(cfg)
+
+
+# ---------------------------------------------------------------- mode and prompts
+
+
+def extraction_mode(cfg: Config, prompts: pd.DataFrame) -> str:
+    """`individual` or `collective`; `auto` picks collective above `auto_collective_above` users + items."""
+    mode = cfg.scenario.extraction_mode
+    if mode != "auto":
+        return mode
+    entities = prompts[prompts["entity_kind"].isin(INDIVIDUAL_KINDS)]
+    n_entities = entities[["entity_kind", "entity_id"]].drop_duplicates().shape[0]
+    return "collective" if n_entities > cfg.scenario.auto_collective_above else "individual"
+
+
+def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> tuple[pd.DataFrame, str]:
+    """The prompts of `dt` that go to the LLM in this scenario's mode (one row per prompt_hash), and the mode."""
+    lake = lake or Lake(cfg.lake_uri)
+    prompts = lake.read_partition(PROMPTS, day)
+    missing = {"prompt_hash", "entity_kind", "entity_id", "text"} - set(prompts.columns)
+    if missing:
+        raise ValueError(f"{lake.uri_of(lake.partition_path(PROMPTS, day))}: missing columns {sorted(missing)}")
+    mode = extraction_mode(cfg, prompts)
+    kinds = INDIVIDUAL_KINDS if mode == "individual" else GROUP_KINDS
+    chosen = prompts[prompts["entity_kind"].isin(kinds)]
+    if chosen.empty and not prompts.empty:
+        raise ValueError(f"{lake.uri_of(lake.partition_path(PROMPTS, day))}: extraction mode '{mode}' needs prompts "
+                         f"of kind {list(kinds)}, found only {sorted(prompts['entity_kind'].unique())}")
+    # Entities with the same prompt share one call.
+    return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True), mode
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _inflight_dir(lake: Lake, day: str | dt.date, shard_id: int | None = None) -> str:
+    base = f"{lake.root}/{INFLIGHT}/dt={_day(day)}"
+    return base if shard_id is None else f"{base}/shard-{shard_id:05d}"
+
+
+def _read_checkpoints(lake: Lake, folder: str) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not lake.fs.exists(folder):
+        return store_table([]).to_pandas()
+    tables = []
+    for path in sorted(lake.fs.find(folder)):
+        if path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith("."):
+            with lake.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh))
+    if not tables:
+        return store_table([]).to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def _recover_checkpoints(cfg: Config, lake: Lake, day: str | dt.date) -> int:
+    """Fold finished batches of killed shards of `dt` into the store (they are answers); returns rows saved."""
+    folder = _inflight_dir(lake, day)
+    done = _read_checkpoints(lake, folder)
+    model_id, sv = _model_keys(cfg)
+    done = done[(done["model_id"] == model_id) & (done["sampling_version"] == sv)]
+    if len(done):
+        write_store_shard(lake, model_id, sv, f"dt={_day(day)}-recovered-{uuid.uuid4().hex[:8]}", done)
+    if lake.fs.exists(folder):
+        lake.fs.rm(folder, recursive=True)
+    return len(done)
+
+
+def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
+    """Split the prompts of `dt` without knowledge into shards; writes `knowledge/plan/dt=D/`.
+
+    Returns one small dict per shard (`shard_id`, `n_prompts`, `plan_id`): the DAG maps a task over them.
+    """
+    lake = Lake(cfg.lake_uri)
+    started = time.perf_counter()
+    recovered = _recover_checkpoints(cfg, lake, day)
+    prompts, mode = extraction_prompts(cfg, day, lake)
+    model_id, sv = _model_keys(cfg)
+    known = known_prompt_hashes(lake, model_id, sv)
+    pending = prompts[~prompts["prompt_hash"].isin(known)]["prompt_hash"].tolist()
+    size = max(1, cfg.llm.shard_size)
+    plan_id = hashlib.sha256("\n".join([model_id, sv, *pending]).encode()).hexdigest()[:12]
+    shard_of = [i // size for i in range(len(pending))]
+    lake.write_partition(pd.DataFrame({"prompt_hash": pd.Series(pending, dtype="string"),
+                                       "shard_id": pd.Series(shard_of, dtype="int64")}), PLAN, day)
+    shards = [{"shard_id": s, "n_prompts": shard_of.count(s), "plan_id": plan_id} for s in sorted(set(shard_of))]
+    lake.write_json(f"{PLAN}/dt={_day(day)}/_plan.json", {
+        "plan_id": plan_id, "mode": mode, "model_id": model_id, "sampling_version": sv,
+        "n_prompts": len(prompts), "n_pending": len(pending), "cache_hits": len(prompts) - len(pending),
+        "shards": shards,
+    })
+    # Failures of earlier attempts are pending again in this plan: start their record afresh.
+    failures = lake.partition_path(FAILURES, day)
+    if lake.fs.exists(failures):
+        lake.fs.rm(failures, recursive=True)
+    record_step(lake, day, "llm_plan", {
+        "mode": mode, "plan_id": plan_id, "n_prompts": len(prompts), "n_pending": len(pending),
+        "cache_hits": len(prompts) - len(pending), "n_shards": len(shards), "recovered_from_killed_shards": recovered,
+        "seconds": round(time.perf_counter() - started, 3), "is_smoke_model": cfg.llm.is_smoke_model,
+    })
+    return shards
+
+
+def read_plan(cfg: Config, day: str | dt.date) -> dict[str, Any]:
+    lake = Lake(cfg.lake_uri)
+    plan = lake.read_json(f"{PLAN}/dt={_day(day)}/_plan.json")
+    if plan is None:
+        raise FileNotFoundError(f"no extraction plan for dt={_day(day)} under "
+                                f"{lake.uri_of(lake.partition_path(PLAN, day))}: run plan_shards first")
+    return plan
+
+
+# ---------------------------------------------------------------- one shard
+
+
+def _failure_rows(cfg: Config, rows: pd.DataFrame, shard_id: int, action: str, reasons: list[str]) -> list[dict]:
+    model_id, sv = _model_keys(cfg)
+    now = dt.datetime.now(dt.UTC).isoformat()
+    return [{"prompt_hash": r.prompt_hash, "entity_kind": r.entity_kind, "entity_id": str(r.entity_id),
+             "shard_id": shard_id, "action": action, "reason": reason, "model_id": model_id,
+             "sampling_version": sv, "recorded_at": now}
+            for r, reason in zip(rows.itertuples(index=False), reasons)]
+
+
+def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> dict[str, Any]:
+    """Answer the prompts of one planned shard; resumable; returns (and records) the shard's accounting.
+
+    `backend` defaults to `make_backend(cfg)` (a test seam: any object with the `Backend` interface).
+    """
+    from tqdm import tqdm
+
+    from reki_core.llm.backends import GenerationRequest
+
+    started = time.perf_counter()
+    lake = Lake(cfg.lake_uri)
+    plan = read_plan(cfg, day)
+    model_id, sv = _model_keys(cfg)
+    if (plan["model_id"], plan["sampling_version"]) != (model_id, sv):
+        raise ValueError(f"plan of dt={_day(day)} was made for {plan['model_id']}/{plan['sampling_version']}, "
+                         f"config says {model_id}/{sv}: re-run plan_shards")
+    plan_rows = lake.read_partition(PLAN, day)
+    hashes = set(plan_rows.loc[plan_rows["shard_id"] == shard_id, "prompt_hash"])
+    if not hashes:
+        raise ValueError(f"shard {shard_id} is not in the plan of dt={_day(day)} (shards: "
+                         f"{[s['shard_id'] for s in plan['shards']]})")
+    prompts, _ = extraction_prompts(cfg, day, lake)
+    prompts = prompts[prompts["prompt_hash"].isin(hashes)]
+
+    # Resume: skip what the store or this shard's checkpoints already hold.
+    checkpoint_dir = _inflight_dir(lake, day, shard_id)
+    checkpoints = _read_checkpoints(lake, checkpoint_dir)
+    checkpoints = checkpoints[checkpoints["prompt_hash"].isin(hashes)
+                              & (checkpoints["model_id"] == model_id) & (checkpoints["sampling_version"] == sv)]
+    done = known_prompt_hashes(lake, model_id, sv) | set(checkpoints["prompt_hash"])
+    todo = prompts[~prompts["prompt_hash"].isin(done)].reset_index(drop=True)
+    cache_hits = len(prompts) - len(todo)
+
+    failures: list[dict] = []
+    truncated: set[str] = set()
+    calls = prompt_tokens = completion_tokens = n_errors = n_answered = 0
+    generate_seconds = 0.0
+    if len(todo):
+        backend = backend or _make_backend(cfg)
+        texts = todo["text"].astype(str).tolist()
+        limit = backend.max_prompt_tokens
+        lengths = backend.count_prompt_tokens(texts)
+        over = [n > limit for n in lengths]
+        if any(over):
+            over_rows = todo[over]
+            reasons = [f"prompt has {n} tokens, limit {limit} (max_model_len - max_tokens)" for n in lengths if n > limit]
+            if cfg.llm.over_long_policy == "skip":
+                failures += _failure_rows(cfg, over_rows, shard_id, "skipped", reasons)
+                todo = todo[[not o for o in over]].reset_index(drop=True)
+                texts = todo["text"].astype(str).tolist()
+            else:
+                failures += _failure_rows(cfg, over_rows, shard_id, "truncated", reasons)
+                truncated = set(over_rows["prompt_hash"])
+                texts = [backend.truncate_prompt(t, limit) if o else t for t, o in zip(texts, over)]
+        batch = max(1, cfg.llm.engine.batch_size)
+        created = _day(day)
+        for start in tqdm(range(0, len(todo), batch), desc=f"llm shard {shard_id}", unit="batch"):
+            rows = todo.iloc[start:start + batch]
+            requests = [GenerationRequest(h, t) for h, t in zip(rows["prompt_hash"], texts[start:start + batch])]
+            t0 = time.perf_counter()
+            results = backend.generate(requests)
+            generate_seconds += time.perf_counter() - t0
+            calls += len(requests)
+            answers, errors, error_reasons = [], [], []
+            for row, res in zip(rows.itertuples(index=False), results):
+                prompt_tokens += res.prompt_tokens
+                completion_tokens += res.completion_tokens
+                if res.finish_reason == "error" or not res.text.strip():
+                    errors.append(row)
+                    error_reasons.append(res.error or "empty answer")
+                    continue
+                answers.append({"prompt_hash": res.request_id, "model_id": model_id, "sampling_version": sv,
+                                "text": res.text, "prompt_tokens": res.prompt_tokens,
+                                "completion_tokens": res.completion_tokens, "finish_reason": res.finish_reason,
+                                "created_dt": created, "truncated_prompt": res.request_id in truncated})
+            if errors:
+                failures += _failure_rows(cfg, pd.DataFrame(errors), shard_id, "error", error_reasons)
+                n_errors += len(errors)
+            if answers:
+                n_answered += len(answers)
+                write_parquet_atomically(lake, f"{INFLIGHT}/dt={_day(day)}/shard-{shard_id:05d}/"
+                                         f"batch-{start:07d}-{uuid.uuid4().hex[:8]}.parquet", store_table(answers))
+
+    failures_path = f"{FAILURES}/dt={_day(day)}/shard-{shard_id:05d}.parquet"
+    if failures:
+        write_parquet_atomically(lake, failures_path, _failures_table(failures))
+    elif lake.fs.exists(f"{lake.root}/{failures_path}"):
+        lake.fs.rm(f"{lake.root}/{failures_path}")  # an earlier attempt's failures were answered now
+    n_skipped = sum(f["action"] == "skipped" for f in failures)
+    failure_rate = n_errors / calls if calls else 0.0
+    wall = time.perf_counter() - started
+    payload = {
+        "shard_id": shard_id, "plan_id": plan["plan_id"], "model_id": model_id, "sampling_version": sv,
+        "backend": cfg.llm.backend, "n_prompts": len(prompts), "cache_hits": cache_hits, "calls": calls,
+        "answered": n_answered, "failed": n_errors, "skipped": n_skipped, "truncated": len(truncated),
+        "failure_rate": round(failure_rate, 4), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "generate_seconds": round(generate_seconds, 3), "wall_seconds": round(wall, 3),
+        "tokens_per_s": round(completion_tokens / generate_seconds, 2) if generate_seconds else 0.0,
+        "is_smoke_model": cfg.llm.is_smoke_model,
+    }
+    if failure_rate > cfg.llm.max_failure_rate:
+        payload["success"] = False
+        record_step(lake, day, f"{SHARD_STEP_PREFIX}{shard_id:05d}", payload)
+        # Checkpoints stay: a retry of this shard resumes after the answered batches.
+        raise ShardFailedError(
+            f"shard {shard_id} of dt={_day(day)}: {n_errors} of {calls} prompts failed ({failure_rate:.1%} > "
+            f"llm.max_failure_rate {cfg.llm.max_failure_rate:.1%}); reasons in "
+            f"{lake.uri_of(f'{lake.root}/{failures_path}')}")
+
+    finished = _read_checkpoints(lake, checkpoint_dir)
+    finished = finished[finished["prompt_hash"].isin(hashes)]
+    if len(finished):
+        write_store_shard(lake, model_id, sv, f"dt={_day(day)}-plan-{plan['plan_id']}-shard-{shard_id:05d}", finished)
+    if lake.fs.exists(checkpoint_dir):
+        lake.fs.rm(checkpoint_dir, recursive=True)  # after the store file: a crash here only duplicates rows
+    payload["success"] = True
+    payload["stored"] = len(finished)
+    record_step(lake, day, f"{SHARD_STEP_PREFIX}{shard_id:05d}", payload)
+    return payload
+
+
+def _failures_table(rows: list[dict]):
+    import pyarrow as pa
+
+    df = pd.DataFrame(rows, columns=FAILURE_COLUMNS)
+    df["shard_id"] = df["shard_id"].astype("int64")
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def _make_backend(cfg: Config):
+    from reki_core.llm.backends import make_backend
+
+    return make_backend(cfg)
+
+
+def run_shard_in_process_or_venv(cfg: Config, day: str | dt.date, shard_id: int) -> dict[str, Any]:
+    """What a mapped DAG task calls: in-process, or with `llm.engine.python` (the GPU venv) when it is set."""
+    import json
+    import os
+    import subprocess
+
+    from reki_core.config import PROJECT_ROOT
+
+    python = cfg.llm.engine.python
+    if not python:
+        return run_shard(cfg, day, shard_id)
+    cmd = [python, "-m", "reki_core.llm.extract_shard", "--config", str(cfg.source_file), "--dt", _day(day),
+           "--shard", str(shard_id)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"extraction shard {shard_id} failed in {python} (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- assignment
+
+
+def _join_text(*parts: str) -> str:
+    return "\n".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+
+
+def assign_knowledge(cfg: Config, day: str | dt.date) -> dict[str, Any]:
+    """Write `knowledge/assigned/dt=D/`: one row per user and item with the text to encode.
+
+    Users: history text + their answer (collective: + positive and negative group answers); items: the
+    answer (collective: the item group's answer). An entity whose answer failed today keeps its row of
+    the latest earlier assignment; without one it is left out and counted.
+    """
+    started = time.perf_counter()
+    lake = Lake(cfg.lake_uri)
+    prompts = lake.read_partition(PROMPTS, day)
+    _, mode = extraction_prompts(cfg, day, lake)
+    model_id, sv = _model_keys(cfg)
+    answers = read_answers(lake, model_id, sv, prompts["prompt_hash"].unique())
+    answer_of = dict(zip(answers["prompt_hash"], answers["text"]))
+    if "history_text" not in prompts.columns:
+        prompts["history_text"] = ""
+    as_of = pd.to_numeric(prompts.get("as_of"), errors="coerce") if "as_of" in prompts.columns else None
+    prompts["as_of"] = as_of.astype("Int64") if as_of is not None else pd.NA
+
+    rows: list[dict[str, Any]] = []
+    missing: list[tuple[str, str]] = []
+
+    def add(kind: str, entity_id: str, text_parts: list[str], hashes: list[str], as_of_value) -> None:
+        if any(h not in answer_of for h in hashes) or not hashes:
+            missing.append((kind, entity_id))
+            return
+        rows.append({"entity_kind": kind, "entity_id": entity_id, "encode_text": _join_text(*text_parts),
+                     "prompt_hashes": hashes, "as_of": None if pd.isna(as_of_value) else int(as_of_value)})
+
+    own = prompts[prompts["entity_kind"].isin(INDIVIDUAL_KINDS)].drop_duplicates(["entity_kind", "entity_id"], keep="last")
+    if mode == "individual":
+        for r in own.itertuples(index=False):
+            history = r.history_text if r.entity_kind == "user" else ""
+            add(r.entity_kind, str(r.entity_id), [history, answer_of.get(r.prompt_hash, "")], [r.prompt_hash], r.as_of)
+    else:
+        clusters = lake.read_partition(CLUSTERS, day)
+        groups = prompts[prompts["entity_kind"].isin(GROUP_KINDS)].drop_duplicates(["entity_kind", "entity_id"], keep="last")
+        group_prompt = {(r.entity_kind, str(r.entity_id)): (r.prompt_hash, r.as_of) for r in groups.itertuples(index=False)}
+        member_group = {(r.clustering, str(r.entity_id)): str(r.group_id) for r in clusters.itertuples(index=False)}
+        user_rows = {str(r.entity_id): r for r in own[own["entity_kind"] == "user"].itertuples(index=False)}
+        for item_id in sorted(clusters.loc[clusters["clustering"] == "item", "entity_id"].astype(str).unique()):
+            h, group_as_of = group_prompt.get(("item_group", member_group[("item", item_id)]), (None, None))
+            add("item", item_id, [answer_of.get(h, "")], [h] if h else [], group_as_of)
+        user_ids = clusters.loc[clusters["clustering"].isin(["user_pos", "user_neg"]), "entity_id"].astype(str).unique()
+        for user_id in sorted(user_ids):
+            parts, hashes = [], []
+            own_row = user_rows.get(user_id)
+            parts.append(own_row.history_text if own_row is not None else "")
+            as_of_value = own_row.as_of if own_row is not None else None
+            for clustering, kind, label in (("user_pos", "user_pos_group", "Liked"), ("user_neg", "user_neg_group", "Disliked")):
+                gid = member_group.get((clustering, user_id))
+                if gid is None:
+                    continue  # a user without negative feedback has no negative group
+                h, group_as_of = group_prompt.get((kind, gid), (None, None))
+                hashes.append(h)
+                parts.append(f"{label}: {answer_of.get(h, '')}")
+                if as_of_value is None or pd.isna(as_of_value):
+                    as_of_value = group_as_of
+            add("user", user_id, parts, [h for h in hashes if h] if all(hashes) else [], as_of_value)
+
+    carried = 0
+    if missing:
+        previous_day = lake.latest_partition(ASSIGNED, upto=as_date(day) - dt.timedelta(days=1))
+        if previous_day is not None:
+            previous = lake.read_partition(ASSIGNED, previous_day)
+            keys = set(missing)
+            keep = previous[[(k, str(e)) in keys for k, e in zip(previous["entity_kind"], previous["entity_id"])]]
+            carried = len(keep)
+            rows += keep.to_dict("records")
+    assigned = pd.DataFrame(rows, columns=["entity_kind", "entity_id", "encode_text", "prompt_hashes", "as_of"])
+    assigned["as_of"] = assigned["as_of"].astype("Int64")
+    assigned = assigned.sort_values(["entity_kind", "entity_id"]).reset_index(drop=True)
+    lake.write_partition(assigned, ASSIGNED, day)
+    payload = {
+        "mode": mode, "users": int((assigned["entity_kind"] == "user").sum()),
+        "items": int((assigned["entity_kind"] == "item").sum()), "without_answer": len(missing),
+        "carried_from_previous": carried, "left_out": len(missing) - carried,
+        "seconds": round(time.perf_counter() - started, 3), "is_smoke_model": cfg.llm.is_smoke_model,
+    }
+    record_step(lake, day, "llm_assign", payload)
+    return payload
+
+
+# ---------------------------------------------------------------- summary
+
+
+def extraction_summary(cfg: Config, day: str | dt.date) -> dict[str, Any]:
+    """Totals of the day's extraction (plan, shards, failures, answers gate); recorded as step `llm_extraction`."""
+    lake = Lake(cfg.lake_uri)
+    plan = read_plan(cfg, day)
+    steps = {s["step"]: s for s in read_steps(lake, day)}
+    shard_ids = {s["shard_id"] for s in plan["shards"]}
+    shards = [s for name, s in steps.items() if name.startswith(SHARD_STEP_PREFIX)
+              and s.get("plan_id") == plan["plan_id"] and s.get("shard_id") in shard_ids]
+    total = lambda key: sum(s.get(key, 0) for s in shards)  # noqa: E731
+    generate_seconds = total("generate_seconds")
+    failures = (lake.read_partition(FAILURES, day) if lake.has_partition(FAILURES, day)
+                else pd.DataFrame(columns=FAILURE_COLUMNS))
+    gate = steps.get("llm_answers_gate", {})
+    summary = {
+        "dt": _day(day), "mode": plan["mode"], "model_id": plan["model_id"], "sampling_version": plan["sampling_version"],
+        "backend": cfg.llm.backend, "is_smoke_model": cfg.llm.is_smoke_model,
+        "prompts": plan["n_prompts"], "pending": plan["n_pending"],
+        "cache_hits": plan["cache_hits"] + total("cache_hits"),
+        "shards_planned": len(plan["shards"]), "shards_finished": sum(bool(s.get("success")) for s in shards),
+        "calls": total("calls"), "answered": total("answered"), "failed": total("failed"),
+        "skipped": total("skipped"), "truncated": total("truncated"),
+        "prompt_tokens": total("prompt_tokens"), "completion_tokens": total("completion_tokens"),
+        "tokens_per_s": round(total("completion_tokens") / generate_seconds, 2) if generate_seconds else 0.0,
+        "generate_seconds": round(generate_seconds, 3), "wall_seconds": round(total("wall_seconds"), 3),
+        "failures_recorded": len(failures),
+        "gate_success": gate.get("success"), "gate_failed": gate.get("failed", []),
+        "gate_warnings": gate.get("warnings", []),
+    }
+    if cfg.llm.is_smoke_model:
+        summary["note"] = ("answers come from the embedded smoke model: the text is meaningless "
+                           "(configure a real instruct model for real knowledge)")
+    record_step(lake, day, "llm_extraction", summary)
+    return summary

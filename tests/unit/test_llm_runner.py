@@ -1,0 +1,200 @@
+"""The extraction runner: planning, cache hits, resume after a kill, failures, over-long prompts, assignment."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from llm_test_helpers import (DAY, NEXT_DAY, ScriptedBackend, WorkerKilled, individual_prompts, prompt_row,
+                              tiny_config, write_prompts)
+
+from reki_core.llm import runner
+from reki_core.llm.store import known_prompt_hashes, read_answers, sampling_version
+from reki_core.runlog import read_steps
+from reki_core.storage.lake import Lake
+
+
+def _run_all(cfg, day, backend):
+    shards = runner.plan_shards(cfg, day)
+    results = [runner.run_shard(cfg, day, s["shard_id"], backend=backend) for s in shards]
+    return shards, results
+
+
+def test_plan_is_deterministic_and_second_run_makes_zero_calls(tmp_path):
+    cfg = tiny_config(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    prompts = write_prompts(lake, DAY, individual_prompts(7, 5))
+    first = runner.plan_shards(cfg, DAY)
+    assert first == runner.plan_shards(cfg, DAY)  # same input, same shard ids and plan id
+    assert [s["n_prompts"] for s in first] == [5, 5, 2]
+
+    backend = ScriptedBackend(cfg)
+    _, results = _run_all(cfg, DAY, backend)
+    assert sorted(backend.requests) == sorted(prompts["prompt_hash"])  # every prompt exactly once
+    assert sum(r["calls"] for r in results) == 12
+    assert known_prompt_hashes(lake, cfg.llm.engine.model_id, sampling_version(cfg)) == set(prompts["prompt_hash"])
+
+    again = ScriptedBackend(cfg)
+    assert runner.plan_shards(cfg, DAY) == []  # nothing pending: no shard, no call
+    assert again.requests == []
+    summary = runner.extraction_summary(cfg, DAY)
+    assert summary["calls"] == 0 and summary["cache_hits"] == 12 and summary["is_smoke_model"] is True
+    assert "meaningless" in summary["note"]
+
+
+def test_next_day_sends_only_changed_prompts(tmp_path):
+    cfg = tiny_config(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    write_prompts(lake, DAY, individual_prompts(6, 4))
+    _run_all(cfg, DAY, ScriptedBackend(cfg))
+    rows = individual_prompts(6, 4)
+    rows[0] = prompt_row("user", "u0", "User u0 watched movie 0 and movie 99. Describe.", "User u0 watched 0, 99.")
+    write_prompts(lake, NEXT_DAY, rows)
+    backend = ScriptedBackend(cfg)
+    _run_all(cfg, NEXT_DAY, backend)
+    assert backend.requests == [rows[0]["prompt_hash"]]
+    summary = runner.extraction_summary(cfg, NEXT_DAY)
+    assert (summary["calls"], summary["cache_hits"]) == (1, 9)
+
+
+def test_killed_shard_resumes_after_its_finished_batches(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LLM__SHARD_SIZE="12")  # one shard of 12, batches of 4
+    lake = Lake(cfg.lake_uri)
+    prompts = write_prompts(lake, DAY, individual_prompts(8, 4))
+    [shard] = runner.plan_shards(cfg, DAY)
+    killed = ScriptedBackend(cfg, fail_after_calls=8)  # dies at the third batch
+    with pytest.raises(WorkerKilled):
+        runner.run_shard(cfg, DAY, shard["shard_id"], backend=killed)
+    assert len(killed.requests) == 8
+    # Nothing is published to the store by a killed shard ...
+    assert known_prompt_hashes(lake, cfg.llm.engine.model_id, sampling_version(cfg)) == set()
+    # ... but its retry sends only the 4 prompts the dead worker had not finished.
+    retry = ScriptedBackend(cfg)
+    result = runner.run_shard(cfg, DAY, shard["shard_id"], backend=retry)
+    assert len(retry.requests) == 4 and set(retry.requests).isdisjoint(killed.requests)
+    assert result["cache_hits"] == 8 and result["stored"] == 12
+    assert known_prompt_hashes(lake, cfg.llm.engine.model_id, sampling_version(cfg)) == set(prompts["prompt_hash"])
+    assert not lake.fs.exists(f"{lake.root}/{runner.INFLIGHT}/dt={DAY}/shard-00000")
+
+
+def test_replanning_after_a_kill_keeps_the_finished_batches(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LLM__SHARD_SIZE="12")
+    lake = Lake(cfg.lake_uri)
+    write_prompts(lake, DAY, individual_prompts(8, 4))
+    runner.plan_shards(cfg, DAY)
+    with pytest.raises(WorkerKilled):
+        runner.run_shard(cfg, DAY, 0, backend=ScriptedBackend(cfg, fail_after_calls=4))
+    shards = runner.plan_shards(cfg, DAY)  # a whole-DAG re-run plans again
+    assert sum(s["n_prompts"] for s in shards) == 8
+    steps = {s["step"]: s for s in read_steps(lake, DAY)}
+    assert steps["llm_plan"]["recovered_from_killed_shards"] == 4
+
+
+def test_failing_prompt_is_recorded_and_retried_next_run(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LLM__MAX_FAILURE_RATE="0.5")
+    lake = Lake(cfg.lake_uri)
+    prompts = write_prompts(lake, DAY, individual_prompts(3, 2))
+    bad = prompts.loc[0, "text"]
+    _run_all(cfg, DAY, ScriptedBackend(cfg, answer=lambda t: None if t == bad else f"ok {t}"))
+    failures = lake.read_partition(runner.FAILURES, DAY)
+    assert failures[["prompt_hash", "action", "reason"]].values.tolist() == [
+        [prompts.loc[0, "prompt_hash"], "error", "scripted failure"]]
+    retry = ScriptedBackend(cfg)
+    _run_all(cfg, DAY, retry)
+    assert retry.requests == [prompts.loc[0, "prompt_hash"]]
+    assert not lake.has_partition(runner.FAILURES, DAY)  # the new plan answered it
+
+
+def test_shard_fails_when_failures_pass_the_rate(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LLM__MAX_FAILURE_RATE="0.2")
+    lake = Lake(cfg.lake_uri)
+    prompts = write_prompts(lake, DAY, individual_prompts(3, 2))
+    bad = set(prompts["text"][:2])
+    runner.plan_shards(cfg, DAY)
+    with pytest.raises(runner.ShardFailedError, match=r"2 of 5 prompts failed \(40.0% > llm.max_failure_rate 20.0%\)"):
+        runner.run_shard(cfg, DAY, 0, backend=ScriptedBackend(cfg, answer=lambda t: None if t in bad else "fine"))
+    retry = ScriptedBackend(cfg)
+    runner.run_shard(cfg, DAY, 0, backend=retry)  # the answered three are kept; only the two are sent again
+    assert sorted(retry.requests) == sorted(prompts["prompt_hash"][:2])
+
+
+@pytest.mark.parametrize("policy", ["truncate", "skip"])
+def test_over_long_prompts_follow_the_policy(tmp_path, policy):
+    cfg = tiny_config(tmp_path, REKI__LLM__OVER_LONG_POLICY=policy, REKI__LLM__ENGINE__MAX_MODEL_LEN="200",
+                      REKI__LLM__MAX_FAILURE_RATE="0")
+    lake = Lake(cfg.lake_uri)
+    rows = individual_prompts(2, 0) + [prompt_row("item", "long", "Describe " + "very long title " * 200 + "END")]
+    write_prompts(lake, DAY, rows)
+    seen = {}
+    _run_all(cfg, DAY, ScriptedBackend(cfg, answer=lambda t: seen.setdefault(t, "answer")))
+    failures = lake.read_partition(runner.FAILURES, DAY)
+    assert failures["prompt_hash"].tolist() == [rows[-1]["prompt_hash"]]
+    assert failures["action"].tolist() == ["truncated" if policy == "truncate" else "skipped"]
+    assert "limit 194" in failures["reason"][0]  # 200 - 6 answer tokens
+    answers = read_answers(lake, cfg.llm.engine.model_id, sampling_version(cfg))
+    if policy == "truncate":
+        [sent] = [t for t in seen if t.startswith("Describe very")]
+        assert sent.endswith("END") and len(sent) < len(rows[-1]["text"])
+        assert answers.set_index("prompt_hash").loc[rows[-1]["prompt_hash"], "truncated_prompt"]
+    else:
+        assert len(seen) == 2 and rows[-1]["prompt_hash"] not in set(answers["prompt_hash"])
+
+
+def test_individual_assignment(tmp_path):
+    cfg = tiny_config(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    rows = write_prompts(lake, DAY, individual_prompts(2, 2))
+    _run_all(cfg, DAY, ScriptedBackend(cfg, answer=lambda t: "ANSWER " + t[-12:]))
+    result = runner.assign_knowledge(cfg, DAY)
+    assert (result["users"], result["items"], result["left_out"]) == (2, 2, 0)
+    assigned = lake.read_partition(runner.ASSIGNED, DAY).set_index("entity_id")
+    assert assigned.loc["u1", "encode_text"] == "User u1 watched movie 1.\nANSWER preferences."
+    assert assigned.loc["i0", "encode_text"] == "ANSWER ie number 0."
+    assert list(assigned.loc["i0", "prompt_hashes"]) == [rows.loc[2, "prompt_hash"]]
+    assert assigned.loc["u0", "as_of"] == 880000000
+
+
+def test_collective_assignment_gives_users_their_positive_and_negative_group_texts(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__SCENARIO_OVERRIDES="{extraction_mode: collective}")
+    lake = Lake(cfg.lake_uri)
+    rows = [prompt_row("user", u, f"individual prompt {u}", history=f"{u} history") for u in ("u1", "u2", "u3")]
+    rows += [prompt_row("item_group", g, f"items of {g}") for g in ("ig0", "ig1")]
+    rows += [prompt_row("user_pos_group", g, f"liked by {g}") for g in ("pg0", "pg1")]
+    rows += [prompt_row("user_neg_group", "ng0", "disliked by ng0")]
+    write_prompts(lake, DAY, rows)
+    clusters = pd.DataFrame(
+        [("item", i, "ig0") for i in ("i1", "i2", "i3")] + [("item", "i4", "ig1")]
+        + [("user_pos", "u1", "pg0"), ("user_pos", "u2", "pg0"), ("user_pos", "u3", "pg1")]
+        + [("user_neg", "u1", "ng0"), ("user_neg", "u2", "ng0")],
+        columns=["clustering", "entity_id", "group_id"])
+    lake.write_partition(clusters, runner.CLUSTERS, DAY)
+    backend = ScriptedBackend(cfg, answer=lambda t: "A(" + t + ")")
+    _run_all(cfg, DAY, backend)
+    assert len(backend.requests) == 5  # group prompts only: 5 calls for 4 items and 3 users
+    runner.assign_knowledge(cfg, DAY)
+    assigned = lake.read_partition(runner.ASSIGNED, DAY).set_index(["entity_kind", "entity_id"])
+    assert assigned.loc[("item", "i2"), "encode_text"] == "A(items of ig0)"
+    assert assigned.loc[("item", "i4"), "encode_text"] == "A(items of ig1)"
+    assert assigned.loc[("user", "u1"), "encode_text"] == "u1 history\nLiked: A(liked by pg0)\nDisliked: A(disliked by ng0)"
+    assert assigned.loc[("user", "u3"), "encode_text"] == "u3 history\nLiked: A(liked by pg1)"  # no negative feedback
+    by_kind = {r["entity_kind"]: r["prompt_hash"] for r in rows if r["entity_id"] in ("pg0", "ng0")}
+    assert list(assigned.loc[("user", "u2"), "prompt_hashes"]) == [by_kind["user_pos_group"], by_kind["user_neg_group"]]
+
+
+def test_entity_whose_answer_failed_keeps_its_previous_knowledge(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LLM__MAX_FAILURE_RATE="1")
+    lake = Lake(cfg.lake_uri)
+    write_prompts(lake, DAY, individual_prompts(2, 1))
+    _run_all(cfg, DAY, ScriptedBackend(cfg, answer=lambda t: "old"))
+    runner.assign_knowledge(cfg, DAY)
+    write_prompts(lake, NEXT_DAY, individual_prompts(2, 1, version=" v2"))
+    _run_all(cfg, NEXT_DAY, ScriptedBackend(cfg, answer=lambda t: None if "u0" in t else "new"))
+    result = runner.assign_knowledge(cfg, NEXT_DAY)
+    assert (result["without_answer"], result["carried_from_previous"]) == (1, 1)
+    assigned = lake.read_partition(runner.ASSIGNED, NEXT_DAY).set_index("entity_id")
+    assert assigned.loc["u0", "encode_text"].endswith("old") and assigned.loc["u1", "encode_text"].endswith("new")
+
+
+def test_missing_prompts_partition_names_the_path(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="prompts/dt=1998-03-01"):
+        runner.plan_shards(cfg, DAY)
