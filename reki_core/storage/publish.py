@@ -41,7 +41,7 @@ MANIFEST_FORMAT = 1
 HALF_WRITTEN_MAX_AGE = dt.timedelta(days=1)
 # Manifest keys computed here; metadata may not override them.
 _COMPUTED_KEYS = {"format_version", "scenario", "dt", "run_id", "version", "uri", "created_at", "files",
-                  "row_counts", "vector_dim", "has_group_vectors", "code_version"}
+                  "row_counts", "vector_dim", "has_group_vectors", "run_report_files", "code_version"}
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -289,6 +289,7 @@ def publish_version(cfg, day: str | dt.date, run_id: str, files: dict[str, str |
         "row_counts": {VECTOR_FILES[n]: d["rows"] for n, d in described.items()},
         "vector_dim": {VECTOR_FILES[n]: d["dim"] for n, d in described.items()},
         "has_group_vectors": any(k.endswith("_group") for d in described.values() for k in d["kinds"]),
+        "run_report_files": sorted(n for n in payloads if n.startswith("run_report")),
         "model_version": model_versions[0] if len(model_versions) == 1 else (model_versions or None),
         "llm": {"backend": cfg.llm.backend, "model_id": cfg.llm.engine.model_id,
                 "is_smoke_model": cfg.llm.is_smoke_model, "sampling": cfg.llm.sampling.model_dump()},
@@ -382,22 +383,14 @@ def apply_retention(cfg, *, store: ObjectStore | None = None, protect: list[str]
 
 
 def collect_gate_results(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every gate summary (a dict with 'gate' and 'success') found in the day's step records."""
-    found: list[dict[str, Any]] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "gate" in node and "success" in node:
-                found.append(node)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
+    """Gate summaries (dicts with 'gate' and 'success', as `GateResult.summary()`) held in a step record's
+    top-level fields or lists, each tagged with its step (the same rule as the run report)."""
+    found = []
     for step in steps:
-        walk(step)
+        for value in step.values():
+            for candidate in value if isinstance(value, list) else [value]:
+                if isinstance(candidate, dict) and "gate" in candidate and "success" in candidate:
+                    found.append({"step": step.get("step"), **candidate})
     return found
 
 
@@ -411,9 +404,11 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
                       extra_files: dict[str, str | Path | bytes] | None = None) -> dict[str, Any]:
     """Gather day D's augmented vectors, the model's registry files and the run's gate results, then publish.
 
-    Reads `vectors/augmented/dt=D/` (entity_kind, entity_id, vector, model_version), the files of
-    `models/registry/<model_version>/` (adaptor.pt required; model card, metrics.json and any other file
-    in that folder), and `_runs/dt=D/*.json` (step records and gate summaries).
+    Reads `vectors/augmented/dt=D/` (entity_kind, entity_id, vector, model_version), every file of
+    `models/registry/<model_version>/` (adaptor.pt required, plus backbone.pt, feature_map.json and the
+    model card, whose test metrics and evaluation gate go into the manifest's `metrics`), and
+    `_runs/dt=D/*.json` (step records and gate summaries). `extra_files` adds more, e.g. the run report:
+    `{p.name: p for p in write_run_report(lake, D, out_dir).values()}`.
     """
     from reki_core.runlog import read_steps
     from reki_core.storage.lake import Lake
@@ -422,7 +417,7 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
     if not lake.has_partition("vectors/augmented", day):
         raise PublishError(f"{lake.uri_of(lake.partition_path('vectors/augmented', day))}: no augmented vectors "
                            f"for {as_date(day)}; the encoding/model step has not written them")
-    vectors = lake.read_partition("vectors/augmented", day)
+    vectors = lake.read_partition("vectors/augmented", day).drop(columns=["dt"], errors="ignore")
     if "model_version" not in vectors.columns:
         raise PublishError(f"vectors/augmented/dt={as_date(day)}: column 'model_version' is missing")
     model_versions = sorted(vectors["model_version"].astype(str).unique())
@@ -450,8 +445,9 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
         name = path.rsplit("/", 1)[-1]
         with lake.fs.open(path, "rb") as fh:
             files[name] = fh.read()
-        if name == "metrics.json":
-            metrics = json.loads(files[name])
+        if name == "model_card.json":
+            card = json.loads(files[name])
+            metrics = {k: card[k] for k in ("test", "auc_gain_vs_no_knowledge", "gate", "training") if k in card}
     files.update(extra_files or {})
 
     steps = read_steps(lake, day)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import make_config
+from reki_core.config import PROJECT_ROOT, load_config
 from reki_core.storage.object_store import make_s3_client
 
 
@@ -58,8 +58,16 @@ def fresh_bucket_config(tmp_path, seaweed, **env):
     """A config whose object store is a new, empty bucket on the session SeaweedFS."""
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     make_s3_client(seaweed.endpoint_url, seaweed.writer_key, seaweed.writer_secret).create_bucket(Bucket=bucket)
-    overrides = {"REKI__OBJECT_STORE__ENDPOINT_URL": seaweed.endpoint_url, "REKI__OBJECT_STORE__BUCKET": bucket, **env}
-    return make_config(tmp_path, **overrides)
+    environ = {  # as tests/conftest.py make_config, plus the bucket (conftest is not importable as a module)
+        "REKI__PATHS__STATE_DIR": str(tmp_path / "state"),
+        "REKI__PATHS__LAKE_URI": str(tmp_path / "lake"),
+        "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
+        "REKI__SCENARIO": "movielens",
+        "REKI__OBJECT_STORE__ENDPOINT_URL": seaweed.endpoint_url,
+        "REKI__OBJECT_STORE__BUCKET": bucket,
+        **env,
+    }
+    return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=environ)
 
 
 def writer(seaweed) -> dict:

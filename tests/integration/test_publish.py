@@ -229,3 +229,56 @@ def test_read_only_identity_reads_but_cannot_publish(tmp_path, seaweed):
     with pytest.raises(ObjectStoreError, match="AccessDenied"):
         store.delete_many([published["manifest"]["files"]["adaptor.pt"]["key"]])
     assert _latest(cfg, seaweed)["version"] == published["version"]
+
+
+def test_publish_from_lake_gathers_vectors_registry_files_and_gates(tmp_path, seaweed):
+    import numpy as np
+    import pandas as pd
+
+    from reki_core.runlog import record_step
+    from reki_core.storage.lake import Lake
+
+    cfg = fresh_bucket_config(tmp_path, seaweed)
+    lake = Lake(cfg.lake_uri)
+    day = "1998-03-31"
+    rng = np.random.default_rng(0)
+    augmented = pd.DataFrame({
+        "entity_kind": ["user"] * 4 + ["item"] * 6,
+        "entity_id": [f"{k}{i}" for k, i in zip(["u"] * 4 + ["i"] * 6, list(range(4)) + list(range(6)))],
+        "vector": [rng.normal(size=32).astype(np.float32) for _ in range(10)],
+        "model_version": "1998-03-31-dcnv2-abc",
+        "as_of": np.arange(10, dtype=np.int64),
+    })
+    lake.write_partition(augmented, "vectors/augmented", day)
+    lake.write_partition(pd.DataFrame({"user_id": ["u0"], "item_id": ["i0"], "rating": [4], "ts": [1]}),
+                         "raw/interactions", "1998-03-30")
+    registry = lake.local_path("models/registry/1998-03-31-dcnv2-abc")
+    registry.mkdir(parents=True)
+    (registry / "adaptor.pt").write_bytes(b"adaptor-state")
+    (registry / "backbone.pt").write_bytes(b"backbone-state")
+    (registry / "model_card.json").write_text(json.dumps({"test": {"with_knowledge": {"auc": 0.74}},
+                                                          "auc_gain_vs_no_knowledge": 0.02}))
+    record_step(lake, day, "land", {"success": True, "gates": [gate("raw_interactions")]})
+    record_step(lake, day, "train_model", {"success": True, "gate": {"passed": True, "checks": []}})
+    record_step(lake, day, "quality_vectors", {"success": True, "vectors_gate": gate("augmented_vectors")})
+
+    result = publish.publish_from_lake(cfg, day, "manual__1", extra_files={"run_report_1998-03-31.md": b"# report"},
+                                       **writer(seaweed))
+    manifest = result["manifest"]
+    assert set(manifest["files"]) == {"user_vectors.parquet", "item_vectors.parquet", "adaptor.pt", "backbone.pt",
+                                      "model_card.json", "quality_summary.json", "run_report_1998-03-31.md"}
+    assert manifest["row_counts"] == {"user": 4, "item": 6}
+    assert manifest["model_version"] == "1998-03-31-dcnv2-abc"
+    assert manifest["metrics"]["test"]["with_knowledge"]["auc"] == 0.74
+    assert sorted((g["step"], g["gate"]) for g in manifest["gates"]) == [("land", "raw_interactions"),
+                                                                        ("quality_vectors", "augmented_vectors")]
+    assert manifest["source_partitions"] == {"raw/interactions": "1998-03-30", "vectors/augmented": day}
+    assert manifest["run_report_files"] == ["run_report_1998-03-31.md"]
+
+    from reki_core.serving.vector_store import VectorStore
+
+    store = VectorStore.from_config(cfg, **reader(seaweed))
+    np.testing.assert_allclose(store.lookup_items(["i5"])[0], augmented["vector"][9])
+
+    with pytest.raises(PublishError, match="no augmented vectors for 1998-04-01"):
+        publish.publish_from_lake(cfg, "1998-04-01", "r", **writer(seaweed))
