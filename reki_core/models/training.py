@@ -1,0 +1,266 @@
+"""Training entrypoint, evaluation gate and adaptor application (the functions the DAGs call).
+
+- `train_model(cfg, dt)`: trains HEIN jointly with `cfg.model.backbone` on the train split of
+  `features/ctr_samples/dt=D/` (early stopping on valid), trains the same backbone without knowledge,
+  evaluates both and the currently published version on the test split, applies the evaluation gate,
+  registers the version and moves `_CURRENT.json` only when the gate passed.
+- `apply_adaptor(cfg, dt)`: runs the current adaptor over every knowledge vector of D and writes
+  `vectors/augmented/dt=D/`; serving then needs neither encoder nor adaptor.
+
+torch is imported inside the functions, so DAG files can import this module cheaply.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reki_core.config import Config, ModelConfig
+from reki_core.models import registry
+from reki_core.models.data import AssemblyError, FeatureMap, KnowledgeIndex, assemble, build_feature_map, check_samples
+from reki_core.runlog import timed_step
+from reki_core.storage.lake import Lake, as_date
+
+CTR_SAMPLES = "features/ctr_samples"
+AUGMENTED_VECTORS = "vectors/augmented"
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class TrainedModel:
+    model: Any  # CTRModel
+    fmap: FeatureMap
+    fit: dict[str, Any]
+    test: dict[str, float]
+
+
+def load_samples(lake: Lake, day: dt.date) -> dict[str, pd.DataFrame]:
+    """The CTR samples of D by split; each split must hold both labels."""
+    samples = lake.read_partition(CTR_SAMPLES, day)
+    where = lake.uri_of(lake.partition_path(CTR_SAMPLES, day))
+    check_samples(samples, where)
+    splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in SPLITS}
+    for name, part in splits.items():
+        if part["label"].nunique() < 2:
+            raise AssemblyError(f"{where}: split {name} has {len(part)} rows and not both labels: "
+                                "AUC is undefined (more data or other split fractions needed)")
+    return splits
+
+
+def fit_and_evaluate(cfg: Config, splits: dict[str, pd.DataFrame], knowledge: KnowledgeIndex | None,
+                     backbone: str, seed: int, checkpoint_name: str, progress: bool = True) -> TrainedModel:
+    """Train one model (with the adaptor when `knowledge` is given) and evaluate it on the test split."""
+    import torch
+
+    from reki_core.models import build_backbone
+    from reki_core.models.adaptor import HybridExpertAdaptor
+    from reki_core.models.trainer import CTRModel, Trainer, seed_everything
+
+    m = cfg.model
+    fmap = build_feature_map(splits["train"], cfg.scenario.max_hist_len,
+                             knowledge.encoder_id if knowledge else "", knowledge.dim if knowledge else 0)
+    data = {s: assemble(splits[s], fmap, knowledge) for s in SPLITS}
+    seed_everything(seed)
+    adaptor = HybridExpertAdaptor.from_config(m, knowledge.dim) if knowledge else None
+    augmented_dim = 2 * m.expert_output_dim if knowledge else 0
+    model = CTRModel(build_backbone(backbone, fmap.vocab_sizes(), m, augmented_dim), adaptor)
+    checkpoint = cfg.resolve(cfg.paths.models_dir) / "checkpoints" / f"{checkpoint_name}.pt"
+    trainer = Trainer(model, m.learning_rate, m.weight_decay, m.batch_size, m.max_epochs, m.patience, seed,
+                      checkpoint, progress=progress)
+    fit = trainer.fit(data["train"]["batch"], data["valid"]["batch"])
+    test = trainer.evaluate(data["test"]["batch"])
+    model = model.cpu().eval()
+    fmap.extra = {"backbone": backbone, "model": m.model_dump(), "augmented_dim": augmented_dim, "seed": seed}
+    if adaptor is not None:
+        with torch.no_grad():
+            zero = torch.zeros(1, knowledge.dim)
+            # What serving uses for an entity without knowledge (training fed it zero knowledge vectors).
+            fmap.extra["no_knowledge_vectors"] = {t: adaptor.tower(t, zero)[0].tolist() for t in ("user", "item")}
+    fit["join_stats"] = {s: data[s]["stats"] for s in SPLITS}
+    return TrainedModel(model, fmap, fit, test)
+
+
+def load_model(lake: Lake, version: str):
+    """(CTRModel in eval mode, FeatureMap) of a registered version."""
+    from reki_core.models import build_backbone
+    from reki_core.models.adaptor import HybridExpertAdaptor
+    from reki_core.models.trainer import CTRModel
+
+    fmap = FeatureMap.from_json(registry.read_file(lake, version, "feature_map.json").decode())
+    model_cfg = ModelConfig(**fmap.extra["model"])
+    adaptor = HybridExpertAdaptor.from_config(model_cfg, fmap.knowledge_dim)
+    adaptor.load_state_dict(registry.load_state(lake, version, "adaptor.pt"))
+    backbone = build_backbone(fmap.extra["backbone"], fmap.vocab_sizes(), model_cfg, fmap.extra["augmented_dim"])
+    backbone.load_state_dict(registry.load_state(lake, version, "backbone.pt"))
+    return CTRModel(backbone, adaptor).eval(), fmap
+
+
+def evaluation_gate(knowledge_auc: float, baseline_auc: float, published_auc: float | None,
+                    tolerance_vs_baseline: float, tolerance_vs_published: float) -> dict[str, Any]:
+    """Pass only if AUC with knowledge >= baseline - tol and >= published - tol (when a version is published)."""
+    checks = [{"check": "vs_no_knowledge", "auc": knowledge_auc, "reference_auc": baseline_auc,
+               "tolerance": tolerance_vs_baseline, "passed": bool(knowledge_auc >= baseline_auc - tolerance_vs_baseline)}]
+    if published_auc is not None:
+        checks.append({"check": "vs_published", "auc": knowledge_auc, "reference_auc": published_auc,
+                       "tolerance": tolerance_vs_published,
+                       "passed": bool(knowledge_auc >= published_auc - tolerance_vs_published)})
+    if not np.isfinite(knowledge_auc):
+        checks.append({"check": "auc_defined", "auc": knowledge_auc, "passed": False})
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
+
+
+def _published_test_metrics(lake: Lake, splits: dict[str, pd.DataFrame], knowledge: KnowledgeIndex) -> dict | None:
+    """The published version scored on today's test split; its recorded AUC when it cannot be re-scored."""
+    import torch
+
+    from reki_core.models import metrics
+
+    current = registry.current_version(lake)
+    if current is None:
+        return None
+    version = current["version"]
+    try:
+        model, fmap = load_model(lake, version)
+        if fmap.encoder_id != knowledge.encoder_id:
+            raise AssemblyError(f"encoder changed ({fmap.encoder_id} -> {knowledge.encoder_id})")
+        batch = assemble(splits["test"], fmap, knowledge)["batch"]
+        with torch.no_grad():
+            probs = torch.sigmoid(model(batch)).numpy()
+        labels = batch["label"].numpy()
+        return {"version": version, "auc": metrics.auc(labels, probs), "logloss": metrics.logloss(labels, probs),
+                "source": "rescored_on_this_test_split"}
+    except (AssemblyError, RuntimeError, KeyError) as exc:
+        card = json.loads(registry.read_file(lake, version, "model_card.json"))
+        return {"version": version, "auc": card["test"]["with_knowledge"]["auc"],
+                "logloss": card["test"]["with_knowledge"]["logloss"], "source": f"model_card ({exc})"}
+
+
+def _fingerprint(*state_dicts: dict) -> str:
+    digest = hashlib.sha256()
+    for state in state_dicts:
+        for key in sorted(state):
+            digest.update(key.encode())
+            digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:10]
+
+
+def _card_markdown(card: dict[str, Any]) -> str:
+    t = card["test"]
+    rows = [("with knowledge (this version)", t["with_knowledge"]), ("same backbone, no knowledge", t["no_knowledge"])]
+    if t.get("published"):
+        rows.append((f"published {t['published']['version']}", t["published"]))
+    lines = [f"# Model {card['version']}", "",
+             f"Backbone `{card['backbone']}`, encoder `{card['encoder_id']}`, trained on `{card['dt']}`."
+             + (" LLM: smoke model (its answers carry no knowledge)." if card.get("is_smoke_model") else ""), "",
+             "| model | test AUC | test LogLoss |", "|---|---|---|"]
+    lines += [f"| {name} | {m['auc']:.4f} | {m['logloss']:.4f} |" for name, m in rows]
+    lines += ["", f"Evaluation gate: **{'passed' if card['gate']['passed'] else 'FAILED'}**"]
+    lines += [f"- {c['check']}: {c['auc']:.4f} vs {c.get('reference_auc', float('nan')):.4f} "
+              f"(tolerance {c.get('tolerance', 0)}): {'ok' if c['passed'] else 'failed'}" for c in card["gate"]["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def train_model(cfg: Config, dt_: str | dt.date, progress: bool = True) -> dict[str, Any]:
+    """Train, gate and register a model version for D; returns the model card (plus `published: bool`)."""
+    day = as_date(dt_)
+    lake = Lake(cfg.lake_uri)
+    m = cfg.model
+    with timed_step(lake, day, "train_model") as record:
+        splits = load_samples(lake, day)
+        knowledge = KnowledgeIndex.from_lake(lake, day)
+        name = f"{day.isoformat()}-{m.backbone}"
+        with_k = fit_and_evaluate(cfg, splits, knowledge, m.backbone, m.seed, f"{name}-knowledge", progress)
+        without_k = fit_and_evaluate(cfg, splits, None, m.backbone, m.seed, f"{name}-no-knowledge", progress)
+        published = _published_test_metrics(lake, splits, knowledge)
+        gate = evaluation_gate(with_k.test["auc"], without_k.test["auc"], published["auc"] if published else None,
+                               m.auc_tolerance_vs_baseline, m.auc_tolerance_vs_published)
+        adaptor_state = with_k.model.adaptor.state_dict()
+        backbone_state = with_k.model.backbone.state_dict()
+        version = f"{name}-{_fingerprint(adaptor_state, backbone_state)}"
+        card = {
+            "version": version, "dt": day.isoformat(), "backbone": m.backbone, "encoder_id": knowledge.encoder_id,
+            "knowledge_dim": knowledge.dim, "augmented_dim": with_k.fmap.extra["augmented_dim"],
+            "is_smoke_model": cfg.llm.is_smoke_model, "llm_model_id": cfg.llm.engine.model_id,
+            "samples": {s: len(splits[s]) for s in SPLITS},
+            "join_stats": with_k.fit["join_stats"],
+            "training": {k: {kk: v.fit[kk] for kk in ("best_epoch", "best_valid_auc", "epochs_run")}
+                         for k, v in (("with_knowledge", with_k), ("no_knowledge", without_k))},
+            "test": {"with_knowledge": with_k.test, "no_knowledge": without_k.test, "published": published},
+            "auc_gain_vs_no_knowledge": with_k.test["auc"] - without_k.test["auc"],
+            "gate": gate, "model_config": m.model_dump(),
+        }
+        registry.write_version(lake, version, {
+            "adaptor.pt": registry.torch_bytes(adaptor_state),
+            "backbone.pt": registry.torch_bytes(backbone_state),
+            "feature_map.json": with_k.fmap.to_json().encode(),
+            "model_card.json": json.dumps(card, indent=2, sort_keys=True, default=str).encode(),
+            "model_card.md": _card_markdown(card).encode(),
+        })
+        if gate["passed"]:
+            registry.set_current(lake, version, {"dt": day.isoformat(), "test_auc": with_k.test["auc"],
+                                                 "backbone": m.backbone, "encoder_id": knowledge.encoder_id})
+        card["published"] = gate["passed"]
+        card["model_card_md"] = _card_markdown(card)
+        record.update({"version": version, "published": gate["passed"], "gate": gate,
+                       "test_auc_with_knowledge": with_k.test["auc"], "test_auc_no_knowledge": without_k.test["auc"]})
+    return card
+
+
+def has_current_model(cfg: Config) -> bool:
+    """True once some version passed its gate (the daily DAG trains a first version when this is False)."""
+    return registry.current_version(Lake(cfg.lake_uri)) is not None
+
+
+def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
+    """Write `vectors/augmented/dt=D/`: the current adaptor's tower output for every user and item of D."""
+    import pyarrow as pa
+    import torch
+
+    from reki_core.encoding import KNOWLEDGE_VECTORS
+
+    day = as_date(dt_)
+    lake = Lake(cfg.lake_uri)
+    with timed_step(lake, day, "apply_adaptor") as record:
+        current = registry.current_version(lake)
+        if current is None:
+            raise registry.RegistryError(
+                f"{lake.uri_of(lake.dataset_path(registry.CURRENT))} missing: no model version has passed the "
+                "evaluation gate yet; run train_model first")
+        version = current["version"]
+        model, fmap = load_model(lake, version)
+        vectors = lake.read_partition(KNOWLEDGE_VECTORS, day)
+        encoders = sorted(set(vectors["encoder_id"]))
+        if encoders and encoders != [fmap.encoder_id]:
+            raise AssemblyError(
+                f"{KNOWLEDGE_VECTORS} dt={day}: encoder_id {encoders} but model {version} was trained on "
+                f"{fmap.encoder_id!r}: retrain (train_model) after changing the encoder")
+        out = []
+        with torch.no_grad():
+            for kind in ("user", "item"):
+                part = vectors[vectors["entity_kind"] == kind]
+                if part.empty:
+                    continue
+                x = torch.from_numpy(np.stack([np.asarray(v, np.float32) for v in part["vector"]]))
+                towers = torch.cat([model.adaptor.tower(kind, x[s:s + 4096]) for s in range(0, len(x), 4096)])
+                out.append(pd.DataFrame({"entity_kind": kind, "entity_id": part["entity_id"].astype(str).to_numpy(),
+                                         "vector": list(towers.numpy()), "model_version": version,
+                                         "as_of": part["as_of"].astype("int64").to_numpy()}))
+        frame = pd.concat(out, ignore_index=True) if out else pd.DataFrame(
+            columns=["entity_kind", "entity_id", "vector", "model_version", "as_of"])
+        table = pa.table({
+            "entity_kind": pa.array(frame["entity_kind"].astype(str).tolist(), pa.string()),
+            "entity_id": pa.array(frame["entity_id"].astype(str).tolist(), pa.string()),
+            "vector": pa.array([np.asarray(v).tolist() for v in frame["vector"]], pa.list_(pa.float32())),
+            "model_version": pa.array(frame["model_version"].astype(str).tolist(), pa.string()),
+            "as_of": pa.array(frame["as_of"].astype("int64").tolist(), pa.int64()),
+        })
+        lake.write_partition(table, AUGMENTED_VECTORS, day)
+        record.update({"model_version": version, "users": int((frame["entity_kind"] == "user").sum()),
+                       "items": int((frame["entity_kind"] == "item").sum()), "dim": model.adaptor.output_dim})
+    return record
