@@ -29,9 +29,15 @@ def read_steps(lake: Lake, day: str | dt.date) -> list[dict[str, Any]]:
 
 @contextmanager
 def timed_step(lake: Lake, day: str | dt.date, step: str) -> Iterator[dict[str, Any]]:
-    """Time a step; the caller fills the yielded dict with counts, which is recorded on success."""
+    """Time a step; the caller fills the yielded dict with counts. Failures are recorded too, then re-raised."""
     payload: dict[str, Any] = {"started_at": dt.datetime.now(dt.UTC).isoformat()}
     start = time.perf_counter()
-    yield payload
-    payload["seconds"] = round(time.perf_counter() - start, 3)
-    record_step(lake, day, step, payload)
+    try:
+        yield payload
+        payload.setdefault("success", True)
+    except Exception as exc:
+        payload.update({"success": False, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    finally:
+        payload["seconds"] = round(time.perf_counter() - start, 3)
+        record_step(lake, day, step, payload)

@@ -1,0 +1,55 @@
+# REKI Pipeline: `make run` (the daily refresh on the embedded default) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+STATE := .reki
+WITH_ENV := source infra/env.sh &&
+
+.PHONY: help run test test-fast test-faults bench setup airflow stop clean prereqs
+
+help:
+	@echo "make run     - set up (first time) and run the daily refresh for conf/reki.yaml's run_date"
+	@echo "make test    - the whole test suite (unit, spark, dags, integration)"
+	@echo "make airflow - start Airflow (UI on http://127.0.0.1:8080) and SeaweedFS; make stop stops them"
+	@echo "make bench   - benchmarks -> bench/results/"
+
+prereqs:
+	@PYTHON=$(PYTHON) bash infra/check_prereqs.sh
+
+# The venv is rebuilt only when the pinned requirements change.
+$(STAMP): requirements.txt pyproject.toml
+	@PYTHON=$(PYTHON) bash infra/check_prereqs.sh
+	@echo "==> creating $(VENV) and installing the pinned stack (first time: a few minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	@# The Spark provider pulls pyspark-client, which overwrites pyspark's files: put pyspark back.
+	$(VENV)/bin/pip install --quiet --force-reinstall --no-deps pyspark==4.3.0
+	$(VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: prereqs $(STAMP)
+	@$(WITH_ENV) reki setup
+	@$(WITH_ENV) bash infra/airflow.sh init
+
+run: setup
+	@$(WITH_ENV) reki stack up
+	@$(WITH_ENV) bash infra/run_daily.sh
+
+test: setup
+	@$(WITH_ENV) bash infra/test.sh
+
+bench: setup
+	@$(WITH_ENV) bash infra/bench.sh
+
+airflow: setup
+	@$(WITH_ENV) reki stack up
+	@$(WITH_ENV) bash infra/airflow.sh start
+
+stop:
+	@if [ -x $(VENV)/bin/reki ]; then $(WITH_ENV) bash infra/airflow.sh stop; $(WITH_ENV) reki stack down; fi
+
+clean: stop
+	rm -rf $(STATE)/lake $(STATE)/airflow $(STATE)/seaweedfs

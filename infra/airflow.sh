@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Local Airflow (SQLite, LocalExecutor): init | start | stop | status. Components run as separate
+# processes bound to 127.0.0.1 with PIDs in .reki/pids/ (the scheduler ignores SIGTERM under standalone).
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+PIDS="$REKI_HOME/.reki/pids"; LOGS="$REKI_HOME/.reki/logs"
+COMPONENTS=(api-server scheduler dag-processor triggerer)
+export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"
+
+init() {
+  mkdir -p "$AIRFLOW_HOME" "$PIDS" "$LOGS"
+  if [ ! -f "$AIRFLOW_HOME/.migrated" ] || [ "$AIRFLOW_HOME/.migrated" -ot "$REKI_HOME/requirements.txt" ]; then
+    echo "==> initialising the Airflow metadata database (SQLite) in $AIRFLOW_HOME"
+    airflow db migrate > "$LOGS/airflow-migrate.log" 2>&1 || { tail -20 "$LOGS/airflow-migrate.log"; exit 1; }
+    touch "$AIRFLOW_HOME/.migrated"
+  fi
+}
+
+alive() { [ -f "$PIDS/airflow-$1.pid" ] && kill -0 "$(cat "$PIDS/airflow-$1.pid")" 2>/dev/null; }
+
+start() {
+  init
+  for c in "${COMPONENTS[@]}"; do
+    if alive "$c"; then echo "airflow $c already running (pid $(cat "$PIDS/airflow-$c.pid"))"; continue; fi
+    setsid airflow "$c" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
+    echo $! > "$PIDS/airflow-$c.pid"
+    if [ "$c" = api-server ]; then  # the other components talk to the API server: wait for it first
+      for _ in $(seq 1 90); do
+        curl -fsS "$AIRFLOW__API__BASE_URL/api/v2/monitor/health" >/dev/null 2>&1 && break; sleep 1
+      done
+      curl -fsS "$AIRFLOW__API__BASE_URL/api/v2/monitor/health" >/dev/null || { echo "api-server did not come up; see $LOGS/airflow-api-server.log"; exit 1; }
+    fi
+  done
+  pw_file="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
+  for _ in $(seq 1 20); do [ -f "$pw_file" ] && break; sleep 0.5; done
+  echo "Airflow UI: $AIRFLOW__API__BASE_URL  user: admin  password: $(python -c "import json,sys; print(json.load(open(sys.argv[1]))['admin'])" "$pw_file" 2>/dev/null || echo "see $pw_file")"
+  echo "Logs in $LOGS; stop with: make stop"
+}
+
+stop() {
+  for c in "${COMPONENTS[@]}"; do
+    f="$PIDS/airflow-$c.pid"; [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; }
+      echo "airflow $c stopped"
+    fi
+    rm -f "$f"
+  done
+}
+
+status() { for c in "${COMPONENTS[@]}"; do alive "$c" && echo "$c: running" || echo "$c: stopped"; done; }
+
+"${1:-status}"

@@ -1,0 +1,33 @@
+# Sourced by the Makefile and scripts: the local stack's environment (no secrets are stored here;
+# credentials are generated at set-up under .reki/secrets/ and exported from there).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export REKI_HOME="$ROOT"
+export PATH="$ROOT/.venv/bin:$PATH"
+export AIRFLOW_HOME="${AIRFLOW_HOME:-$ROOT/.reki/airflow}"
+export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/dags"
+# plugins/ holds the `reki_airflow` glue package, imported from PYTHONPATH. It is not Airflow's
+# plugins folder: Airflow imports each file there under its bare stem (a secrets.py would shadow stdlib).
+export AIRFLOW__CORE__PLUGINS_FOLDER="$AIRFLOW_HOME/plugins"
+export PYTHONPATH="$ROOT/plugins${PYTHONPATH:+:$PYTHONPATH}"
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__EXECUTOR=LocalExecutor
+export AIRFLOW__CORE__PARALLELISM=4
+export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=2
+export AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT=60
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
+export AIRFLOW__API__HOST=127.0.0.1
+export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
+export AIRFLOW__API__BASE_URL="http://127.0.0.1:$AIRFLOW__API__PORT"
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:$AIRFLOW__API__PORT/execution/"
+export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
+export AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "local[2]"}'
+export GX_ANALYTICS_ENABLED=false
+export SPARK_LOCAL_IP=127.0.0.1
+export PYSPARK_PYTHON="$ROOT/.venv/bin/python"
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+# Local credentials (writer identity) and the aws_default connection, from .reki/secrets (0600).
+if [ -x "$ROOT/.venv/bin/reki" ]; then
+  eval "$("$ROOT/.venv/bin/reki" env)"
+fi

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole suite: unit, spark, dags, integration (real SeaweedFS, Airflow, Spark). GPU tests skip without CUDA.
+set -uo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$REKI_HOME"
+# Tests get their own Airflow home so they never touch the one `make run` uses.
+export AIRFLOW_HOME="$REKI_HOME/.reki/airflow-test"
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
+mkdir -p "$AIRFLOW_HOME"
+[ -f "$AIRFLOW_HOME/.migrated" ] || { airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 && touch "$AIRFLOW_HOME/.migrated"; } || { tail "$AIRFLOW_HOME/migrate.log"; exit 1; }
+python -m pytest -p no:cacheprovider -q -ra --timeout=900 "$@" tests
+rc=$?
+[ $rc -eq 5 ] && { echo "ERROR: no tests were collected"; exit 1; }
+exit $rc

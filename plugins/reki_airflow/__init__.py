@@ -1,0 +1,1 @@
+"""Airflow glue for the REKI pipeline (this folder is Airflow's plugins folder): notifiers, log masking."""

@@ -1,0 +1,230 @@
+"""Landing: validate the day's deliveries from `incoming/` and write `raw/` partitions.
+
+On an empty lake the first run lands all history up to its date (one partition per day); later
+runs land only their own day. Re-running a date overwrites that date only. Bad input stops the
+run with an error naming the file, column and rule; under `quality.raw_bad_rows_policy:
+quarantine`, bad rows go to `raw/_rejected/dt=D/` with their reason and the rest lands.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from reki_core.config import Config
+from reki_core.datasets import schema
+from reki_core.datasets.source import delivery_files, replay_delivery
+from reki_core.quality import raw as raw_suites
+from reki_core.quality.gx import run_suite
+from reki_core.runlog import timed_step
+from reki_core.storage.lake import Lake, as_date
+
+RAW = {"interactions": "raw/interactions", "users": "raw/users", "items": "raw/items"}
+REJECTED = "raw/_rejected"
+SCHEMAS = {"interactions": schema.INTERACTIONS, "users": schema.USERS, "items": schema.ITEMS}
+NORMALISE = {
+    "interactions": schema.normalise_interactions,
+    "users": schema.normalise_users,
+    "items": schema.normalise_items,
+}
+
+
+@dataclass
+class Problem:
+    file: str
+    column: str | None
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        col = f"column '{self.column}'" if self.column else "table"
+        return f"{self.file}: {col}: rule '{self.rule}': {self.detail}"
+
+
+class LandingError(ValueError):
+    """Bad input; `problems` names each file, column and rule."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"landing rejected the input ({len(problems)} problem(s)):\n{shown}{more}")
+
+
+def _type_ok(arrow_type: pa.DataType, logical: str) -> bool:
+    if logical == "string":  # integer ids are accepted and landed as strings
+        return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_integer(arrow_type)
+    if logical == "integer":
+        return pa.types.is_integer(arrow_type)
+    if logical == "list":
+        return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+    raise ValueError(logical)
+
+
+def read_delivery(lake: Lake, path: str, what: str) -> pd.DataFrame:
+    """One delivered file, schema-checked; raises LandingError naming the file and column."""
+    expected = SCHEMAS[what]
+    if lake.fs.size(path) == 0:
+        raise LandingError([Problem(path, None, "readable", "empty file (0 bytes)")])
+    try:
+        with lake.fs.open(path, "rb") as fh:
+            table = pq.read_table(fh)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the same input problem
+        raise LandingError([Problem(path, None, "readable", f"not readable as Parquet: {exc}")]) from None
+    problems = []
+    names = table.schema.names
+    for col in expected:
+        if col not in names:
+            problems.append(Problem(path, col, "schema", "required column is missing"))
+    for col in names:
+        if col not in expected:
+            problems.append(Problem(path, col, "schema", "unexpected column (upstream schema change?)"))
+    for col, logical in expected.items():
+        if col in names and not _type_ok(table.schema.field(col).type, logical):
+            problems.append(Problem(path, col, "type", f"expected {logical}, found {table.schema.field(col).type}"))
+    if problems:
+        raise LandingError(problems)
+    return table.to_pandas()
+
+
+def _read_day(lake: Lake, what: str, day: dt.date) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """All files delivered for (what, day); identical re-deliveries are read once."""
+    frames, files, duplicates, seen = [], [], [], {}
+    for path in delivery_files(lake, what, day):
+        with lake.fs.open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        if digest in seen:
+            duplicates.append(path)  # the same bytes delivered twice: idempotent, not new data
+            continue
+        seen[digest] = path
+        df = read_delivery(lake, path, what)
+        df["_source_file"] = path
+        frames.append(df)
+        files.append(path)
+    if not frames:
+        return pd.DataFrame(columns=list(SCHEMAS[what]) + ["_source_file"]), files, duplicates
+    return pd.concat(frames, ignore_index=True), files, duplicates
+
+
+def _row_problems(df: pd.DataFrame, day: dt.date) -> tuple[pd.Series, list[Problem]]:
+    """Per-row reasons (empty string = good row) and the problems to report, from the row suite."""
+    data = df.drop(columns=["_source_file"]).reset_index(drop=True)
+    result = run_suite("raw_rows", f"interactions dt={day}", data,
+                       raw_suites.interactions_row_expectations(day), complete=True)
+    reasons = pd.Series([""] * len(df), dtype="object")
+    problems = []
+    first_copy = ~data.duplicated(["user_id", "item_id", "ts"], keep="first")
+    for outcome in result.outcomes:
+        if outcome.success:
+            continue
+        rule = raw_suites.RULE_NAMES.get(outcome.expectation, outcome.expectation)
+        rows = list(outcome.unexpected_index)
+        if rule == "unique":  # keep the first copy of a duplicated row
+            rows = [i for i in rows if not first_copy.iloc[i]]
+        column = outcome.column or ",".join(outcome.kwargs.get("column_list", []))
+        bound = ""
+        if rule == "in_range":
+            bound = f" ({outcome.kwargs.get('min_value')}..{outcome.kwargs.get('max_value')})"
+        for i in rows:
+            reasons.iloc[i] = (reasons.iloc[i] + ";" if reasons.iloc[i] else "") + f"{column}:{rule}"
+        for path, group in df.iloc[rows].groupby("_source_file"):
+            sample = group[outcome.column].head(3).tolist() if outcome.column else group[["user_id", "item_id", "ts"]].head(2).to_dict("records")
+            problems.append(Problem(path, column, rule + bound, f"{len(group)} row(s), e.g. {sample}"))
+    return reasons, problems
+
+
+def _land_interactions(cfg: Config, lake: Lake, day: dt.date) -> dict:
+    df, files, duplicates = _read_day(lake, "interactions", day)
+    if not files:
+        raise LandingError([Problem(lake.partition_path("incoming/interactions", day), None, "delivered",
+                                    "no delivery for this day (expected at least one Parquet file)")])
+    reasons, problems = _row_problems(df, day) if len(df) else (pd.Series([], dtype="object"), [])
+    rejected = df[reasons != ""].copy()
+    if len(rejected) and cfg.quality.raw_bad_rows_policy == "fail":
+        raise LandingError(problems)
+    if len(rejected):
+        rejected["_reason"] = reasons[reasons != ""]
+        lake.write_partition(rejected.astype({c: "string" for c in ("user_id", "item_id")}), REJECTED, day)
+    elif lake.has_partition(REJECTED, day):  # a re-run after the fix leaves no stale rejects
+        lake.fs.rm(lake.partition_path(REJECTED, day), recursive=True)
+    good = schema.normalise_interactions(df[reasons == ""])
+    lake.write_partition(good, RAW["interactions"], day)
+    return {"rows": len(good), "rejected": len(rejected), "files": files, "duplicate_deliveries": duplicates,
+            "problems": [str(p) for p in problems]}
+
+
+def _land_snapshot(lake: Lake, what: str, day: dt.date) -> int:
+    df, files, _ = _read_day(lake, what, day)
+    if not files:
+        raise LandingError([Problem(lake.partition_path(f"incoming/{what}", day), None, "delivered",
+                                    f"no {what} snapshot delivered for this day")])
+    if what == "items":
+        df["genres"] = df["genres"].map(lambda g: list(g) if g is not None else [])
+    result = run_suite("raw_snapshot", f"{what} dt={day}", df.drop(columns=["_source_file"]),
+                       raw_suites.users_expectations() if what == "users" else raw_suites.items_expectations())
+    if not result.success:
+        raise LandingError([Problem(", ".join(files), o.column, raw_suites.RULE_NAMES.get(o.expectation, o.expectation),
+                                    o.describe()) for o in result.failed])
+    lake.write_partition(NORMALISE[what](df), RAW[what], day)
+    return len(df)
+
+
+def land(cfg: Config, day: str | dt.date) -> dict:
+    """Land the deliveries for `day` (all history up to it on an empty lake); returns counts."""
+    day = as_date(day)
+    lake = Lake(cfg.lake_uri)
+    with timed_step(lake, day, "land") as record:
+        existing = lake.partitions(RAW["interactions"])
+        initial = not existing
+        start = cfg.scenario.source.start_date
+        if initial and day < start:
+            raise ValueError(f"{day} is before the source's start date {start} (scenario {cfg.scenario.name})")
+        days = [start + dt.timedelta(n) for n in range((day - start).days + 1)] if initial else [day]
+        replay_delivery(cfg, lake, days, snapshot_day=day)
+        per_day = {d.isoformat(): _land_interactions(cfg, lake, d) for d in days}
+        users = _land_snapshot(lake, "users", day)
+        items = _land_snapshot(lake, "items", day)
+        last_before = max((d for d in existing if d < day), default=None)
+        record.update({
+            "initial_load": initial,
+            "days_landed": len(days),
+            "rows": sum(r["rows"] for r in per_day.values()),
+            "rows_today": per_day[day.isoformat()]["rows"],
+            "rejected": sum(r["rejected"] for r in per_day.values()),
+            "no_new_data": per_day[day.isoformat()]["rows"] == 0,
+            "duplicate_deliveries": sum(len(r["duplicate_deliveries"]) for r in per_day.values()),
+            "users": users,
+            "items": items,
+            "gap_days_before": (day - last_before).days - 1 if last_before else 0,
+            "problems": [p for r in per_day.values() for p in r["problems"]][:50],
+            "lake": lake.uri,
+        })
+    return record
+
+
+def run_raw_gate(cfg: Config, day: str | dt.date) -> dict:
+    """The raw gate: the full suites on the landed partitions of `day`; raises GateError on failure."""
+    day = as_date(day)
+    lake = Lake(cfg.lake_uri)
+    with timed_step(lake, day, "raw_gate") as record:
+        inter = lake.read_partition(RAW["interactions"], day)
+        results = [
+            run_suite("raw", f"{RAW['interactions']}/dt={day}", inter,
+                      raw_suites.interactions_expectations(day, cfg.scenario.source.max_rows_per_day)),
+            run_suite("raw", f"{RAW['users']}/dt={day}", lake.read_partition(RAW["users"], day),
+                      raw_suites.users_expectations()),
+            run_suite("raw", f"{RAW['items']}/dt={day}", lake.read_partition(RAW["items"], day),
+                      raw_suites.items_expectations()),
+        ]
+        record["gates"] = [r.summary() for r in results]
+        record["success"] = all(r.success for r in results)
+        record["no_new_data"] = len(inter) == 0
+        record["rows"] = len(inter)
+        for r in results:
+            r.raise_if_failed()
+    return record

@@ -1,0 +1,180 @@
+"""Landing and the raw suite: good days, no-new-data days, and every kind of bad input."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from reki_core.landing import LandingError, land, run_raw_gate
+from reki_core.quality.gx import GateError
+from reki_core.quality.raw import day_bounds
+from reki_core.storage.lake import Lake
+from tests.conftest import make_config
+
+DAY = dt.date(2024, 1, 2)
+T0 = day_bounds(DAY)[0]
+
+
+@pytest.fixture
+def files_cfg(tmp_path):
+    """A scenario whose upstream drops files in incoming/ (no replay), starting at DAY."""
+    return make_config(tmp_path, scenario="books", REKI__SCENARIO_OVERRIDES__SOURCE__KIND="files",
+                       REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE=DAY.isoformat())
+
+
+def good_interactions(n: int = 4) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": [f"u{i % 2}" for i in range(n)], "item_id": [f"i{i}" for i in range(n)],
+                         "rating": pd.array([1 + i % 5 for i in range(n)], dtype="int32"),
+                         "ts": pd.array([T0 + 60 * i for i in range(n)], dtype="int64")})
+
+
+def deliver(lake: Lake, what: str, day: dt.date, df: pd.DataFrame | None = None, raw: bytes | None = None,
+            name: str = "part.parquet") -> str:
+    folder = lake.partition_path(f"incoming/{what}", day)
+    lake.fs.makedirs(folder, exist_ok=True)
+    path = f"{folder}/{name}"
+    if raw is not None:
+        with open(path, "wb") as fh:
+            fh.write(raw)
+    else:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    return path
+
+
+def deliver_entities(lake: Lake, day: dt.date) -> None:
+    deliver(lake, "users", day, pd.DataFrame({"user_id": ["u0", "u1"], "age": [30, 41], "gender": ["F", "M"],
+                                              "occupation": ["writer", "other"], "zip_code": ["1", "2"]}))
+    deliver(lake, "items", day, pd.DataFrame({"item_id": [f"i{i}" for i in range(6)],
+                                              "title": [f"Book {i}" for i in range(6)],
+                                              "year": [2000 + i for i in range(6)],
+                                              "genres": [["Drama"]] * 6}))
+
+
+def test_good_day_lands_and_passes_the_gate(files_cfg):
+    lake = Lake(files_cfg.lake_uri)
+    deliver(lake, "interactions", DAY, good_interactions())
+    deliver_entities(lake, DAY)
+    result = land(files_cfg, DAY)
+    assert result["rows"] == 4 and result["rejected"] == 0 and result["initial_load"]
+    landed = lake.read_partition("raw/interactions", DAY)
+    assert list(landed.columns) == ["user_id", "item_id", "rating", "ts"]
+    assert str(landed["rating"].dtype) == "int32"
+    gate = run_raw_gate(files_cfg, DAY)
+    assert gate["success"] and gate["rows"] == 4
+
+
+def test_day_without_interactions_is_no_new_data(files_cfg):
+    lake = Lake(files_cfg.lake_uri)
+    deliver(lake, "interactions", DAY, good_interactions().iloc[:0])
+    deliver_entities(lake, DAY)
+    assert land(files_cfg, DAY)["no_new_data"] is True
+    assert run_raw_gate(files_cfg, DAY)["no_new_data"] is True
+
+
+def _expect_error(cfg, df=None, raw=None) -> str:
+    lake = Lake(cfg.lake_uri)
+    path = deliver(lake, "interactions", DAY, df, raw)
+    deliver_entities(lake, DAY)
+    with pytest.raises(LandingError) as err:
+        land(cfg, DAY)
+    assert path in str(err.value), "the error must name the file"
+    assert not lake.has_partition("raw/interactions", DAY), "bad input must not land"
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "mutate, column, rule",
+    [
+        (lambda d: d.drop(columns=["rating"]), "rating", "schema"),
+        (lambda d: d.assign(device="tv"), "device", "schema"),
+        (lambda d: d.assign(rating=["five"] * len(d)), "rating", "type"),
+        (lambda d: d.assign(rating=pd.array([7, 1, 2, 3], dtype="int32")), "rating", "in_range"),
+        (lambda d: d.assign(user_id=[None, "u1", "u0", "u1"]), "user_id", "not_null"),
+        (lambda d: pd.concat([d, d.iloc[:1]], ignore_index=True), "user_id,item_id,ts", "unique"),
+        (lambda d: d.assign(ts=d["ts"] + 86_400), "ts", "in_range"),
+    ],
+    ids=["missing-column", "extra-column", "wrong-type", "rating-7", "null-id", "duplicates", "ts-outside-day"],
+)
+def test_bad_input_names_file_column_rule(files_cfg, mutate, column, rule):
+    message = _expect_error(files_cfg, df=mutate(good_interactions()))
+    assert f"column '{column}'" in message
+    assert f"rule '{rule}" in message
+
+
+def test_empty_file_is_refused(files_cfg):
+    assert "empty file" in _expect_error(files_cfg, raw=b"")
+
+
+def test_unreadable_parquet_is_refused(files_cfg):
+    assert "not readable as Parquet" in _expect_error(files_cfg, raw=b"PAR1 this is not parquet")
+
+
+def test_quarantine_policy_keeps_good_rows_and_records_reasons(tmp_path):
+    cfg = make_config(tmp_path, scenario="books", REKI__SCENARIO_OVERRIDES__SOURCE__KIND="files",
+                      REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE=DAY.isoformat(),
+                      REKI__QUALITY__RAW_BAD_ROWS_POLICY="quarantine")
+    lake = Lake(cfg.lake_uri)
+    bad = good_interactions().assign(rating=pd.array([7, 1, 2, 3], dtype="int32"))
+    bad = pd.concat([bad, bad.iloc[[1]]], ignore_index=True)  # one duplicate too
+    deliver(lake, "interactions", DAY, bad)
+    deliver_entities(lake, DAY)
+    result = land(cfg, DAY)
+    assert result["rows"] == 3 and result["rejected"] == 2
+    rejected = lake.read_partition("raw/_rejected", DAY)
+    assert sorted(rejected["_reason"]) == ["rating:in_range", "user_id,item_id,ts:unique"]
+    assert run_raw_gate(cfg, DAY)["success"]
+
+
+def test_identical_redelivery_is_read_once(files_cfg):
+    lake = Lake(files_cfg.lake_uri)
+    deliver(lake, "interactions", DAY, good_interactions(), name="a.parquet")
+    deliver(lake, "interactions", DAY, good_interactions(), name="b.parquet")
+    deliver_entities(lake, DAY)
+    result = land(files_cfg, DAY)
+    assert result["rows"] == 4 and result["duplicate_deliveries"] == 1
+
+
+def test_rerun_overwrites_only_its_date(files_cfg):
+    lake = Lake(files_cfg.lake_uri)
+    next_day = DAY + dt.timedelta(days=1)
+    deliver(lake, "interactions", DAY, good_interactions())
+    deliver_entities(lake, DAY)
+    land(files_cfg, DAY)
+    nd = good_interactions(2).assign(ts=lambda d: d["ts"] + 86_400)
+    deliver(lake, "interactions", next_day, nd)
+    deliver_entities(lake, next_day)
+    assert land(files_cfg, next_day)["days_landed"] == 1
+    before = lake.read_partition("raw/interactions", DAY)
+    assert land(files_cfg, next_day)["rows"] == 2
+    pd.testing.assert_frame_equal(lake.read_partition("raw/interactions", DAY), before)
+    assert len(lake.read_partition("raw/interactions", next_day)) == 2
+
+
+def test_raw_gate_catches_a_corrupted_landed_partition(files_cfg):
+    lake = Lake(files_cfg.lake_uri)
+    deliver(lake, "interactions", DAY, good_interactions())
+    deliver_entities(lake, DAY)
+    land(files_cfg, DAY)
+    tampered = lake.read_partition("raw/interactions", DAY)
+    tampered.loc[0, "rating"] = 9
+    lake.write_partition(tampered, "raw/interactions", DAY)
+    with pytest.raises(GateError) as err:
+        run_raw_gate(files_cfg, DAY)
+    assert "rating" in str(err.value) and "1 unexpected" in str(err.value)
+
+
+def test_movielens_initial_load_then_daily(cfg, ml100k_dir):
+    """The embedded default: an empty lake loads all history up to dt; the next run lands one day."""
+    first = dt.date(1997, 9, 25)
+    result = land(cfg, first)
+    assert result["initial_load"] and result["days_landed"] == 6
+    lake = Lake(cfg.lake_uri)
+    assert lake.partitions("raw/interactions")[0] == dt.date(1997, 9, 20)
+    nxt = land(cfg, first + dt.timedelta(days=1))
+    assert not nxt["initial_load"] and nxt["days_landed"] == 1
+    users = lake.read_partition("raw/users", first + dt.timedelta(days=1))
+    assert len(users) >= result["users"]
