@@ -39,7 +39,7 @@ class FeatureMap:
 
     def index(self, vocab: str, values: pd.Series) -> np.ndarray:
         lookup = {v: i + 2 for i, v in enumerate(self.vocabs[vocab])}
-        return values.astype(str).map(lookup).fillna(OOV).to_numpy(np.int64)
+        return values.astype(str).map(lookup).fillna(OOV).to_numpy(np.int64, copy=True)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -109,7 +109,9 @@ class KnowledgeIndex:
     def from_lake(cls, lake, day) -> "KnowledgeIndex":
         """All `features/knowledge_vectors` partitions up to `day` made with the encoder of `day`."""
         from reki_core.encoding import KNOWLEDGE_VECTORS
+        from reki_core.storage.lake import as_date
 
+        day = as_date(day)
         today = lake.read_partition(KNOWLEDGE_VECTORS, day)
         if today.empty:
             raise AssemblyError(f"{lake.uri_of(lake.partition_path(KNOWLEDGE_VECTORS, day))}: no knowledge vectors")
