@@ -1,0 +1,293 @@
+"""The three backends behind one interface: transformers on the real smoke model, the vLLM adapter contract
+against a stand-in `vllm` module, and the OpenAI-compatible backend against a real local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from llm_test_helpers import tiny_config
+
+from reki_core.llm.backends import (GenerationRequest, OpenAIBackend, TransformersBackend, VLLMBackend,
+                                    make_backend)
+from reki_core.llm.smoke_model import ensure_smoke_model
+
+REQUESTS = [GenerationRequest(f"h{i}", f"Describe the movie number {i} " + "and its plot " * i) for i in range(5)]
+
+
+# ---------------------------------------------------------------- transformers on the smoke model
+
+
+@pytest.fixture(scope="module")
+def smoke_backend(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path_factory.mktemp("tf"), REKI__LLM__ENGINE__BATCH_SIZE="3")
+    return make_backend(cfg)  # creates the smoke model folder when it is missing
+
+
+def test_smoke_model_is_deterministic_idempotent_and_says_it_is_meaningless(tmp_path):
+    a = ensure_smoke_model(tmp_path / "a")
+    b = ensure_smoke_model(tmp_path / "b")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    stamp = (a / "model.safetensors").stat().st_mtime_ns
+    ensure_smoke_model(a)  # complete: left alone
+    assert (a / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "meaningless" in (a / "README.md").read_text()
+    (a / "tokenizer.json").unlink()  # incomplete: rebuilt
+    ensure_smoke_model(a)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+
+
+def test_transformers_batched_keeps_order_and_matches_one_at_a_time(smoke_backend):
+    batched = smoke_backend.generate(REQUESTS)
+    single = [smoke_backend.generate([r])[0] for r in REQUESTS]
+    assert [r.request_id for r in batched] == [r.request_id for r in REQUESTS]
+    assert [r.text for r in batched] == [r.text for r in single]  # left padding does not change greedy output
+    assert len({r.text for r in batched}) > 1
+    for res, req in zip(batched, REQUESTS):
+        assert res.finish_reason in ("stop", "length") and res.error is None and res.text
+        assert 1 <= res.completion_tokens <= 6
+        # The chat template wraps the prompt: more tokens than the bare text.
+        assert res.prompt_tokens == smoke_backend.count_prompt_tokens([req.text])[0]
+        assert res.prompt_tokens > len(smoke_backend._tokenizer(req.text)["input_ids"])
+    assert any(r.finish_reason == "length" and r.completion_tokens == 6 for r in batched)
+    assert smoke_backend.generate(REQUESTS[:2])[0].text == batched[0].text  # deterministic
+
+
+def test_transformers_truncation_fits_the_budget_and_keeps_both_ends(smoke_backend):
+    text = "START " + "middle words " * 600 + "the instruction at the END"
+    cut = smoke_backend.truncate_prompt(text, 120)
+    assert smoke_backend.count_prompt_tokens([cut])[0] <= 120
+    assert cut.startswith("START") and cut.endswith("END")
+
+
+def test_transformers_isolates_a_failing_prompt(smoke_backend, monkeypatch):
+    original = smoke_backend._generate_batch
+
+    def fail_on_h2(chunk):
+        if any(r.request_id == "h2" for r in chunk):
+            raise RuntimeError("CUDA out of memory")
+        return original(chunk)
+
+    monkeypatch.setattr(smoke_backend, "_generate_batch", fail_on_h2)
+    results = smoke_backend.generate(REQUESTS)
+    assert [r.finish_reason == "error" for r in results] == [False, False, True, False, False]
+    assert "out of memory" in results[2].error
+
+
+def test_transformers_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = tiny_config(tmp_path, REKI__LLM__ENGINE__DEVICE="cuda")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        TransformersBackend(cfg.llm.engine, cfg.llm.sampling, str(cfg.resolve(cfg.llm.engine.model_path)))
+
+
+# ---------------------------------------------------------------- vLLM adapter against a stand-in module
+
+
+class _StandInTokenizer:
+    chat_template = "chatml"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [t.split() for t in texts]}
+
+
+def _stand_in_vllm(calls: dict):
+    module = types.ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            calls["sampling"] = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["engine"] = kwargs
+
+        def get_tokenizer(self):
+            return _StandInTokenizer()
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["prompts"] = prompts
+            finish = ["stop", "length", "abort"]
+            # Each output mirrors its prompt, so a lost order would show.
+            return [types.SimpleNamespace(
+                prompt_token_ids=list(range(len(p.split()))),
+                outputs=[types.SimpleNamespace(text=f" answer({p}) ", token_ids=[1] * (i + 2),
+                                               finish_reason=finish[i % 3])])
+                for i, p in enumerate(prompts)]
+
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    return module
+
+
+def test_vllm_adapter_builds_params_applies_template_and_maps_outputs(tmp_path, monkeypatch):
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls))
+    cfg = tiny_config(tmp_path, REKI__LLM__BACKEND="vllm", REKI__LLM__IS_SMOKE_MODEL="false",
+                      REKI__LLM__ENGINE__MODEL_PATH="/models/qwen", REKI__LLM__ENGINE__MODEL_ID="qwen-7b",
+                      REKI__LLM__ENGINE__TENSOR_PARALLEL_SIZE="2", REKI__LLM__ENGINE__MAX_MODEL_LEN="4096",
+                      REKI__LLM__ENGINE__GPU_MEMORY_UTILIZATION="0.9", REKI__LLM__SAMPLING__TEMPERATURE="0.7",
+                      REKI__LLM__SAMPLING__TOP_P="0.95", REKI__LLM__SAMPLING__SEED="11")
+    backend = make_backend(cfg)
+    assert isinstance(backend, VLLMBackend)
+    assert calls["engine"] == {"model": "/models/qwen", "served_model_name": "qwen-7b", "tensor_parallel_size": 2,
+                               "max_model_len": 4096, "gpu_memory_utilization": 0.9, "seed": 11,
+                               "trust_remote_code": False}
+    assert calls["sampling"] == {"temperature": 0.7, "top_p": 0.95, "max_tokens": 6, "seed": 11}
+    requests = [GenerationRequest(f"h{i}", f"prompt {i}") for i in range(4)]
+    results = backend.generate(requests)
+    assert calls["prompts"] == [f"<user>prompt {i}</user><assistant>" for i in range(4)]
+    assert [r.request_id for r in results] == ["h0", "h1", "h2", "h3"]
+    assert [r.finish_reason for r in results] == ["stop", "length", "error", "stop"]
+    assert results[0].text == "answer(<user>prompt 0</user><assistant>)"
+    assert results[2].text == "" and "abort" in results[2].error
+    assert [r.completion_tokens for r in results] == [2, 3, 4, 5]
+    assert [r.prompt_tokens for r in results] == [2, 2, 2, 2]
+    assert backend.max_prompt_tokens == 4090
+    assert backend.generate([]) == []
+
+
+def test_vllm_backend_without_vllm_names_the_gpu_venv(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import fails, as in the Airflow venv
+    cfg = tiny_config(tmp_path, REKI__LLM__BACKEND="vllm", REKI__LLM__IS_SMOKE_MODEL="false")
+    with pytest.raises(RuntimeError, match="requirements-gpu.txt"):
+        make_backend(cfg)
+
+
+# ---------------------------------------------------------------- OpenAI-compatible endpoint, real local server
+
+
+class _ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        self.script: dict[str, list[int]] = {}  # prompt -> status codes to answer before a 200
+        self.seen: list[dict] = []
+        self.auth: list[str | None] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server: _ChatServer = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        with server.lock:
+            server.seen.append(body)
+            server.auth.append(self.headers.get("Authorization"))
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            codes = server.script.get(prompt, [])
+            status = codes.pop(0) if codes else 200
+        time.sleep(0.05)  # long enough for concurrent requests to overlap
+        with server.lock:
+            server.in_flight -= 1
+        if self.path != "/v1/chat/completions":
+            status = 404
+        if status != 200:
+            self.send_response(status)
+            if status == 429:
+                self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(b'{"error": "busy"}')
+            return
+        finish = "length" if "long" in prompt else "stop"
+        payload = {"id": "x", "object": "chat.completion", "model": body["model"],
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": f" re: {prompt} "},
+                                "finish_reason": finish}],
+                   "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3, "total_tokens": 0}}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def chat_server():
+    server = _ChatServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _openai_config(tmp_path, server, **env):
+    settings = {"REKI__LLM__BACKEND": "openai", "REKI__LLM__IS_SMOKE_MODEL": "false",
+                "REKI__LLM__ENGINE__BASE_URL": f"http://127.0.0.1:{server.server_address[1]}/v1",
+                "REKI__LLM__ENGINE__MODEL_ID": "served-model", "REKI__LLM__ENGINE__API_KEY_ENV": "REKI_TEST_LLM_KEY",
+                "REKI__LLM__ENGINE__RETRY_BACKOFF_S": "0.01", "REKI__LLM__ENGINE__MAX_RETRIES": "2",
+                "REKI__LLM__ENGINE__MAX_CONCURRENCY": "3"}
+    return tiny_config(tmp_path, **{**settings, **env})
+
+
+def test_openai_backend_keeps_order_bounds_concurrency_and_sends_the_key(tmp_path, chat_server, monkeypatch):
+    monkeypatch.setenv("REKI_TEST_LLM_KEY", "secret-123")
+    backend = make_backend(_openai_config(tmp_path, chat_server))
+    assert isinstance(backend, OpenAIBackend)
+    requests = [GenerationRequest(f"h{i}", f"prompt {i}" + (" long" if i == 4 else "")) for i in range(9)]
+    results = backend.generate(requests)
+    assert [r.request_id for r in results] == [f"h{i}" for i in range(9)]
+    assert results[0].text == "re: prompt 0" and results[0].finish_reason == "stop"
+    assert results[4].finish_reason == "length"
+    assert (results[1].prompt_tokens, results[1].completion_tokens) == (2, 3)
+    assert 1 < chat_server.max_in_flight <= 3
+    assert set(chat_server.auth) == {"Bearer secret-123"}
+    sent = chat_server.seen[0]
+    assert (sent["model"], sent["max_tokens"], sent["temperature"], sent["seed"]) == ("served-model", 6, 0.0, 0)
+
+
+def test_openai_backend_retries_429_then_succeeds(tmp_path, chat_server):
+    chat_server.script["flaky"] = [429, 503]
+    backend = make_backend(_openai_config(tmp_path, chat_server))
+    [result] = backend.generate([GenerationRequest("h", "flaky")])
+    assert result.finish_reason == "stop" and result.text == "re: flaky"
+    assert [b["messages"][0]["content"] for b in chat_server.seen] == ["flaky"] * 3
+
+
+def test_openai_backend_records_failure_when_500s_exhaust_retries(tmp_path, chat_server):
+    chat_server.script["broken"] = [500, 500, 500, 500]
+    backend = make_backend(_openai_config(tmp_path, chat_server))
+    results = backend.generate([GenerationRequest("bad", "broken"), GenerationRequest("good", "fine")])
+    assert results[0].finish_reason == "error" and "gave up after 3 attempts" in results[0].error
+    assert "HTTP 500" in results[0].error
+    assert results[1].finish_reason == "stop"
+    assert sum(b["messages"][0]["content"] == "broken" for b in chat_server.seen) == 3  # 1 try + 2 retries
+
+
+def test_openai_backend_does_not_retry_client_errors(tmp_path, chat_server):
+    chat_server.script["denied"] = [401]
+    backend = make_backend(_openai_config(tmp_path, chat_server))
+    [result] = backend.generate([GenerationRequest("h", "denied")])
+    assert result.finish_reason == "error" and "REKI_TEST_LLM_KEY" in result.error
+    assert len(chat_server.seen) == 1
+
+
+def test_openai_backend_times_out_and_records_it(tmp_path, chat_server):
+    backend = make_backend(_openai_config(tmp_path, chat_server, REKI__LLM__ENGINE__TIMEOUT_S="0.01",
+                                          REKI__LLM__ENGINE__MAX_RETRIES="1"))
+    [result] = backend.generate([GenerationRequest("h", "slow")])
+    assert result.finish_reason == "error" and "Timeout" in result.error
