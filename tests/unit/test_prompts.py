@@ -10,7 +10,6 @@ import pytest
 
 from reki_core import prompts as P
 from reki_core.llm.store import sampling_version
-from reki_core.storage.lake import Lake
 from reki_core.config import PROJECT_ROOT, load_config
 from reki_core.quality.gx import GateError
 from reki_core.quality.prompts import check_prompts, gate_prompts
