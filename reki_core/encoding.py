@@ -223,7 +223,7 @@ def encode_knowledge(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | Non
             "entity_id": assigned["entity_id"].astype(str),
             "vector": list(vectors),
             "prompt_hashes": assigned["prompt_hashes"].map(lambda h: [str(x) for x in h] if h is not None else []),
-            "as_of": assigned["as_of"].astype("int64"),
+            "as_of": assigned["as_of"].astype("Int64"),  # null when upstream has no as_of (e.g. a group text)
             "text_hash": [text_hash(t) for t in texts],
             "encoder_id": encoder.encoder_id,
         })

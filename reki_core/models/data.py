@@ -88,7 +88,8 @@ class KnowledgeIndex:
             if row.entity_kind == "user":
                 for h in _as_list(row.prompt_hashes):
                     self.user_by_hash[(str(row.entity_id), str(h))] = vec
-                self.user_versions.setdefault(str(row.entity_id), {})[int(row.as_of)] = vec
+                if not pd.isna(row.as_of):
+                    self.user_versions.setdefault(str(row.entity_id), {})[int(row.as_of)] = vec
             elif row.dt == day:
                 self.item[str(row.entity_id)] = vec
         self._sorted_versions = {u: sorted(v) for u, v in self.user_versions.items()}

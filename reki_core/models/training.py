@@ -250,7 +250,7 @@ def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
                 towers = torch.cat([model.adaptor.tower(kind, x[s:s + 4096]) for s in range(0, len(x), 4096)])
                 out.append(pd.DataFrame({"entity_kind": kind, "entity_id": part["entity_id"].astype(str).to_numpy(),
                                          "vector": list(towers.numpy()), "model_version": version,
-                                         "as_of": part["as_of"].astype("int64").to_numpy()}))
+                                         "as_of": part["as_of"].astype("Int64").to_numpy()}))
         frame = pd.concat(out, ignore_index=True) if out else pd.DataFrame(
             columns=["entity_kind", "entity_id", "vector", "model_version", "as_of"])
         table = pa.table({
@@ -258,7 +258,7 @@ def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
             "entity_id": pa.array(frame["entity_id"].astype(str).tolist(), pa.string()),
             "vector": pa.array([np.asarray(v).tolist() for v in frame["vector"]], pa.list_(pa.float32())),
             "model_version": pa.array(frame["model_version"].astype(str).tolist(), pa.string()),
-            "as_of": pa.array(frame["as_of"].astype("int64").tolist(), pa.int64()),
+            "as_of": pa.array([None if pd.isna(a) else int(a) for a in frame["as_of"]], pa.int64()),
         })
         lake.write_partition(table, AUGMENTED_VECTORS, day)
         record.update({"model_version": version, "users": int((frame["entity_kind"] == "user").sum()),

@@ -59,7 +59,7 @@ def test_batched_equals_one_at_a_time(encoder):
 
 def test_encode_knowledge_writes_vectors_and_next_day_hits_the_cache(cfg, lake, encoder):
     day1 = [row("user", "1", "likes noir"), row("user", "2", "likes comedy"), row("item", "10", "a comedy"),
-            row("item", "11", "a comedy")]  # a duplicate text is encoded once
+            row("item", "11", "a comedy", as_of=None)]  # a duplicate text is encoded once; as_of may be null
     write_day(lake, DAY1, day1)
     first = encode_knowledge(cfg, DAY1, encoder=encoder, progress=False)
     assert (first["rows"], first["unique_texts"], first["encoded"], first["cache_hits"]) == (4, 3, 3, 0)
@@ -67,6 +67,7 @@ def test_encode_knowledge_writes_vectors_and_next_day_hits_the_cache(cfg, lake, 
     assert set(out.columns) >= {"entity_kind", "entity_id", "vector", "prompt_hashes", "as_of"}
     assert {len(v) for v in out["vector"]} == {384}
     assert out.set_index("entity_id").loc["1", "prompt_hashes"].tolist() == ["h-user1"]
+    assert pd.isna(out.set_index("entity_id").loc["11", "as_of"]) and out.set_index("entity_id").loc["10", "as_of"] == 100
     np.testing.assert_allclose(np.asarray(out.set_index("entity_id").loc["1", "vector"]),
                                encoder.encode(["likes noir"], progress=False)[0], atol=1e-6)
 
