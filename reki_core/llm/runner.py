@@ -84,6 +84,11 @@ def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None
     missing = {"prompt_hash", "entity_kind", "entity_id", "text"} - set(prompts.columns)
     if missing:
         raise ValueError(f"{lake.uri_of(lake.partition_path(PROMPTS, day))}: missing columns {sorted(missing)}")
+    if "ask_llm" in prompts.columns:
+        # The prompt stage already resolved the mode: it flags the rows the LLM answers.
+        chosen = prompts[prompts["ask_llm"].astype(bool)]
+        mode = "collective" if prompts["entity_kind"].isin(GROUP_KINDS).any() else "individual"
+        return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True), mode
     mode = extraction_mode(cfg, prompts)
     kinds = INDIVIDUAL_KINDS if mode == "individual" else GROUP_KINDS
     chosen = prompts[prompts["entity_kind"].isin(kinds)]

@@ -22,10 +22,12 @@ def tiny_config(tmp_path, **env):
     return make_config(tmp_path, **settings)
 
 
-def prompt_row(kind: str, entity_id: str, text: str, history: str = "", as_of: int = 880000000) -> dict:
+def prompt_row(kind: str, entity_id: str, text: str, history: str = "", as_of: int = 880000000,
+               ask_llm: bool = True) -> dict:
     return {"prompt_id": f"{kind}:{entity_id}", "entity_kind": kind, "entity_id": entity_id, "text": text,
             "history_text": history, "prompt_hash": hashlib.sha256(("t1\n" + text).encode()).hexdigest(),
-            "template_version": "t1", "as_of": as_of, "est_tokens": len(text) // 4, "has_knowledge": False}
+            "template_version": "t1", "as_of": as_of, "est_tokens": len(text) // 4, "has_knowledge": False,
+            "ask_llm": ask_llm}
 
 
 def individual_prompts(n_users: int, n_items: int, version: str = "") -> list[dict]:

@@ -153,13 +153,17 @@ def test_individual_assignment(tmp_path):
     assert assigned.loc["u0", "as_of"] == 880000000
 
 
-def test_collective_assignment_gives_users_their_positive_and_negative_group_texts(tmp_path):
+@pytest.mark.parametrize("flagged", [True, False], ids=["ask_llm-column", "mode-from-config"])
+def test_collective_assignment_gives_users_their_positive_and_negative_group_texts(tmp_path, flagged):
     cfg = tiny_config(tmp_path, REKI__SCENARIO_OVERRIDES="{extraction_mode: collective}")
     lake = Lake(cfg.lake_uri)
-    rows = [prompt_row("user", u, f"individual prompt {u}", history=f"{u} history") for u in ("u1", "u2", "u3")]
+    rows = [prompt_row("user", u, f"individual prompt {u}", history=f"{u} history", ask_llm=False)
+            for u in ("u1", "u2", "u3")]
     rows += [prompt_row("item_group", g, f"items of {g}") for g in ("ig0", "ig1")]
     rows += [prompt_row("user_pos_group", g, f"liked by {g}") for g in ("pg0", "pg1")]
     rows += [prompt_row("user_neg_group", "ng0", "disliked by ng0")]
+    if not flagged:  # prompts written before the prompt stage flagged the rows the LLM answers
+        rows = [{k: v for k, v in r.items() if k != "ask_llm"} for r in rows]
     write_prompts(lake, DAY, rows)
     clusters = pd.DataFrame(
         [("item", i, "ig0") for i in ("i1", "i2", "i3")] + [("item", "i4", "ig1")]
