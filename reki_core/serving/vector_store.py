@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reki_core.storage.publish import (MANIFEST, VECTOR_FILES, latest_key, read_latest, sha256_hex,

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reki_core.storage.lake import as_date
-from reki_core.storage.s3_access import ObjectStore, ObjectStoreError, S3Access, resolve_s3_access
+from reki_core.storage.s3_access import ObjectStore, ObjectStoreError, resolve_s3_access
 
 MANIFEST = "manifest.json"
 LATEST = "_LATEST.json"
