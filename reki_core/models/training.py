@@ -141,8 +141,9 @@ def _published_test_metrics(lake: Lake, splits: dict[str, pd.DataFrame], knowled
                 "logloss": card["test"]["with_knowledge"]["logloss"], "source": f"model_card ({exc})"}
 
 
-def _fingerprint(*state_dicts: dict) -> str:
-    digest = hashlib.sha256()
+def _fingerprint(model_cfg: ModelConfig, *state_dicts: dict) -> str:
+    """Same weights and same model config (gate tolerances included) give the same version id."""
+    digest = hashlib.sha256(json.dumps(model_cfg.model_dump(), sort_keys=True).encode())
     for state in state_dicts:
         for key in sorted(state):
             digest.update(key.encode())
@@ -182,7 +183,7 @@ def train_model(cfg: Config, dt_: str | dt.date, progress: bool = True) -> dict[
                                m.auc_tolerance_vs_baseline, m.auc_tolerance_vs_published)
         adaptor_state = with_k.model.adaptor.state_dict()
         backbone_state = with_k.model.backbone.state_dict()
-        version = f"{name}-{_fingerprint(adaptor_state, backbone_state)}"
+        version = f"{name}-{_fingerprint(m, adaptor_state, backbone_state)}"
         card = {
             "version": version, "dt": day.isoformat(), "backbone": m.backbone, "encoder_id": knowledge.encoder_id,
             "knowledge_dim": knowledge.dim, "augmented_dim": with_k.fmap.extra["augmented_dim"],

@@ -38,15 +38,16 @@ def vector_table(df: pd.DataFrame) -> pa.Table:
     return table.append_column("vector", pa.array([list(map(float, v)) for v in df["vector"]], pa.list_(pa.float32())))
 
 
-def build_lake(lake: Lake, encoder_id: str = "synthetic-encoder", kdim: int = KDIM, seed: int = 0) -> None:
+def build_lake(lake: Lake, encoder_id: str = "synthetic-encoder", kdim: int = KDIM, seed: int = 0,
+               n_users: int = 120, n_items: int = 40, per_user: int = 20) -> None:
     rng = np.random.default_rng(seed)
-    n_users, n_items, latent = 120, 40, 4
+    latent = 4
     u, v = rng.normal(size=(n_users, latent)), rng.normal(size=(n_items, latent))
     proj_u, proj_i = rng.normal(size=(latent, kdim)), rng.normal(size=(latent, kdim))
     rows = []
     for user in range(n_users):
-        split = "train" if user < 80 else ("valid" if user < 100 else "test")
-        items = rng.choice(n_items, size=20, replace=False)
+        split = ("train", "train", "train", "train", "valid", "test")[user % 6]
+        items = rng.choice(n_items, size=per_user, replace=False)
         for k, item in enumerate(items):
             hist = [str(x) for x in items[max(0, k - 5):k]]
             rows.append({"user_id": str(user), "item_id": str(item), "ts": 2000 + k, "rating": 0,
@@ -125,7 +126,8 @@ def test_gate_blocks_a_worse_model_and_keeps_the_published_one(trained, tmp_path
                          REKI__MODEL__AUC_TOLERANCE_VS_BASELINE="-1.0", REKI__MODEL__SEED="7")
     blocked = train_model(strict, DAY, progress=False)
     assert not blocked["published"] and blocked["version"] != card["version"]
-    assert [c["passed"] for c in blocked["gate"]["checks"]] == [False, True]
+    assert [c["check"] for c in blocked["gate"]["checks"]] == ["vs_no_knowledge", "vs_published"]
+    assert blocked["gate"]["checks"][0]["passed"] is False
     assert blocked["test"]["published"]["version"] == card["version"]
     assert blocked["test"]["published"]["source"] == "rescored_on_this_test_split"
     assert blocked["test"]["published"]["auc"] == pytest.approx(card["test"]["with_knowledge"]["auc"], abs=1e-9)
