@@ -1,0 +1,135 @@
+"""Great Expectations gates on the feature datasets of one date (run after the Spark jobs).
+
+`run_feature_gates(cfg, dt)` reads `features/{items,user_history,ctr_samples,clusters}/dt=D` with
+pandas, runs one suite per dataset, records the summary in `_runs/dt=D/feature_gates.json`, and
+raises `GateError` listing every failing expectation (with counts) when any gate fails.
+Checks that GX has no expectation for (history order, group sizes, membership) are computed as
+columns here and then expected like any other column.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reki_core.config import Config
+from reki_core.quality.gx import GateError, GateResult, run_suite
+from reki_core.runlog import record_step
+from reki_core.storage.lake import Lake, as_date
+
+CLUSTERINGS = ("item", "user_pos", "user_neg")
+
+
+def _is_time_ordered(entries) -> bool:
+    """Entries in (ts, item_id) order: the full-timestamp order with the item-id tie-break."""
+    keys = [(e["ts"], e["item_id"]) for e in entries]
+    return all(a <= b for a, b in zip(keys, keys[1:]))
+
+
+def items_gate(items: pd.DataFrame) -> GateResult:
+    import great_expectations.expectations as gxe
+
+    return run_suite("features", "features/items", items, [
+        gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
+        gxe.ExpectColumnValuesToBeUnique(column="item_id"),
+        gxe.ExpectColumnValuesToBeBetween(column="popularity", min_value=0),
+        gxe.ExpectColumnValuesToNotBeNull(column="metadata_hash"),
+    ])
+
+
+def user_history_gate(history: pd.DataFrame, cfg: Config) -> GateResult:
+    import great_expectations.expectations as gxe
+
+    s = cfg.scenario
+    max_window = s.max_window if s.knowledge_window == "earliest" else s.recent_window_size
+    df = pd.DataFrame({
+        "user_id": history["user_id"],
+        "history_ordered": history["history"].map(_is_time_ordered),
+        "history_len_matches": history["history"].map(len) == history["n_interactions"],
+        "window_len": history["window"].map(len),
+        "as_of_is_last_window_ts": [
+            len(w) > 0 and w[-1]["ts"] == a for w, a in zip(history["window"], history["as_of"])
+        ],
+    })
+    return run_suite("features", "features/user_history", df, [
+        gxe.ExpectColumnValuesToBeUnique(column="user_id"),
+        gxe.ExpectColumnValuesToBeInSet(column="history_ordered", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="history_len_matches", value_set=[True]),
+        gxe.ExpectColumnValuesToBeBetween(column="window_len", min_value=1, max_value=max_window),
+        gxe.ExpectColumnValuesToBeInSet(column="as_of_is_last_window_ts", value_set=[True]),
+    ])
+
+
+def ctr_samples_gate(samples: pd.DataFrame, cfg: Config) -> GateResult:
+    import great_expectations.expectations as gxe
+
+    s = cfg.scenario
+    low, high = s.label_rate_bounds
+    df = samples[["user_id", "item_id", "ts", "label", "split"]].copy()
+    df["label"] = df["label"].astype("float64")
+    df["knowledge_before_sample"] = (samples["knowledge_as_of"] < samples["ts"]).astype(bool)
+    df["hist_len"] = samples["hist_item_ids"].map(len)
+    return run_suite("features", "features/ctr_samples", df, [
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "ts"]),
+        gxe.ExpectColumnMeanToBeBetween(column="label", min_value=low, max_value=high),
+        gxe.ExpectColumnValuesToBeInSet(column="knowledge_before_sample", value_set=[True]),
+        gxe.ExpectColumnValuesToBeBetween(column="hist_len", min_value=0, max_value=s.max_hist_len),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "valid", "test"]),
+    ])
+
+
+def clusters_gate(clusters: pd.DataFrame, item_ids: pd.Series, user_ids: pd.Series, cfg: Config) -> GateResult:
+    import great_expectations.expectations as gxe
+
+    s = cfg.scenario
+    sizes = clusters.groupby(["clustering", "group_id"]).size().rename("group_size").reset_index()
+    sizes["max_allowed"] = np.where(sizes["clustering"] == "item", s.max_group_size_items, s.max_group_size_users)
+    sizes["size_within_bound"] = sizes["group_size"] <= sizes["max_allowed"]
+    # Every entity of each clustering must appear exactly once: count assignments per expected entity.
+    expected = pd.concat(
+        [pd.DataFrame({"clustering": "item", "entity_id": item_ids})]
+        + [pd.DataFrame({"clustering": c, "entity_id": user_ids}) for c in ("user_pos", "user_neg")]
+    )
+    counts = clusters.groupby(["clustering", "entity_id"]).size().rename("assignments").reset_index()
+    membership = expected.merge(counts, on=["clustering", "entity_id"], how="outer", indicator=True)
+    # Unassigned entities and assignments of unknown entities both fail.
+    membership["assigned_once"] = (membership["_merge"] == "both") & (membership["assignments"] == 1)
+    summary_frame = membership[["clustering", "entity_id", "assigned_once"]].reset_index(drop=True)
+    gate_group = run_suite("features", "features/clusters#groups", sizes, [
+        gxe.ExpectColumnValuesToBeInSet(column="size_within_bound", value_set=[True]),
+        gxe.ExpectColumnDistinctValuesToContainSet(column="clustering", value_set=list(CLUSTERINGS)),
+    ])
+    gate_members = run_suite("features", "features/clusters#members", summary_frame, [
+        gxe.ExpectColumnValuesToBeInSet(column="assigned_once", value_set=[True]),
+    ])
+    return GateResult("features", "features/clusters", len(clusters), gate_group.outcomes + gate_members.outcomes)
+
+
+def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> dict[str, Any]:
+    """Gate every feature dataset of `day`; records the summary, raises GateError on any failure."""
+    day = as_date(day)
+    lake = lake or Lake(cfg.lake_uri)
+    items = lake.read_partition("features/items", day)
+    history = lake.read_partition("features/user_history", day)
+    results = [
+        items_gate(items),
+        user_history_gate(history, cfg),
+        ctr_samples_gate(lake.read_partition("features/ctr_samples", day), cfg),
+    ]
+    if lake.has_partition("features/clusters", day):
+        results.append(clusters_gate(lake.read_partition("features/clusters", day), items["item_id"], history["user_id"], cfg))
+    summary = {"success": all(r.success for r in results), "gates": [r.summary() for r in results]}
+    record_step(lake, day, "feature_gates", summary)
+    failed = [r for r in results if not r.success]
+    if failed:
+        messages = []
+        for r in failed:
+            try:
+                r.raise_if_failed()
+            except GateError as exc:
+                messages.append(str(exc))
+        raise GateError("feature gates failed for dt=" + day.isoformat() + ":\n" + "\n".join(messages), failed[0])
+    return summary

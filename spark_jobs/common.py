@@ -1,0 +1,79 @@
+"""What every Spark job shares: its command line, reading lake partitions, writing its own `dt` partition.
+
+Jobs run with `spark-submit spark_jobs/<job>.py --lake PATH --dt YYYY-MM-DD [--config conf/reki.yaml]`;
+the same `run(spark, cfg, lake, day)` functions are called in-process by the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from reki_core.config import Config, load_config
+from reki_core.storage.lake import Lake, as_date
+
+INTERACTIONS_SCHEMA = T.StructType(
+    [
+        T.StructField("user_id", T.StringType()),
+        T.StructField("item_id", T.StringType()),
+        T.StructField("rating", T.IntegerType()),
+        T.StructField("ts", T.LongType()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class JobArgs:
+    cfg: Config
+    lake: Lake
+    day: dt.date
+
+
+def parse_args(argv: list[str] | None, description: str) -> JobArgs:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--lake", help="lake folder (default: paths.lake_uri of the config)")
+    parser.add_argument("--dt", required=True, help="logical date YYYY-MM-DD")
+    parser.add_argument("--config", default=None, help="config file (default conf/reki.yaml or $REKI_CONFIG)")
+    ns = parser.parse_args(argv)
+    cfg = load_config(ns.config)
+    lake = Lake(ns.lake or cfg.lake_uri)
+    lake.local_path()  # fails early, naming the lake, when it is not a local folder
+    return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt))
+
+
+def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
+    """The newest partition of `dataset` strictly before `day` (a re-run of `day` never reads itself)."""
+    days = [d for d in lake.partitions(dataset) if d < day]
+    return days[-1] if days else None
+
+
+def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date) -> DataFrame:
+    if not lake.has_partition(dataset, day):
+        raise FileNotFoundError(f"lake partition missing: {lake.uri_of(lake.partition_path(dataset, day))}")
+    return spark.read.parquet(str(lake.local_path(f"{dataset}/dt={day.isoformat()}")))
+
+
+def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date | None, upto: dt.date) -> DataFrame:
+    """raw/interactions partitions with since_exclusive < dt <= upto (all up to `upto` when since is None)."""
+    days = [d for d in lake.partitions("raw/interactions") if d <= upto and (since_exclusive is None or d > since_exclusive)]
+    if not days:
+        return spark.createDataFrame([], INTERACTIONS_SCHEMA)
+    paths = [str(lake.local_path(f"raw/interactions/dt={d.isoformat()}")) for d in days]
+    df = spark.read.parquet(*paths)
+    return df.select(
+        df.user_id.cast("string"), df.item_id.cast("string"), df.rating.cast("int"), df.ts.cast("long")
+    )
+
+
+def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date) -> str:
+    """Replace `dataset/dt=day` with `df`: Spark writes aside, then the folder is swapped in whole."""
+    staging = f"{lake.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
+    df.write.mode("overwrite").parquet(staging)
+    final = lake.partition_path(dataset, day)
+    lake._swap_in(staging, final)  # the lake's own atomic swap: readers never see a half-written partition
+    return final

@@ -1,0 +1,113 @@
+"""Item features as of `dt`: normalised title, year, genres, first genre, popularity, metadata hash, dirty flag.
+
+Reads `raw/items/dt=D` (snapshot), `raw/interactions` newer than the previous `features/items`
+partition (popularity is carried forward, so a daily run reads one day), and that previous partition.
+Writes `features/items/dt=D`; `needs_refresh` marks items that are new or whose metadata changed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+DATASET = "features/items"
+UNKNOWN_GENRE = "unknown"
+
+
+def normalise_title(title):
+    """Column expression: trim, drop a trailing "(YYYY)", move a trailing ", The/A/An" to the front."""
+    t = F.trim(F.regexp_replace(title, r"\s+", " "))
+    t = F.trim(F.regexp_replace(t, r"\s*\((\d{4})\)$", ""))
+    # "City of Lost Children, The (Cité des enfants perdus, La)" -> "The City of Lost Children (Cité ...)"
+    return F.regexp_replace(t, r"^(.+?), (The|A|An)((?: \(.*\))?)$", "$2 $1$3")
+
+
+def title_year(title):
+    """Column expression: the year in a trailing "(YYYY)" of the raw title, or null."""
+    found = F.regexp_extract(title, r"\((\d{4})\)\s*$", 1)
+    return F.when(found != "", found.cast("int"))
+
+
+def transform(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None) -> DataFrame:
+    """Item features; popularity = previous popularity + interactions since (all of them when no previous)."""
+    items = raw_items.select(
+        F.col("item_id").cast("string").alias("item_id"),
+        normalise_title(F.col("title")).alias("title"),
+        F.coalesce(F.col("year").cast("int"), title_year(F.col("title"))).alias("year"),
+        F.coalesce(F.col("genres"), F.array().cast("array<string>")).alias("genres"),
+    ).withColumn("title", F.when(F.col("title") != "", F.col("title")))
+    items = items.withColumn("first_genre", F.coalesce(F.try_element_at("genres", F.lit(1)), F.lit(UNKNOWN_GENRE))).withColumn(
+        "metadata_hash",
+        F.sha2(
+            F.concat_ws(
+                "\u001f",
+                F.coalesce(F.col("title"), F.lit("")),
+                F.coalesce(F.col("year").cast("string"), F.lit("")),
+                F.array_join("genres", "\u001e"),
+            ),
+            256,
+        ),
+    )
+    counts = new_interactions.groupBy("item_id").agg(F.count(F.lit(1)).alias("new_count"))
+    items = items.join(counts, "item_id", "left")
+    if previous is None:
+        items = items.withColumn("popularity", F.coalesce("new_count", F.lit(0)).cast("long")).withColumn(
+            "needs_refresh", F.lit(True)
+        )
+    else:
+        prev = previous.select("item_id", F.col("popularity").alias("prev_pop"), F.col("metadata_hash").alias("prev_hash"))
+        items = (
+            items.join(prev, "item_id", "left")
+            .withColumn("popularity", (F.coalesce("prev_pop", F.lit(0)) + F.coalesce("new_count", F.lit(0))).cast("long"))
+            .withColumn("needs_refresh", F.col("prev_hash").isNull() | (F.col("prev_hash") != F.col("metadata_hash")))
+        )
+    return items.select(
+        "item_id", "title", "year", "genres", "first_genre", "popularity", "metadata_hash", "needs_refresh"
+    ).orderBy("item_id")
+
+
+def run(spark, cfg, lake, day) -> dict:
+    """Read, transform, write `features/items/dt=day`; returns the counts recorded in the run log."""
+    from spark_jobs.common import previous_day, read_interactions, read_partition, write_partition
+
+    prev_day = previous_day(lake, DATASET, day)
+    previous = read_partition(spark, lake, DATASET, prev_day) if prev_day else None
+    raw_items = read_partition(spark, lake, "raw/items", day)
+    new_interactions = read_interactions(spark, lake, prev_day, day)
+    out = transform(raw_items, new_interactions, previous).cache()
+    write_partition(out, lake, DATASET, day)
+    stats = out.agg(
+        F.count(F.lit(1)).alias("items"),
+        F.sum(F.col("needs_refresh").cast("int")).alias("dirty_items"),
+        F.sum(F.col("title").isNull().cast("int")).alias("items_without_title"),
+    ).first()
+    # Items that users rated but the snapshot does not describe: their prompts cannot name them.
+    unknown = new_interactions.select("item_id").distinct().join(raw_items.select("item_id"), "item_id", "left_anti").count()
+    out.unpersist()
+    return {
+        "items": int(stats["items"]),
+        "dirty_items": int(stats["dirty_items"] or 0),
+        "items_without_title": int(stats["items_without_title"] or 0),
+        "interacted_items_without_metadata": int(unknown),
+        "incremental_from": prev_day.isoformat() if prev_day else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reki_core.runlog import timed_step
+    from reki_core.spark import get_spark
+    from spark_jobs.common import parse_args
+
+    args = parse_args(argv, __doc__.splitlines()[0])
+    spark = get_spark(args.cfg, "reki-features-items")
+    with timed_step(args.lake, args.day, "features_items") as payload:
+        payload.update(run(spark, args.cfg, args.lake, args.day))
+    print(payload)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

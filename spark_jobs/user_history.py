@@ -1,0 +1,240 @@
+"""User histories and knowledge windows as of `dt`, plus the accumulated history of window versions.
+
+A user's knowledge window (what the user prompt shows) is chosen by `scenario.knowledge_window`:
+`earliest` = the first min((n+1)//2, max_window) interactions (the paper's rule), `recent` = the last
+`recent_window_size` before the cut-off. The window only advances when it would change AND at least
+`refresh_min_new_interactions` arrived since the last version; a user without a window gets one.
+The rule is replayed day by day (at each day's end), so a full build equals the chain of daily runs.
+
+Reads the previous `features/user_history` and `features/knowledge_versions` partitions (the state),
+`raw/interactions` newer than that state, `features/items/dt=D` (titles) and `raw/users/dt=D` (profile).
+Writes `features/user_history/dt=D` and `features/knowledge_versions/dt=D` (all versions so far).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+DATASET = "features/user_history"
+VERSIONS = "features/knowledge_versions"
+HISTORY_TYPE = "array<struct<item_id:string,ts:bigint,rating:int>>"
+
+
+@dataclass(frozen=True)
+class WindowParams:
+    mode: str  # "earliest" | "recent"
+    recent_window_size: int
+    max_window: int
+    refresh_min_new_interactions: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "WindowParams":
+        s = cfg.scenario
+        return cls(s.knowledge_window, s.recent_window_size, s.max_window, s.refresh_min_new_interactions)
+
+    def key_sql(self, n: str) -> str:
+        """SQL for what identifies the window of a user with `n` interactions (a change means a new window)."""
+        if self.mode == "earliest":
+            return f"least(({n} + 1) div 2, {self.max_window})"
+        return n  # the last N interactions change with every new one
+
+    def slice_sql(self, history: str, n: str) -> str:
+        """SQL slicing the window out of the time-ordered `history` when the user had `n` interactions."""
+        if self.mode == "earliest":
+            return f"slice({history}, 1, {self.key_sql(n)})"
+        size = self.recent_window_size
+        return f"slice({history}, greatest({n} - {size}, 0) + 1, least({n}, {size}))"
+
+
+def window_hash(window_col: str):
+    """The window version key: sha256 over its (item_id, ts, rating) entries, in order."""
+    return F.sha2(
+        F.array_join(F.expr(f"transform({window_col}, e -> concat_ws(':', e.item_id, cast(e.ts as string), cast(e.rating as string)))"), "|"),
+        256,
+    )
+
+
+def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame) -> DataFrame:
+    """Per user: full time-ordered history, the day-end interaction counts of the new days, the previous window_n."""
+    day = F.to_date(F.timestamp_seconds("ts"))
+    per_day = new_interactions.groupBy("user_id", day.alias("day")).agg(F.count(F.lit(1)).alias("cnt"))
+    new = new_interactions.groupBy("user_id").agg(
+        F.collect_list(F.struct("ts", "item_id", "rating")).alias("new_events")
+    )
+    days = per_day.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("day", "cnt"))).alias("day_cnts"))
+    new = new.join(days, "user_id")
+    if prev_history is None:
+        prev = new.sparkSession.createDataFrame(
+            [], "user_id string, prev_events array<struct<ts:bigint,item_id:string,rating:int>>, prev_n int, prev_window_n int"
+        )
+    else:
+        prev = prev_history.select(
+            "user_id",
+            F.expr("transform(history, e -> struct(e.ts as ts, e.item_id as item_id, e.rating as rating))").alias("prev_events"),
+            F.col("n_interactions").cast("int").alias("prev_n"),
+            F.col("window_n").cast("int").alias("prev_window_n"),
+        )
+    both = prev.join(new, "user_id", "full_outer")
+    events = F.sort_array(
+        F.concat(
+            F.coalesce("prev_events", F.array().cast("array<struct<ts:bigint,item_id:string,rating:int>>")),
+            F.coalesce("new_events", F.array().cast("array<struct<ts:bigint,item_id:string,rating:int>>")),
+        )
+    )
+    base = F.coalesce(F.col("prev_n"), F.lit(0))
+    # Running count at each new day's end: the points where the daily run would have looked.
+    day_counts = F.expr(
+        "transform(coalesce(day_cnts, array()), (x, i) -> "
+        "struct(x.day as day, cast(aggregate(slice(day_cnts, 1, i + 1), 0L, (acc, y) -> acc + y.cnt) as int) as n))"
+    )
+    return both.select(
+        "user_id",
+        F.transform(events, lambda e: F.struct(e["item_id"].alias("item_id"), e["ts"].alias("ts"), e["rating"].alias("rating"))).alias("history"),
+        F.transform(day_counts, lambda x: F.struct(x["day"].alias("day"), (x["n"] + base).cast("int").alias("n"))).alias("day_counts"),
+        "prev_window_n",
+    )
+
+
+def advance_windows(histories: DataFrame, params: WindowParams) -> DataFrame:
+    """Adds `new_versions` (array<struct<day, n>>: where the window advanced), `window_n`, `window`, `as_of`, hash."""
+    k = params.refresh_min_new_interactions
+    step = (
+        f"(acc, x) -> IF(acc.last_n IS NULL OR (x.n - acc.last_n >= {k} AND "
+        f"{params.key_sql('x.n')} != {params.key_sql('acc.last_n')}), "
+        "named_struct('last_n', x.n, 'versions', concat(acc.versions, array(x))), acc)"
+    )
+    replay = (
+        "aggregate(day_counts, named_struct('last_n', prev_window_n, "
+        "'versions', cast(array() as array<struct<day:date,n:int>>)), " + step + ")"
+    )
+    out = histories.withColumn("_replay", F.expr(replay))
+    out = out.withColumn("new_versions", F.col("_replay.versions")).withColumn("window_n", F.col("_replay.last_n"))
+    out = out.withColumn("n_interactions", F.size("history").cast("int"))
+    out = out.withColumn("window", F.expr(params.slice_sql("history", "window_n")))
+    return out.withColumn("as_of", F.try_element_at("window", F.lit(-1))["ts"]).withColumn("window_hash", window_hash("window")).drop("_replay")
+
+
+def version_rows(advanced: DataFrame, params: WindowParams) -> DataFrame:
+    """One row per window version made in this run: user_id, window_n, window_size, as_of, window_hash, version_dt."""
+    v = advanced.select("user_id", "history", F.explode("new_versions").alias("v"))
+    v = v.withColumn("w", F.expr(params.slice_sql("history", "v.n")))
+    return v.select(
+        "user_id",
+        F.col("v.n").alias("window_n"),
+        F.size("w").cast("int").alias("window_size"),
+        F.try_element_at("w", F.lit(-1))["ts"].alias("as_of"),
+        window_hash("w").alias("window_hash"),
+        F.col("v.day").alias("version_dt"),
+    )
+
+
+def attach_titles_and_profile(advanced: DataFrame, items: DataFrame, users: DataFrame | None) -> DataFrame:
+    """The user_history rows: the window's entries get title and year (null when the item has no metadata)."""
+    entries = advanced.select("user_id", F.posexplode("window").alias("pos", "e"))
+    entries = entries.join(F.broadcast(items.select("item_id", "title", "year")), entries["e.item_id"] == items["item_id"], "left")
+    windows = entries.groupBy("user_id").agg(
+        F.sort_array(
+            F.collect_list(F.struct("pos", F.struct(F.col("e.item_id").alias("item_id"), F.col("e.ts").alias("ts"),
+                                                     F.col("e.rating").alias("rating"), "title", "year").alias("entry")))
+        ).alias("_entries")
+    )
+    rows = advanced.drop("window").join(windows, "user_id", "left").withColumn(
+        "window", F.transform("_entries", lambda x: x["entry"])
+    )
+    if users is not None:
+        rows = rows.join(users.select("user_id", F.col("age").cast("int"), "gender", "occupation"), "user_id", "left")
+    else:
+        rows = rows.withColumn("age", F.lit(None).cast("int")).withColumn("gender", F.lit(None).cast("string")).withColumn(
+            "occupation", F.lit(None).cast("string"))
+    last_version_dt = F.try_element_at("new_versions", F.lit(-1))["day"]
+    return rows.select(
+        "user_id",
+        "n_interactions",
+        "history",
+        "window",
+        F.size("window").cast("int").alias("window_size"),
+        F.col("window_n").cast("int").alias("window_n"),
+        "as_of",
+        "window_hash",
+        (F.size("new_versions") > 0).alias("needs_refresh"),
+        last_version_dt.alias("refreshed_dt"),
+        "age",
+        "gender",
+        "occupation",
+    )
+
+
+def transform(
+    prev_history: DataFrame | None,
+    prev_versions: DataFrame | None,
+    new_interactions: DataFrame,
+    items: DataFrame,
+    users: DataFrame | None,
+    params: WindowParams,
+) -> tuple[DataFrame, DataFrame]:
+    """(user_history, knowledge_versions) as of the newest interaction day given."""
+    advanced = advance_windows(build_histories(prev_history, new_interactions), params)
+    new_versions = version_rows(advanced, params)
+    versions = new_versions if prev_versions is None else prev_versions.select(*new_versions.columns).unionByName(new_versions)
+    history = attach_titles_and_profile(advanced, items, users)
+    if prev_history is not None:
+        # A user whose window did not advance keeps the day it was last refreshed.
+        history = history.join(prev_history.select("user_id", F.col("refreshed_dt").alias("_prev_refreshed")), "user_id", "left")
+        history = history.withColumn("refreshed_dt", F.coalesce("refreshed_dt", "_prev_refreshed")).drop("_prev_refreshed")
+    return history.orderBy("user_id"), versions.orderBy("user_id", "window_n")
+
+
+def run(spark, cfg, lake, day) -> dict:
+    from spark_jobs.common import previous_day, read_interactions, read_partition, write_partition
+
+    params = WindowParams.from_config(cfg)
+    prev_day = previous_day(lake, DATASET, day)
+    if prev_day is not None and not lake.has_partition(VERSIONS, prev_day):
+        prev_day = None  # an incomplete previous state: rebuild from the raw history
+    prev_history = read_partition(spark, lake, DATASET, prev_day) if prev_day else None
+    prev_versions = read_partition(spark, lake, VERSIONS, prev_day) if prev_day else None
+    new_interactions = read_interactions(spark, lake, prev_day, day)
+    items = read_partition(spark, lake, "features/items", day)
+    users = read_partition(spark, lake, "raw/users", day) if lake.has_partition("raw/users", day) else None
+    history, versions = transform(prev_history, prev_versions, new_interactions, items, users, params)
+    history = history.cache()
+    write_partition(versions, lake, VERSIONS, day)
+    write_partition(history, lake, DATASET, day)
+    stats = history.agg(
+        F.count(F.lit(1)).alias("users"),
+        F.sum(F.col("needs_refresh").cast("int")).alias("dirty_users"),
+        F.sum("n_interactions").alias("interactions"),
+        F.sum((F.col("n_interactions") < params.max_window).cast("int")).alias("users_shorter_than_max_window"),
+    ).first()
+    history.unpersist()
+    return {
+        "users": int(stats["users"]),
+        "dirty_users": int(stats["dirty_users"] or 0),
+        "interactions": int(stats["interactions"] or 0),
+        "users_shorter_than_max_window": int(stats["users_shorter_than_max_window"] or 0),
+        "knowledge_versions": spark.read.parquet(str(lake.local_path(f"{VERSIONS}/dt={day.isoformat()}"))).count(),
+        "knowledge_window": params.mode,
+        "incremental_from": prev_day.isoformat() if prev_day else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reki_core.runlog import timed_step
+    from reki_core.spark import get_spark
+    from spark_jobs.common import parse_args
+
+    args = parse_args(argv, __doc__.splitlines()[0])
+    spark = get_spark(args.cfg, "reki-features-user-history")
+    with timed_step(args.lake, args.day, "features_user_history") as payload:
+        payload.update(run(spark, args.cfg, args.lake, args.day))
+    print(payload)
+    spark.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
