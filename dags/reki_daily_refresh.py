@@ -1,41 +1,75 @@
-"""reki_daily_refresh: land the day's interactions, gate them, and refresh knowledge and vectors."""
+"""reki_daily_refresh: land the day's interactions, refresh knowledge, and publish augmented vectors."""
 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from reki_airflow.runtime import load_pipeline_config, partition_date
+from reki_airflow.assets import AUGMENTED_VECTORS
+from reki_airflow.notifiers import failure_notifier
+from reki_airflow.runtime import load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
+
+CFG = load_pipeline_config()
+SPARK_JOBS = Path(__file__).resolve().parent.parent / "spark_jobs"
+DT = "{{ data_interval_start.strftime('%Y-%m-%d') }}"
 
 DOC = """
 ### REKI daily refresh
 
-One run per day (`dt` = the data interval's start, UTC). Steps:
+One run per day; `dt` = the data interval's start (UTC), never the wall clock.
 
-1. **land**: validate the day's deliveries in `incoming/` and write `raw/*/dt=<dt>/`
-   (on an empty lake: all history up to `dt`). Bad input fails with the file, column and rule.
-2. **raw_gate**: Great Expectations suites on the landed partitions.
+1. **land** the day's deliveries from `incoming/` into `raw/` (on an empty lake: all history up to
+   `dt`); **raw_gate** validates them (Great Expectations).
+2. **Spark** (spark-submit): `items`, `user_history` (knowledge windows, dirty users),
+   `ctr_samples` (point-in-time knowledge join), `clusters` (collective extraction groups);
+   **feature_gate**.
+3. **prompts** (factorization prompting) and **prompts_gate**.
+4. **plan_shards** then one mapped **extract** task per shard (pool `gpu`): only prompts whose hash
+   has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
+5. **encode** knowledge texts (cached by text hash); **train_if_no_model** registers a first adaptor
+   when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
+   adaptor to every user and item vector.
+6. **publish** a version to object storage (manifest last, `_LATEST.json` only forward) and emit
+   the `reki_augmented_vectors` asset event with the version; **report** writes the run report.
 
-Every task is idempotent for its `dt`: re-running a date rewrites that date's outputs.
-Backfills: `airflow backfill create --dag-id reki_daily_refresh --from-date A --to-date B`.
+Every task is idempotent for its `dt`. Backfills:
+`airflow backfill create --dag-id reki_daily_refresh --from-date A --to-date B`.
 """
 
 default_args = {
     "owner": "reki-data-platform",
     "retries": 2,
-    "retry_delay": dt.timedelta(seconds=30),
+    "retry_delay": dt.timedelta(seconds=20),
     "retry_exponential_backoff": True,
     "max_retry_delay": dt.timedelta(minutes=10),
     "execution_timeout": dt.timedelta(hours=2),
+    "on_failure_callback": failure_notifier(CFG),
 }
+# A failed gate is deterministic: retrying it only delays the alert.
+GATE = {"retries": 0}
+
+
+def spark_job(name: str) -> SparkSubmitOperator:
+    return SparkSubmitOperator(
+        task_id=f"spark_{name}",
+        application=str(SPARK_JOBS / f"{name}.py"),
+        application_args=["--dt", DT],
+        conn_id="spark_default",
+        name=f"reki-{name}-{DT}",
+        driver_memory=CFG.spark.driver_memory,
+        conf={"spark.sql.shuffle.partitions": str(CFG.spark.shuffle_partitions),
+              "spark.sql.session.timeZone": "UTC"},
+    )
 
 
 @dag(
     dag_id="reki_daily_refresh",
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
-    start_date=dt.datetime(1997, 9, 20, tzinfo=dt.UTC),
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),  # real day-long intervals
+    start_date=dt.datetime.combine(CFG.scenario.source.start_date, dt.time(), tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
     default_args=default_args,
@@ -47,15 +81,123 @@ def reki_daily_refresh():
     def land(**context) -> dict:
         from reki_core.landing import land as land_day
 
-        return land_day(load_pipeline_config(), partition_date(context))
+        cfg, day = task_setup(context)
+        return land_day(cfg, day)
 
-    @task
-    def raw_gate(landed: dict, **context) -> dict:
+    @task(**GATE)
+    def raw_gate(**context) -> dict:
         from reki_core.landing import run_raw_gate
 
-        return run_raw_gate(load_pipeline_config(), partition_date(context))
+        cfg, day = task_setup(context)
+        return run_gate(context, "raw", lambda: run_raw_gate(cfg, day), cfg)
 
-    raw_gate(land())
+    @task(**GATE)
+    def feature_gate(**context) -> dict:
+        from reki_core.quality.features import run_feature_gates
+
+        cfg, day = task_setup(context)
+        return run_gate(context, "features", lambda: run_feature_gates(cfg, day), cfg)
+
+    @task
+    def prompts(**context) -> dict:
+        from reki_core.prompts import build_prompts
+
+        cfg, day = task_setup(context)
+        return build_prompts(cfg, day)
+
+    @task(**GATE)
+    def prompts_gate(**context) -> dict:
+        from reki_core.quality.prompts import gate_prompts
+
+        cfg, day = task_setup(context)
+        return run_gate(context, "prompts", lambda: gate_prompts(cfg, day).summary(), cfg)
+
+    @task
+    def plan_shards(**context) -> list[dict]:
+        from reki_core.llm.runner import plan_shards as plan
+
+        cfg, day = task_setup(context)
+        return plan(cfg, day)
+
+    @task(pool="gpu", queue="gpu", max_active_tis_per_dagrun=2)
+    def extract(shard: dict, **context) -> dict:
+        from reki_core.llm.runner import run_shard_in_process_or_venv
+
+        cfg, day = task_setup(context)
+        return run_shard_in_process_or_venv(cfg, day, shard["shard_id"])
+
+    @task
+    def assign_knowledge(**context) -> dict:
+        from reki_core.llm.runner import assign_knowledge as assign
+
+        cfg, day = task_setup(context)
+        return assign(cfg, day)
+
+    @task(**GATE)
+    def answers_gate(**context) -> dict:
+        from reki_core.llm.runner import extraction_summary
+        from reki_core.quality.answers import validate_answers
+
+        cfg, day = task_setup(context)
+        run_gate(context, "llm_answers", lambda: validate_answers(cfg, day), cfg)
+        return extraction_summary(cfg, day)
+
+    @task
+    def encode(**context) -> dict:
+        from reki_core.encoding import encode_knowledge
+
+        cfg, day = task_setup(context)
+        return encode_knowledge(cfg, day)
+
+    @task
+    def train_if_no_model(**context) -> dict:
+        from reki_core.models.training import has_current_model, train_model
+
+        cfg, day = task_setup(context)
+        if has_current_model(cfg):
+            return {"trained": False, "reason": "a registered model exists; retraining is reki_adaptor_training"}
+        return {"trained": True, **train_model(cfg, day)}
+
+    @task
+    def augment(**context) -> dict:
+        from reki_core.models.training import apply_adaptor
+
+        cfg, day = task_setup(context)
+        return apply_adaptor(cfg, day)
+
+    @task(outlets=[AUGMENTED_VECTORS])
+    def publish(**context) -> dict:
+        from reki_core.report import write_run_report
+        from reki_core.storage.lake import Lake
+        from reki_core.storage.publish import publish_from_lake
+
+        cfg, day = task_setup(context)
+        lake = Lake(cfg.lake_uri)
+        report = write_run_report(lake, day, cfg.state_dir / "reports" / day.isoformat())
+        result = publish_from_lake(cfg, day, run_id(context), **s3_credentials(),
+                                   extra_files={Path(p).name: Path(p) for p in report.values()})
+        context["outlet_events"][AUGMENTED_VECTORS].extra = {
+            "version": result["version"], "uri": result["uri"], "manifest_uri": result["manifest_uri"], "dt": day.isoformat()}
+        return {k: result[k] for k in ("version", "uri", "manifest_uri", "latest_moved")}
+
+    landed = land()
+    raw_ok = raw_gate()
+    items, history, ctr, clusters = (spark_job(n) for n in ("items", "user_history", "ctr_samples", "clusters"))
+    features_ok = feature_gate()
+    built = prompts()
+    prompts_ok = prompts_gate()
+    shards = plan_shards()
+    extracted = extract.expand(shard=shards)
+    assigned = assign_knowledge()
+    answers_ok = answers_gate()
+    encoded = encode()
+    model = train_if_no_model()
+    augmented = augment()
+
+    landed >> raw_ok >> [items, history]
+    items >> history >> [ctr, clusters]
+    [ctr, clusters] >> features_ok >> built >> prompts_ok >> shards
+    extracted >> assigned >> answers_ok >> encoded >> model >> augmented >> publish()
 
 
 reki_daily_refresh()

@@ -14,6 +14,8 @@ init() {
     airflow db migrate > "$LOGS/airflow-migrate.log" 2>&1 || { tail -20 "$LOGS/airflow-migrate.log"; exit 1; }
     touch "$AIRFLOW_HOME/.migrated"
   fi
+  # LLM extraction shards run in this pool (its size = concurrent GPU workers).
+  airflow pools list -o plain 2>/dev/null | grep -q '^gpu' || airflow pools set gpu 1 "LLM extraction (GPU) workers" > /dev/null
 }
 
 alive() { [ -f "$PIDS/airflow-$1.pid" ] && kill -0 "$(cat "$PIDS/airflow-$1.pid")" 2>/dev/null; }

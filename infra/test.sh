@@ -7,7 +7,7 @@ cd "$REKI_HOME"
 export AIRFLOW_HOME="$REKI_HOME/.reki/airflow-test"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
 mkdir -p "$AIRFLOW_HOME"
-[ -f "$AIRFLOW_HOME/.migrated" ] || { airflow db migrate > "$AIRFLOW_HOME/migrate.log" 2>&1 && touch "$AIRFLOW_HOME/.migrated"; } || { tail "$AIRFLOW_HOME/migrate.log"; exit 1; }
+bash "$REKI_HOME/infra/airflow.sh" init || exit 1
 python -m pytest -p no:cacheprovider -q -ra --timeout=900 "$@" tests
 rc=$?
 [ $rc -eq 5 ] && { echo "ERROR: no tests were collected"; exit 1; }

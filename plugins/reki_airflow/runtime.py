@@ -1,10 +1,10 @@
-"""What every REKI task needs from its Airflow context: the partition date, the run id, the config."""
+"""What every REKI task needs from its Airflow context: the partition date, run id, config, credentials."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from typing import Any, Callable
 
 
 def partition_date(context: dict[str, Any]) -> dt.date:
@@ -26,3 +26,38 @@ def load_pipeline_config():
     from reki_core.config import load_config
 
     return load_config(os.environ.get("REKI_CONFIG"))
+
+
+def task_setup(context: dict[str, Any]):
+    """(config, dt) for a task, with the pipeline's secrets registered for log masking first."""
+    from reki_airflow.secrets import register_secrets_for_masking
+
+    cfg = load_pipeline_config()
+    register_secrets_for_masking(cfg)
+    return cfg, partition_date(context)
+
+
+def run_gate(context: dict[str, Any], gate_name: str, gate: Callable[[], Any], cfg=None) -> Any:
+    """Run a quality gate; on failure alert on-call with the failing expectations, then fail the task."""
+    from reki_core.quality.gx import GateError
+
+    try:
+        return gate()
+    except GateError as exc:
+        from reki_airflow.notifiers import notify_gate_failure
+
+        notify_gate_failure(context, gate_name, exc.result, cfg=cfg)
+        raise
+
+
+def s3_credentials(conn_id: str = "aws_default") -> dict[str, str | None]:
+    """Writer credentials from the Airflow connection (endpoint in its extra), else the environment."""
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - no such connection: the AWS_* environment applies
+        return {"endpoint_url": os.environ.get("AWS_ENDPOINT_URL"), "access_key": None, "secret_key": None}
+    extra = conn.extra_dejson or {}
+    return {"endpoint_url": extra.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL"),
+            "access_key": conn.login, "secret_key": conn.password}

@@ -36,7 +36,9 @@ def test_every_dag_has_owner_retries_tags_and_docs(dagbag):
         assert dag.doc_md, f"{dag_id}: no doc_md"
         for t in dag.tasks:
             assert t.owner and t.owner != "airflow", f"{dag_id}.{t.task_id}: owner not set"
-            assert t.retries >= 1, f"{dag_id}.{t.task_id}: no retries"
+            # Quality gates fail deterministically: they alert at once instead of retrying.
+            if not t.task_id.endswith("_gate"):
+                assert t.retries >= 1, f"{dag_id}.{t.task_id}: no retries"
             assert t.execution_timeout is not None, f"{dag_id}.{t.task_id}: no execution_timeout"
 
 
@@ -52,8 +54,9 @@ def test_daily_refresh_schedule_has_real_intervals(dagbag):
 def test_dag_file_parses_under_two_seconds(path: Path):
     """Heavy imports belong inside tasks: a fresh interpreter must parse the file quickly."""
     code = (
-        "import time, runpy, sys; import airflow.sdk; t = time.perf_counter(); "
-        f"runpy.run_path({str(path)!r}); print(time.perf_counter() - t)"
+        # CPU time, not wall time: the shared CI machine's load must not decide the result.
+        "import time, runpy, sys; import airflow.sdk; t = time.process_time(); "
+        f"runpy.run_path({str(path)!r}); print(time.process_time() - t)"
     )
     env_path = str(PROJECT_ROOT / "plugins")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,0 +1,77 @@
+"""reki_adaptor_training: retrain the HEIN adaptor jointly with the backbone, gate it, register it."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import dag, task
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from reki_airflow.assets import ADAPTOR_MODEL
+from reki_airflow.notifiers import failure_notifier
+from reki_airflow.runtime import load_pipeline_config, task_setup
+
+CFG = load_pipeline_config()
+
+DOC = """
+### REKI adaptor training
+
+Weekly (and on demand from the UI): trains the hybrid-expert adaptor jointly with the configured
+backbone on the newest CTR samples and knowledge vectors up to the interval's end, early-stopping on
+the validation split, and evaluates on the test split. The **evaluation gate** registers the version
+as current only if its test AUC is not below the same backbone without knowledge, nor below the
+current version, by more than the configured tolerances; the comparison is in the model card
+(`models/registry/<version>/model_card.{json,md}`). The daily refresh applies the current version.
+"""
+
+
+@dag(
+    dag_id="reki_adaptor_training",
+    schedule=CronDataIntervalTimetable("0 3 * * 0", timezone="UTC"),  # weekly, Sunday 03:00 UTC
+    start_date=dt.datetime.combine(CFG.scenario.source.start_date, dt.time(), tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "owner": "reki-data-platform",
+        "retries": 1,
+        "retry_delay": dt.timedelta(minutes=2),
+        "retry_exponential_backoff": True,
+        "execution_timeout": dt.timedelta(hours=6),
+        "on_failure_callback": failure_notifier(CFG),
+    },
+    doc_md=DOC,
+    tags=["reki", "training", "weekly"],
+)
+def reki_adaptor_training():
+    @task
+    def train(**context) -> dict:
+        from reki_core.models.training import train_model
+        from reki_core.storage.lake import Lake
+
+        cfg, _ = task_setup(context)
+        end = context["data_interval_end"]
+        # The newest day with CTR samples inside the interval: training never reads the future.
+        day = Lake(cfg.lake_uri).latest_partition("features/ctr_samples", upto=dt.date(end.year, end.month, end.day)
+                                                   - dt.timedelta(days=1))
+        if day is None:
+            raise ValueError("no features/ctr_samples partition up to this interval: run reki_daily_refresh first")
+        card = train_model(cfg, day, progress=False)
+        return {k: card[k] for k in ("version", "dt", "published", "gate", "auc_gain_vs_no_knowledge")}
+
+    @task(retries=0, outlets=[ADAPTOR_MODEL])
+    def evaluation_gate(trained: dict, **context) -> dict:
+        from reki_airflow.notifiers import notify_gate_failure
+
+        if not trained["published"]:
+            failing = [c for c in trained["gate"]["checks"] if not c["passed"]]
+            notify_gate_failure(context, "model_evaluation", [
+                {"expectation": c["check"], "unexpected_count": 1,
+                 "observed_value": f"AUC {c['auc']:.4f} vs {c.get('reference_auc')}"} for c in failing])
+            raise ValueError(f"model {trained['version']} failed the evaluation gate: {failing}")
+        context["outlet_events"][ADAPTOR_MODEL].extra = {"version": trained["version"], "dt": trained["dt"]}
+        return trained
+
+    evaluation_gate(train())
+
+
+reki_adaptor_training()
