@@ -45,24 +45,24 @@ def split_of(user_id, fractions: tuple[float, float, float]):
 
 def transform(user_history: DataFrame, versions: DataFrame, items: DataFrame, params: SampleParams) -> DataFrame:
     L = params.max_hist_len
-    exploded = user_history.select("user_id", "history", F.posexplode("history").alias("pos", "e"))
-    start = F.greatest(F.col("pos") - L, F.lit(0))
-    # The previous L entries, sliced here so the full history is not carried into the shuffle.
-    events = exploded.select(
-        "user_id",
-        F.col("e.item_id").alias("item_id"),
-        F.col("e.ts").alias("ts"),
-        F.col("e.rating").alias("rating"),
-        F.slice("history", start + 1, F.col("pos") - start).alias("hist"),
+    genres = F.broadcast(items.select("item_id", F.col("first_genre").alias("genre")))
+    events = (
+        user_history.select("user_id", F.posexplode("history").alias("pos", "e"))
+        .select("user_id", "pos", F.col("e.item_id").alias("item_id"), F.col("e.ts").alias("ts"), F.col("e.rating").alias("rating"))
+        .join(genres, "item_id", "left")
+        .withColumn("genre", F.coalesce("genre", F.lit(UNKNOWN_GENRE)))
     )
+    # The previous L interactions of the user (a join, not a map lookup: map lookups scan linearly).
+    previous = Window.partitionBy("user_id").orderBy("pos").rowsBetween(-L, -1)
+    events = events.withColumn("hist", F.collect_list(F.struct("item_id", "genre", "rating")).over(previous))
     # As-of join: versions sort after samples at equal time, so a version is visible only when as_of < ts.
     stream = events.select(
-        "user_id", F.col("ts").alias("t"), F.lit(0).alias("kind"), "hist", "item_id", "ts", "rating",
+        "user_id", F.col("ts").alias("t"), F.lit(0).alias("kind"), "hist", "item_id", "genre", "ts", "rating",
         F.lit(None).cast("long").alias("v_as_of"), F.lit(None).cast("string").alias("v_hash"), F.lit(None).cast("int").alias("v_n"),
     ).unionByName(
         versions.select(
             "user_id", F.col("as_of").alias("t"), F.lit(1).alias("kind"), F.lit(None).cast(events.schema["hist"].dataType).alias("hist"),
-            F.lit(None).cast("string").alias("item_id"), F.lit(None).cast("long").alias("ts"),
+            F.lit(None).cast("string").alias("item_id"), F.lit(None).cast("string").alias("genre"), F.lit(None).cast("long").alias("ts"),
             F.lit(None).cast("int").alias("rating"), F.col("as_of").alias("v_as_of"), F.col("window_hash").alias("v_hash"),
             F.col("window_n").cast("int").alias("v_n"),
         )
@@ -74,17 +74,16 @@ def transform(user_history: DataFrame, versions: DataFrame, items: DataFrame, pa
         .withColumn("knowledge_window_n", F.last("v_n", ignorenulls=True).over(w))
         .where((F.col("kind") == 0) & F.col("knowledge_as_of").isNotNull())
     )
-    genre_of = items.select(F.map_from_entries(F.collect_list(F.struct("item_id", "first_genre"))).alias("genre_of"))
     hist = F.col("hist")
-    out = joined.crossJoin(F.broadcast(genre_of)).select(
+    out = joined.select(
         "user_id",
         "item_id",
         "ts",
         "rating",
         (F.col("rating") > params.positive_rating_threshold).cast("tinyint").alias("label"),
-        F.coalesce(F.try_element_at("genre_of", F.col("item_id")), F.lit(UNKNOWN_GENRE)).alias("item_genre"),
+        F.col("genre").alias("item_genre"),
         F.transform(hist, lambda e: e["item_id"]).alias("hist_item_ids"),
-        F.transform(hist, lambda e: F.coalesce(F.try_element_at(F.col("genre_of"), e["item_id"]), F.lit(UNKNOWN_GENRE))).alias("hist_genres"),
+        F.transform(hist, lambda e: e["genre"]).alias("hist_genres"),
         F.transform(hist, lambda e: e["rating"]).alias("hist_ratings"),
         split_of(F.col("user_id"), params.split_fractions).alias("split"),
         # Filled downstream: prompts/ rows of kind `user` carry `window_hash`; join on (user_id, window_hash).
