@@ -157,6 +157,16 @@ def gate(ctx: click.Context, name: str, day: str | None) -> None:
     _print_json(run_raw_gate(cfg, _date(day, cfg)))
 
 
+# What the summary shows of each step's record (all of it stays in _runs/dt=D/<step>.json).
+SUMMARY_FACTS = (
+    "initial_load", "days_landed", "rows_today", "rows", "rejected", "no_new_data", "users", "items",
+    "dirty_users", "dirty_items", "samples", "label_rate", "groups", "mode", "to_ask", "with_knowledge",
+    "n_prompts", "n_pending", "cache_hits", "calls", "prompt_tokens", "completion_tokens", "tokens_per_s",
+    "encoded", "cache_hit_rate", "test_auc_with_knowledge", "test_auc_no_knowledge", "published",
+    "version", "latest_moved",
+)
+
+
 @main.command()
 @click.option("--dt", "day", default=None)
 @click.pass_context
@@ -171,23 +181,42 @@ def summary(ctx: click.Context, day: str | None) -> None:
     steps = read_steps(lake, day_)
     if not steps:
         raise click.ClickException(f"no run records for {day_} under {lake.uri}/_runs/")
-    table = Table(title=f"REKI daily refresh {day_} ({cfg.scenario.name}) — lake {lake.uri}")
-    table.add_column("step")
-    table.add_column("ok")
-    table.add_column("seconds", justify="right")
-    table.add_column("what it did")
+    wide = Console(width=max(console.width, 140))
+    table = Table(title=f"REKI daily refresh dt={day_} ({cfg.scenario.name}), lake {lake.uri}")
+    for col, justify in (("step", "left"), ("ok", "left"), ("seconds", "right"), ("what it did", "left")):
+        table.add_column(col, justify=justify)
+    shards = [s for s in steps if s["step"].startswith("llm_shard_")]
     for s in steps:
-        facts = {k: v for k, v in s.items() if isinstance(v, (int, float, bool, str)) and k not in
-                 ("step", "dt", "recorded_at", "started_at", "seconds", "success", "lake", "error")}
-        text = ", ".join(f"{k}={v}" for k, v in facts.items())
-        for g in s.get("gates", []):
-            text += f"\n gate {g['dataset']}: {'passed' if g['success'] else 'FAILED'} ({g['evaluated']} checks)"
-            text += "".join(f"\n   warn: {w}" for w in g.get("warnings", []))
+        if s in shards:
+            continue
+        facts = ", ".join(f"{k}={round(s[k], 4) if isinstance(s[k], float) else s[k]}" for k in SUMMARY_FACTS
+                          if k in s and not isinstance(s[k], (dict, list)))
+        for g in s.get("gates", []) if isinstance(s.get("gates"), list) else []:
+            if isinstance(g, dict) and "dataset" in g:
+                facts += f"\n gate {g['dataset']}: {'passed' if g.get('success') else 'FAILED'} ({g.get('evaluated')} checks)"
+                facts += "".join(f"\n   warning: {w}" for w in g.get("warnings", []))
+        for w in s.get("gate_warnings", []) if isinstance(s.get("gate_warnings"), list) else []:
+            facts += f"\n warning: {w}"
         if s.get("error"):
-            text += f"\n [red]{s['error']}[/]"
+            facts += f"\n [red]{s['error']}[/]"
         table.add_row(s["step"], "[green]yes[/]" if s.get("success", True) else "[red]NO[/]",
-                      f"{s.get('seconds', 0):.1f}", text)
-    console.print(table)
+                      f"{s.get('seconds', 0):.1f}", facts)
+    if shards:
+        table.add_row(f"llm shards ({len(shards)})", "[green]yes[/]" if all(x.get("success", True) for x in shards) else "[red]NO[/]",
+                      f"{sum(x.get('wall_seconds', x.get('seconds', 0)) for x in shards):.1f}",
+                      f"calls={sum(x.get('calls', 0) for x in shards)}, cache_hits={sum(x.get('cache_hits', 0) for x in shards)}")
+    wide.print(table)
+    if cfg.llm.is_smoke_model:
+        wide.print("[yellow]LLM: the embedded smoke model writes meaningless text; it proves the plumbing only. "
+                   "Configure a real instruct model (README: 'Real LLMs') for real knowledge.[/]")
+    by_step = {s["step"]: s for s in steps}
+    if "train_model" in by_step:
+        t = by_step["train_model"]
+        wide.print(f"Model {t.get('version')}: test AUC with knowledge {t.get('test_auc_with_knowledge', float('nan')):.4f} "
+                   f"vs without {t.get('test_auc_no_knowledge', float('nan')):.4f}; evaluation gate "
+                   f"{'passed' if t.get('published') else 'FAILED'}")
+    if "publish" in by_step:
+        wide.print(f"Published: [bold]{by_step['publish'].get('uri')}[/] (latest moved: {by_step['publish'].get('latest_moved')})")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def read_steps(lake: Lake, day: str | dt.date) -> list[dict[str, Any]]:
     if not lake.fs.exists(folder):
         return []
     steps = [lake.read_json(p[len(lake.root) + 1:]) for p in lake.fs.ls(folder, detail=False) if p.endswith(".json")]
-    return sorted(steps, key=lambda s: s.get("started_at", ""))
+    return sorted(steps, key=lambda s: s.get("started_at") or s.get("recorded_at", ""))
 
 
 @contextmanager

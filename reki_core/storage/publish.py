@@ -463,5 +463,11 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
         "steps": [{k: s.get(k) for k in ("step", "started_at", "seconds") if k in s} for s in steps],
         "lake_uri": lake.uri,
     }
-    return publish_version(cfg, day, run_id, files, metadata, endpoint_url=endpoint_url, access_key=access_key,
-                           secret_key=secret_key, bucket=bucket)
+    from reki_core.runlog import timed_step
+
+    with timed_step(lake, day, "publish") as record:
+        result = publish_version(cfg, day, run_id, files, metadata, endpoint_url=endpoint_url, access_key=access_key,
+                                 secret_key=secret_key, bucket=bucket)
+        record.update({"version": result["version"], "uri": result["uri"], "latest_moved": result["latest_moved"],
+                       "files": len(files), "model_version": model_version})
+    return result
