@@ -7,11 +7,12 @@ STAMP := $(VENV)/.installed
 STATE := .reki
 WITH_ENV := source infra/env.sh &&
 
-.PHONY: help run test test-fast test-faults bench setup airflow stop clean prereqs
+.PHONY: help run test test-faults test-backfill bench setup airflow stop clean prereqs
 
 help:
 	@echo "make run     - set up (first time) and run the daily refresh for conf/reki.yaml's run_date"
-	@echo "make test    - the whole test suite (unit, spark, dags, integration)"
+	@echo "make test    - the test suite (unit, spark, dags, integration with real Airflow/Spark/SeaweedFS)"
+	@echo "make test-faults / test-backfill - the fault-injection and backfill suites (slower)"
 	@echo "make airflow - start Airflow (UI on http://127.0.0.1:8080) and SeaweedFS; make stop stops them"
 	@echo "make bench   - benchmarks -> bench/results/"
 
@@ -39,7 +40,13 @@ run: setup
 	@$(WITH_ENV) bash infra/run_daily.sh
 
 test: setup
-	@$(WITH_ENV) bash infra/test.sh
+	@$(WITH_ENV) bash infra/test.sh -m "not faults and not backfill"
+
+test-faults: setup
+	@$(WITH_ENV) bash infra/test.sh -m faults
+
+test-backfill: setup
+	@$(WITH_ENV) bash infra/test.sh -m backfill
 
 bench: setup
 	@$(WITH_ENV) bash infra/bench.sh
