@@ -3,7 +3,7 @@
 # processes bound to 127.0.0.1 with PIDs in .reki/pids/ (the scheduler ignores SIGTERM under standalone).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-PIDS="$REKI_HOME/.reki/pids"; LOGS="$REKI_HOME/.reki/logs"
+PIDS="${REKI_PIDS_DIR:-$REKI_HOME/.reki/pids}"; LOGS="${REKI_LOGS_DIR:-$REKI_HOME/.reki/logs}"
 COMPONENTS=(api-server scheduler dag-processor triggerer)
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"
 

@@ -184,6 +184,10 @@ def land(cfg: Config, day: str | dt.date) -> dict:
         start = cfg.scenario.source.start_date
         if initial and day < start:
             raise ValueError(f"{day} is before the source's start date {start} (scenario {cfg.scenario.name})")
+        end = cfg.scenario.source.end_date
+        if cfg.scenario.source.kind != "files" and day > end:
+            raise ValueError(f"{day} is after the replayed dataset's last day {end} (scenario {cfg.scenario.name}, "
+                             f"source {cfg.scenario.source.kind}): there is nothing to deliver for it")
         days = [start + dt.timedelta(n) for n in range((day - start).days + 1)] if initial else [day]
         replay_delivery(cfg, lake, days, snapshot_day=day)
         per_day = {d.isoformat(): _land_interactions(cfg, lake, d) for d in days}
