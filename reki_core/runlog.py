@@ -37,7 +37,11 @@ def timed_step(lake: Lake, day: str | dt.date, step: str) -> Iterator[dict[str, 
         payload.setdefault("success", True)
     except Exception as exc:
         payload.update({"success": False, "error": f"{type(exc).__name__}: {exc}"})
-        raise
-    finally:
         payload["seconds"] = round(time.perf_counter() - start, 3)
-        record_step(lake, day, step, payload)
+        try:
+            record_step(lake, day, step, payload)
+        except OSError as record_exc:  # e.g. a full disk: the step's own error must surface, not the record's
+            exc.add_note(f"(the failure of step '{step}' could not be recorded in the run log: {record_exc})")
+        raise
+    payload["seconds"] = round(time.perf_counter() - start, 3)
+    record_step(lake, day, step, payload)

@@ -79,8 +79,12 @@ class Lake:
         final = self.partition_path(dataset, day)
         staging = f"{self.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
         self.fs.makedirs(staging, exist_ok=True)
-        with self.fs.open(f"{staging}/part-00000.parquet", "wb") as fh:
-            pq.write_table(table, fh)
+        try:
+            with self.fs.open(f"{staging}/part-00000.parquet", "wb") as fh:
+                pq.write_table(table, fh)
+        except BaseException:
+            self.fs.rm(staging, recursive=True)  # a failed write (e.g. a full disk) must not leave its half file holding space
+            raise
         self._swap_in(staging, final)
         return final
 
@@ -129,8 +133,12 @@ class Lake:
         path = f"{self.root}/{relpath}"
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open(tmp, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+        try:
+            with self.fs.open(tmp, "w") as fh:
+                json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+        except BaseException:
+            self.fs.rm(tmp)  # no half-written document left behind (e.g. on a full disk)
+            raise
         self.fs.mv(tmp, path)
         return path
 
