@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pandas as pd
@@ -73,7 +74,15 @@ def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
     started = _sh(env, "bash infra/airflow.sh start", timeout=900)
     assert started.returncode == 0, started.stdout + started.stderr
     password = json.loads((tmp / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-    yield tmp, env, Api(f"http://127.0.0.1:{port}", password)
+    api = Api(f"http://127.0.0.1:{port}", password)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # backfills need the DAG parsed and serialized by the dag-processor
+        try:
+            api.call("GET", f"/api/v2/dags/{DAG_ID}")
+            break
+        except urllib.error.HTTPError:
+            time.sleep(5)
+    yield tmp, env, api
     _sh(env, "bash infra/airflow.sh stop")
 
 

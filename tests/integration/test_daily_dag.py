@@ -73,6 +73,7 @@ def test_every_stage_ran_and_published(first_run, seaweed):
         assert step in steps, f"step {step} left no run record"
         assert steps[step].get("success", True), steps[step]
     assert steps["land"]["initial_load"] is True
+    assert steps["features_clusters"]["skipped"] is True, "individual mode needs no collective-extraction groups"
     assert steps["prompts"]["rows"] > 0 and steps["llm_plan"]["n_pending"] == steps["prompts"]["to_ask"]
 
 
