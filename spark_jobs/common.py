@@ -46,6 +46,20 @@ def parse_args(argv: list[str] | None, description: str) -> JobArgs:
     return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt))
 
 
+def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:
+    """The thin main every job shares: parse arguments, start Spark, run, record the step, stop."""
+    from reki_core.runlog import timed_step
+    from reki_core.spark import get_spark
+
+    args = parse_args(argv, description)
+    spark = get_spark(args.cfg, f"reki-{step.replace('_', '-')}")
+    with timed_step(args.lake, args.day, step) as payload:
+        payload.update(run(spark, args.cfg, args.lake, args.day))
+    print(payload)
+    spark.stop()
+    return 0
+
+
 def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
     """The newest partition of `dataset` strictly before `day` (a re-run of `day` never reads itself)."""
     days = [d for d in lake.partitions(dataset) if d < day]

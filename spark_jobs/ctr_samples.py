@@ -117,17 +117,9 @@ def run(spark, cfg, lake, day) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reki_core.runlog import timed_step
-    from reki_core.spark import get_spark
-    from spark_jobs.common import parse_args
+    from spark_jobs.common import run_as_job
 
-    args = parse_args(argv, __doc__.splitlines()[0])
-    spark = get_spark(args.cfg, "reki-features-ctr-samples")
-    with timed_step(args.lake, args.day, "features_ctr_samples") as payload:
-        payload.update(run(spark, args.cfg, args.lake, args.day))
-    print(payload)
-    spark.stop()
-    return 0
+    return run_as_job(run, "features_ctr_samples", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
