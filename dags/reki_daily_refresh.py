@@ -32,7 +32,7 @@ One run per day; `dt` = the data interval's start (UTC), never the wall clock.
    has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
 5. **encode** knowledge texts (cached by text hash); **train_if_no_model** registers a first adaptor
    when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
-   adaptor to every user and item vector.
+   adaptor to every user and item vector; **vectors_gate** checks every entity has one finite vector.
 6. **publish** a version to object storage (manifest last, `_LATEST.json` only forward) and emit
    the `reki_augmented_vectors` asset event with the version; **report** writes the run report.
 
@@ -165,6 +165,13 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return apply_adaptor(cfg, day)
 
+    @task(**GATE)
+    def vectors_gate(**context) -> dict:
+        from reki_core.quality.vectors import gate_vectors
+
+        cfg, day = task_setup(context)
+        return run_gate(context, "vectors", lambda: gate_vectors(cfg, day), cfg)
+
     @task(outlets=[AUGMENTED_VECTORS])
     def publish(**context) -> dict:
         from reki_core.report import write_run_report
@@ -197,7 +204,7 @@ def reki_daily_refresh():
     landed >> raw_ok >> [items, history]
     items >> history >> [ctr, clusters]
     [ctr, clusters] >> features_ok >> built >> prompts_ok >> shards
-    extracted >> assigned >> answers_ok >> encoded >> model >> augmented >> publish()
+    extracted >> assigned >> answers_ok >> encoded >> model >> augmented >> vectors_gate() >> publish()
 
 
 reki_daily_refresh()

@@ -1,0 +1,59 @@
+"""The gate before publishing: the augmented vectors of a date are complete, unique and finite.
+
+Every user of `features/user_history` and every item of `features/items` (all but a share of at most
+`llm.max_failure_rate`, whose LLM call failed and which serve the fallback) must have exactly one
+vector of the adaptor's tower dimension with only finite values, all from one model version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from reki_core.config import Config
+from reki_core.quality.gx import run_suite
+from reki_core.runlog import record_step
+from reki_core.storage.lake import Lake, as_date
+
+AUGMENTED = "vectors/augmented"
+
+
+def vectors_frame(vectors: pd.DataFrame, user_ids: pd.Series, item_ids: pd.Series) -> pd.DataFrame:
+    """One row per expected or present entity, with the facts the suite expects."""
+    present = vectors.assign(
+        key=vectors["entity_kind"].astype(str) + ":" + vectors["entity_id"].astype(str),
+        dim=vectors["vector"].map(len),
+        finite=vectors["vector"].map(lambda v: bool(np.isfinite(np.asarray(v, dtype=np.float64)).all())),
+    )[["key", "dim", "finite", "model_version"]]
+    expected = pd.DataFrame({"key": ["user:" + str(u) for u in user_ids] + ["item:" + str(i) for i in item_ids]})
+    merged = expected.merge(present, on="key", how="outer", indicator=True)
+    merged["has_vector"] = merged["_merge"] != "left_only"
+    merged["expected"] = merged["_merge"] != "right_only"
+    return merged.drop(columns="_merge")
+
+
+def gate_vectors(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> dict[str, Any]:
+    """Run the vectors suite on `vectors/augmented/dt=D`; records the summary, raises GateError on failure."""
+    import great_expectations.expectations as gxe
+
+    day = as_date(day)
+    lake = lake or Lake(cfg.lake_uri)
+    frame = vectors_frame(lake.read_partition(AUGMENTED, day),
+                          lake.read_partition("features/user_history", day, columns=["user_id"])["user_id"],
+                          lake.read_partition("features/items", day, columns=["item_id"])["item_id"])
+    result = run_suite("vectors", f"{AUGMENTED}/dt={day}", frame, [
+        gxe.ExpectColumnValuesToBeUnique(column="key"),
+        # Entities whose LLM call failed (tolerated up to llm.max_failure_rate) get the consumer's fallback.
+        gxe.ExpectColumnValuesToBeInSet(column="has_vector", value_set=[True], mostly=1 - cfg.llm.max_failure_rate),
+        gxe.ExpectColumnValuesToBeInSet(column="expected", value_set=[True]),
+        gxe.ExpectColumnValuesToBeInSet(column="dim", value_set=[cfg.model.expert_output_dim]),
+        gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+        gxe.ExpectColumnUniqueValueCountToBeBetween(column="model_version", min_value=1, max_value=1),
+    ])
+    summary = result.summary()
+    record_step(lake, day, "vectors_gate", {"gates": [summary], "success": result.success, "rows": len(frame)})
+    result.raise_if_failed()
+    return summary
