@@ -23,7 +23,7 @@ def _make_cfg(tmp_path):
 
     env = {"REKI__PATHS__LAKE_URI": str(tmp_path / "lake"), "REKI__PATHS__STATE_DIR": str(tmp_path / "state"),
            "REKI__SCENARIO": "books", "REKI__SPARK__SHUFFLE_PARTITIONS": "2",
-           "REKI__SCENARIO_OVERRIDES": "{max_group_size_items: 12, max_group_size_users: 10}"}
+           "REKI__SCENARIO_OVERRIDES": "{max_group_size_items: 12, max_group_size_users: 10, extraction_mode: collective}"}
     return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=env)
 
 
