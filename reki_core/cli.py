@@ -163,7 +163,7 @@ SUMMARY_FACTS = (
     "dirty_users", "dirty_items", "samples", "label_rate", "groups", "mode", "to_ask", "with_knowledge",
     "n_prompts", "n_pending", "cache_hits", "calls", "prompt_tokens", "completion_tokens", "tokens_per_s",
     "encoded", "cache_hit_rate", "test_auc_with_knowledge", "test_auc_no_knowledge", "published",
-    "version", "latest_moved",
+    "version", "latest_moved", "skipped", "reason",
 )
 
 
