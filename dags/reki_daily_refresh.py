@@ -126,7 +126,8 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return run_shard_in_process_or_venv(cfg, day, shard["shard_id"])
 
-    @task
+    # none_failed: on a day whose prompts are all cached the mapped extract has zero tasks (skipped).
+    @task(trigger_rule="none_failed")
     def assign_knowledge(**context) -> dict:
         from reki_core.llm.runner import assign_knowledge as assign
 

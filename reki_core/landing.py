@@ -178,6 +178,9 @@ def land(cfg: Config, day: str | dt.date) -> dict:
     """Land the deliveries for `day` (all history up to it on an empty lake); returns counts."""
     day = as_date(day)
     lake = Lake(cfg.lake_uri)
+    runs = f"{lake.root}/_runs/dt={day.isoformat()}"
+    if lake.fs.exists(runs):  # landing starts every run of a date: its records describe this run only
+        lake.fs.rm(runs, recursive=True)
     with timed_step(lake, day, "land") as record:
         existing = lake.partitions(RAW["interactions"])
         initial = not existing

@@ -110,6 +110,9 @@ def test_rerun_of_the_same_date_makes_no_llm_calls_and_keeps_latest(first_run, s
     assert prompts_after["prompt_hash"].tolist() == prompts_before["prompt_hash"].tolist()
     after, _ = read_latest(store, cfg.scenario.name)
     assert after["dt"] == before["dt"] == DT.isoformat()
+    # Every stage after the (empty) extraction still ran and published a new version of the same date.
+    assert steps["publish"]["success"] is True and steps["publish"]["version"] != before["version"]
+    assert "llm_shard_00000" not in steps
 
 
 def test_wrong_s3_key_is_refused_clearly(seaweed):
