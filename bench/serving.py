@@ -21,7 +21,6 @@ import io
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from reki_core.config import PROJECT_ROOT, load_config  # noqa: E402
+from reki_core.localstack import free_port_block  # noqa: E402
 
 N_USERS, N_ITEMS, N_GENRES, HIST_LEN = 943, 1682, 19, 10  # MovieLens-100K
 
@@ -43,26 +43,6 @@ _USER_TEXT = ("The user watched {a}, {b} and {c}, rating dramas highly and thril
 _ITEM_TEXT = ("Movie {a} ({year}) is a {genre} film. Directed with an ensemble cast, it follows a small-town "
               "family through one summer. Critics praised its writing and score; audiences found it warm and "
               "funny. Themes: loyalty, growing up, second chances. Tone: light with dramatic moments.")
-
-
-def _free_port_block(size: int = 12) -> int:
-    import random
-
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        socks = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of loopback ports")
 
 
 def _percentiles(samples_s: list[float]) -> tuple[float, float]:
@@ -143,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
                   for i in items]
 
     with tempfile.TemporaryDirectory(prefix="reki-bench-") as state, torch.inference_mode():
-        endpoint = f"http://127.0.0.1:{_free_port_block()}"
+        endpoint = f"http://127.0.0.1:{free_port_block()}"
         server = SeaweedFS(Path(state), endpoint, "bench")
         server.start()
         try:

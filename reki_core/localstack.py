@@ -84,6 +84,27 @@ def service_ports(s3_port: int) -> dict[str, int]:
     return {name: s3_port + 1 + i for i, name in enumerate(names)}
 
 
+def free_port_block(size: int = 12) -> int:
+    """A loopback base port with `size` free ports after it (a SeaweedFS instance for tests and benchmarks)."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of loopback ports")
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.3)

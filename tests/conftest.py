@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,29 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
-from reki_core.localstack import SeaweedFS, ensure_credentials  # noqa: E402
+from reki_core.localstack import SeaweedFS, ensure_credentials, free_port_block  # noqa: E402,F401
 from reki_core.storage.lake import Lake  # noqa: E402
-
-
-def free_port_block(size: int = 12) -> int:
-    """A base port with `size` free ports after it (SeaweedFS opens a block of ports after its S3 port)."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        try:
-            socks = []
-            for port in range(base, base + size):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of loopback ports")
 
 
 def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Config:
