@@ -8,8 +8,7 @@ from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import ADAPTOR_MODEL
-from reki_airflow.notifiers import failure_notifier
-from reki_airflow.runtime import load_pipeline_config, task_setup
+from reki_airflow.runtime import default_args, load_pipeline_config, task_setup
 
 CFG = load_pipeline_config()
 
@@ -31,14 +30,8 @@ current version, by more than the configured tolerances; the comparison is in th
     start_date=dt.datetime.combine(CFG.scenario.source.start_date, dt.time(), tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args={
-        "owner": "reki-data-platform",
-        "retries": 1,
-        "retry_delay": dt.timedelta(minutes=2),
-        "retry_exponential_backoff": True,
-        "execution_timeout": dt.timedelta(hours=6),
-        "on_failure_callback": failure_notifier(CFG),
-    },
+    default_args=default_args(CFG, retries=1, retry_delay=dt.timedelta(minutes=2),
+                              execution_timeout=dt.timedelta(hours=6)),
     doc_md=DOC,
     tags=["reki", "training", "weekly"],
 )

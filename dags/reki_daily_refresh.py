@@ -10,8 +10,7 @@ from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import AUGMENTED_VECTORS
-from reki_airflow.notifiers import failure_notifier
-from reki_airflow.runtime import load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
+from reki_airflow.runtime import default_args, load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
 
 CFG = load_pipeline_config()
 SPARK_JOBS = Path(__file__).resolve().parent.parent / "spark_jobs"
@@ -40,15 +39,8 @@ Every task is idempotent for its `dt`. Backfills:
 `airflow backfill create --dag-id reki_daily_refresh --from-date A --to-date B`.
 """
 
-default_args = {
-    "owner": "reki-data-platform",
-    "retries": 2,
-    "retry_delay": dt.timedelta(seconds=20),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": dt.timedelta(minutes=10),
-    "execution_timeout": dt.timedelta(hours=2),
-    "on_failure_callback": failure_notifier(CFG),
-}
+DEFAULT_ARGS = default_args(CFG, retries=2, retry_delay=dt.timedelta(seconds=20),
+                            execution_timeout=dt.timedelta(hours=2))
 # A failed gate is deterministic: retrying it only delays the alert.
 GATE = {"retries": 0}
 
@@ -72,7 +64,7 @@ def spark_job(name: str) -> SparkSubmitOperator:
     start_date=dt.datetime.combine(CFG.scenario.source.start_date, dt.time(), tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args=default_args,
+    default_args=DEFAULT_ARGS,
     doc_md=DOC,
     tags=["reki", "daily", "knowledge"],
 )

@@ -7,8 +7,7 @@ import datetime as dt
 from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from reki_airflow.notifiers import failure_notifier
-from reki_airflow.runtime import load_pipeline_config, s3_credentials, task_setup
+from reki_airflow.runtime import default_args, load_pipeline_config, s3_credentials, task_setup
 
 CFG = load_pipeline_config()
 
@@ -29,14 +28,8 @@ the daily DAG never ran at all.
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
-    default_args={
-        "owner": "reki-data-platform",
-        "retries": 2,
-        "retry_delay": dt.timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "execution_timeout": dt.timedelta(minutes=10),
-        "on_failure_callback": failure_notifier(CFG),
-    },
+    default_args=default_args(CFG, retries=2, retry_delay=dt.timedelta(minutes=1),
+                              execution_timeout=dt.timedelta(minutes=10)),
     doc_md=DOC,
     tags=["reki", "monitoring"],
 )

@@ -28,6 +28,21 @@ def load_pipeline_config():
     return load_config(os.environ.get("REKI_CONFIG"))
 
 
+def default_args(cfg, *, retries: int, retry_delay: dt.timedelta, execution_timeout: dt.timedelta) -> dict[str, Any]:
+    """The default_args every REKI DAG shares: owner, retries with exponential backoff, timeout, on-call alerts."""
+    from reki_airflow.notifiers import failure_notifier
+
+    return {
+        "owner": "reki-data-platform",
+        "retries": retries,
+        "retry_delay": retry_delay,
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=10),
+        "execution_timeout": execution_timeout,
+        "on_failure_callback": failure_notifier(cfg),
+    }
+
+
 def task_setup(context: dict[str, Any]):
     """(config, dt) for a task, with the pipeline's secrets registered for log masking first."""
     from reki_airflow.secrets import register_secrets_for_masking
