@@ -5,6 +5,11 @@ can record whatever it measures: int fields (top level or one nested dict deep) 
 fields are metrics, `seconds` is the step's timing, and dicts shaped like `GateResult.summary()`
 (keys `gate` and `success`) are gate results. LLM calls/tokens and cache hits are counts picked out
 by name. The publisher stores the files beside the version and links them from the manifest.
+
+The run's Great Expectations Data Docs (`reki_core.quality.data_docs`) are rebuilt from the gates' kept
+validation results, copied beside the pages as `data_docs/` and packed as `run_report_<dt>_data_docs.zip`
+(one plain file, so it travels with the report into the published version). A failure to build them is
+logged and shown in the report; it never stops the report.
 """
 
 from __future__ import annotations
@@ -12,11 +17,17 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import logging
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
+from reki_core.quality.data_docs import DATA_DOCS_DIR, build_data_docs, runs_path
 from reki_core.runlog import read_steps
 from reki_core.storage.lake import Lake, as_date
+
+logger = logging.getLogger(__name__)
 
 # Record fields that are bookkeeping, not measurements.
 _META_FIELDS = {"step", "dt", "recorded_at", "started_at", "finished_at", "seconds"}
@@ -160,6 +171,12 @@ def _markdown(summary: dict[str, Any], plot_name: str | None) -> str:
     lines = [f"# REKI run report: dt={summary['dt']}", "",
              f"Generated {summary['generated_at']}; {len(summary['steps'])} steps, "
              f"{summary['total_seconds']} s in steps; {gate_line}.", ""]
+    docs = summary.get("data_docs", {"error": "not attempted"})
+    if "index" in docs:
+        lines += [f"Great Expectations Data Docs: [{docs['index']}]({docs['index']}) (in the lake: {docs['uri']}; "
+                  f"packed as [{docs['archive']}]({docs['archive']}))", ""]
+    else:
+        lines += [f"Great Expectations Data Docs: NOT BUILT ({docs['error']})", ""]
     if plot_name:
         lines += [f"![counts per stage]({plot_name})", ""]
     for title, header, rows in _tables(summary):
@@ -183,6 +200,13 @@ def _html(summary: dict[str, Any], plot_name: str | None) -> str:
              f"<p>Generated {esc(summary['generated_at'])}; {len(summary['steps'])} steps, "
              f"{summary['total_seconds']} s in steps; {summary['gates_failed']} of {len(summary['gates'])} "
              f"gates failed.</p>"]
+    docs = summary.get("data_docs", {"error": "not attempted"})
+    if "index" in docs:
+        parts.append(f"<p>Great Expectations Data Docs: <a href='{esc(docs['index'], quote=True)}'>{esc(docs['index'])}"
+                     f"</a> (in the lake: {esc(docs['uri'])}; packed as "
+                     f"<a href='{esc(docs['archive'], quote=True)}'>{esc(docs['archive'])}</a>)</p>")
+    else:
+        parts.append(f"<p class='failed'>Great Expectations Data Docs: NOT BUILT ({esc(docs['error'])})</p>")
     if plot_name:
         parts.append(f"<img src='{esc(plot_name, quote=True)}' alt='counts per stage'>")
     for title, header, rows in _tables(summary):
@@ -199,12 +223,48 @@ def _html(summary: dict[str, Any], plot_name: str | None) -> str:
     return "".join(parts)
 
 
+def _zip_folder(folder: Path, archive: Path) -> None:
+    """Pack `folder` with fixed timestamps and sorted entries: the same docs give the same bytes."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(f"data_docs/{path.relative_to(folder).as_posix()}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+
+
+def _copy_data_docs(lake: Lake, day: str, out: Path, archive: Path) -> dict[str, str]:
+    """Rebuild the run's Data Docs in the lake, copy them to `out/data_docs/` and pack them into `archive`."""
+    uri = build_data_docs(lake, day)
+    source = f"{lake.root}/{runs_path(day, DATA_DOCS_DIR)}"
+    local = out / DATA_DOCS_DIR
+    for path in lake.fs.find(source):
+        target = local / path[len(source) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lake.fs.get_file(path, str(target))
+    _zip_folder(local, archive)
+    return {"uri": uri, "index": f"{DATA_DOCS_DIR}/index.html", "archive": archive.name}
+
+
 def write_run_report(lake: Lake, dt_value: str | dt.date, out_dir: str | Path) -> dict[str, str]:
-    """Write `run_report_<dt>.{md,html,json}` and `run_report_<dt>_counts.png` into `out_dir`; returns their paths."""
+    """Write `run_report_<dt>.{md,html,json}`, `run_report_<dt>_counts.png`, the Data Docs (`data_docs/` and
+    `run_report_<dt>_data_docs.zip`) into `out_dir`; returns the paths of the files (folder left out)."""
     summary = summarise_run(lake, dt_value)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"run_report_{summary['dt']}"
+    archive = out / f"{stem}_data_docs.zip"
+    # A re-run of the report never shows or publishes the docs of an earlier run.
+    shutil.rmtree(out / DATA_DOCS_DIR, ignore_errors=True)
+    archive.unlink(missing_ok=True)
+    try:
+        summary["data_docs"] = _copy_data_docs(lake, summary["dt"], out, archive)
+    except FileNotFoundError as exc:  # no gate kept results (e.g. a run stopped before its first gate)
+        logger.warning("run report dt=%s: no Great Expectations Data Docs: %s", summary["dt"], exc)
+        summary["data_docs"] = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - the report must still be written, with the reason shown
+        logger.exception("run report dt=%s: building the Great Expectations Data Docs FAILED", summary["dt"])
+        shutil.rmtree(out / DATA_DOCS_DIR, ignore_errors=True)
+        summary["data_docs"] = {"error": f"{type(exc).__name__}: {exc}"}
     plot_path = out / f"{stem}_counts.png"
     plot_name = plot_path.name if _plot_counts(summary, plot_path) else None
     paths = {"markdown": out / f"{stem}.md", "html": out / f"{stem}.html", "json": out / f"{stem}.json"}
@@ -213,4 +273,6 @@ def write_run_report(lake: Lake, dt_value: str | dt.date, out_dir: str | Path) -
     paths["json"].write_text(json.dumps(summary, indent=2, default=str))
     if plot_name:
         paths["plot"] = plot_path
+    if archive.exists():
+        paths["data_docs"] = archive
     return {k: str(v) for k, v in paths.items()}

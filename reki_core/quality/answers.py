@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from reki_core.config import Config
+from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateResult, run_suite, warn_only
 from reki_core.runlog import record_step
 from reki_core.storage.lake import Lake
@@ -114,6 +115,7 @@ def validate_answers(cfg: Config, day: str | dt.date, raise_on_failure: bool = T
     summary: dict[str, Any] = result.summary()
     summary["semantic_action"] = cfg.quality.llm_semantic_action
     summary["is_smoke_model"] = cfg.llm.is_smoke_model
+    summary["data_docs"] = keep_validations(lake, day, "llm_answers_gate", [result])
     record_step(lake, day, "llm_answers_gate", summary)
     if raise_on_failure:
         result.raise_if_failed()

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from reki_core.config import Config
+from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateError, GateResult, run_suite
 from reki_core.runlog import record_step
 from reki_core.storage.lake import Lake, as_date
@@ -105,7 +106,8 @@ def clusters_gate(clusters: pd.DataFrame, item_ids: pd.Series, user_ids: pd.Seri
     gate_members = run_suite("features", "features/clusters#members", summary_frame, [
         gxe.ExpectColumnValuesToBeInSet(column="assigned_once", value_set=[True]),
     ])
-    return GateResult("features", "features/clusters", len(clusters), gate_group.outcomes + gate_members.outcomes)
+    return GateResult("features", "features/clusters", len(clusters), gate_group.outcomes + gate_members.outcomes,
+                      validations=gate_group.validations + gate_members.validations)
 
 
 def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> dict[str, Any]:
@@ -121,7 +123,8 @@ def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None)
     ]
     if lake.has_partition("features/clusters", day):
         results.append(clusters_gate(lake.read_partition("features/clusters", day), items["item_id"], history["user_id"], cfg))
-    summary = {"success": all(r.success for r in results), "gates": [r.summary() for r in results]}
+    summary = {"success": all(r.success for r in results), "gates": [r.summary() for r in results],
+               "data_docs": keep_validations(lake, day, "feature_gates", results)}
     record_step(lake, day, "feature_gates", summary)
     failed = [r for r in results if not r.success]
     if failed:

@@ -7,7 +7,9 @@ A gate is a list of expectations run over a pandas DataFrame. `run_suite` return
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 _lock = threading.Lock()
 _context = None
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
 class GateError(RuntimeError):
@@ -59,6 +62,11 @@ class GateResult:
     dataset: str
     rows: int
     outcomes: list[ExpectationOutcome]
+    # GX's own results ({"validated_at", "result": ExpectationSuiteValidationResult JSON}), one per suite run,
+    # kept for the Data Docs; not part of `summary()` (that goes into run records and manifests).
+    validations: list[dict[str, Any]] = field(default_factory=list)
+    # URI of the run's Data Docs index once they hold this result (for alerts), None until then.
+    data_docs: str | None = None
 
     @property
     def failed(self) -> list[ExpectationOutcome]:
@@ -100,13 +108,20 @@ def warn_only(expectation):
     return expectation
 
 
+def ephemeral_context():
+    """A new in-memory GX context without GX's default temporary Data Docs site (one temp folder per context)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import DataContextConfig, InMemoryStoreBackendDefaults
+
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False))
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
 def _get_context():
     global _context
     with _lock:
         if _context is None:
-            import great_expectations as gx
-
-            _context = gx.get_context(mode="ephemeral")
+            _context = ephemeral_context()
             try:  # progress bars would flood task logs
                 from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -127,6 +142,16 @@ def _json_safe(value: Any) -> Any:
         return value.item()  # numpy scalars
     except AttributeError:
         return str(value)
+
+
+def safe_name(text: str) -> str:
+    """A file- and key-safe form of a name: "raw/items/dt=1998-03-31" -> "raw_items_dt_1998-03-31"."""
+    return _UNSAFE.sub("_", text).strip("_")
+
+
+def suite_name(gate: str, dataset: str) -> str:
+    """The GX suite name of a gate on a dataset: "raw" on "raw/items/dt=D" -> "raw.raw_items_dt_D"."""
+    return f"{safe_name(gate)}.{safe_name(dataset)}"
 
 
 def run_suite(
@@ -150,11 +175,12 @@ def run_suite(
             except Exception:  # noqa: BLE001
                 source = ctx.data_sources.add_pandas("reki")
             batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
-        suite = gx.ExpectationSuite(name=f"{name}-suite")
+        suite = gx.ExpectationSuite(name=suite_name(gate, dataset))
         for exp in expectations:
             suite.add_expectation(exp)
         batch = batch_def.get_batch(batch_parameters={"dataframe": df})
         fmt = {"result_format": "COMPLETE"} if complete else {"result_format": "SUMMARY", "partial_unexpected_count": 5}
+        validated_at = dt.datetime.now(dt.UTC).isoformat()
         res = batch.validate(suite, result_format=fmt)
 
     outcomes = []
@@ -176,4 +202,5 @@ def run_suite(
                 severity=(config.meta or {}).get("severity", "fail"),
             )
         )
-    return GateResult(gate=gate, dataset=dataset, rows=len(df), outcomes=outcomes)
+    validation = {"validated_at": validated_at, "result": res.to_json_dict()}
+    return GateResult(gate=gate, dataset=dataset, rows=len(df), outcomes=outcomes, validations=[validation])

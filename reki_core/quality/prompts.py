@@ -15,6 +15,7 @@ import datetime as dt
 import pandas as pd
 
 from reki_core.config import Config
+from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateResult, run_suite
 from reki_core.storage.lake import Lake, as_date
 
@@ -80,7 +81,8 @@ def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: 
     ]
     table = run_suite(GATE, dataset, checked, prompts_expectations(budget))
     coverage = run_suite(GATE, f"{dataset}-coverage", coverage_frame(prompts, expected), coverage_expectations())
-    return GateResult(gate=GATE, dataset=dataset, rows=len(prompts), outcomes=table.outcomes + coverage.outcomes)
+    return GateResult(gate=GATE, dataset=dataset, rows=len(prompts), outcomes=table.outcomes + coverage.outcomes,
+                      validations=table.validations + coverage.validations)
 
 
 def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> GateResult:
@@ -94,4 +96,5 @@ def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> Ga
     inputs, mode = load_inputs(cfg, lake, day, mode="collective" if has_groups else None)
     result = check_prompts(prompts, expected_prompt_keys(cfg, inputs, mode), token_budget(cfg),
                            dataset=f"{DATASET}/dt={day.isoformat()}")
+    keep_validations(lake, day, "prompts_gate", [result])
     return result.raise_if_failed()

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from reki_core.config import Config
+from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import run_suite
 from reki_core.runlog import record_step
 from reki_core.storage.lake import Lake, as_date
@@ -54,6 +55,7 @@ def gate_vectors(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> d
         gxe.ExpectColumnUniqueValueCountToBeBetween(column="model_version", min_value=1, max_value=1),
     ])
     summary = result.summary()
-    record_step(lake, day, "vectors_gate", {"gates": [summary], "success": result.success, "rows": len(frame)})
+    record_step(lake, day, "vectors_gate", {"gates": [summary], "success": result.success, "rows": len(frame),
+                                            "data_docs": keep_validations(lake, day, "vectors_gate", [result])})
     result.raise_if_failed()
     return summary
