@@ -73,8 +73,10 @@ def stored_validations(lake: Lake, day: str | dt.date) -> list[dict[str, Any]]:
     return sorted(stored, key=lambda s: s["validated_at"])
 
 
-def _annotate(result) -> None:
-    """Note each expectation's type and severity on it: GX renders prose only, alerts and run logs name the type."""
+def _annotate(result, dataset: str) -> None:
+    """Name the dataset (GX shows a data frame's asset as None) and note each expectation's type and severity:
+    GX renders prose only, while alerts and run logs name the type."""
+    result.meta["batch_kwargs"] = {"data_asset_name": dataset}
     for r in result.results:
         config = r.expectation_config
         severity = (config.meta or {}).get("severity", "fail")
@@ -114,7 +116,7 @@ def _render_site(validations: list[dict[str, Any]], day: dt.date, site_dir: str)
     })
     for stored in validations:
         result = expectationSuiteValidationResultSchema.load(stored["result"])
-        _annotate(result)
+        _annotate(result, stored["dataset"])
         if result.suite_name not in {s.name for s in context.suites.all()}:
             context.suites.add(_suite_of(result))
         key = ValidationResultIdentifier(

@@ -1,8 +1,9 @@
 """Great Expectations gates on the feature datasets of one date (run after the Spark jobs).
 
 `run_feature_gates(cfg, dt)` reads `features/{items,user_history,ctr_samples,clusters}/dt=D` with
-pandas, runs one suite per dataset, records the summary in `_runs/dt=D/feature_gates.json`, and
-raises `GateError` listing every failing expectation (with counts) when any gate fails.
+pandas, runs one suite per dataset, records the summary in `_runs/dt=D/feature_gates.json` (with the link
+to the run's GX Data Docs, which hold the full results), and raises `GateError` listing every failing
+expectation (with counts) when any gate fails.
 Checks that GX has no expectation for (history order, group sizes, membership) are computed as
 columns here and then expected like any other column.
 """

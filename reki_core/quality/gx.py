@@ -2,7 +2,8 @@
 
 A gate is a list of expectations run over a pandas DataFrame. `run_suite` returns a `GateResult`
 (JSON-able summary: each expectation, success, counts); `GateResult.raise_if_failed()` raises a
-`GateError` whose message lists the failing expectations with their counts.
+`GateError` whose message lists the failing expectations with their counts. The result also holds
+GX's own validation results, which `reki_core.quality.data_docs.keep_validations` renders as Data Docs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class GateResult:
     dataset: str
     rows: int
     outcomes: list[ExpectationOutcome]
-    # GX's own results ({"validated_at", "result": ExpectationSuiteValidationResult JSON}), one per suite run,
+    # GX's own results ({"dataset", "validated_at", "result": ExpectationSuiteValidationResult JSON}), one per suite run,
     # kept for the Data Docs; not part of `summary()` (that goes into run records and manifests).
     validations: list[dict[str, Any]] = field(default_factory=list)
     # URI of the run's Data Docs index once they hold this result (for alerts), None until then.
@@ -202,5 +203,5 @@ def run_suite(
                 severity=(config.meta or {}).get("severity", "fail"),
             )
         )
-    validation = {"validated_at": validated_at, "result": res.to_json_dict()}
+    validation = {"dataset": dataset, "validated_at": validated_at, "result": res.to_json_dict()}
     return GateResult(gate=gate, dataset=dataset, rows=len(df), outcomes=outcomes, validations=[validation])

@@ -79,7 +79,7 @@ def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, 
     statuses = sorted((path.split("/")[-3], status(page)) for path, page in validation_pages.items())
     assert statuses == [("feature_gates", "Succeeded")] * 3 + [("vectors_gate", "Failed")]
     (vectors_page,) = [page for path, page in validation_pages.items() if "/vectors_gate/" in path]
-    assert "dim" in vectors_page
+    assert "dim" in vectors_page and f"Data asset: vectors/augmented/dt={DAY}" in vectors_page
     # The suite page names each expectation's type (the name alerts and GateError messages use).
     (vectors_suite,) = [page for path, page in html.items() if path.startswith("expectations/vectors/")]
     assert "expect_column_values_to_be_in_set" in vectors_suite
