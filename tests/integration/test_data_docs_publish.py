@@ -1,0 +1,62 @@
+"""The run's GX Data Docs travel into the published version the way the DAG's publish task sends the report."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from published_vectors import fresh_bucket_config, reader, writer
+
+from reki_core.quality.gx import suite_name
+from reki_core.quality.vectors import gate_vectors
+from reki_core.report import write_run_report
+from reki_core.storage import publish
+from reki_core.storage.lake import Lake
+from reki_core.storage.s3_access import ObjectStore, resolve_s3_access
+
+DAY = "1998-03-31"
+MODEL = "1998-03-31-dcnv2-abc"
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_aws(monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_manifest(tmp_path, seaweed):
+    cfg = fresh_bucket_config(tmp_path, seaweed)
+    lake = Lake(cfg.lake_uri)
+    users, items = ["u0", "u1"], ["i0", "i1", "i2"]
+    lake.write_partition(pd.DataFrame({"user_id": users}), "features/user_history", DAY)
+    lake.write_partition(pd.DataFrame({"item_id": items}), "features/items", DAY)
+    lake.write_partition(pd.DataFrame({
+        "entity_kind": ["user"] * 2 + ["item"] * 3, "entity_id": users + items,
+        "vector": [np.full(cfg.model.expert_output_dim, 0.1, dtype=np.float32) for _ in range(5)],
+        "model_version": MODEL}), "vectors/augmented", DAY)
+    registry = lake.local_path(f"models/registry/{MODEL}")
+    registry.mkdir(parents=True)
+    (registry / "adaptor.pt").write_bytes(b"adaptor-state")
+    (registry / "model_card.json").write_text(json.dumps({"test": {"with_knowledge": {"auc": 0.74}}}))
+    assert gate_vectors(cfg, DAY, lake)["success"]
+
+    # As the DAG's publish task: every file the report wrote goes beside the version.
+    report = write_run_report(lake, DAY, tmp_path / "reports" / DAY)
+    result = publish.publish_from_lake(cfg, DAY, "manual__1", **writer(seaweed),
+                                       extra_files={Path(p).name: Path(p) for p in report.values()})
+    archive = f"run_report_{DAY}_data_docs.zip"
+    manifest = result["manifest"]
+    assert archive in manifest["run_report_files"] and archive in manifest["files"]
+
+    store = ObjectStore(resolve_s3_access(cfg, **reader(seaweed)))
+    body, _ = store.get(manifest["files"][archive]["key"])
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        index = zf.read("data_docs/index.html").decode()
+    assert suite_name("vectors", f"vectors/augmented/dt={DAY}") in index
+    markdown, _ = store.get(manifest["files"][f"run_report_{DAY}.md"]["key"])
+    assert f"packed as [{archive}]({archive})" in markdown.decode()
