@@ -19,6 +19,8 @@ from reki_core.storage import publish
 from reki_core.storage.lake import Lake
 from reki_core.storage.s3_access import ObjectStore, resolve_s3_access
 
+pytestmark = pytest.mark.integration
+
 DAY = "1998-03-31"
 MODEL = "1998-03-31-dcnv2-abc"
 
