@@ -192,6 +192,12 @@ def _failure_rows(cfg: Config, rows: pd.DataFrame, shard_id: int, action: str, r
             for r, reason in zip(rows.itertuples(index=False), reasons)]
 
 
+def order_by_length(lengths: list[int]) -> list[int]:
+    """Positions sorted by prompt length (stable): a batch is padded to its longest prompt, so mixing short
+    item prompts with long user prompts wastes most of a batch's compute."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> dict[str, Any]:
     """Answer the prompts of one planned shard; resumable; returns (and records) the shard's accounting.
 
@@ -242,10 +248,15 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
                 failures += _failure_rows(cfg, over_rows, shard_id, "skipped", reasons)
                 todo = todo[[not o for o in over]].reset_index(drop=True)
                 texts = todo["text"].astype(str).tolist()
+                lengths = [n for n, o in zip(lengths, over) if not o]
             else:
                 failures += _failure_rows(cfg, over_rows, shard_id, "truncated", reasons)
                 truncated = set(over_rows["prompt_hash"])
                 texts = [backend.truncate_prompt(t, limit) if o else t for t, o in zip(texts, over)]
+                lengths = [min(n, limit) for n in lengths]
+        order = order_by_length(lengths)
+        todo = todo.iloc[order].reset_index(drop=True)
+        texts = [texts[i] for i in order]
         batch = max(1, cfg.llm.engine.batch_size)
         created = _day(day)
         for start in tqdm(range(0, len(todo), batch), desc=f"llm shard {shard_id}", unit="batch"):

@@ -202,3 +202,18 @@ def test_missing_prompts_partition_names_the_path(tmp_path):
     cfg = tiny_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="prompts/dt=1998-03-01"):
         runner.plan_shards(cfg, DAY)
+
+
+def test_shard_batches_prompts_of_similar_length(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LLM__SHARD_SIZE="12")  # one shard of 12, batches of 4
+    lake = Lake(cfg.lake_uri)
+    rows = [prompt_row("item", f"i{i}", f"Describe movie {i}." + " Long details." * (40 if i % 2 else 0))
+            for i in range(12)]
+    write_prompts(lake, DAY, rows)
+    backend = ScriptedBackend(cfg)
+    _run_all(cfg, DAY, backend)
+    text_of = {r["prompt_hash"]: r["text"] for r in rows}
+    sent_lengths = backend.count_prompt_tokens([text_of[h] for h in backend.requests])
+    # Short and long prompts alternate in hash order; sent shortest first, no batch mixes them.
+    assert sent_lengths == sorted(sent_lengths)
+    assert sorted(backend.requests) == sorted(text_of)
