@@ -58,10 +58,17 @@ def spark_job(name: str) -> SparkSubmitOperator:
     )
 
 
+# A replayed dataset (the embedded default) has a last day: no scheduled run is created past it, so
+# unpausing the DAG today does not start a run for a date that has no data. Live sources have no end.
+REPLAY_END = (None if CFG.scenario.source.kind == "files"
+              else dt.datetime.combine(CFG.scenario.source.end_date, dt.time(), tzinfo=dt.UTC))
+
+
 @dag(
     dag_id="reki_daily_refresh",
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),  # real day-long intervals
     start_date=dt.datetime.combine(CFG.scenario.source.start_date, dt.time(), tzinfo=dt.UTC),
+    end_date=REPLAY_END,
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

@@ -10,7 +10,7 @@ export AIRFLOW_HOME="$REKI_HOME/.reki/airflow-test"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
 mkdir -p "$AIRFLOW_HOME"
 bash "$REKI_HOME/infra/airflow.sh" init || exit 1
-python -m pytest -p no:cacheprovider -q -ra --timeout=900 "$@" tests
+python -m pytest -p no:cacheprovider -q -ra --durations=15 --timeout=900 "$@" tests
 rc=$?
 [ $rc -eq 5 ] && { echo "ERROR: no tests were collected"; exit 1; }
 exit $rc
