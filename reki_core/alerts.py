@@ -100,6 +100,7 @@ def build_alert(
     max_tries: int | None = None,
     log_url: str | None = None,
     report_url: str | None = None,
+    data_docs_url: str | None = None,
     error: Any = None,
     gate_name: str | None = None,
     failing_expectations: Any = None,
@@ -148,6 +149,7 @@ def build_alert(
         "max_tries": max_tries,
         "log_url": redact(log_url, secrets) if log_url else None,
         "report_url": redact(report_url, secrets) if report_url else None,
+        "data_docs_url": redact(data_docs_url, secrets) if data_docs_url else None,
         "error": _truncate(redact(error, secrets), MAX_ERROR_CHARS) if error is not None else None,
         "gate": gate,
         "deadline": deadline,
@@ -200,6 +202,8 @@ def render_text(alert: dict[str, Any]) -> str:
         lines += ["", f"Log: {alert['log_url']}"]
     if alert.get("report_url"):
         lines.append(f"Run report: {alert['report_url']}")
+    if alert.get("data_docs_url"):
+        lines.append(f"Data Docs: {alert['data_docs_url']}")
     return "\n".join(lines)
 
 
@@ -221,6 +225,8 @@ def render_slack(alert: dict[str, Any]) -> dict[str, Any]:
         links.append(f"<{alert['log_url']}|Task log>")
     if alert.get("report_url"):
         links.append(f"<{alert['report_url']}|Run report>")
+    if alert.get("data_docs_url"):
+        links.append(f"<{alert['data_docs_url']}|Data Docs>")
     if links:
         blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": " · ".join(links)}]})
     return {"text": _truncate(render_text(alert), 3000), "blocks": blocks}
@@ -236,7 +242,8 @@ def render_email(alert: dict[str, Any]) -> dict[str, str]:
         parts.append(f"<h3>Failing expectations ({alert['gate']['failed_count']})</h3><ul>{items}</ul>")
     if alert.get("error"):
         parts.append(f"<h3>Error</h3><pre>{esc(alert['error'])}</pre>")
-    links = [(label, alert[key]) for label, key in (("Task log", "log_url"), ("Run report", "report_url"))
+    links = [(label, alert[key]) for label, key in (("Task log", "log_url"), ("Run report", "report_url"),
+                                                       ("Data Docs", "data_docs_url"))
              if alert.get(key)]
     if links:
         parts.append("<p>" + " | ".join(f"<a href='{esc(url, quote=True)}'>{esc(label)}</a>" for label, url in links)

@@ -21,6 +21,7 @@ from reki_core.datasets import schema
 from reki_core.datasets.source import delivery_files, replay_delivery
 from reki_core.quality import raw as raw_suites
 from reki_core.quality.gx import run_suite
+from reki_core.quality.data_docs import keep_validations
 from reki_core.runlog import timed_step
 from reki_core.storage.lake import Lake, as_date
 
@@ -229,6 +230,7 @@ def run_raw_gate(cfg: Config, day: str | dt.date) -> dict:
                       raw_suites.items_expectations()),
         ]
         record["gates"] = [r.summary() for r in results]
+        record["data_docs"] = keep_validations(lake, day, "raw_gate", results)
         record["success"] = all(r.success for r in results)
         record["no_new_data"] = len(inter) == 0
         record["rows"] = len(inter)

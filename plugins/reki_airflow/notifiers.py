@@ -221,6 +221,7 @@ def notify_gate_failure(
     cfg=None,
     channels: AlertChannels | None = None,
     report_url: str | None = None,
+    data_docs_url: str | None = None,
 ) -> dict[str, str]:
     """Alert on a failed quality gate (call it where the gate task catches `GateError`, then re-raise).
 
@@ -230,7 +231,8 @@ def notify_gate_failure(
     channels = channels or AlertChannels.from_config(cfg)
     secrets = _secret_values()
     alert = alert_from_context(context, "gate_failed", secrets=secrets, gate_name=gate_name,
-                               failing_expectations=failing_expectations, report_url=report_url)
+                               failing_expectations=failing_expectations, report_url=report_url,
+                               data_docs_url=data_docs_url)
     return send_alert(alert, channels, secrets)
 
 

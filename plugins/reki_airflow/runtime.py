@@ -61,7 +61,7 @@ def run_gate(context: dict[str, Any], gate_name: str, gate: Callable[[], Any], c
     except GateError as exc:
         from reki_airflow.notifiers import notify_gate_failure
 
-        notify_gate_failure(context, gate_name, exc.result, cfg=cfg)
+        notify_gate_failure(context, gate_name, exc.result, cfg=cfg, data_docs_url=exc.result.data_docs)
         raise
 
 

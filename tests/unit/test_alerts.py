@@ -75,6 +75,15 @@ def test_gate_alert_lists_only_failing_expectations_with_counts():
     assert "expect_column_values_to_not_be_null on column 'user_id' (12 unexpected)" in slack_text
 
 
+def test_gate_alert_links_the_run_data_docs_in_every_channel():
+    docs = "file:///lake/_runs/dt=2026-01-05/data_docs/index.html"
+    alert = build_alert("gate_failed", dag_id="reki_daily", task_id="gate_raw", dt_value="2026-01-05",
+                        gate_name="raw_interactions", failing_expectations=gate_result(), data_docs_url=docs)
+    assert f"Data Docs: {docs}" in render_text(alert)
+    assert f"<{docs}|Data Docs>" in json.dumps(render_slack(alert))
+    assert docs in render_email(alert)["html"] and render_webhook(alert)["data_docs_url"] == docs
+
+
 def test_gate_expectations_accepted_as_summary_strings_and_dicts():
     summary_lines = gate_result().summary()["failed"]
     from_strings = normalise_expectations(summary_lines)
