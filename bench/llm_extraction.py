@@ -3,13 +3,20 @@
 Measured in one run, each on a fresh lake under a temporary folder, with the embedded smoke model
 (its text is meaningless; calls and tokens are what this measures):
 
-- full build of `run_date` in individual mode vs collective mode: LLM calls and tokens;
-- the day after the full build (individual): calls as a share of the full build's calls;
-- the same day run again: calls (must be 0, everything is in the knowledge store);
-- the `transformers` backend batched (llm.engine.batch_size) vs one prompt at a time, same prompts: ratio
-  of completion tokens per second.
+- full build of `run_date` (D, on an empty lake: all history up to D) in individual mode vs collective
+  mode: LLM calls and tokens;
+- D run again from landing (a re-run): calls (must be 0, everything is in the knowledge store);
+- D+1, the first incremental day after the full build (individual): calls as a share of the full
+  build's calls, and what made them (new users, users whose knowledge window advanced, new items);
+- the `transformers` backend on one shard's worth of D's prompts: batched (llm.engine.batch_size, in
+  the length order `run_shard` uses) vs one prompt at a time, ratio of completion tokens per second;
+  also batched in plain prompt-hash order (mixed lengths), to show what the length order buys.
 
-Usage: python bench/llm_extraction.py [--max-tokens 16] [--throughput-prompts 64]
+Each day goes through the functions the DAG's tasks call (landing, the Spark jobs' `run`, prompts,
+plan_shards, run_shard, assign_knowledge, extraction_summary); gates and ctr_samples are left out
+because they do not change what is sent to the LLM.
+
+Usage: python bench/llm_extraction.py [--max-tokens 16] [--throughput-prompts N (default llm.shard_size)]
 """
 
 from __future__ import annotations
@@ -61,6 +68,30 @@ def prepare_day(cfg: Config, day: dt.date, spark) -> dict:
     return build_prompts(cfg, day, lake)
 
 
+def incremental_breakdown(cfg: Config, day: dt.date) -> dict:
+    """Why the prompts planned for `day` were sent: new users, users whose window advanced, new or changed items."""
+    from reki_core.llm.runner import PLAN, PROMPTS
+
+    lake = Lake(cfg.lake_uri)
+    previous = lake.read_partition(PROMPTS, lake.latest_partition(PROMPTS, upto=day - dt.timedelta(days=1)))
+    prompts = lake.read_partition(PROMPTS, day)
+    sent = prompts[prompts["prompt_hash"].isin(lake.read_partition(PLAN, day)["prompt_hash"])]
+    sent = sent.drop_duplicates("prompt_hash")
+    known = {kind: set(previous.loc[previous["entity_kind"] == kind, "entity_id"].astype(str)) for kind in ("user", "item")}
+    is_known = [str(e) in known.get(k, set()) for k, e in zip(sent["entity_kind"], sent["entity_id"])]
+    by = sent.assign(known=is_known).groupby(["entity_kind", "known"]).size()
+    interactions = lake.read_partition("raw/interactions", day)
+    history = lake.read_partition("features/user_history", day)
+    return {
+        "interactions": len(interactions), "active_users": int(interactions["user_id"].nunique()),
+        "users_needing_refresh": int(history["needs_refresh"].sum()),
+        "calls_new_users": int(by.get(("user", False), 0)),
+        "calls_users_window_advanced": int(by.get(("user", True), 0)),
+        "calls_new_items": int(by.get(("item", False), 0)),
+        "calls_changed_items": int(by.get(("item", True), 0)),
+    }
+
+
 def extract_day(cfg: Config, day: dt.date, backend) -> dict:
     """Plan, run every shard with one shared backend, assign: the extraction of one day."""
     from reki_core.llm.runner import assign_knowledge, extraction_summary, plan_shards, run_shard
@@ -73,11 +104,16 @@ def extract_day(cfg: Config, day: dt.date, backend) -> dict:
 
 def throughput_ratio(cfg: Config, backend, n_prompts: int) -> dict:
     """Completion tokens/s of the transformers backend batched vs one prompt at a time, same prompts."""
+    import torch
+
     from reki_core.llm.backends import GenerationRequest
-    from reki_core.llm.runner import extraction_prompts
+    from reki_core.llm.runner import extraction_prompts, order_by_length
 
     prompts, _ = extraction_prompts(cfg, cfg.run_date)
-    requests = [GenerationRequest(h, t) for h, t in zip(prompts["prompt_hash"][:n_prompts], prompts["text"][:n_prompts])]
+    # The first prompts in hash order: a shard's random mix of short item and long user prompts.
+    mixed = [GenerationRequest(h, t) for h, t in zip(prompts["prompt_hash"][:n_prompts], prompts["text"][:n_prompts])]
+    order = order_by_length(backend.count_prompt_tokens([r.text for r in mixed]))
+    requests = [mixed[i] for i in order]  # as run_shard sends them
 
     def tokens_per_s(run) -> float:
         start = time.perf_counter()
@@ -86,10 +122,14 @@ def throughput_ratio(cfg: Config, backend, n_prompts: int) -> dict:
 
     backend.generate(requests[:2])  # warm-up
     batched = tokens_per_s(lambda: backend.generate(requests))
+    batched_mixed = tokens_per_s(lambda: backend.generate(mixed))
     single = tokens_per_s(lambda: [backend.generate([r])[0] for r in requests])
-    return {"prompts": len(requests), "batch_size": cfg.llm.engine.batch_size,
+    return {"prompts": len(requests), "batch_size": cfg.llm.engine.batch_size, "device": cfg.llm.engine.device,
+            "torch_threads": torch.get_num_threads(),
             "batched_tokens_per_s": round(batched, 1), "single_tokens_per_s": round(single, 1),
-            "batched_over_single_throughput": round(batched / single, 2)}
+            "batched_mixed_lengths_tokens_per_s": round(batched_mixed, 1),
+            "batched_over_single_throughput": round(batched / single, 2),
+            "batched_mixed_lengths_over_single_throughput": round(batched_mixed / single, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per call (smoke model)")
-    parser.add_argument("--throughput-prompts", type=int, default=64)
+    parser.add_argument("--throughput-prompts", type=int, default=None, help="default: llm.shard_size (one shard)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
 
@@ -113,10 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             prepare_day(individual, day, spark)
             full = extract_day(individual, day, backend)
-            throughput = throughput_ratio(individual, backend, args.throughput_prompts)
+            throughput = throughput_ratio(individual, backend, args.throughput_prompts or individual.llm.shard_size)
+            prepare_day(individual, day, spark)  # the same date again, from landing
             rerun = extract_day(individual, day, backend)
             prepare_day(individual, next_day, spark)
             incremental = extract_day(individual, next_day, backend)
+            why_incremental = incremental_breakdown(individual, next_day)
             prepare_day(collective, day, spark)
             group = extract_day(collective, day, make_backend(collective))
         finally:
@@ -130,13 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_collective": group["prompt_tokens"] + group["completion_tokens"],
         "incremental_call_share": round(incremental["calls"] / full["calls"], 4) if full["calls"] else None,
         "incremental_calls": incremental["calls"],
+        "incremental_breakdown": why_incremental,
         "rerun_calls": rerun["calls"],
+        "rerun_cache_hits": rerun["cache_hits"],
         "batched_over_single_throughput": throughput["batched_over_single_throughput"],
         "throughput": throughput,
         "dt": day.isoformat(), "next_dt": next_day.isoformat(),
         "model_id": individual.llm.engine.model_id, "is_smoke_model": individual.llm.is_smoke_model,
         "max_tokens": args.max_tokens,
-        "note": "smoke model: answers are meaningless; calls and tokens are the measured quantities",
+        "prompt_tokens_individual": full["prompt_tokens"], "prompt_tokens_collective": group["prompt_tokens"],
+        "generate_seconds_individual": full["generate_seconds"], "generate_seconds_collective": group["generate_seconds"],
+        "note": ("smoke model (random weights): answers are meaningless; calls, tokens and throughput are the "
+                 "measured quantities; completion tokens are capped by max_tokens, so token totals are mostly "
+                 "prompt tokens"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
