@@ -6,8 +6,10 @@ Reads the configured lake at run_date (run the daily pipeline first): `features/
 `features/knowledge_vectors` (llm), `prompts` and `features/items` (metadata_text). Training is exactly
 `reki_core.models.training.fit_and_evaluate` (early stopping on valid; test split evaluated once).
 
-    .venv/bin/python bench/model_quality.py [--backbones din,dcnv2,deepfm,autoint] [--seeds 0,1,2] [--max-epochs N]
-writes bench/results/model_quality.json and bench/results/model_quality.png.
+    .venv/bin/python bench/model_quality.py [--backbones din,dcnv2,deepfm,autoint] [--seeds 0,1,2] [--max-epochs N] [--merge]
+writes bench/results/model_quality.json and bench/results/model_quality.png. With --merge the new runs join the
+runs already in the JSON (same dt, samples, encoder, LLM and epochs required; a rerun of a backbone/knowledge/seed
+replaces its old row), and the summary and plot cover all of them.
 """
 
 from __future__ import annotations
@@ -85,6 +87,45 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds for each backbone and knowledge kind, backbones in first-seen order."""
+    import numpy as np
+
+    summary = []
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        for kind in KNOWLEDGE:
+            sel = [r for r in rows if r["backbone"] == backbone and r["knowledge"] == kind]
+            if not sel:
+                continue
+            summary.append({"backbone": backbone, "knowledge": kind, "seeds": len(sel),
+                            "auc_mean": float(np.mean([r["auc"] for r in sel])),
+                            "auc_std": float(np.std([r["auc"] for r in sel])),
+                            "logloss_mean": float(np.mean([r["logloss"] for r in sel])),
+                            "logloss_std": float(np.std([r["logloss"] for r in sel]))})
+    return summary
+
+
+# Runs are comparable only when these agree; --merge refuses to mix results that differ in any of them.
+MERGE_KEYS = ("dt", "samples", "encoder_id", "llm_model_id", "max_epochs", "patience")
+
+
+def check_mergeable(previous: dict, header: dict) -> None:
+    mismatched = {k: (previous.get(k), header[k]) for k in MERGE_KEYS if previous.get(k) != header[k]}
+    if mismatched:
+        raise SystemExit(f"bench/model_quality.py --merge: the existing results were measured differently "
+                         f"(existing, now): {mismatched}; rerun all backbones without --merge")
+
+
+def merge_runs(previous: dict, result: dict) -> dict:
+    """`result` with the runs of `previous` that it does not rerun put first; summary recomputed over all runs."""
+    check_mergeable(previous, result)
+    rerun = {(r["backbone"], r["knowledge"], r["seed"]) for r in result["runs"]}
+    kept = [r for r in previous["runs"] if (r["backbone"], r["knowledge"], r["seed"]) not in rerun]
+    runs = kept + result["runs"]
+    return {**result, "test_join_stats": {**previous.get("test_join_stats", {}), **result["test_join_stats"]},
+            "summary": summarize(runs), "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="din,dcnv2,deepfm,autoint")
@@ -92,9 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-epochs", type=int, default=None, help="default: model.max_epochs of the config")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench" / "results" / "model_quality.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the runs already in --out (rows of rerun backbone/knowledge/seed are replaced)")
     args = parser.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from reki_core.encoding import KNOWLEDGE_VECTORS, TextEncoder
@@ -113,6 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
                  f"in {cfg.lake_uri}: run the daily pipeline first (make run)")
     splits = load_samples(lake, day)
     encoder = TextEncoder.from_config(cfg)
+    out = Path(args.out)
+    # Round-trip through JSON so the header compares alike with a stored one (dates as strings).
+    header = json.loads(json.dumps({
+        "dt": day.isoformat(), "samples": {s: len(splits[s]) for s in splits}, "encoder_id": encoder.encoder_id,
+        "llm_model_id": cfg.llm.engine.model_id, "is_smoke_model": cfg.llm.is_smoke_model,
+        "note": ("the smoke LLM's answers carry no knowledge; the user text still carries the history titles"
+                 if cfg.llm.is_smoke_model else ""),
+        "max_epochs": cfg.model.max_epochs, "patience": cfg.model.patience}))
+    previous = json.loads(out.read_text()) if args.merge and out.exists() else None
+    if previous is not None:
+        check_mergeable(previous, header)  # fail before training, not after
     knowledge = {"none": None, "llm": KnowledgeIndex.from_lake(lake, day),
                  "metadata_text": metadata_knowledge(cfg, lake, day, encoder)}
     rows, join_stats = [], {}
@@ -128,28 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
                              "seconds": round(time.perf_counter() - start, 1)})
                 join_stats[kind] = trained.fit["join_stats"]["test"]
                 print(json.dumps(rows[-1]))
-    summary = []
-    for backbone in args.backbones.split(","):
-        for kind in KNOWLEDGE:
-            sel = [r for r in rows if r["backbone"] == backbone and r["knowledge"] == kind]
-            summary.append({"backbone": backbone, "knowledge": kind, "seeds": len(sel),
-                            "auc_mean": float(np.mean([r["auc"] for r in sel])),
-                            "auc_std": float(np.std([r["auc"] for r in sel])),
-                            "logloss_mean": float(np.mean([r["logloss"] for r in sel])),
-                            "logloss_std": float(np.std([r["logloss"] for r in sel]))})
-    out = Path(args.out)
+    result = json.loads(json.dumps({**header, "test_join_stats": join_stats, "summary": summarize(rows),
+                                    "runs": rows, "plot": out.with_suffix(".png").name}, default=str))
+    if previous is not None:
+        result = merge_runs(previous, result)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, out.with_suffix(".png"))
-    result = {
-        "dt": day.isoformat(), "samples": {s: len(splits[s]) for s in splits}, "encoder_id": encoder.encoder_id,
-        "llm_model_id": cfg.llm.engine.model_id, "is_smoke_model": cfg.llm.is_smoke_model,
-        "note": ("the smoke LLM's answers carry no knowledge; the user text still carries the history titles"
-                 if cfg.llm.is_smoke_model else ""),
-        "max_epochs": cfg.model.max_epochs, "patience": cfg.model.patience, "test_join_stats": join_stats,
-        "summary": summary, "runs": rows, "plot": out.with_suffix(".png").name,
-    }
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps(summary, indent=2))
+    plot(result["runs"], out.with_suffix(".png"))
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
     return result
 
 
