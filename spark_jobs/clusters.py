@@ -1,10 +1,12 @@
 """Groups for collective knowledge extraction: items, and users twice (what they liked, what they disliked).
 
-Spark MLlib bisecting k-means (seeded) on item features (genre multi-hot, year, log popularity) and on
-user profiles (genre distribution of the items rated above / at-or-below the positive threshold).
-Clusters above the size bound are clustered again, recursively; when k-means cannot split a cluster
-(identical points), it is cut into chunks in entity-id order. Every entity gets exactly one group per
-clustering; `group_id` is a hash of the sorted member ids, so an unchanged group keeps its id.
+Points: item features (genre multi-hot, year, log popularity) and user profiles (L1-normalised genre counts
+of the items rated above / at-or-below the positive threshold), over one sorted genre vocabulary.
+One Spark MLlib bisecting k-means pass (seeded) over all points aims at groups about half the size bound;
+the few clusters still above the bound are then split in one grouped pass (each such cluster goes to one
+Python worker, which bisects it with deterministic 2-means until every part fits, and cuts points that
+2-means cannot separate into chunks in entity-id order). Every entity gets exactly one group per clustering;
+`group_id` is a hash of the sorted member ids, so an unchanged group keeps its id.
 
 Reads `features/items/dt=D`, `features/user_history/dt=D`. Writes `features/clusters/dt=D`.
 """
@@ -14,58 +16,97 @@ from __future__ import annotations
 import math
 import sys
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 DATASET = "features/clusters"
-MAX_ROUNDS = 8
 SEED = 42
+LLOYD_ITERATIONS = 10
+MAX_SPLIT_DEPTH = 32  # deeper than any sane 2-means tree: past it the rest is cut into id-ordered chunks
 
 
 def _bisect(points: DataFrame, k: int, seed: int) -> DataFrame:
-    """entity_id, cluster (int) for `points` (entity_id, features) with bisecting k-means."""
+    """entity_id, cluster (int) for `points` (entity_id, features array) with bisecting k-means."""
     from pyspark.ml.clustering import BisectingKMeans
+    from pyspark.ml.functions import array_to_vector
 
-    model = BisectingKMeans(k=k, seed=seed, featuresCol="features", predictionCol="cluster", maxIter=10).fit(points)
-    return model.transform(points).select("entity_id", "cluster")
+    vectors = points.select("entity_id", array_to_vector("features").alias("features"))
+    model = BisectingKMeans(k=k, seed=seed, featuresCol="features", predictionCol="cluster", maxIter=10).fit(vectors)
+    return model.transform(vectors).select("entity_id", "cluster")
+
+
+def _two_means(x):
+    """Boolean mask of one side of a deterministic 2-means split of the rows of `x`, or None if they are all equal."""
+    import numpy as np
+
+    a = x[np.argmax(((x - x.mean(axis=0)) ** 2).sum(axis=1))]  # farthest from the mean, then farthest from that
+    b = x[np.argmax(((x - a) ** 2).sum(axis=1))]
+    if np.array_equal(a, b):
+        return None
+    side = None
+    for _ in range(LLOYD_ITERATIONS):
+        new_side = ((x - a) ** 2).sum(axis=1) <= ((x - b) ** 2).sum(axis=1)
+        if new_side.all() or not new_side.any():
+            return None
+        if side is not None and np.array_equal(side, new_side):
+            break
+        side = new_side
+        a, b = x[side].mean(axis=0), x[~side].mean(axis=0)
+    return side
+
+
+def split_cluster(members, max_size: int):
+    """Arrow grouped map: one oversized cluster (entity_id, path, features) -> entity_id, path, every part <= max_size."""
+    import numpy as np
+    import pyarrow as pa
+
+    ids = np.array(members.column("entity_id").to_pylist(), dtype=object)
+    order = np.argsort(ids.astype(str), kind="stable")  # id order: the result never depends on row arrival order
+    ids = ids[order]
+    features = members.column("features").combine_chunks()
+    x = features.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), -1)[order]
+    paths = np.empty(len(ids), dtype=object)
+    todo = [(np.arange(len(ids)), members.column("path")[0].as_py(), 0)]
+    while todo:
+        idx, path, depth = todo.pop()
+        if len(idx) <= max_size:
+            paths[idx] = path
+            continue
+        side = _two_means(x[idx]) if depth < MAX_SPLIT_DEPTH else None
+        if side is None:  # identical points (or too deep): cut into chunks in id order
+            for chunk_no, start in enumerate(range(0, len(idx), max_size)):
+                paths[idx[start:start + max_size]] = f"{path}.c{chunk_no}"
+            continue
+        todo += [(idx[side], f"{path}.0", depth + 1), (idx[~side], f"{path}.1", depth + 1)]
+    return pa.table({"entity_id": pa.array(ids.tolist(), pa.string()), "path": pa.array(paths.tolist(), pa.string())})
 
 
 def bounded_groups(points: DataFrame, max_size: int, seed: int = SEED) -> DataFrame:
-    """entity_id, path: a size-bounded partition of `points` (entity_id, features vector)."""
+    """entity_id, path: a size-bounded partition of `points` (entity_id, features array<double>)."""
     points = points.select("entity_id", "features").cache()
     n = points.count()
     if n == 0:
         return points.sparkSession.createDataFrame([], "entity_id string, path string")
     if n <= max_size:
         return points.select("entity_id", F.lit("0").alias("path"))
-    # Twice the minimum cluster count: bisecting k-means leaves uneven sizes, fewer re-splits follow.
+    # Twice the minimum cluster count: bisecting k-means leaves uneven sizes, fewer clusters need splitting.
     assigned = _bisect(points, min(n, 2 * math.ceil(n / max_size)), seed).select(
         "entity_id", F.col("cluster").cast("string").alias("path")
+    ).cache()
+    oversized = F.broadcast(assigned.groupBy("path").count().where(F.col("count") > max_size).select("path"))
+    settled = assigned.join(oversized, "path", "left_anti")
+
+    def split_one(members):  # a plain function: pyspark 4.3 cannot infer the eval type of a functools.partial
+        return split_cluster(members, max_size)
+
+    # All oversized clusters split in one grouped pass (not one Spark k-means job chain per cluster).
+    split = (
+        assigned.join(oversized, "path")
+        .join(points, "entity_id")
+        .groupBy("path")
+        .applyInArrow(split_one, schema="entity_id string, path string")
     )
-    for round_no in range(MAX_ROUNDS):
-        assigned = assigned.cache()
-        sizes = {r["path"]: r["count"] for r in assigned.groupBy("path").count().collect()}
-        oversized = sorted(p for p, c in sizes.items() if c > max_size)
-        if not oversized:
-            return assigned
-        settled = assigned.where(~F.col("path").isin(oversized))
-        parts = [settled]
-        for path in oversized:
-            members = points.join(assigned.where(F.col("path") == path), "entity_id")
-            k = min(sizes[path], max(2, math.ceil(sizes[path] / max_size)))
-            sub = _bisect(members, k, seed + round_no + 1) if round_no < MAX_ROUNDS - 1 else None
-            if sub is None or sub.select("cluster").distinct().count() < 2:
-                sub = _chunks(members, max_size)  # k-means could not separate these points
-            parts.append(sub.select("entity_id", F.concat(F.lit(path + "."), F.col("cluster").cast("string")).alias("path")))
-        assigned = parts[0]
-        for part in parts[1:]:
-            assigned = assigned.unionByName(part)
-    return assigned
-
-
-def _chunks(members: DataFrame, max_size: int) -> DataFrame:
-    order = Window.orderBy("entity_id")
-    return members.select("entity_id", ((F.row_number().over(order) - 1) / max_size).cast("int").alias("cluster"))
+    return settled.select("entity_id", "path").unionByName(split)
 
 
 def name_groups(assigned: DataFrame, clustering: str) -> DataFrame:
@@ -79,48 +120,65 @@ def name_groups(assigned: DataFrame, clustering: str) -> DataFrame:
     return assigned.join(groups, "path").select(F.lit(clustering).alias("clustering"), "entity_id", "group_id", "group_size")
 
 
-def item_points(items: DataFrame) -> DataFrame:
-    """entity_id, features: genre multi-hot, year scaled to [0, 1] (missing: middle), log popularity scaled."""
-    from pyspark.ml.feature import CountVectorizer, VectorAssembler
+def genre_vocabulary(items: DataFrame) -> list[str]:
+    """Every item genre, sorted: the feature order of items and user profiles alike."""
+    return sorted(r["g"] for r in items.select(F.explode("genres").alias("g")).distinct().collect())
 
+
+def _vocab_array(vocabulary: list[str]):
+    return F.array(*[F.lit(g) for g in vocabulary]) if vocabulary else F.array().cast("array<string>")
+
+
+def item_points(items: DataFrame, vocabulary: list[str] | None = None) -> DataFrame:
+    """entity_id, features: genre multi-hot, year scaled to [0, 1] (missing: middle), log popularity scaled."""
+    vocabulary = genre_vocabulary(items) if vocabulary is None else vocabulary
     stats = items.agg(F.min("year").alias("y0"), F.max("year").alias("y1"), F.max(F.log1p("popularity")).alias("p1")).first()
     y0, y1 = stats["y0"] or 0, stats["y1"] or 1
     span = max(1, y1 - y0)
-    df = items.select(
+    multi_hot = F.transform(_vocab_array(vocabulary), lambda g: F.when(F.array_contains("genres", g), 1.0).otherwise(0.0))
+    return items.select(
         F.col("item_id").alias("entity_id"),
-        "genres",
-        F.coalesce((F.col("year") - y0) / span, F.lit(0.5)).alias("year_scaled"),
-        (F.log1p("popularity") / max(stats["p1"] or 1.0, 1e-9)).alias("pop_scaled"),
-    )
-    vocab = CountVectorizer(inputCol="genres", outputCol="genre_vec", binary=True, minDF=1.0).fit(df)
-    df = vocab.transform(df)
-    return VectorAssembler(inputCols=["genre_vec", "year_scaled", "pop_scaled"], outputCol="features").transform(df).select(
-        "entity_id", "features"
+        F.concat(
+            multi_hot,
+            F.array(
+                F.coalesce((F.col("year") - y0) / span, F.lit(0.5)).cast("double"),
+                (F.log1p("popularity") / max(stats["p1"] or 1.0, 1e-9)).cast("double"),
+            ),
+        ).alias("features"),
     )
 
 
-def user_points(user_history: DataFrame, items: DataFrame, liked: bool, threshold: int) -> DataFrame:
-    """entity_id, features: L1-normalised genre counts of the items the user liked (or disliked); zeros if none."""
-    from pyspark.ml.feature import CountVectorizer, Normalizer
-
-    events = user_history.select("user_id", F.explode("history").alias("e"))
-    keep = F.col("e.rating") > threshold if liked else F.col("e.rating") <= threshold
-    genres = events.where(keep).join(items.select(F.col("item_id"), "genres"), F.col("e.item_id") == F.col("item_id"))
-    per_user = genres.groupBy("user_id").agg(F.flatten(F.collect_list("genres")).alias("g"))
-    df = user_history.select("user_id").join(per_user, "user_id", "left").select(
-        F.col("user_id").alias("entity_id"), F.coalesce("g", F.array().cast("array<string>")).alias("g")
+def user_genre_counts(user_history: DataFrame, items: DataFrame, threshold: int) -> DataFrame:
+    """user_id, liked, disliked (map genre -> count over the rated items), every user of `user_history`: one pass."""
+    events = user_history.select("user_id", F.explode("history").alias("e")).select(
+        "user_id", F.col("e.item_id").alias("item_id"), (F.col("e.rating") > threshold).cast("int").alias("liked")
     )
-    vocab = CountVectorizer(inputCol="g", outputCol="counts", minDF=1.0)
-    vocab_model = vocab.fit(items.select(F.col("genres").alias("g")))  # one vocabulary: the item genres
-    counts = vocab_model.transform(df)
-    return Normalizer(inputCol="counts", outputCol="features", p=1.0).transform(counts).select("entity_id", "features")
+    genres = events.join(F.broadcast(items.select("item_id", "genres")), "item_id").select(
+        "user_id", "liked", F.explode("genres").alias("genre")
+    )
+    counts = genres.groupBy("user_id", "genre").agg(F.sum("liked").alias("pos"), F.sum(1 - F.col("liked")).alias("neg"))
+    per_user = counts.groupBy("user_id").agg(
+        F.map_from_entries(F.collect_list(F.struct("genre", "pos"))).alias("liked"),
+        F.map_from_entries(F.collect_list(F.struct("genre", "neg"))).alias("disliked"),
+    )
+    return user_history.select("user_id").join(per_user, "user_id", "left")
+
+
+def user_points(genre_counts: DataFrame, column: str, vocabulary: list[str]) -> DataFrame:
+    """entity_id, features: the L1-normalised genre counts in `column` (liked / disliked); zeros if none."""
+    counts = F.transform(_vocab_array(vocabulary), lambda g: F.coalesce(F.element_at(column, g), F.lit(0)).cast("double"))
+    df = genre_counts.select(F.col("user_id").alias("entity_id"), counts.alias("c"))
+    total = F.aggregate("c", F.lit(0.0), lambda acc, x: acc + x)
+    return df.select("entity_id", F.when(total > 0, F.transform("c", lambda x: x / total)).otherwise(F.col("c")).alias("features"))
 
 
 def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_users: int, threshold: int) -> DataFrame:
+    vocabulary = genre_vocabulary(items)
+    genre_counts = user_genre_counts(user_history, items, threshold).cache()  # users x genres: small, read by both profiles
     parts = [
-        name_groups(bounded_groups(item_points(items), max_items), "item"),
-        name_groups(bounded_groups(user_points(user_history, items, True, threshold), max_users), "user_pos"),
-        name_groups(bounded_groups(user_points(user_history, items, False, threshold), max_users), "user_neg"),
+        name_groups(bounded_groups(item_points(items, vocabulary), max_items), "item"),
+        name_groups(bounded_groups(user_points(genre_counts, "liked", vocabulary), max_users), "user_pos"),
+        name_groups(bounded_groups(user_points(genre_counts, "disliked", vocabulary), max_users), "user_neg"),
     ]
     out = parts[0].unionByName(parts[1]).unionByName(parts[2])
     return out.orderBy("clustering", "group_id", "entity_id")
