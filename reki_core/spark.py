@@ -6,6 +6,7 @@ pyspark is imported inside the function: `reki_core` modules stay importable at 
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from reki_core.config import Config
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSession":
     """A SparkSession for `app_name`: master from `cfg.spark.master` unless spark-submit already set one."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # Python workers (the clusters job's grouped split) run this interpreter, with its numpy and pyarrow.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
@@ -35,5 +38,7 @@ def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSe
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.adaptive.enabled", "true")
+        # The lake is a local folder: listing a few hundred day partitions on the driver beats a 1-task-per-folder job.
+        .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "4096")
         .getOrCreate()
     )

@@ -62,10 +62,13 @@ def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame)
     """Per user: full time-ordered history, the day-end interaction counts of the new days, the previous window_n."""
     day = F.to_date(F.timestamp_seconds("ts"))
     per_day = new_interactions.groupBy("user_id", day.alias("day")).agg(F.count(F.lit(1)).alias("cnt"))
+    # Running count at each new day's end (the points where the daily run would have looked): a window sum, linear per user.
+    so_far = Window.partitionBy("user_id").orderBy("day").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    per_day = per_day.withColumn("n", F.sum("cnt").over(so_far).cast("int"))
     new = new_interactions.groupBy("user_id").agg(
         F.collect_list(F.struct("ts", "item_id", "rating")).alias("new_events")
     )
-    days = per_day.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("day", "cnt"))).alias("day_cnts"))
+    days = per_day.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("day", "n"))).alias("day_cnts"))
     new = new.join(days, "user_id")
     if prev_history is None:
         prev = new.sparkSession.createDataFrame(
@@ -79,18 +82,16 @@ def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame)
             F.col("window_n").cast("int").alias("prev_window_n"),
         )
     both = prev.join(new, "user_id", "full_outer")
-    events = F.sort_array(
+    merged = F.sort_array(
         F.concat(
             F.coalesce("prev_events", F.array().cast("array<struct<ts:bigint,item_id:string,rating:int>>")),
             F.coalesce("new_events", F.array().cast("array<struct<ts:bigint,item_id:string,rating:int>>")),
         )
     )
+    # Most users have no new events on a given day: their stored history is already in order.
+    events = F.when(F.col("new_events").isNull(), F.col("prev_events")).otherwise(merged)
     base = F.coalesce(F.col("prev_n"), F.lit(0))
-    # Running count at each new day's end: the points where the daily run would have looked.
-    day_counts = F.expr(
-        "transform(coalesce(day_cnts, array()), (x, i) -> "
-        "struct(x.day as day, cast(aggregate(slice(day_cnts, 1, i + 1), 0L, (acc, y) -> acc + y.cnt) as int) as n))"
-    )
+    day_counts = F.coalesce("day_cnts", F.array().cast("array<struct<day:date,n:int>>"))
     return both.select(
         "user_id",
         F.transform(events, lambda e: F.struct(e["item_id"].alias("item_id"), e["ts"].alias("ts"), e["rating"].alias("rating"))).alias("history"),
@@ -120,15 +121,19 @@ def advance_windows(histories: DataFrame, params: WindowParams) -> DataFrame:
 
 def version_rows(advanced: DataFrame, params: WindowParams) -> DataFrame:
     """One row per window version made in this run: user_id, window_n, window_size, as_of, window_hash, version_dt."""
-    v = advanced.select("user_id", "history", F.explode("new_versions").alias("v"))
-    v = v.withColumn("w", F.expr(params.slice_sql("history", "v.n")))
+    # Slice each version's window inside the row, then explode the small windows: exploding next to the full
+    # history would copy it once per version (quadratic for heavy users).
+    windows = F.expr(
+        "transform(new_versions, v -> named_struct('day', v.day, 'n', v.n, 'w', " + params.slice_sql("history", "v.n") + "))"
+    )
+    v = advanced.select("user_id", F.explode(windows).alias("v")).select("user_id", "v.day", "v.n", "v.w")
     return v.select(
         "user_id",
-        F.col("v.n").alias("window_n"),
+        F.col("n").alias("window_n"),
         F.size("w").cast("int").alias("window_size"),
         F.try_element_at("w", F.lit(-1))["ts"].alias("as_of"),
         window_hash("w").alias("window_hash"),
-        F.col("v.day").alias("version_dt"),
+        F.col("day").alias("version_dt"),
     )
 
 
@@ -168,6 +173,30 @@ def attach_titles_and_profile(advanced: DataFrame, items: DataFrame, users: Data
     )
 
 
+def advance(prev_history: DataFrame | None, new_interactions: DataFrame, params: WindowParams) -> DataFrame:
+    """Every user's history and window as of the newest day given (both outputs are built from this)."""
+    return advance_windows(build_histories(prev_history, new_interactions), params)
+
+
+def outputs(
+    advanced: DataFrame,
+    prev_history: DataFrame | None,
+    prev_versions: DataFrame | None,
+    items: DataFrame,
+    users: DataFrame | None,
+    params: WindowParams,
+) -> tuple[DataFrame, DataFrame]:
+    """(user_history, knowledge_versions) from the advanced windows."""
+    new_versions = version_rows(advanced, params)
+    versions = new_versions if prev_versions is None else prev_versions.select(*new_versions.columns).unionByName(new_versions)
+    history = attach_titles_and_profile(advanced, items, users)
+    if prev_history is not None:
+        # A user whose window did not advance keeps the day it was last refreshed.
+        history = history.join(prev_history.select("user_id", F.col("refreshed_dt").alias("_prev_refreshed")), "user_id", "left")
+        history = history.withColumn("refreshed_dt", F.coalesce("refreshed_dt", "_prev_refreshed")).drop("_prev_refreshed")
+    return history.orderBy("user_id"), versions.orderBy("user_id", "window_n")
+
+
 def transform(
     prev_history: DataFrame | None,
     prev_versions: DataFrame | None,
@@ -177,15 +206,7 @@ def transform(
     params: WindowParams,
 ) -> tuple[DataFrame, DataFrame]:
     """(user_history, knowledge_versions) as of the newest interaction day given."""
-    advanced = advance_windows(build_histories(prev_history, new_interactions), params)
-    new_versions = version_rows(advanced, params)
-    versions = new_versions if prev_versions is None else prev_versions.select(*new_versions.columns).unionByName(new_versions)
-    history = attach_titles_and_profile(advanced, items, users)
-    if prev_history is not None:
-        # A user whose window did not advance keeps the day it was last refreshed.
-        history = history.join(prev_history.select("user_id", F.col("refreshed_dt").alias("_prev_refreshed")), "user_id", "left")
-        history = history.withColumn("refreshed_dt", F.coalesce("refreshed_dt", "_prev_refreshed")).drop("_prev_refreshed")
-    return history.orderBy("user_id"), versions.orderBy("user_id", "window_n")
+    return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params)
 
 
 def run(spark, cfg, lake, day) -> dict:
@@ -200,17 +221,20 @@ def run(spark, cfg, lake, day) -> dict:
     new_interactions = read_interactions(spark, lake, prev_day, day)
     items = read_partition(spark, lake, "features/items", day)
     users = read_partition(spark, lake, "raw/users", day) if lake.has_partition("raw/users", day) else None
-    history, versions = transform(prev_history, prev_versions, new_interactions, items, users, params)
-    history = history.cache()
+    # Both outputs derive from the advanced windows: compute them once.
+    advanced = advance(prev_history, new_interactions, params).cache()
+    history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
     write_partition(versions, lake, VERSIONS, day)
     write_partition(history, lake, DATASET, day)
+    advanced.unpersist()
+    # Counts from the written partition: reading four columns back is cheaper than caching every history.
+    history = read_partition(spark, lake, DATASET, day)
     stats = history.agg(
         F.count(F.lit(1)).alias("users"),
         F.sum(F.col("needs_refresh").cast("int")).alias("dirty_users"),
         F.sum("n_interactions").alias("interactions"),
         F.sum((F.col("n_interactions") < params.max_window).cast("int")).alias("users_shorter_than_max_window"),
     ).first()
-    history.unpersist()
     return {
         "users": int(stats["users"]),
         "dirty_users": int(stats["dirty_users"] or 0),
