@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from reki_core.config import PROJECT_ROOT
+from reki_core.localstack import secrets_dir
 from reki_core.storage.lake import Lake
 from tests.conftest import free_port_block
 from tests.integration.test_daily_dag import FAST, assert_success, run_dag
@@ -78,6 +79,13 @@ def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
     tmp = tmp_path_factory.mktemp("backfill")
     port = free_port_block(1)
     env = _env(tmp, seaweed, port)
+    # infra/env.sh exports the credentials kept in the state dir (as for `make airflow`): keep the test store's there.
+    creds = {"writer": {"access_key": seaweed.writer_key, "secret_key": seaweed.writer_secret},
+             "reader": {"access_key": seaweed.reader_key, "secret_key": seaweed.reader_secret}}
+    creds_file = secrets_dir(tmp / "state") / "s3_credentials.json"
+    creds_file.parent.mkdir(parents=True, exist_ok=True)
+    creds_file.write_text(json.dumps(creds))
+    creds_file.chmod(0o600)
     started = _sh(env, "bash infra/airflow.sh start", timeout=900)
     assert started.returncode == 0, started.stdout + started.stderr
     password = json.loads((tmp / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
