@@ -120,6 +120,17 @@ def _wait_for_runs(api: Api, days: list[dt.date], timeout_s: float) -> dict[dt.d
     return {d: states.get(d) for d in days}
 
 
+def _wait_for_backfills_completed(api: Api, timeout_s: float = 300) -> None:
+    """The scheduler marks a backfill completed a loop after its last run: only then may the next one start."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        backfills = api.call("GET", f"/api/v2/backfills?dag_id={DAG_ID}")["backfills"]
+        if all(b.get("completed_at") for b in backfills):
+            return
+        time.sleep(5)
+    raise AssertionError(f"backfills still active after {timeout_s} s: {backfills}")
+
+
 def test_cli_backfill_over_seven_days(airflow_stack):
     tmp, env, api = airflow_stack
     proc = _sh(env, f"bash infra/backfill.sh {CLI_DAYS[0]} {CLI_DAYS[-1]} --reprocess-behavior none")
@@ -140,6 +151,7 @@ def test_rest_api_backfill_and_latest_is_newest(airflow_stack, seaweed):
     from tests.conftest import make_config
 
     tmp, env, api = airflow_stack
+    _wait_for_backfills_completed(api)
     created = api.call("POST", "/api/v2/backfills", {
         "dag_id": DAG_ID, "from_date": f"{API_DAYS[0]}T00:00:00Z", "to_date": f"{API_DAYS[-1]}T00:00:00Z",
         "max_active_runs": 1, "reprocess_behavior": "none", "run_backwards": False})
@@ -181,6 +193,7 @@ def test_rerunning_a_backfilled_date_changes_nothing(airflow_stack):
     day = CLI_DAYS[3]
     lake = Lake(str(tmp / "lake"))
     before = _outputs(lake, day)
+    _wait_for_backfills_completed(api)
     proc = _sh(env, f"bash infra/backfill.sh {day} {day} --reprocess-behavior completed")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     time.sleep(20)  # the scheduler picks the backfill up; then wait for the re-run to finish
