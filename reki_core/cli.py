@@ -217,6 +217,9 @@ def summary(ctx: click.Context, day: str | None) -> None:
                    f"{'passed' if t.get('published') else 'FAILED'}")
     if "publish" in by_step:
         wide.print(f"Published: [bold]{by_step['publish'].get('uri')}[/] (latest moved: {by_step['publish'].get('latest_moved')})")
+    docs = f"{lake.root}/_runs/dt={day_.isoformat()}/data_docs/index.html"
+    if lake.fs.exists(docs):
+        wide.print(f"Data Docs (every gate's expectations and results): {docs}")
 
 
 if __name__ == "__main__":
