@@ -16,9 +16,15 @@ def partition_date(context: dict[str, Any]) -> dt.date:
 
 
 def run_id(context: dict[str, Any]) -> str:
-    """A short, path-safe id for this DAG run (used in version names)."""
+    """A short, path-safe id for this DAG run (used in version names).
+
+    A cleared and re-run DAG run (e.g. a backfill with reprocess behaviour `completed`) keeps its
+    Airflow run_id but is a new build, so it gets its clear number: versions are immutable.
+    """
     raw = str(context.get("run_id") or "manual")
-    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in raw)[:64]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in raw)[:58]
+    clears = getattr(context.get("dag_run"), "clear_number", 0) or 0
+    return f"{safe}-c{clears}" if clears else safe
 
 
 def load_pipeline_config():

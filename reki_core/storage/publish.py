@@ -313,9 +313,13 @@ def publish_version(cfg, day: str | dt.date, run_id: str, files: dict[str, str |
 
 
 def _republish_existing(store, cfg, version, existing, file_entries, apply_retention_after) -> dict[str, Any]:
-    """A retried publish of the same dt and run: same content is a no-op, different content is refused."""
-    published = {n: e["sha256"] for n, e in existing["files"].items()}
-    wanted = {n: e["sha256"] for n, e in file_entries.items()}
+    """A retried publish of the same dt and run: same content is a no-op, different content is refused.
+
+    The run report is rewritten by every try (its timings differ), so it does not count: the version
+    keeps the report it was published with.
+    """
+    published = {n: e["sha256"] for n, e in existing["files"].items() if not n.startswith("run_report")}
+    wanted = {n: e["sha256"] for n, e in file_entries.items() if not n.startswith("run_report")}
     if published != wanted:
         changed = sorted(n for n in set(published) | set(wanted) if published.get(n) != wanted.get(n))
         raise PublishError(f"version {version} is already published with different content ({changed}); "

@@ -74,6 +74,11 @@ def test_retry_with_same_content_is_a_no_op_and_different_content_is_refused(tmp
     first = publish_version(cfg, "1998-03-30", "run1", files, {"gates": [gate("raw")]}, **writer(seaweed))
     again = publish_version(cfg, "1998-03-30", "run1", files, {"gates": [gate("raw")]}, **writer(seaweed))
     assert again["manifest"]["created_at"] == first["manifest"]["created_at"]
+    # A retried task rewrites its run report (new timings): the version keeps the one it was published with.
+    retried = publish_version(cfg, "1998-03-30", "run1", {**files, "run_report_1998-03-30.md": b"# retry"},
+                              {"gates": [gate("raw")]}, **writer(seaweed))
+    assert retried["manifest"]["created_at"] == first["manifest"]["created_at"]
+    assert "run_report_1998-03-30.md" not in retried["manifest"]["files"]
     changed, _, _ = version_files(seed=2)
     with pytest.raises(PublishError, match="immutable"):
         publish_version(cfg, "1998-03-30", "run1", changed, {"gates": [gate("raw")]}, **writer(seaweed))
