@@ -35,8 +35,8 @@ One run per day; `dt` = the data interval's start (UTC), never the wall clock.
 6. **publish** a version to object storage (manifest last, `_LATEST.json` only forward) and emit
    the `reki_augmented_vectors` asset event with the version; **report** writes the run report.
 
-Every task is idempotent for its `dt`. Backfills:
-`airflow backfill create --dag-id reki_daily_refresh --from-date A --to-date B`.
+Every task is idempotent for its `dt`. Backfills (the DAG must be unpaused):
+`bash infra/backfill.sh A B` (README: "Airflow UI, triggering and backfills").
 """
 
 DEFAULT_ARGS = default_args(CFG, retries=2, retry_delay=dt.timedelta(seconds=20),
