@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local Airflow (SQLite, LocalExecutor): init | start | stop | status. Components run as separate
-# processes bound to 127.0.0.1 with PIDs in .reki/pids/ (the scheduler ignores SIGTERM under standalone).
+# processes bound to 127.0.0.1, each restarted when it exits, with PIDs (of the process groups) in .reki/pids/.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 PIDS="${REKI_PIDS_DIR:-$REKI_HOME/.reki/pids}"; LOGS="${REKI_LOGS_DIR:-$REKI_HOME/.reki/logs}"
@@ -24,7 +24,10 @@ start() {
   init
   for c in "${COMPONENTS[@]}"; do
     if alive "$c"; then echo "airflow $c already running (pid $(cat "$PIDS/airflow-$c.pid"))"; continue; fi
-    setsid airflow "$c" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
+    # Supervised like a systemd unit with Restart=always: the scheduler exits on an unhandled error (e.g. a
+    # run deleted under it by a rolled-back backfill create); it comes back in seconds and resumes its runs.
+    setsid bash -c 'while :; do airflow "$1"; echo "[reki] airflow $1 exited with $?; restarting in 5 s" >&2; sleep 5; done' \
+      supervise "$c" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
     echo $! > "$PIDS/airflow-$c.pid"
     if [ "$c" = api-server ]; then  # the other components talk to the API server: wait for it first
       for _ in $(seq 1 90); do

@@ -129,6 +129,8 @@ class SparkConfig(_Strict):
     master: str = "local[2]"
     driver_memory: str = "2g"
     shuffle_partitions: int = 8
+    # Per-user feature datasets are split into this many files; a daily run rewrites only the touched ones.
+    user_buckets: int = 32
 
 
 class LLMEngineConfig(_Strict):

@@ -6,14 +6,16 @@ knowledge it carries never shows that interaction or anything after it. Interact
 version (the first window's own interactions, and anything at or before its `as_of`) give no sample.
 
 A user's samples depend only on the user's history and window versions and on the genres of the items
-in it. A daily run therefore recomputes only the users with new interactions (new versions come only with
-those) or with an item whose genre changed, and carries every other user's rows from the previous
-partition. Like the knowledge windows, that assumes unchanged sample parameters (`max_hist_len`, the
-threshold, the split fractions): after changing one, rebuild from the first affected date.
+in it. The dataset is user-bucketed (`spark_jobs/buckets.py`): a daily run recomputes only the buckets
+whose `user_history` or `knowledge_versions` file was rewritten today or that hold a user of an item
+whose genre changed, and hard-links every other bucket's file from the previous partition. Like the
+knowledge windows, that assumes unchanged sample parameters (`max_hist_len`, the threshold, the split
+fractions): after changing one, rebuild from the first affected date.
 
-Reads `features/user_history/dt=D` (histories), `features/knowledge_versions/dt=D`, `features/items/dt=D`,
-and for a daily run the previous `features/ctr_samples` partition with its `user_history` and `items`.
-Writes `features/ctr_samples/dt=D` (every sample up to D; a user stays in one split every day).
+Reads `features/user_history/dt=D` (histories), `features/knowledge_versions/dt=D`, `features/items/dt=D`
+(a daily run reads only the recomputed buckets' files), and the previous day's `features/items`.
+Writes `features/ctr_samples/dt=D` (every sample up to D; a user stays in one split every day), in
+(bucket, user_id, ts, item_id) order.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from spark_jobs.buckets import BUCKET, with_buckets
+
 DATASET = "features/ctr_samples"
 UNKNOWN_GENRE = "unknown"
+SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,9 @@ def split_of(user_id, fractions: tuple[float, float, float]):
 
 
 def transform(
-    user_history: DataFrame, versions: DataFrame, items: DataFrame, params: SampleParams, ordered: bool = True
+    user_history: DataFrame, versions: DataFrame, items: DataFrame, params: SampleParams, n_buckets: int = 32
 ) -> DataFrame:
-    """The samples; in (user_id, ts, item_id) order unless `ordered` is False (the caller orders a union)."""
+    """The samples, with the `bucket` column of the user, hash-partitioned by it (as the writer lays them out)."""
     L = params.max_hist_len
     genres = F.broadcast(items.select("item_id", F.col("first_genre").alias("genre")))
     events = (
@@ -74,9 +79,9 @@ def transform(
             F.col("window_n").cast("int").alias("v_n"),
         )
     )
-    if ordered:  # one shuffle, of the narrow rows: both windows and the final user order reuse this range partitioning
-        stream = stream.repartitionByRange("user_id")
-    w = Window.partitionBy("user_id").orderBy("t", "kind", "v_n").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    # One shuffle, of the narrow rows: both windows and the bucketed write reuse this partitioning.
+    stream = with_buckets(stream, n_buckets)
+    w = Window.partitionBy(BUCKET, "user_id").orderBy("t", "kind", "v_n").rowsBetween(Window.unboundedPreceding, Window.currentRow)
     joined = (
         stream.withColumn("knowledge_as_of", F.last("v_as_of", ignorenulls=True).over(w))
         .withColumn("knowledge_window_hash", F.last("v_hash", ignorenulls=True).over(w))
@@ -84,12 +89,9 @@ def transform(
         .where(F.col("kind") == 0)
     )
     # The previous L interactions of the user (a sliding frame, not a map lookup: map lookups scan linearly).
-    previous = Window.partitionBy("user_id").orderBy("pos").rowsBetween(-L, -1)
+    previous = Window.partitionBy(BUCKET, "user_id").orderBy("pos").rowsBetween(-L, -1)
     joined = joined.withColumn("hist", F.collect_list(F.struct("item_id", "genre", "rating")).over(previous))
-    # pos follows (ts, item_id): sorting by it within the user-ranged partitions gives the global (user_id, ts, item_id) order.
     joined = joined.where(F.col("knowledge_as_of").isNotNull())
-    if ordered:
-        joined = joined.sortWithinPartitions("user_id", "pos")
     hist = F.col("hist")
     return joined.select(
         "user_id",
@@ -107,6 +109,7 @@ def transform(
         "knowledge_as_of",
         "knowledge_window_hash",
         "knowledge_window_n",
+        BUCKET,
     )
 
 
@@ -115,64 +118,71 @@ def item_genres(items: DataFrame) -> DataFrame:
     return items.select("item_id", F.coalesce("first_genre", F.lit(UNKNOWN_GENRE)).alias("genre"))
 
 
-def dirty_users(history: DataFrame, items: DataFrame, prev_history: DataFrame, prev_items: DataFrame) -> DataFrame:
-    """user_id of every user whose samples may differ from the previous day's: new interactions, or a re-genred item."""
-    prev_n = prev_history.select("user_id", F.col("n_interactions").alias("prev_n"))
-    grown = history.select("user_id", "n_interactions").join(prev_n, "user_id", "left").where(
-        F.col("prev_n").isNull() | (F.col("prev_n") != F.col("n_interactions"))
-    )
+def regenred_items(items: DataFrame, prev_items: DataFrame) -> DataFrame:
+    """item_id of every item whose shown genre changed since the previous day."""
     # Items missing on one side show the unknown genre there (a sample of an item without metadata shows it too).
     was = item_genres(prev_items).withColumnRenamed("genre", "was")
-    changed = item_genres(items).join(was, "item_id", "full_outer").where(
+    return item_genres(items).join(was, "item_id", "full_outer").where(
         F.coalesce("genre", F.lit(UNKNOWN_GENRE)) != F.coalesce("was", F.lit(UNKNOWN_GENRE))
     ).select("item_id")
+
+
+def users_rating(history: DataFrame, item_ids: DataFrame) -> DataFrame:
+    """user_id of every user with one of `item_ids` in the history."""
     rated = history.select("user_id", F.explode("history.item_id").alias("item_id"))
-    touched = rated.join(F.broadcast(changed), "item_id").select("user_id")
-    return grown.select("user_id").unionByName(touched).distinct()
+    return rated.join(F.broadcast(item_ids), "item_id", "left_semi").select("user_id").distinct()
 
 
-def incremental_transform(
-    history: DataFrame, versions: DataFrame, items: DataFrame, dirty: DataFrame, previous: DataFrame, params: SampleParams
-) -> DataFrame:
-    """The samples as of today: `dirty` users recomputed, every other user's rows carried from `previous`."""
-    fresh = transform(history.join(dirty, "user_id", "left_semi"), versions.join(dirty, "user_id", "left_semi"), items, params,
-                      ordered=False)
-    carried = previous.join(dirty, "user_id", "left_anti").select(*fresh.columns)
-    return carried.unionByName(fresh).repartitionByRange("user_id").sortWithinPartitions("user_id", "ts", "item_id")
+def summarise(table) -> dict[str, int]:
+    """Samples and positives per split, for the run log and the label-rate gate."""
+    split = table["split"].to_numpy(zero_copy_only=False)
+    label = table["label"].to_numpy(zero_copy_only=False)
+    return {k: int(v) for s in SPLITS for k, v in ((f"{s}_samples", (split == s).sum()),
+                                                     (f"{s}_positives", label[split == s].sum()))}
 
 
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import previous_day, read_partition, write_partition
+    from spark_jobs.buckets import bucket_expr, changed_buckets, is_bucketed, read_buckets, read_manifest, totals, write_bucketed
+    from spark_jobs.common import previous_day, read_partition
 
     params = SampleParams.from_config(cfg)
-    history = read_partition(spark, lake, "features/user_history", day)
-    versions = read_partition(spark, lake, "features/knowledge_versions", day)
+    n_buckets = cfg.spark.user_buckets
     items = read_partition(spark, lake, "features/items", day)
     prev_day = previous_day(lake, DATASET, day)
-    if prev_day is not None and not all(lake.has_partition(ds, prev_day) for ds in ("features/user_history", "features/items")):
+    if prev_day is not None and not (is_bucketed(lake, DATASET, prev_day, n_buckets)
+                                     and all(is_bucketed(lake, ds, prev_day, n_buckets) for ds in ("features/user_history", "features/knowledge_versions"))
+                                     and lake.has_partition("features/items", prev_day)):
         prev_day = None  # the previous samples cannot be compared with what they were built from: rebuild
     if prev_day is None:
-        out, recomputed = transform(history, versions, items, params), None
+        history = read_partition(spark, lake, "features/user_history", day)
+        versions = read_partition(spark, lake, "features/knowledge_versions", day)
+        rewritten = None
     else:
-        dirty = dirty_users(
-            history, items, read_partition(spark, lake, "features/user_history", prev_day), read_partition(spark, lake, "features/items", prev_day)
-        ).localCheckpoint()  # small, and read twice: computed once
-        recomputed = dirty.count()
-        out = incremental_transform(history, versions, items, dirty, read_partition(spark, lake, DATASET, prev_day), params)
-    write_partition(out, lake, DATASET, day)
-    # Counts from the written partition: two narrow columns read back, no cache of every sample.
-    samples = read_partition(spark, lake, DATASET, day)
-    per_split = {r["split"]: (int(r["samples"]), int(r["positives"])) for r in samples.groupBy("split").agg(
-        F.count(F.lit(1)).alias("samples"), F.sum("label").alias("positives")).collect()}
-    total = sum(n for n, _ in per_split.values())
-    interactions = history.agg(F.sum("n_interactions")).first()[0] or 0
+        # A user's samples change only with the user's history or windows (their bucket files were rewritten
+        # today) or with the genre of an item in it; every other bucket is carried over as it is.
+        rewritten = changed_buckets(lake, "features/user_history", prev_day, day) | changed_buckets(
+            lake, "features/knowledge_versions", prev_day, day)
+        regenred = [r.item_id for r in regenred_items(items, read_partition(spark, lake, "features/items", prev_day)).collect()]
+        if regenred:  # rare: only then are all histories scanned
+            users = users_rating(read_partition(spark, lake, "features/user_history", day),
+                                 spark.createDataFrame([(i,) for i in regenred], "item_id string"))
+            rewritten |= {r[0] for r in users.select(bucket_expr(F.col("user_id"), n_buckets)).distinct().collect()}
+        history = read_buckets(spark, lake, "features/user_history", day, rewritten)
+        versions = read_buckets(spark, lake, "features/knowledge_versions", day, rewritten)
+    stats = write_bucketed(transform(history, versions, items, params, n_buckets), lake, DATASET, day, n_buckets,
+                           ["user_id", "ts", "item_id"], summarise, ["split", "label"],
+                           carry_from=prev_day, rewritten=rewritten)
+    per_split = {s: (stats.get(f"{s}_samples", 0), stats.get(f"{s}_positives", 0)) for s in SPLITS}
+    per_split = {s: counts for s, counts in per_split.items() if counts[0]}
+    total = stats["rows"]
+    interactions = totals(read_manifest(lake, "features/user_history", day)).get("interactions", 0)
     return {
         "samples": total,
         "label_rate": sum(p for _, p in per_split.values()) / total if total else None,
-        "samples_per_split": {split: n for split, (n, _) in per_split.items()},
+        "samples_per_split": {s: n for s, (n, _) in per_split.items()},
         "interactions_without_earlier_knowledge": int(interactions) - total,
         "incremental_from": prev_day.isoformat() if prev_day else None,
-        "recomputed_users": recomputed,
+        "rewritten_buckets": None if rewritten is None else len(rewritten),
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 DATASET = "features/items"
@@ -76,16 +76,18 @@ def run(spark, cfg, lake, day) -> dict:
     previous = read_partition(spark, lake, DATASET, prev_day) if prev_day else None
     raw_items = read_partition(spark, lake, "raw/items", day)
     new_interactions = read_interactions(spark, lake, prev_day, day)
-    out = transform(raw_items, new_interactions, previous).cache()
-    write_partition(out, lake, DATASET, day)
-    stats = out.agg(
+    # The counts are observed while the partition is written: no second pass, no cache.
+    observed = Observation("items")
+    out = transform(raw_items, new_interactions, previous).observe(
+        observed,
         F.count(F.lit(1)).alias("items"),
         F.sum(F.col("needs_refresh").cast("int")).alias("dirty_items"),
         F.sum(F.col("title").isNull().cast("int")).alias("items_without_title"),
-    ).first()
+    )
+    write_partition(out, lake, DATASET, day)
+    stats = observed.get
     # Items that users rated but the snapshot does not describe: their prompts cannot name them.
     unknown = new_interactions.select("item_id").distinct().join(raw_items.select("item_id"), "item_id", "left_anti").count()
-    out.unpersist()
     return {
         "items": int(stats["items"]),
         "dirty_items": int(stats["dirty_items"] or 0),

@@ -6,8 +6,10 @@ A user's knowledge window (what the user prompt shows) is chosen by `scenario.kn
 `refresh_min_new_interactions` arrived since the last version; a user without a window gets one.
 The rule is replayed day by day (at each day's end), so a full build equals the chain of daily runs.
 
-Reads the previous `features/user_history` and `features/knowledge_versions` partitions (the state),
-`raw/interactions` newer than that state, `features/items/dt=D` (titles) and `raw/users/dt=D` (profile).
+Both outputs are user-bucketed (`spark_jobs/buckets.py`). A daily run finds the users whose row can
+change (`touched_users`), recomputes only their buckets from the previous day's files of those buckets
+(the state) and `raw/interactions` newer than that state, and hard-links every other bucket's file.
+Also reads `features/items` (titles; the previous day's too) and `raw/users` (profile) of both days.
 Writes `features/user_history/dt=D` and `features/knowledge_versions/dt=D` (all versions so far).
 """
 
@@ -194,7 +196,7 @@ def outputs(
         # A user whose window did not advance keeps the day it was last refreshed.
         history = history.join(prev_history.select("user_id", F.col("refreshed_dt").alias("_prev_refreshed")), "user_id", "left")
         history = history.withColumn("refreshed_dt", F.coalesce("refreshed_dt", "_prev_refreshed")).drop("_prev_refreshed")
-    return history.orderBy("user_id"), versions.orderBy("user_id", "window_n")
+    return history, versions
 
 
 def transform(
@@ -209,40 +211,82 @@ def transform(
     return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params)
 
 
+def touched_users(
+    new_interactions: DataFrame, items: DataFrame, prev_items: DataFrame, prev_history: DataFrame,
+    users: DataFrame | None, prev_users: DataFrame | None,
+) -> DataFrame:
+    """user_id of every user whose row may differ from the previous day's.
+
+    New interactions, a refresh flagged yesterday (the flag falls back), a profile change, or an item of
+    the window whose metadata changed or vanished (titles are shown in the window). Anyone else's row
+    is the previous day's, unchanged.
+    """
+    parts = [new_interactions.select("user_id"), prev_history.where("needs_refresh").select("user_id")]
+    profile = ["user_id", "age", "gender", "occupation"]
+    if users is not None and prev_users is not None:
+        parts.append(users.select(*profile).exceptAll(prev_users.select(*profile)).select("user_id"))
+    elif users is not None or prev_users is not None:  # a profile snapshot appeared or went missing
+        parts.append((users if users is not None else prev_users).select("user_id"))
+    changed_items = items.where("needs_refresh").select("item_id").unionByName(
+        prev_items.select("item_id").exceptAll(items.select("item_id")))
+    shown = prev_history.select("user_id", F.explode("window.item_id").alias("item_id"))
+    parts.append(shown.join(F.broadcast(changed_items), "item_id", "left_semi").select("user_id"))
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.unionByName(part)
+    return out.distinct()
+
+
+def summarise_history(max_window: int):
+    def summarise(table) -> dict[str, int]:
+        n = table["n_interactions"].to_numpy(zero_copy_only=False)
+        return {"dirty_users": int(table["needs_refresh"].to_numpy(zero_copy_only=False).sum()),
+                "interactions": int(n.sum()), "users_shorter_than_max_window": int((n < max_window).sum())}
+    return summarise
+
+
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import previous_day, read_interactions, read_partition, write_partition
+    from spark_jobs.buckets import (bucket_expr, is_bucketed, read_buckets, with_buckets, write_bucketed)
+    from spark_jobs.common import previous_day, read_interactions, read_partition
 
     params = WindowParams.from_config(cfg)
+    n_buckets = cfg.spark.user_buckets
     prev_day = previous_day(lake, DATASET, day)
-    if prev_day is not None and not lake.has_partition(VERSIONS, prev_day):
-        prev_day = None  # an incomplete previous state: rebuild from the raw history
-    prev_history = read_partition(spark, lake, DATASET, prev_day) if prev_day else None
-    prev_versions = read_partition(spark, lake, VERSIONS, prev_day) if prev_day else None
+    if prev_day is not None and not (is_bucketed(lake, DATASET, prev_day, n_buckets)
+                                     and is_bucketed(lake, VERSIONS, prev_day, n_buckets)
+                                     and lake.has_partition("features/items", prev_day)):
+        prev_day = None  # no usable previous state (incomplete, or another layout): rebuild from the raw history
     new_interactions = read_interactions(spark, lake, prev_day, day)
     items = read_partition(spark, lake, "features/items", day)
     users = read_partition(spark, lake, "raw/users", day) if lake.has_partition("raw/users", day) else None
+    if prev_day is None:
+        prev_history = prev_versions = rewritten = None
+    else:
+        # Only the buckets holding a touched user are recomputed; the others are carried as they are.
+        prev_users = read_partition(spark, lake, "raw/users", prev_day) if lake.has_partition("raw/users", prev_day) else None
+        touched = touched_users(new_interactions, items, read_partition(spark, lake, "features/items", prev_day),
+                                read_partition(spark, lake, DATASET, prev_day), users, prev_users)
+        rewritten = {r[0] for r in touched.select(bucket_expr(F.col("user_id"), n_buckets)).distinct().collect()}
+        prev_history = read_buckets(spark, lake, DATASET, prev_day, rewritten)
+        prev_versions = read_buckets(spark, lake, VERSIONS, prev_day, rewritten)
     # Both outputs derive from the advanced windows: compute them once.
     advanced = advance(prev_history, new_interactions, params).cache()
     history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
-    write_partition(versions, lake, VERSIONS, day)
-    write_partition(history, lake, DATASET, day)
+    carry = {"carry_from": prev_day, "rewritten": rewritten}
+    written_versions = write_bucketed(with_buckets(versions, n_buckets), lake, VERSIONS, day, n_buckets,
+                                      ["user_id", "window_n"], **carry)
+    stats = write_bucketed(with_buckets(history, n_buckets), lake, DATASET, day, n_buckets, ["user_id"],
+                           summarise_history(params.max_window), ["n_interactions", "needs_refresh"], **carry)
     advanced.unpersist()
-    # Counts from the written partition: reading four columns back is cheaper than caching every history.
-    history = read_partition(spark, lake, DATASET, day)
-    stats = history.agg(
-        F.count(F.lit(1)).alias("users"),
-        F.sum(F.col("needs_refresh").cast("int")).alias("dirty_users"),
-        F.sum("n_interactions").alias("interactions"),
-        F.sum((F.col("n_interactions") < params.max_window).cast("int")).alias("users_shorter_than_max_window"),
-    ).first()
     return {
-        "users": int(stats["users"]),
-        "dirty_users": int(stats["dirty_users"] or 0),
-        "interactions": int(stats["interactions"] or 0),
-        "users_shorter_than_max_window": int(stats["users_shorter_than_max_window"] or 0),
-        "knowledge_versions": spark.read.parquet(str(lake.local_path(f"{VERSIONS}/dt={day.isoformat()}"))).count(),
+        "users": stats["rows"],
+        "dirty_users": stats.get("dirty_users", 0),
+        "interactions": stats.get("interactions", 0),
+        "users_shorter_than_max_window": stats.get("users_shorter_than_max_window", 0),
+        "knowledge_versions": written_versions["rows"],
         "knowledge_window": params.mode,
         "incremental_from": prev_day.isoformat() if prev_day else None,
+        "rewritten_buckets": None if rewritten is None else len(rewritten),
     }
 
 

@@ -93,43 +93,71 @@ def test_spark_submit_runs_a_job_file(tmp_path):
     assert any(s["step"] == "features_items" for s in read_steps(lake, days[-1]))
 
 
-def test_incremental_ctr_samples_equal_a_full_build(spark, tmp_path):
-    """The daily ctr_samples run recomputes only dirty users (new interactions, or a re-genred item in their
-    history) and carries the others: its partition equals a full build of the same day."""
+def test_daily_runs_rewrite_only_touched_buckets_and_equal_a_full_build(spark, tmp_path):
+    """A daily run after a daily run recomputes only the user buckets whose rows can change and hard-links the rest; every
+    user-keyed partition equals a full build of the same day, row for row. The users it must catch although
+    they rated nothing that day: one whose item changed genre (samples), one whose window item changed
+    title (history), one whose profile changed (history)."""
     from reki_core.storage.lake import Lake
+    from spark_jobs.buckets import bucket_files, read_manifest
 
     cfg = _make_cfg(tmp_path)
     lake = Lake(cfg.lake_uri)
-    data = synthetic.generate(400, n_users=60, n_items=30, days=5, seed=11, start=dt.date(2024, 7, 1))
+    data = synthetic.generate(400, n_users=60, n_items=30, days=20, seed=11, start=dt.date(2024, 7, 1))
     days = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)
-    prev, last = days[-2], days[-1]
-    # An item rated before the last day by a user who rates nothing on it gets a new first genre on the last day.
+    first, prev, last = days[-3], days[-2], days[-1]
     inter_days = synthetic.interaction_days(data.interactions)
-    idle = set(data.interactions["user_id"]) - set(data.interactions.loc[inter_days == last, "user_id"])
+    # Idle: no interaction on the last two days (a refresh on the previous day also rewrites the next day).
+    idle = sorted(set(data.interactions["user_id"]) - set(data.interactions.loc[inter_days >= prev, "user_id"]))
     rows = data.interactions.assign(day=inter_days)[data.interactions["user_id"].isin(idle)].sort_values(["user_id", "ts"])
     spread = rows.groupby("user_id")["day"].nunique()
-    rows = rows[rows["user_id"] == spread[spread >= 2].index[0]]
-    regenred = rows["item_id"].iloc[-2]  # in the history features of that user's last sample
+    regenre_user = spread[spread >= 2].index[0]
+    regenred = rows.loc[rows["user_id"] == regenre_user, "item_id"].iloc[-2]  # in the history features of a sample
+    retitle_user = next(u for u in idle if u != regenre_user)
+    for job in (items, user_history, ctr_samples):
+        job.run(spark, cfg, lake, first)  # a full build
+    for job in (items, user_history):
+        job.run(spark, cfg, lake, prev)  # a daily run after it
+    retitled = lake.read_partition("features/user_history", prev).set_index("user_id").loc[retitle_user, "window"][0]["item_id"]
+    reprofiled = next(u for u in idle if u not in (regenre_user, retitle_user))
     snapshot = lake.read_partition("raw/items", last)
     snapshot["genres"] = [["Regenred"] if i == regenred else list(g) for i, g in zip(snapshot["item_id"], snapshot["genres"])]
+    snapshot.loc[snapshot["item_id"] == retitled, "title"] = "Retitled (1999)"
     lake.write_partition(snapshot, "raw/items", last)
+    profiles = lake.read_partition("raw/users", last)
+    profiles.loc[profiles["user_id"] == reprofiled, "occupation"] = "retitled occupation"
+    lake.write_partition(profiles, "raw/users", last)
 
-    for day in (prev, last):
-        for job in (items, user_history):
-            job.run(spark, cfg, lake, day)
-        summary = ctr_samples.run(spark, cfg, lake, day)
-    chained = lake.read_partition("features/ctr_samples", last)
-    users = lake.read_partition("features/user_history", last)
-    assert summary["incremental_from"] == prev.isoformat()
-    assert 0 < summary["recomputed_users"] < len(users)  # the idle users' rows were carried
+    ctr_samples.run(spark, cfg, lake, prev)
+    summaries = {job: job.run(spark, cfg, lake, last) for job in (items, user_history, ctr_samples)}
+    datasets = ("features/user_history", "features/knowledge_versions", "features/ctr_samples")
+    chained = {ds: lake.read_partition(ds, last) for ds in datasets}
+    for job in (user_history, ctr_samples):
+        summary = summaries[job]
+        assert summary["incremental_from"] == prev.isoformat()
+        # Some buckets were recomputed, and some carried as the very same files (hard links).
+        occupied = len(read_manifest(lake, job.DATASET, last)["buckets"])
+        assert 0 < summary["rewritten_buckets"] < occupied, (job.DATASET, summary)
+    old, new = bucket_files(lake, "features/ctr_samples", prev), bucket_files(lake, "features/ctr_samples", last)
+    carried = [b for b in new if new[b] == old.get(b) or
+               (b in old and os.stat(new[b][0]).st_ino == os.stat(old[b][0]).st_ino)]
+    assert carried and all(os.stat(new[b][0]).st_ino == os.stat(old[b][0]).st_ino for b in carried)
 
-    lake.fs.rm(lake.partition_path("features/ctr_samples", prev), recursive=True)
-    full_summary = ctr_samples.run(spark, cfg, lake, last)
-    full = lake.read_partition("features/ctr_samples", last)
-    assert full_summary["incremental_from"] is None
-    keys = ["user_id", "ts", "item_id"]
-    assert chained["hist_genres"].map(lambda g: "Regenred" in list(g)).any()
-    a, b = chained.sort_values(keys).reset_index(drop=True), full.sort_values(keys).reset_index(drop=True)
-    assert a.astype(str).equals(b.astype(str))
-    # The written partition is in (user_id, ts, item_id) order either way.
-    assert chained[keys].equals(a[keys])
+    history = chained["features/user_history"].set_index("user_id")
+    assert history.loc[retitle_user, "window"][0]["title"] == "Retitled"
+    assert history.loc[reprofiled, "occupation"] == "retitled occupation"
+    assert chained["features/ctr_samples"]["hist_genres"].map(lambda g: "Regenred" in list(g)).any()
+
+    for ds in datasets:  # a full build of the last day, from the raw history alone
+        for day in (first, prev):
+            lake.fs.rm(lake.partition_path(ds, day), recursive=True)
+    for job in (user_history, ctr_samples):
+        assert job.run(spark, cfg, lake, last)["incremental_from"] is None
+    for ds in datasets:
+        full = lake.read_partition(ds, last)
+        if ds == "features/user_history":  # a full build flags every user for refresh; a daily run only its own
+            assert full["needs_refresh"].all() and not chained[ds]["needs_refresh"].all()
+            full, chained[ds] = full.drop(columns="needs_refresh"), chained[ds].drop(columns="needs_refresh")
+        assert list(full.columns) == list(chained[ds].columns), ds
+        diff = [c for c in full.columns if not full[c].astype(str).equals(chained[ds][c].astype(str))]
+        assert not diff, (ds, diff)  # same rows, same order
