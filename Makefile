@@ -11,8 +11,8 @@ WITH_ENV := source infra/env.sh &&
 
 help:
 	@echo "make run     - set up (first time) and run the daily refresh for conf/reki.yaml's run_date"
-	@echo "make test    - the test suite (unit, spark, dags, integration and fault injection with real Airflow/Spark/SeaweedFS)"
-	@echo "make test-faults / test-backfill - the fault-injection suite alone; backfills through the scheduler (slow)"
+	@echo "make test    - the test suite (unit, spark, dags, integration, fault injection and backfills with real Airflow/Spark/SeaweedFS)"
+	@echo "make test-faults / test-backfill - the fault-injection suite alone; the backfill suite alone"
 	@echo "make airflow - start Airflow (UI on http://127.0.0.1:8080) and SeaweedFS; make stop stops them"
 	@echo "make bench   - benchmarks -> bench/results/"
 
@@ -40,7 +40,7 @@ run: setup
 	@$(WITH_ENV) bash infra/run_daily.sh
 
 test: setup
-	@$(WITH_ENV) bash infra/test.sh -m "not backfill"
+	@$(WITH_ENV) bash infra/test.sh
 
 test-faults: setup
 	@$(WITH_ENV) bash infra/test.sh -m faults

@@ -23,9 +23,10 @@ One run per day; `dt` = the data interval's start (UTC), never the wall clock.
 
 1. **land** the day's deliveries from `incoming/` into `raw/` (on an empty lake: all history up to
    `dt`); **raw_gate** validates them (Great Expectations).
-2. **Spark** (spark-submit): `items`, `user_history` (knowledge windows, dirty users),
-   `ctr_samples` (point-in-time knowledge join), `clusters` (collective extraction groups);
-   **feature_gate**.
+2. **Spark** (spark-submit): **spark_features** runs `items`, `user_history` (knowledge windows,
+   dirty users) and `ctr_samples` (point-in-time knowledge join) in one Spark session;
+   **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
+   mode is collective; **feature_gate**.
 3. **prompts** (factorization prompting) and **prompts_gate**.
 4. **plan_shards** then one mapped **extract** task per shard (pool `gpu`): only prompts whose hash
    has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
@@ -54,7 +55,8 @@ def spark_job(name: str) -> SparkSubmitOperator:
         name=f"reki-{name}-{DT}",
         driver_memory=CFG.spark.driver_memory,
         conf={"spark.sql.shuffle.partitions": str(CFG.spark.shuffle_partitions),
-              "spark.sql.session.timeZone": "UTC"},
+              "spark.sql.session.timeZone": "UTC",
+              **({"spark.driver.extraJavaOptions": CFG.spark.driver_java_options} if CFG.spark.driver_java_options else {})},
     )
 
 
@@ -90,7 +92,16 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return run_gate(context, "raw", lambda: run_raw_gate(cfg, day), cfg)
 
-    @task(**GATE)
+    # Skips only the clusters job (individual extraction needs no groups); the feature gate still runs.
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def needs_groups(**context) -> bool:
+        from reki_core.prompts import groups_needed
+        from reki_core.storage.lake import Lake
+
+        cfg, day = task_setup(context)
+        return groups_needed(cfg, Lake(cfg.lake_uri), day)
+
+    @task(**GATE, trigger_rule="none_failed")
     def feature_gate(**context) -> dict:
         from reki_core.quality.features import run_feature_gates
 
@@ -189,7 +200,7 @@ def reki_daily_refresh():
 
     landed = land()
     raw_ok = raw_gate()
-    items, history, ctr, clusters = (spark_job(n) for n in ("items", "user_history", "ctr_samples", "clusters"))
+    features, clusters = spark_job("features"), spark_job("clusters")
     features_ok = feature_gate()
     built = prompts()
     prompts_ok = prompts_gate()
@@ -201,9 +212,8 @@ def reki_daily_refresh():
     model = train_if_no_model()
     augmented = augment()
 
-    landed >> raw_ok >> [items, history]
-    items >> history >> [ctr, clusters]
-    [ctr, clusters] >> features_ok >> built >> prompts_ok >> shards
+    landed >> raw_ok >> features >> needs_groups() >> clusters
+    [features, clusters] >> features_ok >> built >> prompts_ok >> shards
     extracted >> assigned >> answers_ok >> encoded >> model >> augmented >> vectors_gate() >> publish()
 
 

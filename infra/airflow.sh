@@ -18,7 +18,7 @@ init() {
   airflow pools list -o plain 2>/dev/null | grep -q '^gpu' || airflow pools set gpu 1 "LLM extraction (GPU) workers" > /dev/null
 }
 
-alive() { [ -f "$PIDS/airflow-$1.pid" ] && kill -0 "$(cat "$PIDS/airflow-$1.pid")" 2>/dev/null; }
+alive() { [ -f "$PIDS/airflow-$1.pid" ] && kill -0 -- "-$(cat "$PIDS/airflow-$1.pid")" 2>/dev/null; }
 
 start() {
   init
@@ -46,10 +46,11 @@ stop() {
   for c in "${COMPONENTS[@]}"; do
     f="$PIDS/airflow-$c.pid"; [ -f "$f" ] || continue
     pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-      kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; }
+    if kill -0 -- "-$pid" 2>/dev/null; then
+      # The whole group: the supervisor exits at once, the component and its workers may take a while.
+      kill -TERM -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 1 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -0 -- "-$pid" 2>/dev/null && kill -KILL -- "-$pid" 2>/dev/null
       echo "airflow $c stopped"
     fi
     rm -f "$f"

@@ -131,6 +131,8 @@ class SparkConfig(_Strict):
     shuffle_partitions: int = 8
     # Per-user feature datasets are split into this many files; a daily run rewrites only the touched ones.
     user_buckets: int = 32
+    # JVM options of spark-submitted jobs; short daily jobs start faster with JIT tier 1 and the serial GC.
+    driver_java_options: str = ""
 
 
 class LLMEngineConfig(_Strict):

@@ -231,6 +231,28 @@ def resolve_mode(cfg: Config, n_users: int, n_items: int) -> str:
     return mode
 
 
+def groups_needed(cfg: Config, lake: Lake, day: dt.date) -> bool:
+    """Whether day D's extraction is collective, so the clusters job must run (from the feature jobs' counts).
+
+    When it is not, the day's `features_clusters` step is recorded as skipped and any groups partition an
+    earlier run of D left in another mode is removed, as the clusters job itself does in individual mode.
+    """
+    from reki_core.runlog import read_steps, record_step
+
+    steps = {s["step"]: s for s in read_steps(lake, day)}
+    missing = [s for s in ("features_items", "features_user_history") if s not in steps]
+    if missing:
+        raise PromptError(f"_runs/dt={as_date(day)}: no run record of {missing}: run the feature jobs first")
+    mode = resolve_mode(cfg, int(steps["features_user_history"]["users"]), int(steps["features_items"]["items"]))
+    if mode == "collective":
+        return True
+    if lake.has_partition("features/clusters", day):
+        lake.fs.rm(lake.partition_path("features/clusters", day), recursive=True)
+    record_step(lake, day, "features_clusters", {"skipped": True, "mode": mode, "success": True,
+                                                  "reason": "individual extraction needs no groups"})
+    return False
+
+
 # ---------------------------------------------------------------- inputs
 
 

@@ -73,11 +73,17 @@ def read_buckets(spark: SparkSession, lake: Lake, dataset: str, day: dt.date, bu
     return spark.createDataFrame([], schema)  # none of those buckets has rows
 
 
-def changed_buckets(lake: Lake, dataset: str, before: dt.date, after: dt.date) -> set[int]:
-    """Buckets whose files differ between two bucketed partitions of `dataset` (a carried file keeps its name)."""
-    old, new = read_manifest(lake, dataset, before), read_manifest(lake, dataset, after)
-    buckets = set(old["buckets"]) | set(new["buckets"])
-    return {int(b) for b in buckets if old["buckets"].get(b, {}).get("files") != new["buckets"].get(b, {}).get("files")}
+def grown_buckets(lake: Lake, dataset: str, before: dt.date, after: dt.date, count: str = "rows") -> set[int]:
+    """Buckets whose `count` (rows, or a count of the manifest) differs between two partitions of `dataset`.
+
+    For data that only grows (interactions, window versions), a changed total is the sign of a changed bucket.
+    """
+    old, new = read_manifest(lake, dataset, before)["buckets"], read_manifest(lake, dataset, after)["buckets"]
+
+    def value(entry: dict | None) -> int:
+        return 0 if entry is None else entry["rows"] if count == "rows" else entry["counts"].get(count, 0)
+
+    return {int(b) for b in set(old) | set(new) if value(old.get(b)) != value(new.get(b))}
 
 
 def write_bucketed(

@@ -48,14 +48,20 @@ def parse_args(argv: list[str] | None, description: str) -> JobArgs:
 
 def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:
     """The thin main every job shares: parse arguments, start Spark, run, record the step, stop."""
+    return run_as_jobs([(run, step)], argv, description)
+
+
+def run_as_jobs(jobs, argv: list[str] | None, description: str) -> int:
+    """Several jobs, in order, in one Spark session (one JVM start); each records its own step."""
     from reki_core.runlog import timed_step
     from reki_core.spark import get_spark
 
     args = parse_args(argv, description)
-    spark = get_spark(args.cfg, f"reki-{step.replace('_', '-')}")
-    with timed_step(args.lake, args.day, step) as payload:
-        payload.update(run(spark, args.cfg, args.lake, args.day))
-    print(payload)
+    spark = get_spark(args.cfg, f"reki-{jobs[0][1].replace('_', '-')}" if len(jobs) == 1 else "reki-features")
+    for run, step in jobs:
+        with timed_step(args.lake, args.day, step) as payload:
+            payload.update(run(spark, args.cfg, args.lake, args.day))
+        print(payload)
     spark.stop()
     return 0
 

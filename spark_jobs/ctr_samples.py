@@ -7,8 +7,9 @@ version (the first window's own interactions, and anything at or before its `as_
 
 A user's samples depend only on the user's history and window versions and on the genres of the items
 in it. The dataset is user-bucketed (`spark_jobs/buckets.py`): a daily run recomputes only the buckets
-whose `user_history` or `knowledge_versions` file was rewritten today or that hold a user of an item
-whose genre changed, and hard-links every other bucket's file from the previous partition. Like the
+whose interactions or window versions grew since the previous day (the bucket manifests' totals) or that
+hold a user of an item whose genre changed, and hard-links every other bucket's file from the previous
+partition. Like the
 knowledge windows, that assumes unchanged sample parameters (`max_hist_len`, the threshold, the split
 fractions): after changing one, rebuild from the first affected date.
 
@@ -142,7 +143,7 @@ def summarise(table) -> dict[str, int]:
 
 
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import bucket_expr, changed_buckets, is_bucketed, read_buckets, read_manifest, totals, write_bucketed
+    from spark_jobs.buckets import bucket_expr, grown_buckets, is_bucketed, read_buckets, read_manifest, totals, write_bucketed
     from spark_jobs.common import previous_day, read_partition
 
     params = SampleParams.from_config(cfg)
@@ -158,9 +159,9 @@ def run(spark, cfg, lake, day) -> dict:
         versions = read_partition(spark, lake, "features/knowledge_versions", day)
         rewritten = None
     else:
-        # A user's samples change only with the user's history or windows (their bucket files were rewritten
-        # today) or with the genre of an item in it; every other bucket is carried over as it is.
-        rewritten = changed_buckets(lake, "features/user_history", prev_day, day) | changed_buckets(
+        # A user's samples change only with new interactions, new window versions (both only grow, so a
+        # bucket's total tells) or the genre of an item in the history; every other bucket is carried over.
+        rewritten = grown_buckets(lake, "features/user_history", prev_day, day, "interactions") | grown_buckets(
             lake, "features/knowledge_versions", prev_day, day)
         regenred = [r.item_id for r in regenred_items(items, read_partition(spark, lake, "features/items", prev_day)).collect()]
         if regenred:  # rare: only then are all histories scanned

@@ -46,16 +46,6 @@ DOWNSTREAM = ("raw/interactions", "raw/users", "raw/items", "features/items", "f
 
 
 @pytest.fixture(scope="module")
-def spark():
-    from reki_core.spark import get_spark
-
-    session = get_spark(make_config(Path("/nonexistent"), **FAST_SETTINGS), "reki-faults", master="local[1]")
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
-@pytest.fixture(scope="module")
 def baseline_lake(tmp_path_factory, spark, ml100k_dir) -> Path:
     """The lake after a complete run of DAY (computed once; tests work on copies)."""
     root = tmp_path_factory.mktemp("faults-baseline")

@@ -474,3 +474,27 @@ def test_gate_on_lake_partition(cfg, lake):
     lake.write_partition(written[written["entity_kind"] != "item_group"], "prompts", DAY)
     with pytest.raises(GateError, match=r"(?s)prompts/dt=1998-03-01.*missing_group.*item_group:i0"):
         gate_prompts(cfg, DAY, lake)
+
+
+def test_groups_needed_follows_the_days_mode_and_records_a_skipped_clusters_step(tmp_path):
+    """The DAG runs the clusters job only for collective extraction; otherwise the step is recorded as skipped."""
+    from reki_core.runlog import read_steps, record_step
+    from reki_core.storage.lake import Lake
+    from tests.conftest import make_config
+
+    day = dt.date(1998, 3, 1)
+    auto = make_config(tmp_path, REKI__SCENARIO_OVERRIDES="{extraction_mode: auto, auto_collective_above: 100}")
+    lake = Lake(auto.lake_uri)
+    with pytest.raises(P.PromptError, match="features_items"):
+        P.groups_needed(auto, lake, day)
+    record_step(lake, day, "features_items", {"items": 60})
+    record_step(lake, day, "features_user_history", {"users": 50})
+    assert P.groups_needed(auto, lake, day) is True  # 110 entities > 100: collective
+    assert "features_clusters" not in {s["step"] for s in read_steps(lake, day)}
+
+    lake.write_partition(pd.DataFrame({"clustering": ["item"], "entity_id": ["1"], "group_id": ["g"]}), "features/clusters", day)
+    record_step(lake, day, "features_user_history", {"users": 30})
+    assert P.groups_needed(auto, lake, day) is False  # 90 entities: individual
+    assert not lake.has_partition("features/clusters", day), "groups of an earlier mode must not outlive it"
+    skipped = {s["step"]: s for s in read_steps(lake, day)}["features_clusters"]
+    assert skipped["skipped"] is True and skipped["mode"] == "individual"
