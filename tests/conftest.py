@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +58,8 @@ class S3Server:
     server: SeaweedFS
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory) -> S3Server:
-    """A real SeaweedFS on a free loopback port, credentials enforced; stopped after the session."""
-    state = tmp_path_factory.mktemp("seaweed-state")
+def serve_seaweed(state: Path) -> Iterator[S3Server]:
+    """A real SeaweedFS on a free loopback port, credentials enforced, state under `state`; stopped at the end."""
     endpoint = f"http://127.0.0.1:{free_port_block()}"
     server = SeaweedFS(state, endpoint, "reki-test")
     server.start()
@@ -68,3 +67,9 @@ def seaweed(tmp_path_factory) -> S3Server:
     yield S3Server(endpoint, "reki-test", creds["writer"].access_key, creds["writer"].secret_key,
                    creds["reader"].access_key, creds["reader"].secret_key, server)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory) -> Iterator[S3Server]:
+    """The session's object store (a suite whose versions must not become others' `latest` brings its own)."""
+    yield from serve_seaweed(tmp_path_factory.mktemp("seaweed-state"))

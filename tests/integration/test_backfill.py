@@ -78,6 +78,14 @@ class Api:
 
 
 @pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    """This suite's own object store: its newer dates would otherwise stay `latest` for the suites after it."""
+    from tests.conftest import serve_seaweed
+
+    yield from serve_seaweed(tmp_path_factory.mktemp("backfill-seaweed"))
+
+
+@pytest.fixture(scope="module")
 def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
     tmp = tmp_path_factory.mktemp("backfill")
     port = free_port_block(1)
