@@ -33,6 +33,7 @@ MANIFEST = "_buckets.json"
 BUCKET = "bucket"
 _SPARK_DIR = re.compile(rf"^{BUCKET}=(\d+)$")
 
+
 def bucket_expr(user_id, n_buckets: int):
     """The bucket of a user: the same in every run and on every day (xxhash64 with Spark's fixed seed)."""
     return F.pmod(F.xxhash64(user_id), F.lit(n_buckets)).cast("int")
