@@ -235,7 +235,7 @@ def groups_needed(cfg: Config, lake: Lake, day: dt.date) -> bool:
     """Whether day D's extraction is collective, so the clusters job must run (from the feature jobs' counts).
 
     When it is not, the day's `features_clusters` step is recorded as skipped and any groups partition an
-    earlier run of D left in another mode is removed, as the clusters job itself does in individual mode.
+    earlier run of D left in another mode is removed (`skip_groups`, as the clusters job itself does).
     """
     from reki_core.runlog import read_steps, record_step
 
@@ -246,11 +246,15 @@ def groups_needed(cfg: Config, lake: Lake, day: dt.date) -> bool:
     mode = resolve_mode(cfg, int(steps["features_user_history"]["users"]), int(steps["features_items"]["items"]))
     if mode == "collective":
         return True
+    record_step(lake, day, "features_clusters", {**skip_groups(lake, day, mode), "success": True})
+    return False
+
+
+def skip_groups(lake: Lake, day: dt.date, mode: str) -> dict:
+    """No groups for day D in `mode`: removes any groups partition an earlier run of D left; returns the step record."""
     if lake.has_partition("features/clusters", day):
         lake.fs.rm(lake.partition_path("features/clusters", day), recursive=True)
-    record_step(lake, day, "features_clusters", {"skipped": True, "mode": mode, "success": True,
-                                                  "reason": "individual extraction needs no groups"})
-    return False
+    return {"skipped": True, "mode": mode, "reason": "individual extraction needs no groups"}
 
 
 # ---------------------------------------------------------------- inputs

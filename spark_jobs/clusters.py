@@ -187,18 +187,16 @@ def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_use
 def run(spark, cfg, lake, day) -> dict:
     from spark_jobs.common import read_partition, write_partition
 
-    from reki_core.prompts import resolve_mode
+    from reki_core.prompts import resolve_mode, skip_groups
 
     s = cfg.scenario
     items = read_partition(spark, lake, "features/items", day).cache()
     history = read_partition(spark, lake, "features/user_history", day).select("user_id", "history").cache()
     mode = resolve_mode(cfg, history.count(), items.count())
     if mode == "individual":  # groups only serve collective extraction: the costliest job is skipped
-        if lake.has_partition(DATASET, day):
-            lake.fs.rm(lake.partition_path(DATASET, day), recursive=True)  # no stale groups from an earlier mode
         items.unpersist()
         history.unpersist()
-        return {"skipped": True, "mode": mode, "reason": "individual extraction needs no groups"}
+        return skip_groups(lake, day, mode)
     out = transform(items, history, s.max_group_size_items, s.max_group_size_users, s.positive_rating_threshold)
     out = out.localCheckpoint()  # the k-means lineage is long; write and count one materialised result
     write_partition(out, lake, DATASET, day)
