@@ -11,9 +11,12 @@ children (the JVM) every half second.
 
 MovieLens-100K (movielens scenario, individual mode: clusters skipped): full build of the last day versus
 its daily (incremental) run in steady state, the same jobs in both; the daily run right after a full build
-is recorded too (`ml100k_incremental_after_full_s`).
+is recorded too (`ml100k_incremental_after_full_s`). The same comparison runs on the synthetic sizes named by
+`--daily-sizes` (1M by default), where the data, not Spark's fixed cost per action, sets the time. Each run
+counts its Spark jobs, and the least a Spark action costs here is measured too: together they show where
+the ML-100K time goes.
 
-    .venv/bin/python bench/spark_prep.py [--sizes 1000000,3000000,10000000] [--out bench/results/spark_prep.json]
+    .venv/bin/python bench/spark_prep.py [--sizes 1000000,3000000,10000000] [--daily-sizes 1000000] [--out ...]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -77,26 +81,33 @@ def job_name(job) -> str:
 
 
 def run_jobs(spark, cfg, lake, day, jobs) -> dict[str, float]:
+    """Seconds per job and in total, plus `spark_jobs`: how many Spark jobs (actions and their stages) they ran."""
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    spark.sparkContext.setJobGroup(group, "spark_prep benchmark")
     seconds = {}
     for job in jobs:
         start = time.perf_counter()
         job.run(spark, cfg, lake, day)
         seconds[job_name(job)] = round(time.perf_counter() - start, 2)
     seconds["total"] = round(sum(seconds.values()), 2)
+    seconds["spark_jobs"] = len(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
     return seconds
 
 
-def synthetic_lake(workdir: Path, size: int) -> tuple[Lake, dt.date]:
-    """A raw lake of `size` synthetic interactions; user/item snapshots only for the last day (all a full build reads)."""
+def synthetic_lake(workdir: Path, size: int, snapshot_days: int = 1) -> tuple[Lake, list[dt.date]]:
+    """A raw lake of `size` synthetic interactions; user/item snapshots for the last `snapshot_days` days only
+    (all a full build of the last day reads; a daily run reads its own day's and the previous one's)."""
     lake = Lake(str(workdir / f"synthetic-{size}"))
     data = synthetic.generate(size, days=180, seed=1)
-    last = synthetic.interaction_days(data.interactions).max()
-    synthetic.write_raw_lake(lake, data.interactions, data.users, data.items, snapshot_days=[last])
-    return lake, last
+    days = sorted(set(synthetic.interaction_days(data.interactions)))
+    synthetic.write_raw_lake(lake, data.interactions, data.users, data.items, snapshot_days=days[-snapshot_days:])
+    return lake, days
 
 
-def bench_synthetic(spark, books, collective, workdir: Path, size: int) -> dict:
-    lake, day = synthetic_lake(workdir, size)
+def bench_synthetic(spark, books, collective, workdir: Path, size: int, daily: bool) -> dict:
+    """Full build of the last day; with `daily`, also the steady-state daily run of that day (`full_vs_daily`)."""
+    lake, days = synthetic_lake(workdir, size, snapshot_days=3 if daily else 1)
+    day = days[-1]
     start = time.perf_counter()
     seconds = run_jobs(spark, books, lake, day, HEADLINE_JOBS)
     history = lake.read_partition("features/user_history", day, columns=["n_interactions"])
@@ -104,9 +115,11 @@ def bench_synthetic(spark, books, collective, workdir: Path, size: int) -> dict:
     n_items = len(lake.read_partition("features/items", day, columns=["item_id"]))
     clusters_seconds = run_jobs(spark, collective, lake, day, (clusters,))["clusters"]
     mode = resolve_mode(books, users, n_items)
+    daily_run = full_vs_daily(spark, books, lake, days, HEADLINE_JOBS, full=seconds) if daily else None
     print(f"{size}: {time.perf_counter() - start:.0f} s", flush=True)
     shutil.rmtree(lake.local_path(), ignore_errors=True)
     return {
+        "full_vs_daily": daily_run,
         "interactions": interactions,
         "users": users,
         "items": n_items,
@@ -118,22 +131,50 @@ def bench_synthetic(spark, books, collective, workdir: Path, size: int) -> dict:
     }
 
 
-def bench_ml100k(spark, cfg, workdir: Path) -> dict:
+def full_vs_daily(spark, cfg, lake, days, jobs, full: dict | None = None) -> dict:
     """Full build of the last day against its daily run. The daily run is timed in steady state (the day
     before was itself a daily run); the daily run right after a full build is timed too: a full build flags
-    every user for refresh, so that one day rewrites every user bucket."""
-    inter, users, item_frame = movielens.load(movielens.obtain(cfg.data_dir))
-    lake = Lake(str(workdir / "ml100k"))
-    days = synthetic.write_raw_lake(lake, inter, users, item_frame)
+    every user for refresh, so that one day rewrites every user bucket. `full`: an already measured full build."""
     day, prev, before = days[-1], days[-2], days[-3]
-    jobs = HEADLINE_JOBS + ((clusters,) if resolve_mode(cfg, users["user_id"].nunique(), len(item_frame)) == "collective" else ())
-    full = run_jobs(spark, cfg, lake, day, jobs)
+    if full is None:
+        shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+        full = run_jobs(spark, cfg, lake, day, jobs)
     shutil.rmtree(lake.local_path("features"), ignore_errors=True)
     run_jobs(spark, cfg, lake, before, jobs)
     after_full = run_jobs(spark, cfg, lake, prev, jobs)
     incremental = run_jobs(spark, cfg, lake, day, jobs)
     return {"day": day.isoformat(), "previous_day": prev.isoformat(), "jobs": [job_name(j) for j in jobs],
-            "full_seconds": full, "incremental_seconds": incremental, "incremental_after_full_seconds": after_full}
+            "full_seconds": full, "incremental_seconds": incremental, "incremental_after_full_seconds": after_full,
+            "incremental_over_full": round(incremental["total"] / full["total"], 3)}
+
+
+def bench_ml100k(spark, cfg, workdir: Path) -> dict:
+    inter, users, item_frame = movielens.load(movielens.obtain(cfg.data_dir))
+    lake = Lake(str(workdir / "ml100k"))
+    days = synthetic.write_raw_lake(lake, inter, users, item_frame)
+    jobs = HEADLINE_JOBS + ((clusters,) if resolve_mode(cfg, users["user_id"].nunique(), len(item_frame)) == "collective" else ())
+    result = full_vs_daily(spark, cfg, lake, days, jobs)
+    result["spark_action_floor_s"] = action_floor(spark, lake, days[-1])
+    return result
+
+
+def action_floor(spark, lake, day: dt.date) -> dict:
+    """The least a Spark action costs here, on a small partition (features/items, a few thousand rows): a count
+    and a rewrite. Every job pays it per action, whatever the data size."""
+    path = str(lake.local_path(f"features/items/dt={day.isoformat()}"))
+    schema = spark.read.parquet(path).schema
+
+    def best_of_3(action) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            action()
+            times.append(time.perf_counter() - start)
+        return round(min(times), 3)
+
+    out = str(lake.local_path("_floor"))
+    return {"count": best_of_3(lambda: spark.read.schema(schema).parquet(path).count()),
+            "write": best_of_3(lambda: spark.read.schema(schema).parquet(path).write.mode("overwrite").parquet(out))}
 
 
 def warm_up(spark, books, collective, workdir: Path) -> None:
@@ -150,8 +191,10 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000000,3000000,10000000")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench/results/spark_prep.json"))
     parser.add_argument("--skip-ml100k", action="store_true")
+    parser.add_argument("--daily-sizes", default="1000000", help="sizes that also get a steady-state daily run")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    daily_sizes = {int(s) for s in args.daily_sizes.split(",") if s}
 
     env = {**os.environ, "REKI__SPARK__MASTER": "local[2]"}
     movielens_cfg = load_config(environ=env)
@@ -172,7 +215,10 @@ def main() -> int:
                  "clusters_seconds: the clusters job alone (collective mode forced); daily_run_seconds adds it where "
                  "the books scenario's auto mode is collective. Jobs warmed up on a small lake first. "
                  "ml100k_incremental_s: the last day's daily run after a daily run (steady state); "
-                 "ml100k_incremental_after_full_s: a daily run right after a full build (every user bucket rewritten).",
+                 "ml100k_incremental_after_full_s: a daily run right after a full build (every user bucket rewritten). "
+                 "incremental_over_full_by_size: the same steady-state comparison on synthetic sizes (--daily-sizes). "
+                 "spark_jobs: Spark jobs run (each action and adaptive stage is one); ml100k.spark_action_floor_s: "
+                 "the least one count or one rewrite of a small partition costs here.",
         "sizes": {},
     }
     out = Path(args.out)
@@ -184,14 +230,15 @@ def main() -> int:
             print(result["ml100k"], flush=True)
             write_result(result, rss, out)
         for size in sizes:
-            result["sizes"][str(size)] = bench_synthetic(spark, books, collective, Path(tmp), size)
+            result["sizes"][str(size)] = bench_synthetic(spark, books, collective, Path(tmp), size, size in daily_sizes)
             print(size, result["sizes"][str(size)], flush=True)
             write_result(result, rss, out)
     spark.stop()
     write_result(result, rss, out)
     print(json.dumps({k: result[k] for k in ("interactions_per_s", "clusters_seconds", "time_ratio_10m_over_1m", "peak_rss_mb",
                                              "ml100k_full_s", "ml100k_incremental_s", "incremental_over_full",
-                                             "ml100k_incremental_after_full_s")}))
+                                             "ml100k_incremental_after_full_s", "ml100k_spark_jobs",
+                                             "incremental_over_full_by_size")}))
     return 0
 
 
@@ -201,6 +248,8 @@ def write_result(result: dict, rss: PeakRss, out: Path) -> None:
     result["clusters_seconds"] = {k: v["clusters_seconds"] for k, v in result["sizes"].items()}
     totals = {int(k): v["seconds"]["total"] for k, v in result["sizes"].items()}
     result["time_ratio_10m_over_1m"] = round(totals[10_000_000] / totals[1_000_000], 3) if {1_000_000, 10_000_000} <= totals.keys() else None
+    result["incremental_over_full_by_size"] = {k: v["full_vs_daily"]["incremental_over_full"]
+                                               for k, v in result["sizes"].items() if v.get("full_vs_daily")}
     result["peak_rss_mb"] = round(rss.peak_mb, 1)
     result["load_average_1m"][f"after_{len(result['sizes'])}_sizes" + ("_and_ml100k" if "ml100k" in result else "")] = round(
         os.getloadavg()[0], 2)
@@ -208,10 +257,12 @@ def write_result(result: dict, rss: PeakRss, out: Path) -> None:
         full, inc = result["ml100k"]["full_seconds"]["total"], result["ml100k"]["incremental_seconds"]["total"]
         after_full = result["ml100k"]["incremental_after_full_seconds"]["total"]
         result.update(ml100k_full_s=full, ml100k_incremental_s=inc, incremental_over_full=round(inc / full, 3),
-                      ml100k_incremental_after_full_s=after_full)
+                      ml100k_incremental_after_full_s=after_full,
+                      ml100k_spark_jobs={"full": result["ml100k"]["full_seconds"]["spark_jobs"],
+                                         "daily": result["ml100k"]["incremental_seconds"]["spark_jobs"]})
     else:
         result.update(ml100k_full_s=None, ml100k_incremental_s=None, incremental_over_full=None,
-                      ml100k_incremental_after_full_s=None)
+                      ml100k_incremental_after_full_s=None, ml100k_spark_jobs=None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
 

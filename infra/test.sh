@@ -10,7 +10,34 @@ export AIRFLOW_HOME="$REKI_HOME/.reki/airflow-test"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
 mkdir -p "$AIRFLOW_HOME"
 bash "$REKI_HOME/infra/airflow.sh" init || exit 1
-python -m pytest -p no:cacheprovider -q -ra --durations=15 --timeout=900 "$@" tests
+
+PYTEST=(python -m pytest -p no:cacheprovider -q -ra --durations=15 --timeout=900)
+
+# pytest's exit 5 (nothing collected) is a failure here: a marker or path typo must not pass.
+check() { [ "$1" -eq 5 ] && { echo "ERROR: no tests were collected ($2)"; return 1; }; return "$1"; }
+
+if [ $# -gt 0 ]; then
+  "${PYTEST[@]}" "$@" tests
+  check $? "$*"
+  exit $?
+fi
+
+# The whole suite. The backfill suite (its own SeaweedFS, Airflow home and scheduler; about 17 min here,
+# mostly one DAG run after another) runs beside the others, which share nothing with it.
+backfill_log="$REKI_HOME/.reki/logs/test-backfill.log"
+mkdir -p "$(dirname "$backfill_log")"
+echo "==> the backfill suite runs alongside the others; its output: $backfill_log (printed at the end)"
+"${PYTEST[@]}" -m backfill tests >"$backfill_log" 2>&1 &
+backfill_pid=$!
+"${PYTEST[@]}" -m "not backfill" tests &
+main_pid=$!
+# A stopped run (Ctrl-C, a CI timeout) still tears both down: tests/conftest.py turns SIGTERM into an interrupt.
+trap 'kill -TERM $main_pid $backfill_pid 2>/dev/null' INT TERM
+wait $main_pid
 rc=$?
-[ $rc -eq 5 ] && { echo "ERROR: no tests were collected"; exit 1; }
-exit $rc
+wait $backfill_pid
+backfill_rc=$?
+echo "==> backfill suite (-m backfill), exit $backfill_rc:"
+cat "$backfill_log"
+check $rc "-m 'not backfill'" || exit $?
+check $backfill_rc "-m backfill"

@@ -65,12 +65,15 @@ def bucket_files(lake: Lake, dataset: str, day: dt.date, buckets: Iterable[int] 
             if wanted is None or int(b) in wanted}
 
 
-def read_buckets(spark: SparkSession, lake: Lake, dataset: str, day: dt.date, buckets: Iterable[int]) -> DataFrame:
-    """The rows of `buckets` only: their files are read, the others are not opened."""
+def read_buckets(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
+                 buckets: Iterable[int] | None = None) -> DataFrame:
+    """The rows of `buckets` (all when None): only their files are opened. The schema comes from the
+    manifest, so Spark runs no job to infer it from the files."""
+    manifest = read_manifest(lake, dataset, day)
+    schema = T.StructType.fromJson(json.loads(manifest["schema"])) if manifest else None
     paths = [p for files in bucket_files(lake, dataset, day, buckets).values() for p in files]
     if paths:
-        return spark.read.parquet(*paths)
-    schema = T.StructType.fromJson(json.loads(read_manifest(lake, dataset, day)["schema"]))
+        return spark.read.schema(schema).parquet(*paths)
     return spark.createDataFrame([], schema)  # none of those buckets has rows
 
 

@@ -155,8 +155,8 @@ def run(spark, cfg, lake, day) -> dict:
                                      and lake.has_partition("features/items", prev_day)):
         prev_day = None  # the previous samples cannot be compared with what they were built from: rebuild
     if prev_day is None:
-        history = read_partition(spark, lake, "features/user_history", day)
-        versions = read_partition(spark, lake, "features/knowledge_versions", day)
+        history = read_buckets(spark, lake, "features/user_history", day)
+        versions = read_buckets(spark, lake, "features/knowledge_versions", day)
         rewritten = None
     else:
         # A user's samples change only with new interactions, new window versions (both only grow, so a
@@ -165,7 +165,7 @@ def run(spark, cfg, lake, day) -> dict:
             lake, "features/knowledge_versions", prev_day, day)
         regenred = [r.item_id for r in regenred_items(items, read_partition(spark, lake, "features/items", prev_day)).collect()]
         if regenred:  # rare: only then are all histories scanned
-            users = users_rating(read_partition(spark, lake, "features/user_history", day),
+            users = users_rating(read_buckets(spark, lake, "features/user_history", day),
                                  spark.createDataFrame([(i,) for i in regenred], "item_id string"))
             rewritten |= {r[0] for r in users.select(bucket_expr(F.col("user_id"), n_buckets)).distinct().collect()}
         history = read_buckets(spark, lake, "features/user_history", day, rewritten)

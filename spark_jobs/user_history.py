@@ -265,7 +265,7 @@ def run(spark, cfg, lake, day) -> dict:
         # Only the buckets holding a touched user are recomputed; the others are carried as they are.
         prev_users = read_partition(spark, lake, "raw/users", prev_day) if lake.has_partition("raw/users", prev_day) else None
         touched = touched_users(new_interactions, items, read_partition(spark, lake, "features/items", prev_day),
-                                read_partition(spark, lake, DATASET, prev_day), users, prev_users)
+                                read_buckets(spark, lake, DATASET, prev_day), users, prev_users)
         rewritten = {r[0] for r in touched.select(bucket_expr(F.col("user_id"), n_buckets)).distinct().collect()}
         prev_history = read_buckets(spark, lake, DATASET, prev_day, rewritten)
         prev_versions = read_buckets(spark, lake, VERSIONS, prev_day, rewritten)

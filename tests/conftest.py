@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,16 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
 from reki_core.localstack import SeaweedFS, ensure_credentials, free_port_block  # noqa: E402,F401
 from reki_core.storage.lake import Lake  # noqa: E402
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # SIGTERM (a CI timeout, infra/test.sh stopping its suites) interrupts like Ctrl-C, so fixture teardown
+    # still stops the SeaweedFS and Airflow processes the tests started.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Config:
