@@ -43,8 +43,10 @@ from reki_core.storage.lake import Lake  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "llm_extraction.json"
 
 
-def _config(lake_dir: Path, mode: str, max_tokens: int) -> Config:
+def _config(lake_dir: Path, mode: str, max_tokens: int, device: str | None = None) -> Config:
+    """The benchmark's config on its own lake; `device` overrides llm.engine.device."""
     return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ={
+        **({"REKI__LLM__ENGINE__DEVICE": device} if device else {}),
         "REKI__PATHS__STATE_DIR": str(lake_dir / "state"),
         "REKI__PATHS__LAKE_URI": str(lake_dir / "lake"),
         "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),

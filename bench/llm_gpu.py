@@ -31,20 +31,15 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
+from reki_core.config import Config  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "llm_gpu.json"
 
 
 def _config(lake_dir: Path, device: str, max_tokens: int) -> Config:
-    return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ={
-        "REKI__PATHS__STATE_DIR": str(lake_dir / "state"),
-        "REKI__PATHS__LAKE_URI": str(lake_dir / "lake"),
-        "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
-        "REKI__SCENARIO_OVERRIDES": "{extraction_mode: individual}",
-        "REKI__LLM__SAMPLING__MAX_TOKENS": str(max_tokens),
-        "REKI__LLM__ENGINE__DEVICE": device,
-    })
+    from llm_extraction import _config as extraction_config  # bench/ is on sys.path when run as a script
+
+    return extraction_config(lake_dir, "individual", max_tokens, device)
 
 
 def prepare(lake_dir: Path) -> dict:
