@@ -56,25 +56,34 @@ def is_bucketed(lake: Lake, dataset: str, day: dt.date, n_buckets: int) -> bool:
 
 def bucket_files(lake: Lake, dataset: str, day: dt.date, buckets: Iterable[int] | None = None) -> dict[int, list[str]]:
     """Local paths of the files of `buckets` (all when None); empty buckets have none."""
-    manifest = read_manifest(lake, dataset, day)
-    if manifest is None:
-        raise FileNotFoundError(f"{lake.uri_of(lake.partition_path(dataset, day))}: no {MANIFEST}")
-    wanted = None if buckets is None else set(buckets)
-    folder = lake.local_path(f"{dataset}/dt={day.isoformat()}")
-    return {int(b): [str(folder / f) for f in entry["files"]] for b, entry in manifest["buckets"].items()
-            if wanted is None or int(b) in wanted}
+    return _bucket_files(lake, dataset, day, _manifest(lake, dataset, day), buckets)
 
 
 def read_buckets(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
                  buckets: Iterable[int] | None = None) -> DataFrame:
     """The rows of `buckets` (all when None): only their files are opened. The schema comes from the
     manifest, so Spark runs no job to infer it from the files."""
-    manifest = read_manifest(lake, dataset, day)
-    schema = T.StructType.fromJson(json.loads(manifest["schema"])) if manifest else None
-    paths = [p for files in bucket_files(lake, dataset, day, buckets).values() for p in files]
+    manifest = _manifest(lake, dataset, day)
+    schema = T.StructType.fromJson(json.loads(manifest["schema"]))
+    paths = [p for files in _bucket_files(lake, dataset, day, manifest, buckets).values() for p in files]
     if paths:
         return spark.read.schema(schema).parquet(*paths)
     return spark.createDataFrame([], schema)  # none of those buckets has rows
+
+
+def _manifest(lake: Lake, dataset: str, day: dt.date) -> dict:
+    manifest = read_manifest(lake, dataset, day)
+    if manifest is None:
+        raise FileNotFoundError(f"{lake.uri_of(lake.partition_path(dataset, day))}: no {MANIFEST}")
+    return manifest
+
+
+def _bucket_files(lake: Lake, dataset: str, day: dt.date, manifest: dict,
+                  buckets: Iterable[int] | None) -> dict[int, list[str]]:
+    wanted = None if buckets is None else set(buckets)
+    folder = lake.local_path(f"{dataset}/dt={day.isoformat()}")
+    return {int(b): [str(folder / f) for f in entry["files"]] for b, entry in manifest["buckets"].items()
+            if wanted is None or int(b) in wanted}
 
 
 def grown_buckets(lake: Lake, dataset: str, before: dt.date, after: dt.date, count: str = "rows") -> set[int]:
