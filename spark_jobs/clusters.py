@@ -185,13 +185,14 @@ def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_use
 
 
 def run(spark, cfg, lake, day) -> dict:
+    from spark_jobs.buckets import read_buckets
     from spark_jobs.common import read_partition, write_partition
 
     from reki_core.prompts import resolve_mode, skip_groups
 
     s = cfg.scenario
     items = read_partition(spark, lake, "features/items", day).cache()
-    history = read_partition(spark, lake, "features/user_history", day).select("user_id", "history").cache()
+    history = read_buckets(spark, lake, "features/user_history", day).select("user_id", "history").cache()
     mode = resolve_mode(cfg, history.count(), items.count())
     if mode == "individual":  # groups only serve collective extraction: the costliest job is skipped
         items.unpersist()
