@@ -10,9 +10,12 @@ import argparse
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from reki_core.config import Config, load_config
 from reki_core.storage.lake import Lake, as_date
@@ -75,7 +78,17 @@ def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
 def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date) -> DataFrame:
     if not lake.has_partition(dataset, day):
         raise FileNotFoundError(f"lake partition missing: {lake.uri_of(lake.partition_path(dataset, day))}")
-    return spark.read.parquet(str(lake.local_path(f"{dataset}/dt={day.isoformat()}")))
+    return read_parquet(spark, [lake.local_path(f"{dataset}/dt={day.isoformat()}")])
+
+
+def read_parquet(spark: SparkSession, folders: list[Path]) -> DataFrame:
+    """The Parquet files of `folders`, with the schema of the first file's footer (read here, in the driver):
+    Spark would run a job per read to infer the same schema, as it also reads only one footer."""
+    first = next((f for folder in folders for f in sorted(folder.glob("*.parquet"))), None)
+    if first is None:
+        raise FileNotFoundError(f"no Parquet file in {folders[0]}")
+    schema = from_arrow_schema(pq.read_schema(first))
+    return spark.read.schema(schema).parquet(*map(str, folders))
 
 
 def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date | None, upto: dt.date) -> DataFrame:
@@ -83,8 +96,7 @@ def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date 
     days = [d for d in lake.partitions("raw/interactions") if d <= upto and (since_exclusive is None or d > since_exclusive)]
     if not days:
         return spark.createDataFrame([], INTERACTIONS_SCHEMA)
-    paths = [str(lake.local_path(f"raw/interactions/dt={d.isoformat()}")) for d in days]
-    df = spark.read.parquet(*paths)
+    df = read_parquet(spark, [lake.local_path(f"raw/interactions/dt={d.isoformat()}") for d in days])
     return df.select(
         df.user_id.cast("string"), df.item_id.cast("string"), df.rating.cast("int"), df.ts.cast("long")
     )

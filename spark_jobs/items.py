@@ -32,6 +32,12 @@ def title_year(title):
 
 def transform(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None) -> DataFrame:
     """Item features; popularity = previous popularity + interactions since (all of them when no previous)."""
+    return item_rows(raw_items, new_interactions, previous).where("described").drop("described")
+
+
+def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None) -> DataFrame:
+    """`transform`'s rows plus, with `described` false, items interacted with that the snapshot does not
+    describe (one pass yields both the features and the count of those)."""
     items = raw_items.select(
         F.col("item_id").cast("string").alias("item_id"),
         normalise_title(F.col("title")).alias("title"),
@@ -51,7 +57,8 @@ def transform(raw_items: DataFrame, new_interactions: DataFrame, previous: DataF
         ),
     )
     counts = new_interactions.groupBy("item_id").agg(F.count(F.lit(1)).alias("new_count"))
-    items = items.join(counts, "item_id", "left")
+    items = items.withColumn("described", F.lit(True)).join(counts, "item_id", "full_outer")
+    items = items.withColumn("described", F.coalesce("described", F.lit(False)))
     if previous is None:
         items = items.withColumn("popularity", F.coalesce("new_count", F.lit(0)).cast("long")).withColumn(
             "needs_refresh", F.lit(True)
@@ -63,9 +70,10 @@ def transform(raw_items: DataFrame, new_interactions: DataFrame, previous: DataF
             .withColumn("popularity", (F.coalesce("prev_pop", F.lit(0)) + F.coalesce("new_count", F.lit(0))).cast("long"))
             .withColumn("needs_refresh", F.col("prev_hash").isNull() | (F.col("prev_hash") != F.col("metadata_hash")))
         )
+    # One sorted file: the item table is small, and a global sort would cost Spark a sampling job.
     return items.select(
-        "item_id", "title", "year", "genres", "first_genre", "popularity", "metadata_hash", "needs_refresh"
-    ).orderBy("item_id")
+        "item_id", "title", "year", "genres", "first_genre", "popularity", "metadata_hash", "needs_refresh", "described"
+    ).repartition(1).sortWithinPartitions("item_id")
 
 
 def run(spark, cfg, lake, day) -> dict:
@@ -78,21 +86,22 @@ def run(spark, cfg, lake, day) -> dict:
     new_interactions = read_interactions(spark, lake, prev_day, day)
     # The counts are observed while the partition is written: no second pass, no cache.
     observed = Observation("items")
-    out = transform(raw_items, new_interactions, previous).observe(
+    described = F.col("described")
+    out = item_rows(raw_items, new_interactions, previous).observe(
         observed,
-        F.count(F.lit(1)).alias("items"),
-        F.sum(F.col("needs_refresh").cast("int")).alias("dirty_items"),
-        F.sum(F.col("title").isNull().cast("int")).alias("items_without_title"),
+        F.sum(described.cast("int")).alias("items"),
+        F.sum((described & F.col("needs_refresh")).cast("int")).alias("dirty_items"),
+        F.sum((described & F.col("title").isNull()).cast("int")).alias("items_without_title"),
+        # Items that users rated but the snapshot does not describe: their prompts cannot name them.
+        F.sum((~described).cast("int")).alias("unknown"),
     )
-    write_partition(out, lake, DATASET, day)
+    write_partition(out.where(described).drop("described"), lake, DATASET, day)
     stats = observed.get
-    # Items that users rated but the snapshot does not describe: their prompts cannot name them.
-    unknown = new_interactions.select("item_id").distinct().join(raw_items.select("item_id"), "item_id", "left_anti").count()
     return {
-        "items": int(stats["items"]),
+        "items": int(stats["items"] or 0),
         "dirty_items": int(stats["dirty_items"] or 0),
         "items_without_title": int(stats["items_without_title"] or 0),
-        "interacted_items_without_metadata": int(unknown),
+        "interacted_items_without_metadata": int(stats["unknown"] or 0),
         "incremental_from": prev_day.isoformat() if prev_day else None,
     }
 

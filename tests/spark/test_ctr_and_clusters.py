@@ -94,6 +94,11 @@ def test_items_features_titles_popularity_and_dirty_flags(spark):
     second = items_job.transform(raw2, inter2, first.localCheckpoint())
     got = {r["item_id"]: (r["popularity"], r["needs_refresh"]) for r in second.collect()}
     assert got == {"1": (2, False), "2": (0, True), "3": (2, False), "4": (0, False), "5": (0, True)}
+    # A rating of an item the snapshot does not describe: flagged for the run log's count, never a feature row.
+    inter3 = inter2.unionByName(spark.createDataFrame([("w", "9", 4, 11)], inter.schema))
+    rows = items_job.item_rows(raw2, inter3, first.localCheckpoint())
+    assert {r.item_id: r.described for r in rows.collect() if r.item_id in ("3", "9")} == {"3": True, "9": False}
+    assert sorted(r.item_id for r in items_job.transform(raw2, inter3, first.localCheckpoint()).collect()) == ["1", "2", "3", "4", "5"]
 
 
 def test_clusters_bounded_every_entity_once_and_deterministic(spark, data, feature_frames):
