@@ -56,24 +56,11 @@ def prepare(lake_dir: Path) -> dict:
         spark.stop()
 
 
-def tokens_per_s(backend, requests) -> float:
-    import torch
-
-    backend.generate(requests[:4])  # warm-up: kernels, caches
-    if backend.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    results = backend.generate(requests)
-    if backend.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return sum(r.completion_tokens for r in results) / (time.perf_counter() - start)
-
-
 def extract(lake_dir: Path, max_tokens: int) -> dict:
     import torch
     from llm_extraction import extract_day
 
-    from reki_core.llm.backends import GenerationRequest, make_backend
+    from reki_core.llm.backends import GenerationRequest, make_backend, measure_tokens_per_s
     from reki_core.llm.runner import extraction_prompts, order_by_length
 
     if not torch.cuda.is_available():
@@ -89,7 +76,7 @@ def extract(lake_dir: Path, max_tokens: int) -> dict:
              zip(prompts["prompt_hash"][:gpu_cfg.llm.shard_size], prompts["text"][:gpu_cfg.llm.shard_size])]
     shard = [shard[i] for i in order_by_length(gpu.count_prompt_tokens([r.text for r in shard]))]
     cpu = make_backend(_config(lake_dir, "cpu", max_tokens))
-    gpu_rate, cpu_rate = tokens_per_s(gpu, shard), tokens_per_s(cpu, shard)
+    gpu_rate, cpu_rate = measure_tokens_per_s(gpu, shard)[0], measure_tokens_per_s(cpu, shard)[0]
     return {
         "device_name": torch.cuda.get_device_name(), "torch": torch.__version__,
         "dt": gpu_cfg.run_date.isoformat(), "model_id": gpu_cfg.llm.engine.model_id,

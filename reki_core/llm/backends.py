@@ -49,6 +49,23 @@ class GenerationResult:
         return cls(request_id, "", "error", prompt_tokens, 0, error)
 
 
+def measure_tokens_per_s(backend: "Backend", requests: Sequence[GenerationRequest]) -> tuple[float, list[GenerationResult]]:
+    """Completion tokens per second of one `generate` over `requests`, and its results. It warms up on the
+    same requests first: CUDA loads kernels lazily, per shape, so a warm-up on other shapes would leave
+    that load inside the timed call."""
+    cuda = str(getattr(backend, "device", "")).startswith("cuda")
+    backend.generate(requests)
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = backend.generate(requests)
+    if cuda:
+        torch.cuda.synchronize()
+    return sum(r.completion_tokens for r in results) / (time.perf_counter() - start), results
+
+
 class Backend(ABC):
     """One LLM engine. `generate` keeps the order of `requests` and never raises for a single bad request."""
 

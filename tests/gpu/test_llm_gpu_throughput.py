@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 
 import pytest
 
@@ -11,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from reki_core.llm.backends import GenerationRequest, TransformersBackend  # noqa: E402
+from reki_core.llm.backends import GenerationRequest, TransformersBackend, measure_tokens_per_s  # noqa: E402
 from reki_core.llm.smoke_model import ensure_smoke_model  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
 
@@ -19,24 +18,13 @@ PROMPTS = [GenerationRequest(f"h{i}", f"Describe the movie number {i}, its genre
            for i in range(128)]
 
 
-def _tokens_per_s(backend) -> tuple[float, list]:
-    backend.generate(PROMPTS)  # warm-up on the same shapes: CUDA loads kernels lazily, per shape
-    if backend.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    results = backend.generate(PROMPTS)
-    if backend.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return sum(r.completion_tokens for r in results) / (time.perf_counter() - start), results
-
-
 def test_transformers_on_gpu_is_faster_than_cpu_for_the_same_prompts(tmp_path):
     cfg = make_config(tmp_path, REKI__LLM__SAMPLING__MAX_TOKENS="32", REKI__LLM__ENGINE__BATCH_SIZE="64")
     path = str(ensure_smoke_model(cfg.resolve(cfg.llm.engine.model_path)))
     cpu = TransformersBackend(cfg.llm.engine.model_copy(update={"device": "cpu"}), cfg.llm.sampling, path)
     gpu = TransformersBackend(cfg.llm.engine.model_copy(update={"device": "cuda"}), cfg.llm.sampling, path)
-    cpu_rate, cpu_results = _tokens_per_s(cpu)
-    gpu_rate, gpu_results = _tokens_per_s(gpu)
+    cpu_rate, cpu_results = measure_tokens_per_s(cpu, PROMPTS)
+    gpu_rate, gpu_results = measure_tokens_per_s(gpu, PROMPTS)
     print(f"\ntransformers smoke LM, {len(PROMPTS)} prompts, batch 64, 32 tokens: "
           f"cpu {cpu_rate:.0f} tok/s, gpu ({torch.cuda.get_device_name()}) {gpu_rate:.0f} tok/s, "
           f"ratio {gpu_rate / cpu_rate:.2f}")
@@ -51,9 +39,7 @@ def test_vllm_generates_on_gpu(tmp_path):
     from reki_core.llm.backends import make_backend
 
     backend = make_backend(cfg)
-    start = time.perf_counter()
-    results = backend.generate(PROMPTS)
-    rate = sum(r.completion_tokens for r in results) / (time.perf_counter() - start)
+    rate, results = measure_tokens_per_s(backend, PROMPTS)
     print(f"\nvllm smoke LM: {rate:.0f} tok/s")
     assert [r.request_id for r in results] == [p.request_id for p in PROMPTS]
     assert all(r.finish_reason in ("stop", "length") for r in results)

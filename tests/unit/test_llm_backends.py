@@ -14,7 +14,7 @@ import pytest
 from llm_test_helpers import tiny_config
 
 from reki_core.llm.backends import (GenerationRequest, OpenAIBackend, TransformersBackend, VLLMBackend,
-                                    make_backend)
+                                    make_backend, measure_tokens_per_s)
 from reki_core.llm.smoke_model import ensure_smoke_model
 
 REQUESTS = [GenerationRequest(f"h{i}", f"Describe the movie number {i} " + "and its plot " * i) for i in range(5)]
@@ -291,3 +291,18 @@ def test_openai_backend_times_out_and_records_it(tmp_path, chat_server):
                                           REKI__LLM__ENGINE__MAX_RETRIES="1"))
     [result] = backend.generate([GenerationRequest("h", "slow")])
     assert result.finish_reason == "error" and "Timeout" in result.error
+
+
+def test_measure_tokens_per_s_warms_up_on_the_same_requests_and_counts_completion_tokens(smoke_backend, monkeypatch):
+    seen = []
+    generate = smoke_backend.generate
+
+    def recording(requests):
+        seen.append([r.request_id for r in requests])
+        return generate(requests)
+
+    monkeypatch.setattr(smoke_backend, "generate", recording)
+    rate, results = measure_tokens_per_s(smoke_backend, REQUESTS)
+    assert seen == [[r.request_id for r in REQUESTS]] * 2  # the warm-up has the timed call's shapes
+    assert [r.request_id for r in results] == [r.request_id for r in REQUESTS]
+    assert sum(r.completion_tokens for r in results) > 0 and rate > 0
