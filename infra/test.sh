@@ -17,7 +17,10 @@ PYTEST=(python -m pytest -p no:cacheprovider -q -ra --durations=15 --timeout=900
 check() { [ "$1" -eq 5 ] && { echo "ERROR: no tests were collected ($2)"; return 1; }; return "$1"; }
 
 if [ $# -gt 0 ]; then
-  "${PYTEST[@]}" "$@" tests
+  # Options alone (`-m faults`) select from the whole tree; a path given (`tests/spark`, `file.py::test`) is the selection.
+  where=(tests)
+  for arg in "$@"; do [ -e "${arg%%::*}" ] && where=(); done
+  "${PYTEST[@]}" "$@" "${where[@]}"
   check $? "$*"
   exit $?
 fi
