@@ -42,6 +42,7 @@ from reki_core.prompts import resolve_mode  # noqa: E402
 from reki_core.spark import get_spark  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
 from spark_jobs import clusters, ctr_samples, items, user_history  # noqa: E402
+from spark_jobs.common import read_parquet  # noqa: E402
 
 HEADLINE_JOBS = (items, user_history, ctr_samples)
 WARMUP_INTERACTIONS = 5_000
@@ -161,8 +162,7 @@ def bench_ml100k(spark, cfg, workdir: Path) -> dict:
 def action_floor(spark, lake, day: dt.date) -> dict:
     """The least a Spark action costs here, on a small partition (features/items, a few thousand rows): a count
     and a rewrite. Every job pays it per action, whatever the data size."""
-    path = str(lake.local_path(f"features/items/dt={day.isoformat()}"))
-    schema = spark.read.parquet(path).schema
+    folder = lake.local_path(f"features/items/dt={day.isoformat()}")
 
     def best_of_3(action) -> float:
         times = []
@@ -173,8 +173,8 @@ def action_floor(spark, lake, day: dt.date) -> dict:
         return round(min(times), 3)
 
     out = str(lake.local_path("_floor"))
-    return {"count": best_of_3(lambda: spark.read.schema(schema).parquet(path).count()),
-            "write": best_of_3(lambda: spark.read.schema(schema).parquet(path).write.mode("overwrite").parquet(out))}
+    return {"count": best_of_3(lambda: read_parquet(spark, [folder]).count()),
+            "write": best_of_3(lambda: read_parquet(spark, [folder]).write.mode("overwrite").parquet(out))}
 
 
 def warm_up(spark, books, collective, workdir: Path) -> None:
