@@ -114,18 +114,14 @@ def transform(
     )
 
 
-def item_genres(items: DataFrame) -> DataFrame:
-    """item_id, genre: the genre a sample shows for the item."""
-    return items.select("item_id", F.coalesce("first_genre", F.lit(UNKNOWN_GENRE)).alias("genre"))
-
-
-def regenred_items(items: DataFrame, prev_items: DataFrame) -> DataFrame:
-    """item_id of every item whose shown genre changed since the previous day."""
+def regenred_items(lake, day, prev_day) -> list[str]:
+    """item_id of every item whose shown genre changed since the previous day (the small item tables,
+    compared in the driver)."""
+    shown = [lake.read_partition("features/items", d, ["item_id", "first_genre"]).set_index("item_id")["first_genre"]
+             for d in (day, prev_day)]
     # Items missing on one side show the unknown genre there (a sample of an item without metadata shows it too).
-    was = item_genres(prev_items).withColumnRenamed("genre", "was")
-    return item_genres(items).join(was, "item_id", "full_outer").where(
-        F.coalesce("genre", F.lit(UNKNOWN_GENRE)) != F.coalesce("was", F.lit(UNKNOWN_GENRE))
-    ).select("item_id")
+    now, was = (g.reindex(shown[0].index.union(shown[1].index)).fillna(UNKNOWN_GENRE) for g in shown)
+    return sorted(now.index[now != was])
 
 
 def users_rating(history: DataFrame, item_ids: DataFrame) -> DataFrame:
@@ -163,7 +159,7 @@ def run(spark, cfg, lake, day) -> dict:
         # bucket's total tells) or the genre of an item in the history; every other bucket is carried over.
         rewritten = grown_buckets(lake, "features/user_history", prev_day, day, "interactions") | grown_buckets(
             lake, "features/knowledge_versions", prev_day, day)
-        regenred = [r.item_id for r in regenred_items(items, read_partition(spark, lake, "features/items", prev_day)).collect()]
+        regenred = regenred_items(lake, day, prev_day)
         if regenred:  # rare: only then are all histories scanned
             users = users_rating(read_buckets(spark, lake, "features/user_history", day),
                                  spark.createDataFrame([(i,) for i in regenred], "item_id string"))

@@ -7,7 +7,7 @@ A user's knowledge window (what the user prompt shows) is chosen by `scenario.kn
 The rule is replayed day by day (at each day's end), so a full build equals the chain of daily runs.
 
 Both outputs are user-bucketed (`spark_jobs/buckets.py`). A daily run finds the users whose row can
-change (`touched_users`), recomputes only their buckets from the previous day's files of those buckets
+change (`touched_buckets`), recomputes only their buckets from the previous day's files of those buckets
 (the state) and `raw/interactions` newer than that state, and hard-links every other bucket's file.
 Also reads `features/items` (titles; the previous day's too) and `raw/users` (profile) of both days.
 Writes `features/user_history/dt=D` and `features/knowledge_versions/dt=D` (all versions so far).
@@ -18,6 +18,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import pandas as pd
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -211,30 +213,51 @@ def transform(
     return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params)
 
 
-def touched_users(
-    new_interactions: DataFrame, items: DataFrame, prev_items: DataFrame, prev_history: DataFrame,
-    users: DataFrame | None, prev_users: DataFrame | None,
-) -> DataFrame:
-    """user_id of every user whose row may differ from the previous day's.
+def touched_buckets(spark, lake, day, prev_day, new_interactions: DataFrame, n_buckets: int) -> set[int]:
+    """The buckets holding a user whose row may differ from the previous day's.
 
     New interactions, a refresh flagged yesterday (the flag falls back), a profile change, or an item of
-    the window whose metadata changed or vanished (titles are shown in the window). Anyone else's row
-    is the previous day's, unchanged.
+    the window whose metadata changed or vanished (titles are shown in the window). Anyone else's row is
+    the previous day's, unchanged. Flags come from the previous manifest's counts and the small user and
+    item tables are compared here, in the driver: the usual day costs one Spark scan, of its interactions.
     """
-    parts = [new_interactions.select("user_id"), prev_history.where("needs_refresh").select("user_id")]
+    from spark_jobs.buckets import BUCKET, bucket_expr, read_buckets, read_manifest
+
+    flagged = {int(b) for b, entry in read_manifest(lake, DATASET, prev_day)["buckets"].items()
+               if entry["counts"].get("dirty_users", 0)}
+    users = new_interactions.select("user_id")
+    reprofiled = profile_changes(lake, day, prev_day)
+    if reprofiled:
+        users = users.unionByName(spark.createDataFrame([(u,) for u in reprofiled], "user_id string"))
+    changed = changed_items(lake, day, prev_day)
+    if changed:  # rare: only then are the previous windows scanned
+        shown = read_buckets(spark, lake, DATASET, prev_day).select("user_id", F.explode("window.item_id").alias("item_id"))
+        changed_df = F.broadcast(spark.createDataFrame([(i,) for i in changed], "item_id string"))
+        users = users.unionByName(shown.join(changed_df, "item_id", "left_semi").select("user_id"))
+    # One row per interaction, deduplicated here: a distinct would cost Spark a shuffle.
+    found = users.select(bucket_expr(F.col("user_id"), n_buckets).alias(BUCKET)).toArrow()[BUCKET]
+    return flagged | {int(b) for b in pc.unique(found).to_pylist()}
+
+
+def profile_changes(lake, day, prev_day) -> list[str]:
+    """user_id of every user whose profile differs between the two days' `raw/users` (added or dropped too)."""
     profile = ["user_id", "age", "gender", "occupation"]
-    if users is not None and prev_users is not None:
-        parts.append(users.select(*profile).exceptAll(prev_users.select(*profile)).select("user_id"))
-    elif users is not None or prev_users is not None:  # a profile snapshot appeared or went missing
-        parts.append((users if users is not None else prev_users).select("user_id"))
-    changed_items = items.where("needs_refresh").select("item_id").unionByName(
-        prev_items.select("item_id").exceptAll(items.select("item_id")))
-    shown = prev_history.select("user_id", F.explode("window.item_id").alias("item_id"))
-    parts.append(shown.join(F.broadcast(changed_items), "item_id", "left_semi").select("user_id"))
-    out = parts[0]
-    for part in parts[1:]:
-        out = out.unionByName(part)
-    return out.distinct()
+    snapshots = [lake.read_partition("raw/users", d, profile) if lake.has_partition("raw/users", d) else None
+                 for d in (day, prev_day)]
+    present = [s for s in snapshots if s is not None]
+    if not present:
+        return []
+    if len(present) == 1:  # a profile snapshot appeared or went missing: every profile in it changed
+        return sorted(set(present[0]["user_id"].astype(str)))
+    both = pd.concat([s.astype({"user_id": str, "age": "Int64"}) for s in present], ignore_index=True)
+    return sorted(set(both.drop_duplicates(keep=False)["user_id"]))
+
+
+def changed_items(lake, day, prev_day) -> list[str]:
+    """item_id of every item whose metadata changed since the previous day, or that vanished from the items."""
+    now = lake.read_partition("features/items", day, ["item_id", "needs_refresh"])
+    before = lake.read_partition("features/items", prev_day, ["item_id"])
+    return sorted(set(now.loc[now["needs_refresh"], "item_id"]) | (set(before["item_id"]) - set(now["item_id"])))
 
 
 def summarise_history(max_window: int):
@@ -246,7 +269,7 @@ def summarise_history(max_window: int):
 
 
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import (bucket_expr, is_bucketed, read_buckets, with_buckets, write_bucketed)
+    from spark_jobs.buckets import is_bucketed, read_buckets, with_buckets, write_bucketed
     from spark_jobs.common import previous_day, read_interactions, read_partition
 
     params = WindowParams.from_config(cfg)
@@ -263,10 +286,7 @@ def run(spark, cfg, lake, day) -> dict:
         prev_history = prev_versions = rewritten = None
     else:
         # Only the buckets holding a touched user are recomputed; the others are carried as they are.
-        prev_users = read_partition(spark, lake, "raw/users", prev_day) if lake.has_partition("raw/users", prev_day) else None
-        touched = touched_users(new_interactions, items, read_partition(spark, lake, "features/items", prev_day),
-                                read_buckets(spark, lake, DATASET, prev_day), users, prev_users)
-        rewritten = {r[0] for r in touched.select(bucket_expr(F.col("user_id"), n_buckets)).distinct().collect()}
+        rewritten = touched_buckets(spark, lake, day, prev_day, new_interactions, n_buckets)
         prev_history = read_buckets(spark, lake, DATASET, prev_day, rewritten)
         prev_versions = read_buckets(spark, lake, VERSIONS, prev_day, rewritten)
     # Both outputs derive from the advanced windows: compute them once.
