@@ -223,8 +223,9 @@ def touched_buckets(spark, lake, day, prev_day, new_interactions: DataFrame, n_b
     """
     from spark_jobs.buckets import BUCKET, bucket_expr, read_buckets, read_manifest
 
+    # A bucket whose manifest does not count its flags is taken as flagged: recomputing it is always safe.
     flagged = {int(b) for b, entry in read_manifest(lake, DATASET, prev_day)["buckets"].items()
-               if entry["counts"].get("dirty_users", 0)}
+               if entry["counts"].get("dirty_users", entry["rows"])}
     users = new_interactions.select("user_id")
     reprofiled = profile_changes(lake, day, prev_day)
     if reprofiled:

@@ -78,8 +78,11 @@ def test_touched_buckets_join_new_interactions_flags_profiles_and_shown_items(sp
                             "window": [[{"item_id": "x"}], [{"item_id": "y"}]]})
     windows.to_parquet(folder / "part-0.parquet")
     schema = spark.read.parquet(str(folder)).schema.json()
+    # And one bucket from a writer that did not count flags: taken as flagged.
+    uncounted = next(b for b in range(n) if b not in {bucket[rated], bucket[reprofiled], bucket[shows_changed], flagged})
     counts = {str(b): {"files": ["part-0.parquet"] if b == bucket[shows_changed] else [], "rows": 0,
                        "counts": {"dirty_users": 1 if b == flagged else 0}} for b in range(n)}
+    counts[str(uncounted)] = {"files": [], "rows": 3, "counts": {}}
     (folder / MANIFEST).write_text(json.dumps({"n_buckets": n, "sort_by": ["user_id"], "schema": schema, "buckets": counts}))
     lake.write_partition(_users([(reprofiled, 20, "F", "writer", "0")]), "raw/users", PREV)
     lake.write_partition(_users([(reprofiled, 21, "F", "writer", "0")]), "raw/users", DAY)
@@ -88,4 +91,4 @@ def test_touched_buckets_join_new_interactions_flags_profiles_and_shown_items(sp
     interactions = spark.createDataFrame([(rated, "y", 5, 1), (rated, "x", 4, 2)], "user_id string, item_id string, rating int, ts bigint")
 
     got = touched_buckets(spark, lake, DAY, PREV, interactions, n)
-    assert got == {bucket[rated], bucket[reprofiled], bucket[shows_changed], flagged}
+    assert got == {bucket[rated], bucket[reprofiled], bucket[shows_changed], flagged, uncounted}
