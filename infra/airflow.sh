@@ -26,8 +26,10 @@ start() {
     if alive "$c"; then echo "airflow $c already running (pid $(cat "$PIDS/airflow-$c.pid"))"; continue; fi
     # Supervised like a systemd unit with Restart=always: the scheduler exits on an unhandled error (e.g. a
     # run deleted under it by a rolled-back backfill create); it comes back in seconds and resumes its runs.
-    setsid bash -c 'while :; do airflow "$1"; echo "[reki] airflow $1 exited with $?; restarting in 5 s" >&2; sleep 5; done' \
-      supervise "$c" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
+    # The scheduler starts with the tasks' libraries imported (reki_airflow/scheduler.py): tasks fork from it.
+    cmd=(airflow "$c"); if [ "$c" = scheduler ]; then cmd=(python -m reki_airflow.scheduler); fi
+    setsid bash -c 'while :; do "${@:2}"; echo "[reki] airflow $1 exited with $?; restarting in 5 s" >&2; sleep 5; done' \
+      supervise "$c" "${cmd[@]}" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
     echo $! > "$PIDS/airflow-$c.pid"
     if [ "$c" = api-server ]; then  # the other components talk to the API server: wait for it first
       for _ in $(seq 1 90); do
