@@ -147,8 +147,13 @@ def _scheduler_pid(tmp) -> int | None:
     import psutil
 
     supervisor = psutil.Process(int((tmp / "pids" / "airflow-scheduler.pid").read_text()))
-    children = [c for c in supervisor.children() if "scheduler" in " ".join(c.cmdline())]
-    return children[0].pid if children else None
+    for child in supervisor.children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "scheduler" in " ".join(child.cmdline()):
+                return child.pid
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue  # the killed scheduler, not yet reaped by its supervisor
+    return None
 
 
 def test_a_scheduler_that_exits_is_restarted(airflow_stack):
