@@ -131,6 +131,28 @@ def write_bucketed(
 
 
 def _write_staging(df, lake, dataset, staging, n_buckets, sort_by, summarise, summary_columns, carry_from, rewritten) -> dict:
+    staging.mkdir(parents=True)
+    buckets: dict[str, dict] = {}
+    if rewritten is None or rewritten:  # a day that rewrites no bucket only links files: Spark runs nothing
+        buckets = _write_new_buckets(df, dataset, staging, sort_by, summarise, summary_columns, rewritten)
+    if carry_from is not None:
+        previous = read_manifest(lake, dataset, carry_from)
+        folder = lake.local_path(f"{dataset}/dt={carry_from.isoformat()}")
+        for bucket, entry in previous["buckets"].items():
+            if int(bucket) in rewritten:
+                continue
+            for name in entry["files"]:
+                _link_or_copy(folder / name, staging / name)
+            buckets[bucket] = entry
+    schema = T.StructType([f for f in df.schema.fields if f.name != BUCKET]).json()
+    manifest = {"n_buckets": n_buckets, "sort_by": sort_by, "schema": schema,
+                "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def _write_new_buckets(df, dataset, staging, sort_by, summarise, summary_columns, rewritten) -> dict[str, dict]:
+    """Spark writes `df` one folder per bucket; each bucket's files move into `staging`, counted."""
     spark_out = staging / "_spark"
     df.sortWithinPartitions(BUCKET, *sort_by).write.partitionBy(BUCKET).parquet(str(spark_out))
     write_id = uuid.uuid4().hex[:8]
@@ -151,20 +173,7 @@ def _write_staging(df, lake, dataset, staging, n_buckets, sort_by, summarise, su
             if summarise else {}
         buckets[str(bucket)] = {"files": names, "rows": rows, "counts": counts}
     shutil.rmtree(spark_out)
-    if carry_from is not None:
-        previous = read_manifest(lake, dataset, carry_from)
-        folder = lake.local_path(f"{dataset}/dt={carry_from.isoformat()}")
-        for bucket, entry in previous["buckets"].items():
-            if int(bucket) in rewritten:
-                continue
-            for name in entry["files"]:
-                _link_or_copy(folder / name, staging / name)
-            buckets[bucket] = entry
-    schema = T.StructType([f for f in df.schema.fields if f.name != BUCKET]).json()
-    manifest = {"n_buckets": n_buckets, "sort_by": sort_by, "schema": schema,
-                "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
+    return buckets
 
 
 def totals(manifest: dict) -> dict[str, int]:

@@ -161,3 +161,37 @@ def test_daily_runs_rewrite_only_touched_buckets_and_equal_a_full_build(spark, t
         assert list(full.columns) == list(chained[ds].columns), ds
         diff = [c for c in full.columns if not full[c].astype(str).equals(chained[ds][c].astype(str))]
         assert not diff, (ds, diff)  # same rows, same order
+
+
+def test_a_quiet_day_links_every_bucket_and_runs_no_spark_write(spark, tmp_path):
+    """Days with no interactions and unchanged snapshots: the first still rewrites the buckets of yesterday's
+    refreshes (their flags fall back); the second recomputes nothing, links every file and writes no Spark output."""
+    from reki_core.storage.lake import Lake
+    from spark_jobs.buckets import bucket_files
+
+    cfg = _make_cfg(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    data = synthetic.generate(400, n_users=30, n_items=30, days=4, seed=13, start=dt.date(2024, 8, 1))
+    days = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)
+    quiet = [days[-1] + dt.timedelta(days=1), days[-1] + dt.timedelta(days=2)]
+    for day in quiet:
+        lake.write_partition(lake.read_partition("raw/interactions", days[-1]).iloc[0:0], "raw/interactions", day)
+        for ds in ("raw/users", "raw/items"):
+            lake.write_partition(lake.read_partition(ds, days[-1]), ds, day)
+    for day in days[-2:] + quiet[:1]:
+        for job in (items, user_history, ctr_samples):
+            job.run(spark, cfg, lake, day)
+    items.run(spark, cfg, lake, quiet[1])  # the item table is small and rebuilt every day
+    spark.sparkContext.setJobGroup("quiet-day", "a quiet day")
+    summaries = {job: job.run(spark, cfg, lake, quiet[1]) for job in (user_history, ctr_samples)}
+    ran = len(spark.sparkContext.statusTracker().getJobIdsForGroup("quiet-day"))
+    spark.sparkContext.setJobGroup("other", "")
+    assert ran == 1, ran  # the one scan of the day's (empty) interactions, nothing written through Spark
+    for job, summary in summaries.items():
+        assert summary["rewritten_buckets"] == 0 and summary["incremental_from"] == quiet[0].isoformat(), summary
+        before, after = bucket_files(lake, job.DATASET, quiet[0]), bucket_files(lake, job.DATASET, quiet[1])
+        assert before and before.keys() == after.keys()
+        assert all(os.stat(after[b][0]).st_ino == os.stat(before[b][0]).st_ino for b in after)
+        a, b = lake.read_partition(job.DATASET, quiet[0]), lake.read_partition(job.DATASET, quiet[1])
+        assert len(a) > 0 and a.astype(str).equals(b.astype(str))
+    assert summaries[user_history]["dirty_users"] == 0
