@@ -209,6 +209,9 @@ class ModelConfig(_Strict):
 class QualityConfig(_Strict):
     # "fail" stops the run on bad raw rows; "quarantine" moves them to raw/_rejected/ and goes on.
     raw_bad_rows_policy: Literal["fail", "quarantine"] = "fail"
+    # Under quarantine, a day rejecting more than this share of its rows stops the run instead: that many bad
+    # rows mean an upstream format change, not stray bad records.
+    raw_max_rejected_share: float = Field(0.2, ge=0.0, le=1.0)
     # Semantic LLM-answer checks: "fail" or "warn" (the smoke profile warns).
     llm_semantic_action: Literal["fail", "warn"] = "warn"
     llm_min_answer_chars: int = 1

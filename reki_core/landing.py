@@ -1,9 +1,11 @@
 """Landing: validate the day's deliveries from `incoming/` and write `raw/` partitions.
 
 On an empty lake the first run lands all history up to its date (one partition per day); later
-runs land only their own day. Re-running a date overwrites that date only. Bad input stops the
-run with an error naming the file, column and rule; under `quality.raw_bad_rows_policy:
-quarantine`, bad rows go to `raw/_rejected/dt=D/` with their reason and the rest lands.
+runs land only their own day. A first load counts as done once its snapshots landed, so a first
+load that failed part-way is redone whole by the retry. Re-running a date overwrites that date
+only. Bad input stops the run with an error naming the file, column and rule; under
+`quality.raw_bad_rows_policy: quarantine`, bad rows go to `raw/_rejected/dt=D/` with their reason
+and the rest lands, unless they exceed `quality.raw_max_rejected_share` of the day's rows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from reki_core.config import Config
@@ -90,6 +93,11 @@ def read_delivery(lake: Lake, path: str, what: str) -> pd.DataFrame:
             problems.append(Problem(path, col, "type", f"expected {logical}, found {table.schema.field(col).type}"))
     if problems:
         raise LandingError(problems)
+    # Integer ids become text here, before any row rule: pandas would read an integer column holding a null
+    # as floats ("196.0"), and 1 and "1" would pass the uniqueness rule as two ids.
+    for col, logical in expected.items():
+        if logical == "string" and pa.types.is_integer(table.schema.field(col).type):
+            table = table.set_column(table.schema.get_field_index(col), col, pc.cast(table.column(col), pa.string()))
     return table.to_pandas()
 
 
@@ -148,6 +156,11 @@ def _land_interactions(cfg: Config, lake: Lake, day: dt.date) -> dict:
     rejected = df[reasons != ""].copy()
     if len(rejected) and cfg.quality.raw_bad_rows_policy == "fail":
         raise LandingError(problems)
+    share = cfg.quality.raw_max_rejected_share
+    if len(rejected) > share * len(df):
+        raise LandingError([Problem(", ".join(files), None, "max_rejected_share",
+                                    f"{len(rejected)} of {len(df)} rows rejected, more than the {share:.0%} "
+                                    "quarantine allows (an upstream format change?)"), *problems])
     if len(rejected):
         rejected["_reason"] = reasons[reasons != ""]
         lake.write_partition(rejected.astype({c: "string" for c in ("user_id", "item_id")}), REJECTED, day)
@@ -184,7 +197,8 @@ def land(cfg: Config, day: str | dt.date) -> dict:
         lake.fs.rm(runs, recursive=True)
     with timed_step(lake, day, "land") as record:
         existing = lake.partitions(RAW["interactions"])
-        initial = not existing
+        # Snapshots land after every interaction day: without one, no first load finished (a retry redoes it).
+        initial = not lake.partitions(RAW["users"])
         start = cfg.scenario.source.start_date
         if initial and day < start:
             raise ValueError(f"{day} is before the source's start date {start} (scenario {cfg.scenario.name})")

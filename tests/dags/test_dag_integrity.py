@@ -1,10 +1,9 @@
-"""Every DAG file imports cleanly, is well-formed for operations, and parses fast."""
+"""Every DAG file imports cleanly, is well-formed for operations, and parses without heavy imports."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -50,17 +49,21 @@ def test_daily_refresh_schedule_has_real_intervals(dagbag):
     assert dag.catchup is False and dag.max_active_runs == 1
 
 
+# What the scheduler must not import each time it parses a DAG file: these belong inside tasks.
+HEAVY_MODULES = ("pyspark", "torch", "transformers", "vllm", "great_expectations", "pandas", "pyarrow", "numpy", "sklearn")
+
+
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
-def test_dag_file_parses_under_two_seconds(path: Path):
-    """Heavy imports belong inside tasks: a fresh interpreter must parse the file quickly."""
+def test_dag_file_parses_without_heavy_imports(path: Path):
+    """Parsing a DAG file in a fresh interpreter (beyond airflow's own import) loads none of the heavy modules."""
     code = (
-        # CPU time, not wall time: the shared CI machine's load must not decide the result.
-        "import time, runpy, sys; import airflow.sdk; t = time.process_time(); "
-        f"runpy.run_path({str(path)!r}); print(time.process_time() - t)"
+        "import sys, runpy; import airflow.sdk; before = set(sys.modules); "
+        f"runpy.run_path({str(path)!r}); print(' '.join(sorted({{m.split('.')[0] for m in set(sys.modules) - before}})))"
     )
     env_path = str(PROJECT_ROOT / "plugins")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": env_path}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    seconds = float(out.stdout.strip().splitlines()[-1])
-    assert seconds < 2.0, f"{path.name} took {seconds:.2f}s to parse (beyond airflow's own import)"
+    loaded = set(out.stdout.strip().splitlines()[-1].split())
+    assert "reki_core" in loaded, "the probe saw no module the DAG file imports"
+    assert not loaded & set(HEAVY_MODULES), f"{path.name} imports {sorted(loaded & set(HEAVY_MODULES))} at parse time"

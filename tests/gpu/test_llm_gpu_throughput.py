@@ -1,4 +1,5 @@
-"""GPU throughput of the transformers backend vs the CPU on the same prompts (skipped without CUDA)."""
+"""The transformers and vLLM backends generate on a CUDA GPU (skipped without one). Their speed against the
+CPU is measured by `bench/llm_gpu.py`, not asserted here."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ PROMPTS = [GenerationRequest(f"h{i}", f"Describe the movie number {i}, its genre
            for i in range(128)]
 
 
-def test_transformers_on_gpu_is_faster_than_cpu_for_the_same_prompts(tmp_path):
+def test_transformers_on_gpu_gives_the_cpu_results_for_the_same_prompts(tmp_path):
     cfg = make_config(tmp_path, REKI__LLM__SAMPLING__MAX_TOKENS="32", REKI__LLM__ENGINE__BATCH_SIZE="64")
     path = str(ensure_smoke_model(cfg.resolve(cfg.llm.engine.model_path)))
     cpu = TransformersBackend(cfg.llm.engine.model_copy(update={"device": "cpu"}), cfg.llm.sampling, path)
@@ -29,8 +30,10 @@ def test_transformers_on_gpu_is_faster_than_cpu_for_the_same_prompts(tmp_path):
           f"cpu {cpu_rate:.0f} tok/s, gpu ({torch.cuda.get_device_name()}) {gpu_rate:.0f} tok/s, "
           f"ratio {gpu_rate / cpu_rate:.2f}")
     assert all(r.finish_reason != "error" for r in gpu_results)
-    assert len(gpu_results) == len(cpu_results) == len(PROMPTS)
-    assert gpu_rate > cpu_rate
+    assert [r.request_id for r in gpu_results] == [r.request_id for r in cpu_results] == [p.request_id for p in PROMPTS]
+    # Greedy decoding of the same model: the devices may differ only where float rounding flips a token.
+    same = sum(g.completion_tokens == c.completion_tokens for g, c in zip(gpu_results, cpu_results))
+    assert same >= 0.9 * len(PROMPTS), f"only {same} of {len(PROMPTS)} completions have the CPU's length on the GPU"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is installed only in the GPU venv")

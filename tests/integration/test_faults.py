@@ -338,28 +338,70 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
+class ParquetWriterOutOfSpace:
+    """Where no tmpfs can be mounted (not root): every Parquet write fails with ENOSPC after part of its file,
+    as pyarrow fails on a full disk. The real full disk, under root, is the tmpfs of `full_disk`."""
+
+    def __init__(self, monkeypatch):
+        self.full = False
+        real = pq.write_table
+
+        def write_table(table, where, *args, **kwargs):
+            if self.full:
+                if isinstance(where, (str, os.PathLike)):
+                    Path(where).write_bytes(b"PAR1" + b"\0" * 4096)  # the half file a full disk leaves
+                else:
+                    where.write(b"PAR1" + b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(table, where, *args, **kwargs)
+
+        monkeypatch.setattr(pq, "write_table", write_table)
+
+    def fill(self) -> None:
+        self.full = True
+
+    def free(self) -> None:
+        self.full = False
+
+
+class TmpfsOutOfSpace:
+    """ENOSPC for real: the lake on its own small tmpfs, filled with a filler file."""
+
+    def __init__(self, lake_dir: Path):
+        self.lake_dir, self.filler = lake_dir, None
+
+    def fill(self) -> None:
+        self.filler = _fill(self.lake_dir)
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
 @pytest.fixture
-def world_on_small_disk(tmp_path, baseline_lake, seaweed):
-    """The world's lake on its own small tmpfs: ENOSPC for real, and only for the lake."""
+def full_disk(tmp_path, baseline_lake, seaweed, monkeypatch):
+    """(world, disk): `disk.fill()` makes every write under the lake fail with ENOSPC, `disk.free()` undoes it.
+    A real tmpfs where the runner may mount one (root), the Parquet writer's seam elsewhere."""
     lake_dir = tmp_path / "lake"
     if not _can_mount_tmpfs(lake_dir):
-        pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN) in this sandbox")
+        print("full disk: no tmpfs mount allowed here (not root); ENOSPC is raised by the Parquet writer instead")
+        yield _make_world(tmp_path, baseline_lake, seaweed), ParquetWriterOutOfSpace(monkeypatch)
+        return
     used = sum(p.stat().st_size for p in baseline_lake.rglob("*") if p.is_file())
     size_mb = used // (1 << 20) + 16
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(lake_dir)], check=True)
     try:
-        yield _make_world(tmp_path, baseline_lake, seaweed)
+        yield _make_world(tmp_path, baseline_lake, seaweed), TmpfsOutOfSpace(lake_dir)
     finally:
         subprocess.run(["umount", "-l", str(lake_dir)], check=True)
 
 
-def test_full_disk_keeps_previous_partition_and_rerun_completes(world_on_small_disk):
+def test_full_disk_keeps_previous_partition_and_rerun_completes(full_disk):
     from reki_core.models.training import apply_adaptor
 
-    world = world_on_small_disk
+    world, disk = full_disk
     lake_dir = Path(world.cfg.lake_uri)
     previous = world.lake.read_partition("vectors/augmented", DAY)
-    filler = _fill(lake_dir)
+    disk.fill()
 
     with pytest.raises(OSError) as failed:
         apply_adaptor(world.cfg, DAY)  # a re-run of the augment step rewrites vectors/augmented/dt=DAY
@@ -369,7 +411,7 @@ def test_full_disk_keeps_previous_partition_and_rerun_completes(world_on_small_d
     assert not leftovers, f"a failed write must not leave staging folders behind: {leftovers}"
     world.assert_served(world.baseline_version)
 
-    filler.unlink()
+    disk.free()
     rerun = apply_adaptor(world.cfg, DAY)
     assert rerun["success"]
     pd.testing.assert_frame_equal(world.lake.read_partition("vectors/augmented", DAY), previous)

@@ -179,7 +179,9 @@ def test_racing_publishers_end_with_one_consistent_latest(tmp_path, seaweed):
     threads = [threading.Thread(target=publisher, args=(day,)) for day in reversed(days)]
     [t.start() for t in threads]
     [t.join(timeout=120) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a publisher hung"
     assert not errors, errors
+    assert sorted(results) == days
     pointer = _latest(cfg, seaweed)
     assert pointer["version"] == "1998-03-08_race"
     # The pointer names a manifest that exists and matches the checksum it records.

@@ -116,7 +116,7 @@ def test_unreadable_parquet_is_refused(files_cfg):
 def test_quarantine_policy_keeps_good_rows_and_records_reasons(tmp_path):
     cfg = make_config(tmp_path, scenario="books", REKI__SCENARIO_OVERRIDES__SOURCE__KIND="files",
                       REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE=DAY.isoformat(),
-                      REKI__QUALITY__RAW_BAD_ROWS_POLICY="quarantine")
+                      REKI__QUALITY__RAW_BAD_ROWS_POLICY="quarantine", REKI__QUALITY__RAW_MAX_REJECTED_SHARE="0.5")
     lake = Lake(cfg.lake_uri)
     bad = good_interactions().assign(rating=pd.array([7, 1, 2, 3], dtype="int32"))
     bad = pd.concat([bad, bad.iloc[[1]]], ignore_index=True)  # one duplicate too
@@ -127,6 +127,69 @@ def test_quarantine_policy_keeps_good_rows_and_records_reasons(tmp_path):
     rejected = lake.read_partition("raw/_rejected", DAY)
     assert sorted(rejected["_reason"]) == ["rating:in_range", "user_id,item_id,ts:unique"]
     assert run_raw_gate(cfg, DAY)["success"]
+
+
+def quarantine_cfg(tmp_path, **overrides):
+    return make_config(tmp_path, scenario="books", REKI__SCENARIO_OVERRIDES__SOURCE__KIND="files",
+                       REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE=DAY.isoformat(),
+                       REKI__QUALITY__RAW_BAD_ROWS_POLICY="quarantine", **overrides)
+
+
+def test_quarantine_stops_when_most_rows_are_rejected(tmp_path):
+    """Timestamps in milliseconds (an upstream format change) reject every row: that is no day to land."""
+    cfg = quarantine_cfg(tmp_path)
+    message = _expect_error(cfg, df=good_interactions(10).assign(ts=lambda d: d["ts"] * 1000))
+    assert "rule 'max_rejected_share'" in message and "10 of 10 rows rejected, more than the 20%" in message
+    assert "column 'ts': rule 'in_range" in message  # and why the rows were rejected
+    assert not Lake(cfg.lake_uri).has_partition("raw/_rejected", DAY)
+
+
+def test_integer_ids_land_as_text_even_beside_a_null(tmp_path):
+    """An integer id column with a null: the null row is quarantined, the others land as "7", not "7.0"."""
+    cfg = quarantine_cfg(tmp_path, REKI__QUALITY__RAW_MAX_REJECTED_SHARE="0.5")
+    lake = Lake(cfg.lake_uri)
+    table = pa.table({"user_id": pa.array([7, None, 8, 7], pa.int64()), "item_id": pa.array([1, 2, 3, 4], pa.int64()),
+                      "rating": pa.array([4, 4, 2, 5], pa.int32()), "ts": pa.array([T0, T0 + 1, T0 + 2, T0 + 3], pa.int64())})
+    path = deliver(lake, "interactions", DAY, raw=b"")
+    pq.write_table(table, path)
+    deliver_entities(lake, DAY)
+    assert land(cfg, DAY)["rejected"] == 1
+    landed = lake.read_partition("raw/interactions", DAY)
+    assert sorted(landed["user_id"]) == ["7", "7", "8"] and sorted(landed["item_id"]) == ["1", "3", "4"]
+    assert lake.read_partition("raw/_rejected", DAY)["_reason"].tolist() == ["user_id:not_null"]
+
+
+def test_an_integer_id_and_its_text_are_one_id(files_cfg):
+    """Two deliveries of one row, ids as integers in one and as text in the other: a duplicate, named."""
+    lake = Lake(files_cfg.lake_uri)
+    as_text = pd.DataFrame({"user_id": ["7"], "item_id": ["1"], "rating": pd.array([4], dtype="int32"),
+                            "ts": pd.array([T0], dtype="int64")})
+    deliver(lake, "interactions", DAY, as_text, name="a.parquet")
+    second = deliver(lake, "interactions", DAY, as_text.astype({"user_id": "int64", "item_id": "int64"}), name="b.parquet")
+    deliver_entities(lake, DAY)
+    with pytest.raises(LandingError) as err:
+        land(files_cfg, DAY)
+    assert f"{second}: column 'user_id,item_id,ts': rule 'unique'" in str(err.value)
+
+
+def test_a_first_load_that_failed_part_way_is_redone_whole(files_cfg):
+    """The first load stops at a bad day after landing the days before it; its retry lands every day."""
+    lake = Lake(files_cfg.lake_uri)
+    days = [DAY + dt.timedelta(days=n) for n in range(3)]
+    for n, day in enumerate(days):
+        deliver(lake, "interactions", day, good_interactions().assign(ts=lambda d, n=n: d["ts"] + 86_400 * n))
+    bad = deliver(lake, "interactions", days[1], good_interactions().assign(rating=9, ts=lambda d: d["ts"] + 86_400))
+    deliver_entities(lake, days[2])
+    with pytest.raises(LandingError) as err:
+        land(files_cfg, days[2])
+    assert bad in str(err.value)
+    assert lake.partitions("raw/interactions") == days[:1]  # landed before the bad day was met
+
+    deliver(lake, "interactions", days[1], good_interactions().assign(ts=lambda d: d["ts"] + 86_400))  # fixed
+    retry = land(files_cfg, days[2])
+    assert retry["initial_load"] and retry["days_landed"] == 3 and retry["rows"] == 12
+    assert lake.partitions("raw/interactions") == days
+    assert land(files_cfg, days[2])["days_landed"] == 1  # done: a re-run lands its own day only
 
 
 def test_identical_redelivery_is_read_once(files_cfg):

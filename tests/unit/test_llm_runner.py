@@ -35,7 +35,7 @@ def test_plan_is_deterministic_and_second_run_makes_zero_calls(tmp_path):
 
     again = ScriptedBackend(cfg)
     assert runner.plan_shards(cfg, DAY) == []  # nothing pending: no shard, no call
-    assert again.requests == []
+    assert _run_all(cfg, DAY, again) == ([], []) and again.requests == []
     summary = runner.extraction_summary(cfg, DAY)
     assert summary["calls"] == 0 and summary["cache_hits"] == 12 and summary["is_smoke_model"] is True
     assert "meaningless" in summary["note"]
