@@ -38,17 +38,11 @@ current version, by more than the configured tolerances; the comparison is in th
 def reki_adaptor_training():
     @task
     def train(**context) -> dict:
-        from reki_core.models.training import train_model
-        from reki_core.storage.lake import Lake
+        from reki_core.models.training import train_model, training_day
 
         cfg, _ = task_setup(context)
         end = context["data_interval_end"]
-        # The newest day with CTR samples inside the interval: training never reads the future.
-        day = Lake(cfg.lake_uri).latest_partition("features/ctr_samples", upto=dt.date(end.year, end.month, end.day)
-                                                   - dt.timedelta(days=1))
-        if day is None:
-            raise ValueError("no features/ctr_samples partition up to this interval: run reki_daily_refresh first")
-        card = train_model(cfg, day, progress=False)
+        card = train_model(cfg, training_day(cfg, dt.date(end.year, end.month, end.day)), progress=False)
         return {k: card[k] for k in ("version", "dt", "published", "gate", "auc_gain_vs_no_knowledge")}
 
     @task(retries=0, outlets=[ADAPTOR_MODEL])

@@ -39,6 +39,17 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over the names and contents of every file in a model folder (weights, config, tokenizer)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _resolve_encoder_folder(cfg: Config) -> tuple[Path, str]:
     """The encoder's folder and a stable id (name, weights fingerprint, truncation length)."""
     name = cfg.encoding.encoder
@@ -54,11 +65,8 @@ def _resolve_encoder_folder(cfg: Config) -> tuple[Path, str]:
                 f"encoding.encoder={name!r}: {folder} is not a Hugging Face model folder (no config.json); "
                 f"use {BUNDLED_ENCODER!r} or a folder saved with save_pretrained"
             )
-        # Same folder name with other weights must not share cache entries.
-        digest = hashlib.sha256((folder / "config.json").read_bytes())
-        for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-        base = f"{folder.name}@{digest.hexdigest()[:12]}"
+        # Same folder name with other weights (a fine-tune saved in place) must not share cache entries.
+        base = f"{folder.name}@{folder_fingerprint(folder)[:12]}"
     return folder, f"{base};max_length={cfg.encoding.max_length}"
 
 

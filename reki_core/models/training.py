@@ -4,8 +4,9 @@
   `features/ctr_samples/dt=D/` (early stopping on valid), trains the same backbone without knowledge,
   evaluates both and the currently published version on the test split, applies the evaluation gate,
   registers the version and moves `_CURRENT.json` only when the gate passed.
-- `apply_adaptor(cfg, dt)`: runs the current adaptor over every knowledge vector of D and writes
-  `vectors/augmented/dt=D/`; serving then needs neither encoder nor adaptor.
+- `apply_adaptor(cfg, dt)`: runs the current adaptor (on a re-run of D, the one that wrote D before) over
+  every knowledge vector of D and writes `vectors/augmented/dt=D/`; serving then needs neither encoder
+  nor adaptor.
 
 torch is imported inside the functions, so DAG files can import this module cheaply.
 """
@@ -218,8 +219,39 @@ def has_current_model(cfg: Config) -> bool:
     return registry.current_version(Lake(cfg.lake_uri)) is not None
 
 
+def training_day(cfg: Config, interval_end: dt.date) -> dt.date:
+    """The newest day with CTR samples before `interval_end` (exclusive): training never reads the future."""
+    lake = Lake(cfg.lake_uri)
+    day = lake.latest_partition(CTR_SAMPLES, upto=interval_end - dt.timedelta(days=1))
+    if day is None:
+        raise ValueError(f"no {lake.uri_of(lake.dataset_path(CTR_SAMPLES))} partition before {interval_end}: "
+                         "run reki_daily_refresh first")
+    return day
+
+
+def model_for_day(lake: Lake, day: dt.date, encoders: list[str]) -> tuple[str, str]:
+    """(version, why) of the model that writes D's augmented vectors.
+
+    A re-run of D keeps the model that wrote D's vectors before ("as_before"), so it reproduces its date
+    even after a newer model was registered; otherwise, or when that model no longer fits D's encoder or
+    left the registry, the current one ("current").
+    """
+    if lake.has_partition(AUGMENTED_VECTORS, day):
+        before = set(lake.read_partition(AUGMENTED_VECTORS, day, ["model_version"])["model_version"])
+        if len(before) == 1 and lake.fs.exists(registry.version_path(lake, version := before.pop())):
+            fmap = FeatureMap.from_json(registry.read_file(lake, version, "feature_map.json").decode())
+            if not encoders or encoders == [fmap.encoder_id]:
+                return version, "as_before"
+    current = registry.current_version(lake)
+    if current is None:
+        raise registry.RegistryError(
+            f"{lake.uri_of(lake.dataset_path(registry.CURRENT))} missing: no model version has passed the "
+            "evaluation gate yet; run train_model first")
+    return current["version"], "current"
+
+
 def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
-    """Write `vectors/augmented/dt=D/`: the current adaptor's tower output for every user and item of D."""
+    """Write `vectors/augmented/dt=D/`: the adaptor tower's output (model of `model_for_day`) for every user and item of D."""
     import pyarrow as pa
     import torch
 
@@ -228,15 +260,10 @@ def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
     day = as_date(dt_)
     lake = Lake(cfg.lake_uri)
     with timed_step(lake, day, "apply_adaptor") as record:
-        current = registry.current_version(lake)
-        if current is None:
-            raise registry.RegistryError(
-                f"{lake.uri_of(lake.dataset_path(registry.CURRENT))} missing: no model version has passed the "
-                "evaluation gate yet; run train_model first")
-        version = current["version"]
-        model, fmap = load_model(lake, version)
         vectors = lake.read_partition(KNOWLEDGE_VECTORS, day)
         encoders = sorted(set(vectors["encoder_id"]))
+        version, chosen = model_for_day(lake, day, encoders)
+        model, fmap = load_model(lake, version)
         if encoders and encoders != [fmap.encoder_id]:
             raise AssemblyError(
                 f"{KNOWLEDGE_VECTORS} dt={day}: encoder_id {encoders} but model {version} was trained on "
@@ -262,6 +289,6 @@ def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
             "as_of": pa.array([None if pd.isna(a) else int(a) for a in frame["as_of"]], pa.int64()),
         })
         lake.write_partition(table, AUGMENTED_VECTORS, day)
-        record.update({"model_version": version, "users": int((frame["entity_kind"] == "user").sum()),
+        record.update({"model_version": version, "model_chosen": chosen, "users": int((frame["entity_kind"] == "user").sum()),
                        "items": int((frame["entity_kind"] == "item").sum()), "dim": model.adaptor.output_dim})
     return record

@@ -93,7 +93,14 @@ class Lake:
         if self.fs.exists(final):
             old = f"{final.rsplit('/', 1)[0]}/_old-{uuid.uuid4().hex}"
             self.fs.mv(final, old, recursive=True)
-        self.fs.mv(staging, final, recursive=True)
+        try:
+            self.fs.mv(staging, final, recursive=True)
+        except BaseException:
+            if old:
+                self.fs.mv(old, final, recursive=True)  # the previous partition stays where readers look
+            if self.fs.exists(staging):
+                self.fs.rm(staging, recursive=True)
+            raise
         if old:
             self.fs.rm(old, recursive=True)
 

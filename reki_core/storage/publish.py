@@ -2,12 +2,15 @@
 
 Layout (ARCHITECTURE.md "Data zones"):
 
-    s3://<bucket>/<scenario>/vectors/v=<dt>_<run_id>/user_vectors.parquet, item_vectors.parquet,
-                                                     adaptor.pt, model_card.*, quality_summary.json,
-                                                     run_report.* (when given), manifest.json (LAST)
+    s3://<bucket>/<scenario>/vectors/v=<dt>_<run_id>/user_vectors.<sha16>.parquet, item_vectors.<sha16>.parquet,
+                                                     adaptor.<sha16>.pt, model_card.<sha16>.*, quality_summary.<sha16>.json,
+                                                     run_report*.<sha16>.* (when given), manifest.json (LAST)
     s3://<bucket>/<scenario>/vectors/_LATEST.json
 
-A version without `manifest.json` does not exist for consumers. `_LATEST.json` moves only after the
+A version without `manifest.json` does not exist for consumers, who find each file by its name in the
+manifest (`files[name].key`). A file's object name carries the first 16 hex digits of its sha256, so
+bytes never change under a key: a second attempt of the same version racing the first cannot change
+a file that the winner's manifest covers. `_LATEST.json` moves only after the
 manifest reads back intact, and only forward in (dt, manifest created_at): a backfill of an older
 date publishes its version but leaves `latest` alone. The pointer is moved with S3 conditional
 writes (If-Match / If-None-Match), so racing publishers end with one consistent `latest`.
@@ -119,6 +122,9 @@ def describe_vectors(name: str, data: bytes) -> dict[str, Any]:
     values = vectors.flatten().to_numpy(zero_copy_only=False)
     if not (values == values).all() or (abs(values) == float("inf")).any():
         raise PublishError(f"{name}: column 'vector' has NaN or infinite values")
+    for column in ("entity_kind", "entity_id"):
+        if table.column(column).null_count:
+            raise PublishError(f"{name}: column '{column}' has {table.column(column).null_count} null rows")
     keys = pc.binary_join_element_wise(table.column("entity_kind").cast(pa.string()),
                                                table.column("entity_id").cast(pa.string()), "\x1f")
     if pc.count_distinct(keys).as_py() != table.num_rows:
@@ -218,6 +224,12 @@ def list_versions(store: ObjectStore, scenario: str) -> dict[str, dict[str, Any]
     return versions
 
 
+def object_name(name: str, sha256: str) -> str:
+    """`user_vectors.parquet` -> `user_vectors.<first 16 hex digits of its sha256>.parquet`."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.{sha256[:16]}{dot}{suffix}"
+
+
 def _put_manifest(store: ObjectStore, key: str, body: bytes) -> None:
     # If-None-Match: a published version is immutable, never overwritten in place.
     store.put(key, body, IfNoneMatch="*", ContentType="application/json")
@@ -268,13 +280,15 @@ def publish_version(cfg, day: str | dt.date, run_id: str, files: dict[str, str |
 
     store.check_readable(vectors_prefix(scenario))
     existing = read_manifest(store, scenario, version)
-    file_entries = {name: {"key": prefix + name, "size": len(data), "sha256": sha256_hex(data)}
-                    for name, data in payloads.items()}
+    file_entries = {}
+    for name, data in payloads.items():
+        sha = sha256_hex(data)
+        file_entries[name] = {"key": prefix + object_name(name, sha), "size": len(data), "sha256": sha}
     if existing is not None:
         return _republish_existing(store, cfg, version, existing, file_entries, apply_retention_after)
 
     for name, data in payloads.items():
-        store.put(prefix + name, data, Metadata={"sha256": file_entries[name]["sha256"]})
+        store.put(file_entries[name]["key"], data, Metadata={"sha256": file_entries[name]["sha256"]})
 
     model_versions = sorted({v for d in described.values() for v in d["model_versions"]})
     manifest = {

@@ -151,7 +151,7 @@ def test_object_store_stopped_during_publish_then_restarted(world, seaweed, monk
         with pytest.raises(ObjectStoreError, match="cannot connect to .*is the object store running"):
             world.publish(DAY, "rerun-1")
     finally:
-        monkeypatch.undo()
+        monkeypatch.setattr(ObjectStore, "put", real_put)  # not undo(): that would restore AWS_* too
         seaweed.server.start()  # same state folder: data and identities survive the restart
 
     failed_version = version_name(DAY, "rerun-1")

@@ -60,7 +60,9 @@ def test_round_trip_manifest_lists_every_file_with_checksums(tmp_path, seaweed):
     assert manifest["source_partitions"] == {"raw/interactions": "1998-03-30"}
     assert [g["gate"] for g in manifest["gates"]] == ["raw", "vectors"]
     assert manifest["code_version"]["package_version"]
-    summary, _ = store.get_json(f"movielens/vectors/v={result['version']}/quality_summary.json")
+    summary, _ = store.get_json(manifest["files"]["quality_summary.json"]["key"])
+    assert manifest["files"]["quality_summary.json"]["key"].endswith(
+        f"/quality_summary.{manifest['files']['quality_summary.json']['sha256'][:16]}.json")
     assert summary["all_passed"] is True and len(summary["gates"]) == 2
 
     pointer = _latest(cfg, seaweed)
@@ -103,16 +105,17 @@ def test_failure_before_manifest_leaves_no_visible_version_and_latest_unchanged(
     def crash(*args, **kwargs):
         raise ConnectionError("injected: publisher died after uploading the vectors")
 
+    real_put_manifest = publish._put_manifest
     monkeypatch.setattr(publish, "_put_manifest", crash)
     files2, _, _ = version_files(seed=2)
     with pytest.raises(ConnectionError):
         publish_version(cfg, "1998-03-31", "r2", files2, {}, **writer(seaweed))
-    monkeypatch.undo()
+    monkeypatch.setattr(publish, "_put_manifest", real_put_manifest)  # not undo(): that would restore AWS_* too
 
     store = _store(cfg, writer(seaweed))
     versions = publish.list_versions(store, "movielens")
     assert versions["1998-03-31_r2"]["complete"] is False  # vectors were uploaded...
-    assert any(k.endswith("user_vectors.parquet") for k in versions["1998-03-31_r2"]["keys"])
+    assert any(k.rsplit("/", 1)[-1].startswith("user_vectors.") for k in versions["1998-03-31_r2"]["keys"])
     assert publish.read_manifest(store, "movielens", "1998-03-31_r2") is None  # ...but no version exists
     assert _latest(cfg, seaweed)["version"] == first["version"]
 
@@ -190,6 +193,35 @@ def test_racing_publishers_end_with_one_consistent_latest(tmp_path, seaweed):
     assert json.loads(body)["version"] == pointer["version"]
     # Every racer's result agrees that latest is at least as new as its own version.
     assert all(r["latest"]["dt"] >= r["manifest"]["dt"] for r in results.values())
+
+
+def test_racing_attempts_of_one_version_leave_every_manifest_file_intact(tmp_path, seaweed):
+    """Four attempts of the same version at once, each with its own run report (timings differ between
+    attempts): whichever manifest wins, every file it lists reads back with its checksum."""
+    cfg = fresh_bucket_config(tmp_path, seaweed)
+    files, _, _ = version_files(seed=3)
+    attempts = [dict(files, **{"run_report.md": f"attempt {i}".encode()}) for i in range(4)]
+    outcomes = []
+    start = threading.Barrier(len(attempts))
+
+    def attempt(payload):
+        start.wait()
+        try:
+            outcomes.append(publish_version(cfg, "1998-03-09", "same", payload, {}, apply_retention_after=False,
+                                            **writer(seaweed))["manifest"])
+        except Exception as exc:  # a loser of the manifest race is refused; what matters is what it left
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=attempt, args=(payload,)) for payload in attempts]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert not any(t.is_alive() for t in threads) and len(outcomes) == len(attempts)
+    store = _store(cfg, reader(seaweed))
+    manifest = publish.read_manifest(store, "movielens", "1998-03-09_same")
+    assert manifest is not None and any(isinstance(o, dict) for o in outcomes), outcomes
+    for name, entry in manifest["files"].items():
+        body, _ = store.get(entry["key"])
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"], f"{name} changed under the published manifest"
 
 
 @pytest.mark.parametrize("wrong, code, words", [

@@ -66,7 +66,7 @@ def test_corrupted_object_is_detected_by_checksum(tmp_path, seaweed):
     other, _ = vectors_parquet("item", [f"i{i}" for i in range(30)], seed=99)  # same shape, other values
     make_s3_client(seaweed.endpoint_url, seaweed.writer_key, seaweed.writer_secret).put_object(
         Bucket=cfg.object_store.bucket, Key=key, Body=other)
-    with pytest.raises(ChecksumMismatch, match="item_vectors.parquet.*does not match the manifest"):
+    with pytest.raises(ChecksumMismatch, match=r"item_vectors\.[0-9a-f]{16}\.parquet.*does not match the manifest"):
         VectorStore.from_config(cfg, **reader(seaweed))
 
 

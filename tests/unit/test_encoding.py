@@ -114,3 +114,20 @@ def test_a_folder_that_is_not_an_encoder_is_a_clear_error(tmp_path):
     cfg = make_config(tmp_path, REKI__ENCODING__ENCODER=str(tmp_path / "nowhere"))
     with pytest.raises(EncodingError, match="not a Hugging Face model folder"):
         TextEncoder.from_config(cfg)
+
+
+def test_an_encoder_folder_rewritten_in_place_gets_another_fingerprint(tmp_path):
+    """Weights of the same name and size with other contents (a fine-tune saved in place): another id."""
+    from reki_core.encoding import folder_fingerprint
+
+    folder = tmp_path / "my-encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\x01" * 4096)
+    first = folder_fingerprint(folder)
+    assert folder_fingerprint(folder) == first  # stable
+    weights.write_bytes(b"\x02" * 4096)
+    assert folder_fingerprint(folder) != first
+    (folder / "tokenizer.json").write_text("{}")  # the tokenizer shapes the vectors too
+    assert folder_fingerprint(folder) not in (first,)

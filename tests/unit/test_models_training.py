@@ -6,7 +6,9 @@ vectors tell the model about them, and the knowledge here carries the latent pre
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ from reki_core.encoding import KNOWLEDGE_VECTORS
 from reki_core.models import registry
 from reki_core.models.data import AssemblyError, KnowledgeIndex, assemble
 from reki_core.models.training import (AUGMENTED_VECTORS, CTR_SAMPLES, apply_adaptor, has_current_model, load_model,
-                                       train_model)
+                                       train_model, training_day)
 from reki_core.storage.lake import Lake
 from tests.conftest import make_config
 
@@ -117,6 +119,37 @@ def test_stored_augmented_vectors_give_the_same_predictions_as_the_online_adapto
         from_store = torch.sigmoid(model.backbone(batch, augmented))
     assert online.shape == (400,)
     torch.testing.assert_close(from_store, online, atol=1e-6, rtol=0)
+
+
+def test_a_rerun_keeps_the_model_that_wrote_its_date_after_a_newer_one_is_registered(trained, tmp_path):
+    cfg, lake, card = trained
+    shutil.copytree(cfg.lake_uri, tmp_path / "lake")  # its own registry: the new version must not leak
+    cfg = make_config(tmp_path, **TINY, REKI__PATHS__LAKE_URI=str(tmp_path / "lake"))
+    lake = Lake(cfg.lake_uri)
+    if lake.has_partition(AUGMENTED_VECTORS, DAY):
+        lake.fs.rm(lake.partition_path(AUGMENTED_VECTORS, DAY), recursive=True)
+    first = apply_adaptor(cfg, DAY)
+    assert (first["model_version"], first["model_chosen"]) == (card["version"], "current")
+    written = lake.read_partition(AUGMENTED_VECTORS, DAY)
+
+    newer = train_model(make_config(tmp_path, **TINY, REKI__PATHS__LAKE_URI=cfg.lake_uri, REKI__MODEL__SEED="7",
+                                    REKI__MODEL__AUC_TOLERANCE_VS_PUBLISHED="1.0"), DAY, progress=False)
+    assert newer["published"] and registry.current_version(lake)["version"] == newer["version"] != card["version"]
+    rerun = apply_adaptor(cfg, DAY)
+    assert (rerun["model_version"], rerun["model_chosen"]) == (card["version"], "as_before")
+    pd.testing.assert_frame_equal(lake.read_partition(AUGMENTED_VECTORS, DAY), written)
+
+    lake.fs.rm(lake.partition_path(AUGMENTED_VECTORS, DAY), recursive=True)  # a first run of D takes the newest
+    assert apply_adaptor(cfg, DAY)["model_version"] == newer["version"]
+
+
+def test_training_day_is_the_newest_sample_day_before_the_interval_end(trained):
+    cfg, _, _ = trained
+    day = dt.date.fromisoformat(DAY)
+    assert training_day(cfg, day + dt.timedelta(days=7)) == day
+    assert training_day(cfg, day + dt.timedelta(days=1)) == day
+    with pytest.raises(ValueError, match="features/ctr_samples partition before 1998-02-01"):
+        training_day(cfg, day)  # the interval ends on D: D's samples are the future
 
 
 def test_gate_blocks_a_worse_model_and_keeps_the_published_one(trained, tmp_path):
