@@ -1,9 +1,10 @@
 """Landing: validate the day's deliveries from `incoming/` and write `raw/` partitions.
 
 On an empty lake the first run lands all history up to its date (one partition per day); later
-runs land only their own day. A first load counts as done once its snapshots landed, so a first
-load that failed part-way is redone whole by the retry. Re-running a date overwrites that date
-only. Bad input stops the run with an error naming the file, column and rule; under
+runs land their own day, and every day since the last landed one that is missing (a scheduler
+that was down, with catchup off, skips days: their deliveries land with the next run instead of
+never). A first load counts as done once its snapshots landed, so a first load that failed
+part-way is redone whole by the retry. Re-running a date overwrites that date only. Bad input stops the run with an error naming the file, column and rule; under
 `quality.raw_bad_rows_policy: quarantine`, bad rows go to `raw/_rejected/dt=D/` with their reason
 and the rest lands, unless they exceed `quality.raw_max_rejected_share` of the day's rows.
 """
@@ -200,18 +201,19 @@ def land(cfg: Config, day: str | dt.date) -> dict:
         # Snapshots land after every interaction day: without one, no first load finished (a retry redoes it).
         initial = not lake.partitions(RAW["users"])
         start = cfg.scenario.source.start_date
-        if initial and day < start:
+        if day < start:
             raise ValueError(f"{day} is before the source's start date {start} (scenario {cfg.scenario.name})")
         end = cfg.scenario.source.end_date
         if cfg.scenario.source.kind != "files" and day > end:
             raise ValueError(f"{day} is after the replayed dataset's last day {end} (scenario {cfg.scenario.name}, "
                              f"source {cfg.scenario.source.kind}): there is nothing to deliver for it")
-        days = [start + dt.timedelta(n) for n in range((day - start).days + 1)] if initial else [day]
+        last_before = max((d for d in existing if d < day), default=None)
+        first = start if initial or last_before is None else last_before + dt.timedelta(days=1)
+        days = [first + dt.timedelta(n) for n in range((day - first).days + 1)]
         replay_delivery(cfg, lake, days, snapshot_day=day)
         per_day = {d.isoformat(): _land_interactions(cfg, lake, d) for d in days}
         users = _land_snapshot(lake, "users", day)
         items = _land_snapshot(lake, "items", day)
-        last_before = max((d for d in existing if d < day), default=None)
         record.update({
             "initial_load": initial,
             "days_landed": len(days),
@@ -222,7 +224,7 @@ def land(cfg: Config, day: str | dt.date) -> dict:
             "duplicate_deliveries": sum(len(r["duplicate_deliveries"]) for r in per_day.values()),
             "users": users,
             "items": items,
-            "gap_days_before": (day - last_before).days - 1 if last_before else 0,
+            "missed_days_landed": 0 if initial else len(days) - 1,  # days before `day` no run had landed
             "problems": [p for r in per_day.values() for p in r["problems"]][:50],
             "lake": lake.uri,
         })

@@ -192,6 +192,29 @@ def test_a_first_load_that_failed_part_way_is_redone_whole(files_cfg):
     assert land(files_cfg, days[2])["days_landed"] == 1  # done: a re-run lands its own day only
 
 
+def test_days_a_stopped_scheduler_skipped_land_with_the_next_run(files_cfg):
+    """DAY landed; the runs of DAY+1 and DAY+2 never happened. The run of DAY+3 lands all three days, and
+    stops, naming the folder, at a day whose delivery never came; its retry goes on from there."""
+    lake = Lake(files_cfg.lake_uri)
+    days = [DAY + dt.timedelta(days=n) for n in range(4)]
+    deliver(lake, "interactions", DAY, good_interactions())
+    deliver_entities(lake, DAY)
+    land(files_cfg, DAY)
+    deliver(lake, "interactions", days[1], good_interactions().assign(ts=lambda d: d["ts"] + 86_400))
+    deliver(lake, "interactions", days[3], good_interactions(2).assign(ts=lambda d: d["ts"] + 3 * 86_400))
+    deliver_entities(lake, days[3])
+    with pytest.raises(LandingError) as err:
+        land(files_cfg, days[3])
+    assert f"incoming/interactions/dt={days[2].isoformat()}" in str(err.value) and "no delivery" in str(err.value)
+    assert lake.partitions("raw/interactions") == days[:2]
+
+    deliver(lake, "interactions", days[2], good_interactions(3).assign(ts=lambda d: d["ts"] + 2 * 86_400))
+    retry = land(files_cfg, days[3])
+    assert retry["days_landed"] == 2 and retry["missed_days_landed"] == 1 and retry["rows"] == 5
+    assert lake.partitions("raw/interactions") == days
+    assert land(files_cfg, days[3])["days_landed"] == 1  # a re-run of a date lands that date only
+
+
 def test_identical_redelivery_is_read_once(files_cfg):
     lake = Lake(files_cfg.lake_uri)
     deliver(lake, "interactions", DAY, good_interactions(), name="a.parquet")
