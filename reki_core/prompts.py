@@ -58,8 +58,11 @@ class PromptError(ValueError):
 
 # ---------------------------------------------------------------- untrusted text
 
-# Characters that can break the prompt's layout or hide text: controls, format chars, line/paragraph separators.
-_DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+# Characters that can break the prompt's layout: controls and line/paragraph separators (become a space).
+_SPACE_CATEGORIES = {"Cc", "Zl", "Zp"}
+# Invisible ones that can hide text: format chars (soft hyphen, zero-width, bidi), surrogates, private, unassigned.
+# Deleted, not spaced: "Ig\u00adnore" must read "Ignore" to the filter, as it does to the LLM.
+_DELETE_CATEGORIES = {"Cf", "Cs", "Co", "Cn"}
 _QUOTE_CHARS = dict.fromkeys(map(ord, '"\u201c\u201d\u201e\u201f\u2033\u2036\u00ab\u00bb\u301d\u301e\uff02'), "'")
 _INJECTION_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     # chat special tokens (<|im_start|>, <|endoftext|>) with the role name that follows them
@@ -71,7 +74,10 @@ _INJECTION_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"`{3,}",  # code fences
     r"#{2,}\s*(?:instructions?|system|response|assistant|user|input)\b",
     r"\b(?:system|assistant|user|human|developer)\s*:",  # role markers
-    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.;!?]{0,40}?\b(?:instructions?|prompts?|rules?|directions?)\b",
+    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.;!?]{0,40}?"
+    r"\b(?:instructions?|prompts?|rules?|directions?|above|previous|prior|earlier|everything)\b",
+    r"\b(?:answer|respond|reply|output)\s+(?:only|just|with only)\b",
+    r"\bsystem\s+(?:prompt|message)\b",
     r"\b(?:new|updated) instructions?\b",
     r"\byou are now\b",
 )]
@@ -82,7 +88,8 @@ def clean_text(value: Any, max_chars: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     text = unicodedata.normalize("NFKC", str(value))
-    text = "".join(" " if unicodedata.category(ch) in _DROP_CATEGORIES else ch for ch in text)
+    text = "".join("" if (cat := unicodedata.category(ch)) in _DELETE_CATEGORIES else " " if cat in _SPACE_CATEGORIES
+                   else ch for ch in text)
     text = text.translate(_QUOTE_CHARS)
     for _ in range(5):  # a removal can join fragments into a new marker: repeat until stable
         before = text
@@ -432,8 +439,11 @@ def render_prompts(
         zip(history["user_id"].astype(str), history["window"], history["as_of"], history["needs_refresh"]),
         len(history), "user prompts",
     ):
-        if not needs_refresh and user_id in carried:
-            r = carried[user_id]
+        r = carried.get(user_id)
+        # A prompt is carried only for the window it was made from: a window that advanced on a day whose
+        # prompts never ran (a failed run) is rendered now, not lost.
+        stale = r is not None and int(r["as_of"]) != int(as_of)
+        if not needs_refresh and r is not None and not stale:
             add(USER, user_id, r["text"], r["history_text"], r["as_of"], count_tokens(r["text"]), False,
                 r.get("n_titles", 0) if pd.notna(r.get("n_titles", 0)) else 0, individual)
             continue
@@ -444,7 +454,8 @@ def render_prompts(
         gender, age, occupation = profiles.get(user_id, (None, None, None))
         profile = profile_phrase(gender, age, occupation, field_limit)
         text, shown, tokens = _fit(lambda p: render_user(cfg, profile, p)[0], lines, count_tokens, budget, True)
-        add(USER, user_id, text, "\n".join(shown), int(as_of), tokens, bool(needs_refresh), len(shown), individual)
+        add(USER, user_id, text, "\n".join(shown), int(as_of), tokens, bool(needs_refresh) or stale, len(shown),
+            individual)
 
     # Items: factual knowledge depends on no interaction, so it is usable at any time (as_of 0).
     dirty_items = dirty_item_ids(inputs)

@@ -78,6 +78,21 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
+    @staticmethod
+    def isolating_failures(run_batch, chunk: list[GenerationRequest]) -> list[GenerationResult]:
+        """`run_batch(chunk)`; when it raises, each request alone, so a bad prompt fails only itself."""
+        try:
+            return run_batch(chunk)
+        except Exception as exc:  # noqa: BLE001 - isolate the bad prompt: retry the batch one by one
+            log.warning("batch of %d failed (%s); retrying one prompt at a time", len(chunk), exc)
+        results = []
+        for req in chunk:
+            try:
+                results.extend(run_batch([req]))
+            except Exception as one_exc:  # noqa: BLE001
+                results.append(GenerationResult.failed(req.request_id, f"{type(one_exc).__name__}: {one_exc}"))
+        return results
+
     @property
     def max_prompt_tokens(self) -> int:
         """Longest prompt (chat template included) that leaves room for `max_tokens` of answer."""
@@ -175,16 +190,7 @@ class TransformersBackend(_TokenizerPrompts, Backend):
         results: list[GenerationResult] = []
         size = max(1, self.engine.batch_size)
         for start in range(0, len(requests), size):
-            chunk = list(requests[start : start + size])
-            try:
-                results.extend(self._generate_batch(chunk))
-            except Exception as exc:  # noqa: BLE001 - isolate the bad prompt: retry the batch one by one
-                log.warning("batch of %d failed (%s); retrying one prompt at a time", len(chunk), exc)
-                for req in chunk:
-                    try:
-                        results.extend(self._generate_batch([req]))
-                    except Exception as one_exc:  # noqa: BLE001
-                        results.append(GenerationResult.failed(req.request_id, f"{type(one_exc).__name__}: {one_exc}"))
+            results.extend(self.isolating_failures(self._generate_batch, list(requests[start : start + size])))
         return results
 
     def _generate_batch(self, chunk: list[GenerationRequest]) -> list[GenerationResult]:
@@ -267,8 +273,10 @@ class VLLMBackend(_TokenizerPrompts, Backend):
         self._tokenizer = self._llm.get_tokenizer()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        if not requests:
-            return []
+        # vLLM schedules the whole list itself (continuous batching); a raising call is retried per prompt.
+        return self.isolating_failures(self._generate_all, list(requests)) if requests else []
+
+    def _generate_all(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         prompts = [self.render(r.text) for r in requests]
         outputs = self._llm.generate(prompts, self._params, use_tqdm=True)
         if len(outputs) != len(requests):

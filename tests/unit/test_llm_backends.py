@@ -123,6 +123,8 @@ def _stand_in_vllm(calls: dict):
             return _StandInTokenizer()
 
         def generate(self, prompts, params, use_tqdm=True):
+            if any("poison" in p for p in prompts):
+                raise ValueError("stand-in engine error on a bad prompt")
             calls["prompts"] = prompts
             finish = ["stop", "length", "abort"]
             # Each output mirrors its prompt, so a lost order would show.
@@ -161,6 +163,10 @@ def test_vllm_adapter_builds_params_applies_template_and_maps_outputs(tmp_path, 
     assert [r.prompt_tokens for r in results] == [2, 2, 2, 2]
     assert backend.max_prompt_tokens == 4090
     assert backend.generate([]) == []
+    # An engine error on one prompt fails that prompt alone, with the error; the others are answered.
+    mixed = backend.generate([GenerationRequest("a", "fine"), GenerationRequest("b", "poison"), GenerationRequest("c", "ok")])
+    assert [(r.request_id, r.finish_reason) for r in mixed] == [("a", "stop"), ("b", "error"), ("c", "stop")]
+    assert "stand-in engine error" in mixed[1].error
 
 
 def test_vllm_backend_without_vllm_names_the_gpu_venv(tmp_path, monkeypatch):
