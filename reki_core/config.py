@@ -170,6 +170,9 @@ class LLMConfig(_Strict):
     # The embedded default is a meaningless smoke model: say so wherever its output shows.
     is_smoke_model: bool = True
     shard_size: int = 256
+    # At most this many shards (mapped tasks) per day: Airflow refuses to map more than its
+    # `core.max_map_length` (1024 by default); a bigger day gets bigger shards instead.
+    max_shards: int = Field(1024, ge=1)
     max_failure_rate: float = 0.05
     over_long_policy: Literal["truncate", "skip"] = "truncate"
 

@@ -105,7 +105,7 @@ def transform(
         F.transform(hist, lambda e: e["genre"]).alias("hist_genres"),
         F.transform(hist, lambda e: e["rating"]).alias("hist_ratings"),
         split_of(F.col("user_id"), params.split_fractions).alias("split"),
-        # Filled downstream: prompts/ rows of kind `user` carry `window_hash`; join on (user_id, window_hash).
+        # Left null: the trainer finds the user prompt by (user_id, knowledge_as_of) (reki_core.models.data).
         F.lit(None).cast("string").alias("knowledge_prompt_hash"),
         "knowledge_as_of",
         "knowledge_window_hash",

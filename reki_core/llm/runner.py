@@ -148,12 +148,13 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
     model_id, sv = _model_keys(cfg)
     known = known_prompt_hashes(lake, model_id, sv)
     pending = prompts[~prompts["prompt_hash"].isin(known)]["prompt_hash"].tolist()
-    size = max(1, cfg.llm.shard_size)
+    size = max(1, cfg.llm.shard_size, -(-len(pending) // cfg.llm.max_shards))
     plan_id = hashlib.sha256("\n".join([model_id, sv, *pending]).encode()).hexdigest()[:12]
     shard_of = [i // size for i in range(len(pending))]
     lake.write_partition(pd.DataFrame({"prompt_hash": pd.Series(pending, dtype="string"),
                                        "shard_id": pd.Series(shard_of, dtype="int64")}), PLAN, day)
-    shards = [{"shard_id": s, "n_prompts": shard_of.count(s), "plan_id": plan_id} for s in sorted(set(shard_of))]
+    shards = [{"shard_id": s, "n_prompts": min(size, len(pending) - s * size), "plan_id": plan_id}
+              for s in range(-(-len(pending) // size))]
     lake.write_json(f"{PLAN}/dt={_day(day)}/_plan.json", {
         "plan_id": plan_id, "mode": mode, "model_id": model_id, "sampling_version": sv,
         "n_prompts": len(prompts), "n_pending": len(pending), "cache_hits": len(prompts) - len(pending),

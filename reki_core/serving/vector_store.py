@@ -99,6 +99,26 @@ def _entity_vectors(name: str, data: bytes, kind: str) -> EntityVectors:
     return EntityVectors(row_of, matrix, group_row_of)
 
 
+def _checked_manifest(uri: str, body: bytes, scenario: str, version: str) -> dict:
+    """The manifest, checked to be the one asked for and to list what a load needs; errors name it."""
+    try:
+        manifest = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise VectorStoreError(f"{uri}: not valid JSON ({exc}); the manifest was corrupted") from None
+    if not isinstance(manifest, dict):
+        raise VectorStoreError(f"{uri}: not a manifest (a JSON object expected)")
+    for field in ("version", "scenario", "files", "row_counts"):
+        if field not in manifest:
+            raise VectorStoreError(f"{uri}: field '{field}' is missing")
+    if (manifest["version"], manifest["scenario"]) != (version, scenario):
+        raise VectorStoreError(f"{uri}: describes version {manifest['version']!r} of scenario {manifest['scenario']!r}, "
+                               f"not {version!r} of {scenario!r}")
+    missing = [name for name in VECTOR_FILES if name not in manifest["files"]]
+    if missing:
+        raise VectorStoreError(f"{uri}: field 'files' does not list {missing}")
+    return manifest
+
+
 def load_version(store: ObjectStore, scenario: str, version: str | None = None) -> LoadedVersion:
     """Download and verify one version (latest when `version` is None)."""
     if version is None:
@@ -110,10 +130,12 @@ def load_version(store: ObjectStore, scenario: str, version: str | None = None) 
         if sha256_hex(manifest_body) != pointer["manifest_sha256"]:
             raise ChecksumMismatch(f"{store.access.uri(pointer['manifest_key'])}: sha256 does not match "
                                    f"{store.access.uri(latest_key(scenario))}; the manifest was corrupted or replaced")
+        manifest_key = pointer["manifest_key"]
     else:
         version = version[2:] if version.startswith("v=") else version
-        manifest_body, _ = store.get(version_prefix(scenario, version) + MANIFEST)
-    manifest = json.loads(manifest_body)
+        manifest_key = version_prefix(scenario, version) + MANIFEST
+        manifest_body, _ = store.get(manifest_key)
+    manifest = _checked_manifest(store.access.uri(manifest_key), manifest_body, scenario, version)
     files = manifest["files"]
     towers = {}
     for name, kind in VECTOR_FILES.items():

@@ -41,6 +41,16 @@ def test_plan_is_deterministic_and_second_run_makes_zero_calls(tmp_path):
     assert "meaningless" in summary["note"]
 
 
+def test_a_day_with_more_prompts_than_shards_allowed_gets_bigger_shards(tmp_path):
+    """12 prompts, shards of 5, at most 2 shards (Airflow's map limit): two shards of 6."""
+    cfg = tiny_config(tmp_path, REKI__LLM__MAX_SHARDS="2")
+    write_prompts(Lake(cfg.lake_uri), DAY, individual_prompts(7, 5))
+    shards = runner.plan_shards(cfg, DAY)
+    assert [(s["shard_id"], s["n_prompts"]) for s in shards] == [(0, 6), (1, 6)]
+    plan = Lake(cfg.lake_uri).read_partition(runner.PLAN, DAY)
+    assert plan.groupby("shard_id").size().tolist() == [6, 6]
+
+
 def test_next_day_sends_only_changed_prompts(tmp_path):
     cfg = tiny_config(tmp_path)
     lake = Lake(cfg.lake_uri)
