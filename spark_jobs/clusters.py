@@ -1,7 +1,9 @@
 """Groups for collective knowledge extraction: items, and users twice (what they liked, what they disliked).
 
 Points: item features (genre multi-hot, year, log popularity) and user profiles (L1-normalised genre counts
-of the items rated above / at-or-below the positive threshold), over one sorted genre vocabulary.
+of the items rated above / at-or-below the positive threshold in the user's knowledge window, the part of the
+history the user prompt shows: a group never reflects an interaction a CTR sample after the window's `as_of`
+is about), over one sorted genre vocabulary.
 One Spark MLlib bisecting k-means pass (seeded) over all points aims at groups about half the size bound;
 the few clusters still above the bound are then split in one grouped pass (each such cluster goes to one
 Python worker, which bisects it with deterministic 2-means until every part fits, and cuts points that
@@ -149,8 +151,9 @@ def item_points(items: DataFrame, vocabulary: list[str] | None = None) -> DataFr
 
 
 def user_genre_counts(user_history: DataFrame, items: DataFrame, threshold: int) -> DataFrame:
-    """user_id, liked, disliked (map genre -> count over the rated items), every user of `user_history`: one pass."""
-    events = user_history.select("user_id", F.explode("history").alias("e")).select(
+    """user_id, liked, disliked (map genre -> count over the items rated in the knowledge `window`), every user of
+    `user_history`: one pass."""
+    events = user_history.select("user_id", F.explode("window").alias("e")).select(
         "user_id", F.col("e.item_id").alias("item_id"), (F.col("e.rating") > threshold).cast("int").alias("liked")
     )
     genres = events.join(F.broadcast(items.select("item_id", "genres")), "item_id").select(
@@ -192,7 +195,7 @@ def run(spark, cfg, lake, day) -> dict:
 
     s = cfg.scenario
     items = read_partition(spark, lake, "features/items", day).cache()
-    history = read_buckets(spark, lake, "features/user_history", day).select("user_id", "history").cache()
+    history = read_buckets(spark, lake, "features/user_history", day).select("user_id", "window").cache()
     mode = resolve_mode(cfg, history.count(), items.count())
     if mode == "individual":  # groups only serve collective extraction: the costliest job is skipped
         items.unpersist()

@@ -101,11 +101,22 @@ def test_items_features_titles_popularity_and_dirty_flags(spark):
     assert sorted(r.item_id for r in items_job.transform(raw2, inter3, first.localCheckpoint()).collect()) == ["1", "2", "3", "4", "5"]
 
 
+def test_user_profiles_count_only_the_knowledge_window(spark):
+    """Ratings after the window (what later CTR samples are about) do not move a user between groups."""
+    items = spark.createDataFrame([("1", ["Drama"]), ("2", ["Comedy"])], "item_id string, genres array<string>")
+    rows = [("u", [("1", 10, 5)], [("1", 10, 5), ("2", 20, 5), ("2", 30, 1)])]
+    history = spark.createDataFrame(
+        rows, "user_id string, window array<struct<item_id:string,ts:bigint,rating:int>>, "
+              "history array<struct<item_id:string,ts:bigint,rating:int>>")
+    [counts] = clusters.user_genre_counts(history, items, threshold=3).collect()
+    assert dict(counts["liked"]) == {"Drama": 1} and dict(counts["disliked"]) == {"Drama": 0}
+
+
 def test_clusters_bounded_every_entity_once_and_deterministic(spark, data, feature_frames):
     inter, items = feature_frames
     params = user_history.WindowParams("earliest", 8, 30, 3)
     history, _ = user_history.transform(None, None, inter, items, None, params)
-    history = history.select("user_id", "history").localCheckpoint()
+    history = history.select("user_id", "window").localCheckpoint()
     first = clusters.transform(items, history, max_items=7, max_users=6, threshold=3).localCheckpoint()
     out = first.toPandas()
     sizes = out.groupby(["clustering", "group_id"]).size()
