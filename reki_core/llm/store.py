@@ -22,13 +22,23 @@ def sampling_version(cfg: Config) -> str:
     return f"s-{digest[:12]}"
 
 
-def store_files(lake: Lake) -> list[str]:
-    """Finished shard files of the knowledge store, sorted (empty when the store does not exist yet)."""
+def store_files(lake: Lake, model_id: str | None = None, sampling_version: str | None = None) -> list[str]:
+    """Finished shard files of the knowledge store, sorted (empty when the store does not exist yet).
+
+    With `model_id` and `sampling_version`, only the files that can hold their answers: that model's folder
+    and files at the top of the store; other models' folders are not even listed, however large they grow.
+    """
     base = lake.dataset_path(STORE_DATASET)
     if not lake.fs.exists(base):
         return []
+    if model_id is None:
+        found = lake.fs.find(base)
+    else:
+        folder = lake.dataset_path(_model_folder(model_id, sampling_version))
+        found = [p for p in lake.fs.ls(base, detail=False) if lake.fs.isfile(p)]
+        found += lake.fs.find(folder) if lake.fs.exists(folder) else []
     files = []
-    for path in lake.fs.find(base):
+    for path in found:
         name = path.rsplit("/", 1)[-1]
         if name.endswith(".parquet") and not name.startswith(("_", ".")):
             files.append(path)
@@ -41,7 +51,7 @@ def known_prompt_hashes(lake: Lake, model_id: str, sampling_version: str) -> set
     import pyarrow.parquet as pq
 
     known: set[str] = set()
-    for path in store_files(lake):
+    for path in store_files(lake, model_id, sampling_version):
         try:
             with lake.fs.open(path, "rb") as fh:
                 table = pq.read_table(fh, columns=["prompt_hash", "model_id", "sampling_version"])
@@ -107,7 +117,7 @@ def read_answers(lake: Lake, model_id: str, sampling_version: str, prompt_hashes
 
     wanted = pa.array(sorted(set(prompt_hashes)), pa.string()) if prompt_hashes is not None else None
     tables = []
-    for path in store_files(lake):
+    for path in store_files(lake, model_id, sampling_version):
         with lake.fs.open(path, "rb") as fh:
             table = pq.read_table(fh)
         missing = [c for c in ("prompt_hash", "model_id", "sampling_version", "text") if c not in table.column_names]

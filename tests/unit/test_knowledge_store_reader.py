@@ -17,10 +17,22 @@ def _write_shard(lake, name, rows):
 def test_filters_by_model_and_sampling_and_ignores_unfinished_shards(lake):
     assert known_prompt_hashes(lake, "m", "s1") == set()  # no store yet
     _write_shard(lake, "shard-a.parquet", [("h1", "m", "s1", "x"), ("h2", "other", "s1", "x")])
-    _write_shard(lake, "sub/shard-b.parquet", [("h3", "m", "s1", "x"), ("h4", "m", "s2", "x")])
+    _write_shard(lake, "model_id=m/sampling_version=s1/shard-b.parquet", [("h3", "m", "s1", "x")])
+    _write_shard(lake, "model_id=m/sampling_version=s2/shard-c.parquet", [("h4", "m", "s2", "x")])
     _write_shard(lake, "_inprogress.parquet", [("h5", "m", "s1", "x")])
     assert known_prompt_hashes(lake, "m", "s1") == {"h1", "h3"}
     assert known_prompt_hashes(lake, "m", "s2") == {"h4"}
+
+
+def test_other_models_folders_are_not_read(lake):
+    """The store grows with every model tried: a model's lookups open only its own folder (and the top)."""
+    _write_shard(lake, "model_id=m/sampling_version=s1/shard.parquet", [("h1", "m", "s1", "x")])
+    other = lake.local_path("knowledge/store/model_id=old/sampling_version=s1/broken.parquet")
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"not parquet: opening it would fail")
+    assert known_prompt_hashes(lake, "m", "s1") == {"h1"}
+    with pytest.raises(Exception):
+        known_prompt_hashes(lake, "old", "s1")  # the broken file is that model's own
 
 
 def test_shard_without_required_column_names_the_file(lake):
