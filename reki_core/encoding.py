@@ -131,13 +131,23 @@ class EmbeddingCache:
                       if p.rsplit("/", 1)[-1].startswith(f"enc-{self.key}-") and p.endswith(".parquet"))
 
     def lookup(self, hashes: set[str]) -> dict[str, np.ndarray]:
+        import pyarrow.compute as pc
+
         found: dict[str, np.ndarray] = {}
+        wanted = pa.array(sorted(hashes), pa.string())
         for shard in self._shards():
             with self.lake.fs.open(shard, "rb") as fh:
-                table = pq.read_table(fh).to_pandas()
-            table = table[(table["encoder_id"] == self.encoder_id) & table["text_hash"].isin(hashes)]
-            for h, vec in zip(table["text_hash"], table["vector"]):
-                found[h] = np.asarray(vec, dtype=np.float32)
+                table = pq.read_table(fh)
+            # Filtered in Arrow: only the matching rows' vectors become numpy, however large the shard.
+            mask = pc.and_(pc.equal(table["encoder_id"], self.encoder_id), pc.is_in(table["text_hash"], value_set=wanted))
+            table = table.filter(mask)
+            if not len(table):
+                continue
+            vectors = table["vector"].combine_chunks()
+            flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            offsets = vectors.offsets.to_numpy() - vectors.offsets[0].as_py()  # flatten() starts at the first offset
+            for i, h in enumerate(table["text_hash"].to_pylist()):
+                found[h] = flat[offsets[i]:offsets[i + 1]].copy()
         return found
 
     def add(self, vectors: dict[str, np.ndarray]) -> str | None:

@@ -131,3 +131,18 @@ def test_an_encoder_folder_rewritten_in_place_gets_another_fingerprint(tmp_path)
     assert folder_fingerprint(folder) != first
     (folder / "tokenizer.json").write_text("{}")  # the tokenizer shapes the vectors too
     assert folder_fingerprint(folder) not in (first,)
+
+
+def test_embedding_cache_returns_exactly_the_asked_vectors_of_its_encoder(lake):
+    from reki_core.encoding import EmbeddingCache
+
+    mine, other = EmbeddingCache(lake, "enc-a;max_length=8"), EmbeddingCache(lake, "enc-b;max_length=8")
+    vectors = {f"h{i}": np.arange(4, dtype=np.float32) + 10 * i for i in range(5)}
+    mine.add(dict(list(vectors.items())[:3]))
+    mine.add(dict(list(vectors.items())[3:]))  # a second shard
+    other.add({"h1": np.full(4, -1.0, np.float32)})
+    found = mine.lookup({"h1", "h4", "unknown"})
+    assert sorted(found) == ["h1", "h4"]
+    np.testing.assert_array_equal(found["h1"], vectors["h1"])
+    np.testing.assert_array_equal(found["h4"], vectors["h4"])
+    assert other.lookup({"h1", "h4"}).keys() == {"h1"}
