@@ -124,16 +124,28 @@ def _read_checkpoints(lake: Lake, folder: str) -> pd.DataFrame:
 
 
 def _recover_checkpoints(cfg: Config, lake: Lake, day: str | dt.date) -> int:
-    """Fold finished batches of killed shards of `dt` into the store (they are answers); returns rows saved."""
-    folder = _inflight_dir(lake, day)
-    done = _read_checkpoints(lake, folder)
+    """Fold finished batches of killed shards into the store (they are paid-for answers); returns rows saved.
+
+    Those of `dt`, and those any other date left behind (a shard that ran out of retries, a date nobody
+    re-ran: with catchup off that is the usual case). Runs of the DAG never overlap (max_active_runs=1),
+    so no other shard is writing here while a plan is made.
+    """
+    base = f"{lake.root}/{INFLIGHT}"
+    folders = {_inflight_dir(lake, day)}
+    if lake.fs.exists(base):
+        folders |= {p.rstrip("/") for p in lake.fs.ls(base, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("dt=")}
     model_id, sv = _model_keys(cfg)
-    done = done[(done["model_id"] == model_id) & (done["sampling_version"] == sv)]
-    if len(done):
-        write_store_shard(lake, model_id, sv, f"dt={_day(day)}-recovered-{uuid.uuid4().hex[:8]}", done)
-    if lake.fs.exists(folder):
-        lake.fs.rm(folder, recursive=True)
-    return len(done)
+    saved = 0
+    for folder in sorted(folders):
+        done = _read_checkpoints(lake, folder)
+        done = done[(done["model_id"] == model_id) & (done["sampling_version"] == sv)]
+        if len(done):
+            name = folder.rsplit("/", 1)[-1]
+            write_store_shard(lake, model_id, sv, f"{name}-recovered-{uuid.uuid4().hex[:8]}", done)
+            saved += len(done)
+        if lake.fs.exists(folder):
+            lake.fs.rm(folder, recursive=True)
+    return saved
 
 
 def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:

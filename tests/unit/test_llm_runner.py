@@ -99,6 +99,23 @@ def test_replanning_after_a_kill_keeps_the_finished_batches(tmp_path):
     assert steps["llm_plan"]["recovered_from_killed_shards"] == 4
 
 
+def test_answers_of_a_shard_that_gave_up_are_kept_by_the_next_days_plan(tmp_path):
+    """DAY's shard dies after 4 answers and is never re-run; NEXT_DAY has the same prompts: only 4 are sent."""
+    cfg = tiny_config(tmp_path, REKI__LLM__SHARD_SIZE="12")
+    lake = Lake(cfg.lake_uri)
+    write_prompts(lake, DAY, individual_prompts(8, 4))
+    runner.plan_shards(cfg, DAY)
+    killed = ScriptedBackend(cfg, fail_after_calls=4)
+    with pytest.raises(WorkerKilled):
+        runner.run_shard(cfg, DAY, 0, backend=killed)
+    write_prompts(lake, NEXT_DAY, individual_prompts(8, 4))
+    shards = runner.plan_shards(cfg, NEXT_DAY)
+    assert sum(s["n_prompts"] for s in shards) == 8
+    assert {s["step"]: s for s in read_steps(lake, NEXT_DAY)}["llm_plan"]["recovered_from_killed_shards"] == 4
+    assert set(killed.requests) <= known_prompt_hashes(lake, cfg.llm.engine.model_id, sampling_version(cfg))
+    assert not lake.fs.exists(f"{lake.root}/{runner.INFLIGHT}/dt={DAY}")
+
+
 def test_failing_prompt_is_recorded_and_retried_next_run(tmp_path):
     cfg = tiny_config(tmp_path, REKI__LLM__MAX_FAILURE_RATE="0.5")
     lake = Lake(cfg.lake_uri)
