@@ -3,6 +3,9 @@
 Reads `raw/items/dt=D` (snapshot), `raw/interactions` newer than the previous `features/items`
 partition (popularity is carried forward, so a daily run reads one day), and that previous partition.
 Writes `features/items/dt=D`; `needs_refresh` marks items that are new or whose metadata changed.
+Items that were interacted with but that the snapshot does not describe (not yet, or no longer) go to
+`features/items_undescribed/dt=D` (item_id, popularity): their popularity is carried there, so an item
+described later, or again, has the popularity a full build gives it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
 DATASET = "features/items"
+UNDESCRIBED = "features/items_undescribed"
 UNKNOWN_GENRE = "unknown"
 
 
@@ -30,14 +34,16 @@ def title_year(title):
     return F.when(found != "", found.cast("int"))
 
 
-def transform(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None) -> DataFrame:
+def transform(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None,
+              previous_undescribed: DataFrame | None = None) -> DataFrame:
     """Item features; popularity = previous popularity + interactions since (all of them when no previous)."""
-    return item_rows(raw_items, new_interactions, previous).where("described").drop("described")
+    return item_rows(raw_items, new_interactions, previous, previous_undescribed).where("described").drop("described")
 
 
-def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None) -> DataFrame:
-    """`transform`'s rows plus, with `described` false, items interacted with that the snapshot does not
-    describe (one pass yields both the features and the count of those)."""
+def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataFrame | None,
+              previous_undescribed: DataFrame | None = None) -> DataFrame:
+    """`transform`'s rows plus, with `described` false, the items interacted with (popularity > 0) that the
+    snapshot does not describe: one pass yields the features and the undescribed items' popularity."""
     items = raw_items.select(
         F.col("item_id").cast("string").alias("item_id"),
         normalise_title(F.col("title")).alias("title"),
@@ -58,20 +64,24 @@ def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataF
     )
     counts = new_interactions.groupBy("item_id").agg(F.count(F.lit(1)).alias("new_count"))
     items = items.withColumn("described", F.lit(True)).join(counts, "item_id", "full_outer")
-    items = items.withColumn("described", F.coalesce("described", F.lit(False)))
     if previous is None:
         items = items.withColumn("popularity", F.coalesce("new_count", F.lit(0)).cast("long")).withColumn(
             "needs_refresh", F.lit(True)
         )
     else:
         prev = previous.select("item_id", F.col("popularity").alias("prev_pop"), F.col("metadata_hash").alias("prev_hash"))
+        if previous_undescribed is not None:
+            prev = prev.unionByName(previous_undescribed.select(
+                "item_id", F.col("popularity").alias("prev_pop"), F.lit(None).cast("string").alias("prev_hash")))
+        # Full outer: an item the snapshot stopped describing keeps its popularity among the undescribed.
         items = (
-            items.join(prev, "item_id", "left")
+            items.join(prev, "item_id", "full_outer")
             .withColumn("popularity", (F.coalesce("prev_pop", F.lit(0)) + F.coalesce("new_count", F.lit(0))).cast("long"))
             .withColumn("needs_refresh", F.col("prev_hash").isNull() | (F.col("prev_hash") != F.col("metadata_hash")))
         )
+    items = items.withColumn("described", F.coalesce("described", F.lit(False)))
     # One sorted file: the item table is small, and a global sort would cost Spark a sampling job.
-    return items.select(
+    return items.where(F.col("described") | (F.col("popularity") > 0)).select(
         "item_id", "title", "year", "genres", "first_genre", "popularity", "metadata_hash", "needs_refresh", "described"
     ).repartition(1).sortWithinPartitions("item_id")
 
@@ -82,12 +92,15 @@ def run(spark, cfg, lake, day) -> dict:
 
     prev_day = previous_day(lake, DATASET, day)
     previous = read_partition(spark, lake, DATASET, prev_day) if prev_day else None
+    previous_undescribed = read_partition(spark, lake, UNDESCRIBED, prev_day) \
+        if prev_day and lake.has_partition(UNDESCRIBED, prev_day) else None
     raw_items = read_partition(spark, lake, "raw/items", day)
     new_interactions = read_interactions(spark, lake, prev_day, day)
-    # The counts are observed while the partition is written: no second pass, no cache.
+    # The counts are observed while the partition is written: no second pass; the small result is cached
+    # for the second write, of the undescribed items.
     observed = Observation("items")
     described = F.col("described")
-    out = item_rows(raw_items, new_interactions, previous).observe(
+    out = item_rows(raw_items, new_interactions, previous, previous_undescribed).observe(
         observed,
         F.sum(described.cast("int")).alias("items"),
         F.sum((described & F.col("needs_refresh")).cast("int")).alias("dirty_items"),
@@ -95,7 +108,12 @@ def run(spark, cfg, lake, day) -> dict:
         # Items that users rated but the snapshot does not describe: their prompts cannot name them.
         F.sum((~described).cast("int")).alias("unknown"),
     )
+    out = out.cache()
+    # The undescribed items first: a failure between the two writes then leaves no items partition that the
+    # next day would read without its undescribed companion.
+    write_partition(out.where(~described).select("item_id", "popularity"), lake, UNDESCRIBED, day)
     write_partition(out.where(described).drop("described"), lake, DATASET, day)
+    out.unpersist()
     stats = observed.get
     return {
         "items": int(stats["items"] or 0),

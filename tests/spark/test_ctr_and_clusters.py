@@ -101,6 +101,27 @@ def test_items_features_titles_popularity_and_dirty_flags(spark):
     assert sorted(r.item_id for r in items_job.transform(raw2, inter3, first.localCheckpoint()).collect()) == ["1", "2", "3", "4", "5"]
 
 
+def test_an_item_described_late_or_again_keeps_the_popularity_of_a_full_build(spark):
+    """Item 9 is rated on day 1 before the snapshot describes it; item 2 leaves the snapshot on day 2 and
+    comes back on day 3. Chained daily, both end day 3 with the popularity a full build of day 3 gives."""
+    schema = "item_id string, title string, year int, genres array<string>"
+    inter_schema = "user_id string, item_id string, rating int, ts bigint"
+    both = [("2", "Two (1990)", None, ["Drama"]), ("9", "Nine (1999)", None, ["Comedy"])]
+    snapshots = [spark.createDataFrame(rows, schema) for rows in (both[:1], [], both)]
+    days = [spark.createDataFrame(rows, inter_schema) for rows in (
+        [("u", "9", 4, 1), ("v", "9", 2, 2), ("u", "2", 5, 3)], [("w", "9", 5, 4)], [("x", "2", 3, 5)])]
+    previous = undescribed = None
+    for snapshot, inter in zip(snapshots, days):
+        rows = items_job.item_rows(snapshot, inter, previous, undescribed).localCheckpoint()
+        previous = rows.where("described").drop("described")
+        undescribed = rows.where("not described").select("item_id", "popularity")
+    assert {r.item_id: r.popularity for r in undescribed.collect()} == {}
+    all_days = days[0].unionByName(days[1]).unionByName(days[2])
+    full = items_job.transform(snapshots[2], all_days, None)
+    assertDataFrameEqual(previous.select("item_id", "popularity"), full.select("item_id", "popularity"))
+    assert {r.item_id: r.popularity for r in full.collect()} == {"2": 2, "9": 3}
+
+
 def test_user_profiles_count_only_the_knowledge_window(spark):
     """Ratings after the window (what later CTR samples are about) do not move a user between groups."""
     items = spark.createDataFrame([("1", ["Drama"]), ("2", ["Comedy"])], "item_id string, genres array<string>")
