@@ -240,13 +240,17 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     checkpoints = _read_checkpoints(lake, checkpoint_dir)
     checkpoints = checkpoints[checkpoints["prompt_hash"].isin(hashes)
                               & (checkpoints["model_id"] == model_id) & (checkpoints["sampling_version"] == sv)]
-    done = known_prompt_hashes(lake, model_id, sv) | set(checkpoints["prompt_hash"])
+    known = known_prompt_hashes(lake, model_id, sv)
+    done = known | set(checkpoints["prompt_hash"])
     todo = prompts[~prompts["prompt_hash"].isin(done)].reset_index(drop=True)
-    cache_hits = len(prompts) - len(todo)
+    # Answers an earlier attempt of this shard paid for count as its calls and tokens, not as cache hits.
+    resumed = checkpoints[~checkpoints["prompt_hash"].isin(known)].drop_duplicates("prompt_hash")
+    cache_hits = len(prompts) - len(todo) - len(resumed)
 
     failures: list[dict] = []
     truncated: set[str] = set()
-    calls = prompt_tokens = completion_tokens = n_errors = n_answered = 0
+    calls = prompt_tokens = completion_tokens = n_errors = 0
+    n_answered = len(resumed)
     generate_seconds = 0.0
     if len(todo):
         backend = backend or _make_backend(cfg)
@@ -309,9 +313,11 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     wall = time.perf_counter() - started
     payload = {
         "shard_id": shard_id, "plan_id": plan["plan_id"], "model_id": model_id, "sampling_version": sv,
-        "backend": cfg.llm.backend, "n_prompts": len(prompts), "cache_hits": cache_hits, "calls": calls,
-        "answered": n_answered, "failed": n_errors, "skipped": n_skipped, "truncated": len(truncated),
-        "failure_rate": round(failure_rate, 4), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "backend": cfg.llm.backend, "n_prompts": len(prompts), "cache_hits": cache_hits,
+        "calls": calls + len(resumed), "resumed_from_earlier_attempt": len(resumed), "answered": n_answered, "failed": n_errors, "skipped": n_skipped, "truncated": len(truncated),
+        "failure_rate": round(failure_rate, 4),
+        "prompt_tokens": prompt_tokens + int(pd.to_numeric(resumed["prompt_tokens"]).fillna(0).sum()),
+        "completion_tokens": completion_tokens + int(pd.to_numeric(resumed["completion_tokens"]).fillna(0).sum()),
         "generate_seconds": round(generate_seconds, 3), "wall_seconds": round(wall, 3),
         "tokens_per_s": round(completion_tokens / generate_seconds, 2) if generate_seconds else 0.0,
         "is_smoke_model": cfg.llm.is_smoke_model,

@@ -81,7 +81,11 @@ def test_killed_shard_resumes_after_its_finished_batches(tmp_path):
     retry = ScriptedBackend(cfg)
     result = runner.run_shard(cfg, DAY, shard["shard_id"], backend=retry)
     assert len(retry.requests) == 4 and set(retry.requests).isdisjoint(killed.requests)
-    assert result["cache_hits"] == 8 and result["stored"] == 12
+    # The 8 answers of the killed attempt are its calls, resumed, not cache hits.
+    assert (result["cache_hits"], result["resumed_from_earlier_attempt"], result["calls"]) == (0, 8, 12)
+    assert result["answered"] == result["stored"] == 12
+    # ScriptedBackend answers "answer to <text>": its tokens are the words of that, over all 12 prompts.
+    assert result["completion_tokens"] == sum(2 + len(t.split()) for t in prompts["text"])
     assert known_prompt_hashes(lake, cfg.llm.engine.model_id, sampling_version(cfg)) == set(prompts["prompt_hash"])
     assert not lake.fs.exists(f"{lake.root}/{runner.INFLIGHT}/dt={DAY}/shard-00000")
 
