@@ -219,7 +219,8 @@ class QualityConfig(_Strict):
     llm_semantic_action: Literal["fail", "warn"] = "warn"
     llm_min_answer_chars: int = 1
     llm_max_answer_chars: int = 8000
-    llm_max_truncated_share: float = 1.0
+    # Answers cut at sampling.max_tokens: a real model stops on its own; many cut answers mean max_tokens is too low.
+    llm_max_truncated_share: float = Field(0.2, ge=0.0, le=1.0)
     llm_max_refusal_share: float = 0.1
     llm_min_factor_mention_share: float = 0.5
     llm_min_factors_mentioned: int = 2

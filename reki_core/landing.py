@@ -24,7 +24,7 @@ from reki_core.config import Config
 from reki_core.datasets import schema
 from reki_core.datasets.source import delivery_files, replay_delivery
 from reki_core.quality import raw as raw_suites
-from reki_core.quality.gx import run_suite
+from reki_core.quality.gx import raise_if_any_failed, run_suite
 from reki_core.quality.data_docs import keep_validations
 from reki_core.runlog import timed_step
 from reki_core.storage.lake import Lake, as_date
@@ -250,6 +250,5 @@ def run_raw_gate(cfg: Config, day: str | dt.date) -> dict:
         record["success"] = all(r.success for r in results)
         record["no_new_data"] = len(inter) == 0
         record["rows"] = len(inter)
-        for r in results:
-            r.raise_if_failed()
+        raise_if_any_failed(results, f"raw gate failed for dt={day.isoformat()}")
     return record

@@ -67,6 +67,7 @@ llm:
     max_tokens: 512
 quality:
   llm_semantic_action: fail
+  llm_max_truncated_share: 0.2
 ```
 """
 

@@ -103,6 +103,24 @@ class GateResult:
         return self
 
 
+def raise_if_any_failed(results: list[GateResult], what: str) -> None:
+    """One GateError for all failing `results`: its message and its `result` (what an alert lists) cover every
+    failing dataset, not only the first."""
+    failed = [r for r in results if not r.success]
+    if not failed:
+        return
+    messages = []
+    for r in failed:
+        try:
+            r.raise_if_failed()
+        except GateError as exc:
+            messages.append(str(exc))
+    merged = GateResult(failed[0].gate, ", ".join(r.dataset for r in failed), sum(r.rows for r in failed),
+                        [o for r in failed for o in r.outcomes], validations=[v for r in failed for v in r.validations],
+                        data_docs=failed[0].data_docs)
+    raise GateError(f"{what}:\n" + "\n".join(messages), merged)
+
+
 def warn_only(expectation):
     """Mark an expectation whose failure is reported as a warning instead of stopping the run."""
     expectation.meta = {**(expectation.meta or {}), "severity": "warn"}

@@ -69,7 +69,7 @@ def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
         run_feature_gates(cfg, last, lake)
     message = str(err.value)
     assert "expect_column_mean_to_be_between column 'label'" in message
-    assert "size_within_bound" in message and "1 unexpected" in message
+    assert "group_over_size_bound" in message and "1 unexpected" in message and "user_pos:one-big-group" in message
 
 
 def test_spark_submit_runs_a_job_file(tmp_path):

@@ -27,10 +27,11 @@ def seed_features(lake) -> None:
     """Feature partitions of DAY that pass every feature gate."""
     lake.write_partition(pd.DataFrame({"item_id": ["i1", "i2"], "popularity": [3, 1],
                                        "metadata_hash": ["h1", "h2"]}), "features/items", DAY)
-    history = [{"ts": TS - 20, "item_id": "i1"}, {"ts": TS - 10, "item_id": "i2"}]
+    history = [{"ts": TS - 20, "item_id": "i1"}, {"ts": TS - 10, "item_id": "i2"}, {"ts": TS - 5, "item_id": "i1"}]
+    # u1 had 3 interactions when its window was cut: the earliest (3 + 1) // 2 = 2 of them.
     lake.write_partition(pd.DataFrame({"user_id": ["u1", "u2"], "history": [history, history[:1]],
-                                       "n_interactions": [2, 1], "window": [history, history[:1]],
-                                       "as_of": [TS - 10, TS - 20]}), "features/user_history", DAY)
+                                       "n_interactions": [3, 1], "window": [history[:2], history[:1]],
+                                       "window_n": [3, 1], "as_of": [TS - 10, TS - 20]}), "features/user_history", DAY)
     lake.write_partition(pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2"], "item_id": ["i1", "i2", "i1", "i2"],
                                        "ts": [TS, TS + 1, TS + 2, TS + 3], "label": [1, 0, 1, 0],
                                        "split": ["train", "train", "valid", "test"],
