@@ -36,7 +36,7 @@ current version, by more than the configured tolerances; the comparison is in th
     tags=["reki", "training", "weekly"],
 )
 def reki_adaptor_training():
-    @task
+    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard of the daily refresh
     def train(**context) -> dict:
         from reki_core.models.training import train_model, training_day
 
@@ -47,14 +47,14 @@ def reki_adaptor_training():
 
     @task(retries=0, outlets=[ADAPTOR_MODEL])
     def evaluation_gate(trained: dict, **context) -> dict:
-        from reki_airflow.notifiers import notify_gate_failure
+        from reki_airflow.notifiers import mark_alerted, notify_gate_failure
 
         if not trained["published"]:
             failing = [c for c in trained["gate"]["checks"] if not c["passed"]]
             notify_gate_failure(context, "model_evaluation", [
                 {"expectation": c["check"], "unexpected_count": 1,
                  "observed_value": f"AUC {c['auc']:.4f} vs {c.get('reference_auc')}"} for c in failing])
-            raise ValueError(f"model {trained['version']} failed the evaluation gate: {failing}")
+            raise mark_alerted(ValueError(f"model {trained['version']} failed the evaluation gate: {failing}"))
         context["outlet_events"][ADAPTOR_MODEL].extra = {"version": trained["version"], "dt": trained["dt"]}
         return trained
 

@@ -28,13 +28,15 @@ One run per day; `dt` = the data interval's start (UTC), never the wall clock.
    **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
    mode is collective; **feature_gate**.
 3. **prompts** (factorization prompting) and **prompts_gate**.
-4. **plan_shards** then one mapped **extract** task per shard (pool `gpu`): only prompts whose hash
+4. **plan_shards** then one mapped **extract** task per shard (pool `gpu`, as every task that may use
+   CUDA: encode, train_if_no_model, augment and the weekly training): only prompts whose hash
    has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
 5. **encode** knowledge texts (cached by text hash); **train_if_no_model** registers a first adaptor
    when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
    adaptor to every user and item vector; **vectors_gate** checks every entity has one finite vector.
 6. **publish** a version to object storage (manifest last, `_LATEST.json` only forward) and emit
-   the `reki_augmented_vectors` asset event with the version; **report** writes the run report.
+   the `reki_augmented_vectors` asset event with the version; it writes the run report too and
+   publishes it inside the version.
 
 Every task is idempotent for its `dt`. Backfills (the DAG must be unpaused):
 `bash infra/backfill.sh A B` (README: "Airflow UI, triggering and backfills").
@@ -153,14 +155,14 @@ def reki_daily_refresh():
         run_gate(context, "llm_answers", lambda: validate_answers(cfg, day), cfg)
         return extraction_summary(cfg, day)
 
-    @task
+    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard or the weekly training
     def encode(**context) -> dict:
         from reki_core.encoding import encode_knowledge
 
         cfg, day = task_setup(context)
         return encode_knowledge(cfg, day)
 
-    @task
+    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard or the weekly training
     def train_if_no_model(**context) -> dict:
         from reki_core.models.training import has_current_model, train_model
 
@@ -169,7 +171,7 @@ def reki_daily_refresh():
             return {"trained": False, "reason": "a registered model exists; retraining is reki_adaptor_training"}
         return {"trained": True, **train_model(cfg, day)}
 
-    @task
+    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard or the weekly training
     def augment(**context) -> dict:
         from reki_core.models.training import apply_adaptor
 

@@ -14,11 +14,15 @@ init() {
     airflow db migrate > "$LOGS/airflow-migrate.log" 2>&1 || { tail -20 "$LOGS/airflow-migrate.log"; exit 1; }
     touch "$AIRFLOW_HOME/.migrated"
   fi
-  # LLM extraction shards run in this pool (its size = concurrent GPU workers).
+  # Every task that may use CUDA (LLM shards, encoding, training, the adaptor) runs in this pool
+  # (its size = concurrent GPU workers).
   airflow pools list -o plain 2>/dev/null | grep -q '^gpu' || airflow pools set gpu 1 "LLM extraction (GPU) workers" > /dev/null
 }
 
 alive() { [ -f "$PIDS/airflow-$1.pid" ] && kill -0 -- "-$(cat "$PIDS/airflow-$1.pid")" 2>/dev/null; }
+# The venv's python, not curl: only Python and Java are required on the machine.
+api_healthy() { python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+  "$AIRFLOW__API__BASE_URL/api/v2/monitor/health" >/dev/null 2>&1; }
 
 start() {
   init
@@ -32,10 +36,11 @@ start() {
       supervise "$c" "${cmd[@]}" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
     echo $! > "$PIDS/airflow-$c.pid"
     if [ "$c" = api-server ]; then  # the other components talk to the API server: wait for it first
-      for _ in $(seq 1 90); do
-        curl -fsS "$AIRFLOW__API__BASE_URL/api/v2/monitor/health" >/dev/null 2>&1 && break; sleep 1
-      done
-      curl -fsS "$AIRFLOW__API__BASE_URL/api/v2/monitor/health" >/dev/null || { echo "api-server did not come up; see $LOGS/airflow-api-server.log"; exit 1; }
+      for _ in $(seq 1 90); do api_healthy && break; sleep 1; done
+      if ! api_healthy; then  # stop its restart loop too: a later start must not find it "already running"
+        kill -TERM -- "-$(cat "$PIDS/airflow-$c.pid")" 2>/dev/null || true; rm -f "$PIDS/airflow-$c.pid"
+        echo "api-server did not come up (port taken?); see $LOGS/airflow-api-server.log"; exit 1
+      fi
     fi
   done
   pw_file="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"

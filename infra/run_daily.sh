@@ -10,12 +10,12 @@ LOG="$REKI_HOME/.reki/logs/daily-$DT.log"; mkdir -p "$(dirname "$LOG")"
 echo "==> reki_daily_refresh for dt=$DT through Airflow (log: $LOG)"
 start=$(date +%s)
 if ! airflow dags test reki_daily_refresh "$LOGICAL" > "$LOG" 2>&1; then
-  echo "ERROR: the DAG run failed; last lines of $LOG:"; grep -E "ERROR|Error|error|Traceback|failed" "$LOG" | tail -25
+  echo "ERROR: the DAG run failed; last lines of $LOG:"; { grep -E "ERROR|Error|error|Traceback|failed" "$LOG" || tail -25 "$LOG"; } | tail -25
   reki summary --dt "$DT" || true
   exit 1
 fi
 if ! grep -q "state=success" "$LOG"; then
-  echo "ERROR: the DAG run did not succeed; see $LOG"; grep -E "ERROR|failed|upstream_failed" "$LOG" | tail -25; exit 1
+  echo "ERROR: the DAG run did not succeed; see $LOG"; { grep -E "ERROR|failed|upstream_failed" "$LOG" || true; } | tail -25; exit 1
 fi
 reki summary --dt "$DT"
 echo "==> done in $(( $(date +%s) - start ))s (Airflow log: $LOG)"

@@ -194,6 +194,13 @@ def alert_from_context(context: dict[str, Any], kind: str, secrets: Iterable[str
     )
 
 
+def mark_alerted(exc: BaseException) -> BaseException:
+    """Mark a failure whose task already sent its own, more specific alert (a failed gate): the task-failure
+    notifier then stays silent for it, so on-call gets one page, not two."""
+    exc.reki_alerted = True
+    return exc
+
+
 class RekiNotifier(BaseNotifier):
     """Task-failure notifier: use as `on_failure_callback` (Airflow calls it after the task's last try)."""
 
@@ -204,6 +211,9 @@ class RekiNotifier(BaseNotifier):
         self.last_results: dict[str, str] = {}
 
     def notify(self, context: dict[str, Any]) -> None:
+        if getattr(context.get("exception"), "reki_alerted", False):
+            self.last_results = {}  # the task alerted on this failure itself (mark_alerted)
+            return
         secrets = _secret_values()
         alert = alert_from_context(context, "task_failed", secrets=secrets, report_url=self.report_url)
         self.last_results = send_alert(alert, self.channels, secrets)

@@ -65,10 +65,10 @@ def run_gate(context: dict[str, Any], gate_name: str, gate: Callable[[], Any], c
     try:
         return gate()
     except GateError as exc:
-        from reki_airflow.notifiers import notify_gate_failure
+        from reki_airflow.notifiers import mark_alerted, notify_gate_failure
 
         notify_gate_failure(context, gate_name, exc.result, cfg=cfg, data_docs_url=exc.result.data_docs)
-        raise
+        raise mark_alerted(exc)
 
 
 def s3_credentials(conn_id: str = "aws_default") -> dict[str, str | None]:

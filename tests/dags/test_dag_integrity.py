@@ -41,6 +41,22 @@ def test_every_dag_has_owner_retries_tags_and_docs(dagbag):
             assert t.execution_timeout is not None, f"{dag_id}.{t.task_id}: no execution_timeout"
 
 
+def test_every_task_that_may_use_cuda_shares_the_gpu_pool(dagbag):
+    """Extraction, encoding, training and the adaptor all pick CUDA when there is one: never two at once."""
+    daily, weekly = dagbag.dags["reki_daily_refresh"], dagbag.dags["reki_adaptor_training"]
+    cuda_tasks = [daily.get_task(t) for t in ("extract", "encode", "train_if_no_model", "augment")]
+    assert {t.pool for t in cuda_tasks + [weekly.get_task("train")]} == {"gpu"}
+    assert all(t.pool != "gpu" for t in daily.tasks if t not in cuda_tasks)
+
+
+def test_freshness_checks_are_scheduled_only_for_a_live_source(dagbag):
+    """The embedded default replays 1998: an hourly freshness check against today would page every hour."""
+    from reki_core.config import load_config
+
+    assert load_config().scenario.source.kind != "files"
+    assert type(dagbag.dags["reki_publish_freshness"].timetable).__name__ == "NullTimetable"
+
+
 def test_daily_refresh_schedule_has_real_intervals(dagbag):
     from airflow.timetables.interval import CronDataIntervalTimetable
 

@@ -271,6 +271,19 @@ def test_missing_connections_are_skipped_and_a_broken_channel_does_not_stop_the_
     assert "slacktokensecretvalue" not in results["slack"]
 
 
+def test_a_failure_its_task_already_alerted_on_pages_once(monkeypatch, http_receiver):
+    """A failed gate sends its own alert and marks the exception: the task-failure callback stays silent."""
+    from reki_airflow.notifiers import AlertChannels, RekiNotifier, mark_alerted
+
+    for key, value in connection_env(http_receiver, None).items():
+        monkeypatch.setenv(key, value)
+    notifier = RekiNotifier(AlertChannels("reki_slack", "reki_smtp", "reki_webhook", ()))
+    notifier({"ti": FakeTI(), "ds": "2026-01-05", "params": {}, "exception": mark_alerted(ValueError("gate failed"))})
+    assert notifier.last_results == {} and http_receiver.on("/hooks/reki") == []
+    notifier({"ti": FakeTI(), "ds": "2026-01-05", "params": {}, "exception": ValueError("task crashed")})
+    assert notifier.last_results["webhook"] == "sent" and len(http_receiver.on("/hooks/reki")) == 1
+
+
 def test_gate_failure_alert_lists_failing_expectations_with_counts(monkeypatch, http_receiver, smtp_receiver):
     import great_expectations.expectations as gxe
 
