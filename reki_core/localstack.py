@@ -32,12 +32,18 @@ def secrets_dir(state_dir: Path) -> Path:
 
 
 def _write_private(path: Path, payload: dict) -> None:
+    """Owner-only JSON, replaced whole (a reader such as a starting SeaweedFS never sees half a file), and only
+    when its content changes."""
+    body = json.dumps(payload, indent=2)
+    if path.is_file() and path.read_text() == body:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2)
-    os.chmod(path, 0o600)
+        fh.write(body)
+    os.replace(tmp, path)
 
 
 def ensure_credentials(state_dir: Path) -> dict[str, S3Credentials]:
