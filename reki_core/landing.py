@@ -4,9 +4,10 @@ On an empty lake the first run lands all history up to its date (one partition p
 runs land their own day, and every day since the last landed one that is missing (a scheduler
 that was down, with catchup off, skips days: their deliveries land with the next run instead of
 never). A first load counts as done once its snapshots landed, so a first load that failed
-part-way is redone whole by the retry. Re-running a date overwrites that date only. Bad input stops the run with an error naming the file, column and rule; under
-`quality.raw_bad_rows_policy: quarantine`, bad rows go to `raw/_rejected/dt=D/` with their reason
-and the rest lands, unless they exceed `quality.raw_max_rejected_share` of the day's rows.
+part-way is redone whole by the retry. Re-running a date overwrites that date only. Bad input
+stops the run with an error naming the file, column and rule; under `quality.raw_bad_rows_policy:
+quarantine`, bad rows go to `raw/_rejected/dt=D/` with their reason and the rest lands, unless they
+exceed `quality.raw_max_rejected_share` of the day's rows.
 """
 
 from __future__ import annotations

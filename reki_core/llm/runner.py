@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -133,7 +134,8 @@ def _recover_checkpoints(cfg: Config, lake: Lake, day: str | dt.date) -> int:
     base = f"{lake.root}/{INFLIGHT}"
     folders = {_inflight_dir(lake, day)}
     if lake.fs.exists(base):
-        folders |= {p.rstrip("/") for p in lake.fs.ls(base, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith("dt=")}
+        found = (p.rstrip("/") for p in lake.fs.ls(base, detail=False))
+        folders |= {f for f in found if f.rsplit("/", 1)[-1].startswith("dt=")}
     model_id, sv = _model_keys(cfg)
     saved = 0
     for folder in sorted(folders):
@@ -160,13 +162,13 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
     model_id, sv = _model_keys(cfg)
     known = known_prompt_hashes(lake, model_id, sv)
     pending = prompts[~prompts["prompt_hash"].isin(known)]["prompt_hash"].tolist()
-    size = max(1, cfg.llm.shard_size, -(-len(pending) // cfg.llm.max_shards))
+    size = max(1, cfg.llm.shard_size, math.ceil(len(pending) / cfg.llm.max_shards))
     plan_id = hashlib.sha256("\n".join([model_id, sv, *pending]).encode()).hexdigest()[:12]
     shard_of = [i // size for i in range(len(pending))]
     lake.write_partition(pd.DataFrame({"prompt_hash": pd.Series(pending, dtype="string"),
                                        "shard_id": pd.Series(shard_of, dtype="int64")}), PLAN, day)
     shards = [{"shard_id": s, "n_prompts": min(size, len(pending) - s * size), "plan_id": plan_id}
-              for s in range(-(-len(pending) // size))]
+              for s in range(math.ceil(len(pending) / size))]
     lake.write_json(f"{PLAN}/dt={_day(day)}/_plan.json", {
         "plan_id": plan_id, "mode": mode, "model_id": model_id, "sampling_version": sv,
         "n_prompts": len(prompts), "n_pending": len(pending), "cache_hits": len(prompts) - len(pending),
@@ -314,10 +316,10 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     payload = {
         "shard_id": shard_id, "plan_id": plan["plan_id"], "model_id": model_id, "sampling_version": sv,
         "backend": cfg.llm.backend, "n_prompts": len(prompts), "cache_hits": cache_hits,
-        "calls": calls + len(resumed), "resumed_from_earlier_attempt": len(resumed), "answered": n_answered, "failed": n_errors, "skipped": n_skipped, "truncated": len(truncated),
-        "failure_rate": round(failure_rate, 4),
-        "prompt_tokens": prompt_tokens + int(pd.to_numeric(resumed["prompt_tokens"]).fillna(0).sum()),
-        "completion_tokens": completion_tokens + int(pd.to_numeric(resumed["completion_tokens"]).fillna(0).sum()),
+        "calls": calls + len(resumed), "resumed_from_earlier_attempt": len(resumed), "answered": n_answered,
+        "failed": n_errors, "skipped": n_skipped, "truncated": len(truncated), "failure_rate": round(failure_rate, 4),
+        "prompt_tokens": prompt_tokens + _token_sum(resumed, "prompt_tokens"),
+        "completion_tokens": completion_tokens + _token_sum(resumed, "completion_tokens"),
         "generate_seconds": round(generate_seconds, 3), "wall_seconds": round(wall, 3),
         "tokens_per_s": round(completion_tokens / generate_seconds, 2) if generate_seconds else 0.0,
         "is_smoke_model": cfg.llm.is_smoke_model,
@@ -341,6 +343,10 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     payload["stored"] = len(finished)
     record_step(lake, day, f"{SHARD_STEP_PREFIX}{shard_id:05d}", payload)
     return payload
+
+
+def _token_sum(answers: pd.DataFrame, column: str) -> int:
+    return int(pd.to_numeric(answers[column]).fillna(0).sum())
 
 
 def _failures_table(rows: list[dict]):

@@ -251,7 +251,8 @@ def model_for_day(lake: Lake, day: dt.date, encoders: list[str]) -> tuple[str, s
 
 
 def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
-    """Write `vectors/augmented/dt=D/`: the adaptor tower's output (model of `model_for_day`) for every user and item of D."""
+    """Write `vectors/augmented/dt=D/`: the adaptor tower's output for every user and item of D, from the model
+    `model_for_day` chooses."""
     import pyarrow as pa
     import torch
 
@@ -289,6 +290,7 @@ def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
             "as_of": pa.array([None if pd.isna(a) else int(a) for a in frame["as_of"]], pa.int64()),
         })
         lake.write_partition(table, AUGMENTED_VECTORS, day)
-        record.update({"model_version": version, "model_chosen": chosen, "users": int((frame["entity_kind"] == "user").sum()),
+        record.update({"model_version": version, "model_chosen": chosen,
+                       "users": int((frame["entity_kind"] == "user").sum()),
                        "items": int((frame["entity_kind"] == "item").sum()), "dim": model.adaptor.output_dim})
     return record

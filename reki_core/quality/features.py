@@ -65,19 +65,19 @@ def user_history_gate(history: pd.DataFrame, cfg: Config) -> GateResult:
     max_window = s.max_window if s.knowledge_window == "earliest" else s.recent_window_size
     ids = history["user_id"]
     window_len = history["window"].map(len)
-    df = pd.DataFrame({
-        "user_id": ids,
-        "window_len": window_len,
+    # One column per rule, holding the user_id of each row that breaks it.
+    broken = {
         "history_not_in_time_order": _offenders(ids, history["history"].map(_is_time_ordered)),
         "history_len_not_n_interactions": _offenders(ids, history["history"].map(len) == history["n_interactions"]),
         "window_len_not_by_rule": _offenders(ids, window_len == window_sizes_by_rule(history["window_n"], cfg)),
         "as_of_not_last_window_ts": _offenders(
             ids, [len(w) > 0 and w[-1]["ts"] == a for w, a in zip(history["window"], history["as_of"])]),
-    })
+    }
+    df = pd.DataFrame({"user_id": ids, "window_len": window_len, **broken})
     return run_suite("features", "features/user_history", df, [
         gxe.ExpectColumnValuesToBeUnique(column="user_id"),
         gxe.ExpectColumnValuesToBeBetween(column="window_len", min_value=1, max_value=max_window),
-        *[gxe.ExpectColumnValuesToBeNull(column=c) for c in df.columns if c.startswith(("history_", "window_len_", "as_of_"))],
+        *[gxe.ExpectColumnValuesToBeNull(column=rule) for rule in broken],
     ])
 
 
@@ -118,7 +118,8 @@ def clusters_gate(clusters: pd.DataFrame, item_ids: pd.Series, user_ids: pd.Seri
     once = (membership["_merge"] == "both") & (membership["assignments"] == 1)
     keys = membership["clustering"].astype(str) + ":" + membership["entity_id"].astype(str)
     summary_frame = pd.DataFrame({"not_assigned_exactly_once": _offenders(keys, once)}).reset_index(drop=True)
-    group_keys = sizes["clustering"].astype(str) + ":" + sizes["group_id"].astype(str) + " (" + sizes["group_size"].astype(str) + ")"
+    group_keys = (sizes["clustering"].astype(str) + ":" + sizes["group_id"].astype(str)
+                  + " (" + sizes["group_size"].astype(str) + ")")
     sizes["group_over_size_bound"] = _offenders(group_keys, sizes["group_size"] <= sizes["max_allowed"])
     gate_group = run_suite("features", "features/clusters#groups", sizes, [
         gxe.ExpectColumnValuesToBeNull(column="group_over_size_bound"),
