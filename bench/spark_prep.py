@@ -27,6 +27,8 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +42,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 from reki_core.config import PROJECT_ROOT, load_config  # noqa: E402
 from reki_core.datasets import movielens, synthetic  # noqa: E402
 from reki_core.prompts import resolve_mode  # noqa: E402
-from reki_core.spark import get_spark  # noqa: E402
+from reki_core.spark import class_archive, get_spark, submit_java_options  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
 from spark_jobs import clusters, ctr_samples, items, user_history  # noqa: E402
 from spark_jobs.common import read_parquet  # noqa: E402
@@ -164,8 +166,52 @@ def bench_ml100k(spark, cfg, workdir: Path) -> dict:
     jobs = HEADLINE_JOBS + ((clusters,) if resolve_mode(cfg, users["user_id"].nunique(), len(item_frame)) == "collective" else ())
     result = full_vs_daily(spark, cfg, lake, days, jobs, repeats=ML100K_REPEATS)
     result["spark_action_floor_s"] = action_floor(spark, lake, days[-1])
+    result["spark_submit"] = submitted_runs(cfg, lake, days)
     result["quiet_day"] = quiet_day(spark, cfg, lake, days, jobs, result["full_seconds"]["total"])
     return result
+
+
+def submitted_runs(cfg, lake, days) -> dict:
+    """Full build against daily run as the DAG runs them: `spark_jobs/features.py` through spark-submit, a new
+    JVM each time, wall time from submit to exit. Each is timed with and without the class archive that
+    `reki setup` builds (the only difference between the two: `-XX:SharedArchiveFile`), alternating, twice;
+    the fastest of each counts."""
+    if not class_archive(cfg).is_file():
+        return {"skipped": f"no class archive at {class_archive(cfg)}: run `reki setup` first"}
+    day, prev, before = days[-1], days[-2], days[-3]
+    options = {"archive": submit_java_options(cfg),
+               "no_archive": submit_java_options(cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"class_archive": False})}))}
+    runs: dict[str, dict[str, list[float]]] = {kind: {"full": [], "daily": []} for kind in options}
+    for _ in range(ML100K_REPEATS):
+        for kind, opts in options.items():
+            shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+            runs[kind]["full"].append(submit_features(cfg, lake, day, opts))
+    shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+    for d in (before, prev):
+        submit_features(cfg, lake, d, options["archive"])
+    for _ in range(ML100K_REPEATS):
+        for kind, opts in options.items():  # a re-run of the day reads the previous day's state again: a daily run
+            runs[kind]["daily"].append(submit_features(cfg, lake, day, opts))
+    best = {kind: {run: min(times) for run, times in r.items()} for kind, r in runs.items()}
+    return {"runs_s": runs, "best_s": best, "java_options": options,
+            "incremental_over_full": round(best["archive"]["daily"] / best["archive"]["full"], 3),
+            "archive_saves": {run: round(1 - best["archive"][run] / best["no_archive"][run], 3) for run in ("full", "daily")}}
+
+
+def submit_features(cfg, lake, day: dt.date, java_options: str) -> float:
+    """Seconds of one `spark-submit spark_jobs/features.py` of `day`, as the DAG's spark_features task runs it."""
+    venv_bin = Path(sys.executable).parent
+    cmd = [str(venv_bin / "spark-submit"), "--master", "local[2]", "--driver-memory", cfg.spark.driver_memory,
+           "--conf", f"spark.sql.shuffle.partitions={cfg.spark.shuffle_partitions}",
+           "--conf", "spark.sql.session.timeZone=UTC", "--conf", f"spark.driver.extraJavaOptions={java_options}",
+           str(PROJECT_ROOT / "spark_jobs/features.py"), "--lake", str(lake.local_path()), "--dt", day.isoformat()]
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable}
+    start = time.perf_counter()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    seconds = round(time.perf_counter() - start, 2)
+    if result.returncode != 0:
+        raise RuntimeError(f"spark-submit features {day} failed:\n{result.stderr[-3000:]}")
+    return seconds
 
 
 def quiet_day(spark, cfg, lake, days, jobs, full_s: float) -> dict:
@@ -272,7 +318,8 @@ def main() -> int:
     print(json.dumps({k: result[k] for k in ("interactions_per_s", "clusters_seconds", "time_ratio_10m_over_1m", "peak_rss_mb",
                                              "ml100k_full_s", "ml100k_incremental_s", "incremental_over_full",
                                              "ml100k_incremental_after_full_s", "ml100k_spark_jobs",
-                                             "ml100k_quiet_day_s", "quiet_day_over_full",
+                                             "ml100k_quiet_day_s", "quiet_day_over_full", "ml100k_submit_full_s",
+                                             "ml100k_submit_incremental_s", "submit_incremental_over_full", "class_archive_saves",
                                              "incremental_over_full_by_size")}))
     return 0
 
@@ -297,10 +344,16 @@ def write_result(result: dict, rss: PeakRss, out: Path) -> None:
                       quiet_day_over_full=result["ml100k"]["quiet_day"]["over_full"],
                       ml100k_spark_jobs={"full": result["ml100k"]["full_seconds"]["spark_jobs"],
                                          "daily": result["ml100k"]["incremental_seconds"]["spark_jobs"]})
+        submitted = result["ml100k"]["spark_submit"]
+        result.update(ml100k_submit_full_s=submitted.get("best_s", {}).get("archive", {}).get("full"),
+                      ml100k_submit_incremental_s=submitted.get("best_s", {}).get("archive", {}).get("daily"),
+                      submit_incremental_over_full=submitted.get("incremental_over_full"),
+                      class_archive_saves=submitted.get("archive_saves"))
     else:
         result.update(ml100k_full_s=None, ml100k_incremental_s=None, incremental_over_full=None,
                       ml100k_quiet_day_s=None, quiet_day_over_full=None,
-                      ml100k_incremental_after_full_s=None, ml100k_spark_jobs=None)
+                      ml100k_incremental_after_full_s=None, ml100k_spark_jobs=None, ml100k_submit_full_s=None,
+                      ml100k_submit_incremental_s=None, submit_incremental_over_full=None, class_archive_saves=None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
 

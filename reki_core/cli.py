@@ -47,9 +47,12 @@ def _print_json(payload) -> None:
 @main.command()
 @click.pass_context
 def setup(ctx: click.Context) -> None:
-    """Obtain MovieLens-100K, generate local credentials, build the smoke model (idempotent)."""
+    """Obtain MovieLens-100K, generate local credentials, build the smoke model and the JVM class archive
+    of spark-submitted jobs (idempotent)."""
     from reki_core.datasets import movielens
+    from reki_core.llm.smoke_model import ensure_smoke_model
     from reki_core.localstack import ensure_credentials
+    from reki_core.spark import ensure_class_archive
 
     cfg = _config(ctx)
     t = time.perf_counter()
@@ -57,13 +60,13 @@ def setup(ctx: click.Context) -> None:
     console.print(f"[green]MovieLens-100K[/] ready in {folder} ({time.perf_counter() - t:.1f}s)")
     ensure_credentials(cfg.state_dir)
     console.print(f"[green]credentials[/] in {cfg.state_dir / 'secrets'} (mode 0600)")
-    try:
-        from reki_core.llm.smoke_model import ensure_smoke_model
-    except ImportError:
-        console.print("[yellow]smoke model builder not available in this version[/]")
-    else:
-        path = ensure_smoke_model(cfg.resolve(cfg.llm.engine.model_path))
-        console.print(f"[green]smoke model[/] in {path} (meaningless text: proves the plumbing only)")
+    path = ensure_smoke_model(cfg.resolve(cfg.llm.engine.model_path))
+    console.print(f"[green]smoke model[/] in {path} (meaningless text: proves the plumbing only)")
+    if cfg.spark.class_archive:
+        t = time.perf_counter()
+        archive, built = ensure_class_archive(cfg)
+        console.print(f"[green]JVM class archive[/] for spark-submit in {archive} "
+                      f"({f'built in {time.perf_counter() - t:.0f}s' if built else 'up to date'})")
 
 
 @main.group()

@@ -133,6 +133,11 @@ class SparkConfig(_Strict):
     user_buckets: int = 32
     # JVM options of spark-submitted jobs; short daily jobs start faster with JIT tier 1 and the serial GC.
     driver_java_options: str = ""
+    # Spark's classes, archived once by `reki setup` (JDK class data sharing): every spark-submit maps them
+    # instead of loading and verifying them again.
+    class_archive: bool = True
+    # Log configuration of spark-submitted drivers (Spark logs every task at INFO otherwise).
+    log_config: Path | None = Path("conf/spark-log4j2.properties")
 
 
 class LLMEngineConfig(_Strict):

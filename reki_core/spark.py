@@ -1,4 +1,5 @@
-"""The one SparkSession factory, shared by the Spark jobs, the benchmark and the tests.
+"""The one SparkSession factory, shared by the Spark jobs, the benchmark and the tests, and the driver JVM
+options of spark-submitted jobs (with the class archive that `reki setup` builds for them).
 
 pyspark is imported inside the function: `reki_core` modules stay importable at DAG-parse time.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reki_core.config import Config
@@ -42,3 +44,74 @@ def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSe
         .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "4096")
         .getOrCreate()
     )
+
+
+CLASS_ARCHIVE = "jvm/spark-classes.jsa"
+
+
+def class_archive(cfg: Config) -> Path:
+    """Where `reki setup` keeps the JVM class archive of spark-submitted jobs."""
+    return cfg.state_dir / CLASS_ARCHIVE
+
+
+def submit_java_options(cfg: Config) -> str:
+    """Driver JVM options of spark-submitted jobs: the configured ones, the log configuration, and the class
+    archive once set-up has built it (a JVM that cannot use an archive warns and loads the classes itself)."""
+    options = cfg.spark.driver_java_options.split()
+    if cfg.spark.log_config is not None:
+        options.append(f"-Dlog4j2.configurationFile={cfg.resolve(cfg.spark.log_config).as_uri()}")
+    archive = class_archive(cfg)
+    if cfg.spark.class_archive and archive.is_file():
+        options.append(f"-XX:SharedArchiveFile={archive}")
+    return " ".join(options)
+
+
+def _archive_fingerprint() -> str:
+    """What an archive is only valid for: this JVM build and the exact Spark jars on the class path."""
+    import hashlib
+    import subprocess
+
+    import pyspark
+
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True, check=True).stderr
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("*.jar"))
+    listing = "\n".join(f"{j.name} {j.stat().st_size} {j.stat().st_mtime_ns}" for j in jars)
+    return hashlib.sha256(f"{java}\n{listing}".encode()).hexdigest()
+
+
+def ensure_class_archive(cfg: Config, timeout_s: int = 900) -> tuple[Path, bool]:
+    """Build the class archive of spark-submitted jobs unless one matches this JVM and these jars.
+
+    A training run (`infra/spark_class_archive.py`, every feature job on a small synthetic lake) is submitted
+    with `-XX:ArchiveClassesAtExit`: the JVM writes every class it loaded. Later submits map that archive,
+    which saves a few seconds of each job's start. Returns (path, whether it was built now).
+    """
+    import shutil
+    import subprocess
+
+    from reki_core.config import PROJECT_ROOT
+
+    archive = class_archive(cfg)
+    stamp = archive.with_suffix(".fingerprint")
+    fingerprint = _archive_fingerprint()
+    if archive.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+        return archive, False
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    venv_bin = Path(sys.executable).parent
+    options = " ".join([*cfg.spark.driver_java_options.split(), f"-XX:ArchiveClassesAtExit={partial}"])
+    cmd = [str(venv_bin / "spark-submit"), "--master", cfg.spark.master, "--driver-memory", cfg.spark.driver_memory,
+           "--conf", f"spark.driver.extraJavaOptions={options}",
+           str(PROJECT_ROOT / "infra/spark_class_archive.py")]
+    # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if result.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"building the JVM class archive {archive} failed (exit {result.returncode}):\n"
+                           f"{result.stderr[-3000:]}")
+    shutil.move(partial, archive)  # a submit never maps a half-written archive
+    stamp.write_text(fingerprint)
+    return archive, True
