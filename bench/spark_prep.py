@@ -15,7 +15,10 @@ is recorded too (`ml100k_incremental_after_full_s`). The same comparison runs on
 `--daily-sizes` (1M by default), where the data, not Spark's fixed cost per action, sets the time. Each run
 counts its Spark jobs, and the least a Spark action costs here is measured too: together they show where
 the ML-100K time goes. A quiet day (no interactions, unchanged snapshots) gives the daily run's floor at
-ML-100K (`ml100k_quiet_day_s`): what the jobs cost with nothing to recompute.
+ML-100K (`ml100k_quiet_day_s`): what the jobs cost with nothing to recompute. All of that is timed in one warm
+Spark session; the DAG instead starts a JVM per spark-submit, so the ML-100K full build and daily run are
+also timed through spark-submit, with and without the class archive of `reki setup`
+(`ml100k_submit_full_s`, `ml100k_submit_incremental_s`, `class_archive_saves`).
 
     .venv/bin/python bench/spark_prep.py [--sizes 1000000,3000000,10000000] [--daily-sizes 1000000] [--out ...]
 """
