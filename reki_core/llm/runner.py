@@ -367,7 +367,6 @@ def run_shard_in_process_or_venv(cfg: Config, day: str | dt.date, shard_id: int)
     """What a mapped DAG task calls: in-process, or with `llm.engine.python` (the GPU venv) when it is set."""
     import json
     import os
-    import subprocess
 
     from reki_core.config import PROJECT_ROOT
 
@@ -377,11 +376,53 @@ def run_shard_in_process_or_venv(cfg: Config, day: str | dt.date, shard_id: int)
     cmd = [python, "-m", "reki_core.llm.extract_shard", "--config", str(cfg.source_file), "--dt", _day(day),
            "--shard", str(shard_id)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"extraction shard {shard_id} failed in {python} (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_child(cmd, PROJECT_ROOT, env, f"extraction shard {shard_id} in {python}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_child(cmd: list[str], cwd, env: dict[str, str], what: str) -> str:
+    """Run `cmd` in a process group of its own and return its stdout; its stderr (progress, engine logs) goes
+    on to this task's log line by line, as it comes.
+
+    Whatever stops the wait (Airflow's execution_timeout, a task killed from the UI) takes the whole group
+    down, and so does the end of the run: vLLM starts engine processes of its own, and one left behind would
+    keep holding the GPU's memory.
+    """
+    import collections
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    stdout: list[str] = []
+
+    def forward_stderr() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line)
+
+    readers = [threading.Thread(target=forward_stderr, daemon=True),
+               threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        code = proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child, if still running, and anything it started
+        except ProcessLookupError:
+            pass  # the group is gone: nothing left behind
+        proc.wait()
+    for reader in readers:  # the pipes close once the group is gone; what was written before is still read
+        reader.join(timeout=30)
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit {code}):\n{''.join(tail)[-4000:]}")
+    return stdout[0] if stdout else ""
 
 
 # ---------------------------------------------------------------- assignment
