@@ -19,7 +19,18 @@ init() {
   airflow pools list -o plain 2>/dev/null | grep -q '^gpu' || airflow pools set gpu 1 "LLM extraction (GPU) workers" > /dev/null
 }
 
-alive() { [ -f "$PIDS/airflow-$1.pid" ] && kill -0 -- "-$(cat "$PIDS/airflow-$1.pid")" 2>/dev/null; }
+# A PID file holds the supervisor's PID (= its process group) and when it started (/proc/PID/stat field 22):
+# after a reboot the same number may belong to another process, which must never be signalled as ours.
+start_ticks() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0; s=${s##*) }; set -- $s; echo "${20}"; }
+pid_of() { local pid _; read -r pid _ < "$PIDS/airflow-$1.pid"; echo "$pid"; }
+# Ours while the group lives and its leader is either the process we started or gone (its group, still
+# alive, keeps the number from being reused).
+alive() {
+  local f="$PIDS/airflow-$1.pid" pid start now; [ -f "$f" ] || return 1
+  read -r pid start < "$f" || [ -n "${pid:-}" ] || return 1
+  kill -0 -- "-$pid" 2>/dev/null || return 1
+  now=$(start_ticks "$pid"); [ -z "$now" ] || [ -z "${start:-}" ] || [ "$now" = "$start" ]
+}
 # The venv's python, not curl: only Python and Java are required on the machine.
 api_healthy() { python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
   "$AIRFLOW__API__BASE_URL/api/v2/monitor/health" >/dev/null 2>&1; }
@@ -27,18 +38,18 @@ api_healthy() { python -c 'import sys, urllib.request; urllib.request.urlopen(sy
 start() {
   init
   for c in "${COMPONENTS[@]}"; do
-    if alive "$c"; then echo "airflow $c already running (pid $(cat "$PIDS/airflow-$c.pid"))"; continue; fi
+    if alive "$c"; then echo "airflow $c already running (pid $(pid_of "$c"))"; continue; fi
     # Supervised like a systemd unit with Restart=always: the scheduler exits on an unhandled error (e.g. a
     # run deleted under it by a rolled-back backfill create); it comes back in seconds and resumes its runs.
     # The scheduler starts with the tasks' libraries imported (reki_airflow/scheduler.py): tasks fork from it.
     cmd=(airflow "$c"); if [ "$c" = scheduler ]; then cmd=(python -m reki_airflow.scheduler); fi
     setsid bash -c 'while :; do "${@:2}"; echo "[reki] airflow $1 exited with $?; restarting in 5 s" >&2; sleep 5; done' \
       supervise "$c" "${cmd[@]}" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
-    echo $! > "$PIDS/airflow-$c.pid"
+    echo "$! $(start_ticks $!)" > "$PIDS/airflow-$c.pid"
     if [ "$c" = api-server ]; then  # the other components talk to the API server: wait for it first
       for _ in $(seq 1 90); do api_healthy && break; sleep 1; done
       if ! api_healthy; then  # stop its restart loop too: a later start must not find it "already running"
-        kill -TERM -- "-$(cat "$PIDS/airflow-$c.pid")" 2>/dev/null || true; rm -f "$PIDS/airflow-$c.pid"
+        kill -TERM -- "-$(pid_of "$c")" 2>/dev/null || true; rm -f "$PIDS/airflow-$c.pid"
         echo "api-server did not come up (port taken?); see $LOGS/airflow-api-server.log"; exit 1
       fi
     fi
@@ -52,8 +63,8 @@ start() {
 stop() {
   for c in "${COMPONENTS[@]}"; do
     f="$PIDS/airflow-$c.pid"; [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    if kill -0 -- "-$pid" 2>/dev/null; then
+    pid=$(pid_of "$c")
+    if alive "$c"; then
       # The whole group: the supervisor exits at once, the component and its workers may take a while.
       kill -TERM -- "-$pid" 2>/dev/null || true
       for _ in $(seq 1 30); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done

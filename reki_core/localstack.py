@@ -117,6 +117,15 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), or None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the command name: field 3 onwards
+
+
 class SeaweedFS:
     """Start/stop one SeaweedFS `mini` server whose data and PID live under `<state>/seaweedfs`."""
 
@@ -131,12 +140,17 @@ class SeaweedFS:
         self._proc: subprocess.Popen | None = None
 
     def pid(self) -> int | None:
+        """The server's PID, or None. The file also records when that process started: after a reboot the
+        same number may belong to another process, which must never be signalled as ours."""
         try:
-            pid = int(self.pid_file.read_text().strip())
-            os.kill(pid, 0)
-            return pid
+            pid, *started = self.pid_file.read_text().split()
+            os.kill(int(pid), 0)
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return None
+        now = process_start(int(pid))
+        if started and now is not None and now != started[0]:
+            return None
+        return int(pid)
 
     def running(self) -> bool:
         return self.pid() is not None and _port_open(self.host, self.port)
@@ -165,7 +179,7 @@ class SeaweedFS:
         with self.log_file.open("ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._proc = proc
-        self.pid_file.write_text(str(proc.pid))
+        self.pid_file.write_text(f"{proc.pid} {process_start(proc.pid) or ''}".strip())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:

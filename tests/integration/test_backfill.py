@@ -146,7 +146,7 @@ def _scheduler_pid(tmp) -> int | None:
     """The `airflow scheduler` process under its supervisor (the pid file holds the supervisor's)."""
     import psutil
 
-    supervisor = psutil.Process(int((tmp / "pids" / "airflow-scheduler.pid").read_text()))
+    supervisor = psutil.Process(int((tmp / "pids" / "airflow-scheduler.pid").read_text().split()[0]))
     for child in supervisor.children():
         try:
             if child.status() != psutil.STATUS_ZOMBIE and "scheduler" in " ".join(child.cmdline()):
