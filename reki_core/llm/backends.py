@@ -157,7 +157,8 @@ class _TokenizerPrompts:
 
 
 class TransformersBackend(_TokenizerPrompts, Backend):
-    """Hugging Face generation, batched with left padding; greedy at temperature 0, seeded sampling otherwise."""
+    """Hugging Face generation, batched with left padding at temperature 0 (greedy); above it, seeded sampling
+    one prompt at a time, so each prompt's answer is reproducible whatever else the shard holds."""
 
     name = "transformers"
 
@@ -188,7 +189,10 @@ class TransformersBackend(_TokenizerPrompts, Backend):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results: list[GenerationResult] = []
-        size = max(1, self.engine.batch_size)
+        # Sampling draws from one generator for the whole batch, so a prompt's sample would depend on its batch
+        # neighbours (a resumed shard batches differently): sampled prompts run one by one, each seeded, as
+        # vLLM seeds each request. Greedy decoding (the default) does not depend on them and is batched.
+        size = 1 if self.sampling.temperature > 0 else max(1, self.engine.batch_size)
         for start in range(0, len(requests), size):
             results.extend(self.isolating_failures(self._generate_batch, list(requests[start : start + size])))
         return results

@@ -63,6 +63,23 @@ def test_transformers_batched_keeps_order_and_matches_one_at_a_time(smoke_backen
     assert smoke_backend.generate(REQUESTS[:2])[0].text == batched[0].text  # deterministic
 
 
+def test_transformers_sampling_gives_a_prompt_the_same_answer_whatever_its_batch(tmp_path):
+    """At temperature > 0 a resumed shard (other prompts around it) still reproduces each prompt's answer."""
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path, REKI__LLM__ENGINE__BATCH_SIZE="3", REKI__LLM__SAMPLING__TEMPERATURE="1.5",
+                      REKI__LLM__SAMPLING__MAX_TOKENS="12")
+    backend = make_backend(cfg)
+    whole = backend.generate(REQUESTS)
+    resumed = backend.generate(REQUESTS[1:])  # the shard's tail, after a kill: batched differently
+    assert [r.text for r in resumed] == [r.text for r in whole[1:]]
+    assert backend.generate([REQUESTS[4], REQUESTS[0]])[0].text == whole[4].text
+    other_seed = make_backend(tiny_config(tmp_path / "b", REKI__LLM__SAMPLING__TEMPERATURE="1.5",
+                                          REKI__LLM__SAMPLING__MAX_TOKENS="12", REKI__LLM__SAMPLING__SEED="7"))
+    assert [r.text for r in other_seed.generate(REQUESTS)] != [r.text for r in whole]  # it does sample
+
+
 def test_transformers_truncation_fits_the_budget_and_keeps_both_ends(smoke_backend):
     text = "START " + "middle words " * 600 + "the instruction at the END"
     cut = smoke_backend.truncate_prompt(text, 120)
