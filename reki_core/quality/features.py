@@ -19,7 +19,7 @@ import pandas as pd
 from reki_core.config import Config
 from reki_core.prompts import resolve_mode
 from reki_core.quality.data_docs import keep_validations
-from reki_core.quality.gx import GateResult, raise_if_any_failed, run_suite
+from reki_core.quality.gx import GateResult, offenders, raise_if_any_failed, run_suite
 from reki_core.runlog import record_step
 from reki_core.storage.lake import Lake, as_date
 
@@ -43,12 +43,6 @@ def items_gate(items: pd.DataFrame) -> GateResult:
     ])
 
 
-def _offenders(ids: pd.Series, ok) -> pd.Series:
-    """`ids` where a row breaks a rule, null where it keeps it: a failing `ExpectColumnValuesToBeNull` then
-    names the rows (a true/false column would only say "False")."""
-    return ids.astype(str).astype(object).mask(np.asarray(ok, dtype=bool), None)
-
-
 def window_sizes_by_rule(window_n: pd.Series, cfg: Config) -> pd.Series:
     """The knowledge window's length the scenario's rule gives a user who had `window_n` interactions."""
     s = cfg.scenario
@@ -67,10 +61,10 @@ def user_history_gate(history: pd.DataFrame, cfg: Config) -> GateResult:
     window_len = history["window"].map(len)
     # One column per rule, holding the user_id of each row that breaks it.
     broken = {
-        "history_not_in_time_order": _offenders(ids, history["history"].map(_is_time_ordered)),
-        "history_len_not_n_interactions": _offenders(ids, history["history"].map(len) == history["n_interactions"]),
-        "window_len_not_by_rule": _offenders(ids, window_len == window_sizes_by_rule(history["window_n"], cfg)),
-        "as_of_not_last_window_ts": _offenders(
+        "history_not_in_time_order": offenders(ids, history["history"].map(_is_time_ordered)),
+        "history_len_not_n_interactions": offenders(ids, history["history"].map(len) == history["n_interactions"]),
+        "window_len_not_by_rule": offenders(ids, window_len == window_sizes_by_rule(history["window_n"], cfg)),
+        "as_of_not_last_window_ts": offenders(
             ids, [len(w) > 0 and w[-1]["ts"] == a for w, a in zip(history["window"], history["as_of"])]),
     }
     df = pd.DataFrame({"user_id": ids, "window_len": window_len, **broken})
@@ -117,10 +111,10 @@ def clusters_gate(clusters: pd.DataFrame, item_ids: pd.Series, user_ids: pd.Seri
     # Unassigned entities and assignments of unknown entities both fail, named "clustering:entity_id".
     once = (membership["_merge"] == "both") & (membership["assignments"] == 1)
     keys = membership["clustering"].astype(str) + ":" + membership["entity_id"].astype(str)
-    summary_frame = pd.DataFrame({"not_assigned_exactly_once": _offenders(keys, once)}).reset_index(drop=True)
+    summary_frame = pd.DataFrame({"not_assigned_exactly_once": offenders(keys, once)}).reset_index(drop=True)
     group_keys = (sizes["clustering"].astype(str) + ":" + sizes["group_id"].astype(str)
                   + " (" + sizes["group_size"].astype(str) + ")")
-    sizes["group_over_size_bound"] = _offenders(group_keys, sizes["group_size"] <= sizes["max_allowed"])
+    sizes["group_over_size_bound"] = offenders(group_keys, sizes["group_size"] <= sizes["max_allowed"])
     gate_group = run_suite("features", "features/clusters#groups", sizes, [
         gxe.ExpectColumnValuesToBeNull(column="group_over_size_bound"),
         gxe.ExpectColumnDistinctValuesToContainSet(column="clustering", value_set=list(CLUSTERINGS)),

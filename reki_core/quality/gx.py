@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -161,6 +162,12 @@ def _json_safe(value: Any) -> Any:
         return value.item()  # numpy scalars
     except AttributeError:
         return str(value)
+
+
+def offenders(ids: pd.Series, ok) -> pd.Series:
+    """`ids` where a row breaks a rule, null where it keeps it: a failing `ExpectColumnValuesToBeNull` then
+    names the rows (a true/false column would only say "False")."""
+    return ids.astype(str).astype(object).mask(np.asarray(ok, dtype=bool), None)
 
 
 def safe_name(text: str) -> str:

@@ -1,8 +1,10 @@
 """The gate before publishing: the augmented vectors of a date are complete, unique and finite.
 
-Every user of `features/user_history` and every item of `features/items` (all but a share of at most
-`llm.max_failure_rate`, whose LLM call failed and which serve the fallback) must have exactly one
-vector of the adaptor's tower dimension with only finite values, all from one model version.
+Every user of `features/user_history` and every item of `features/items` must have exactly one vector of
+the adaptor's tower dimension with only finite values, all from one model version. The only entities
+allowed to go without are those whose LLM call failed with no earlier knowledge to fall back on (absent
+from `knowledge/assigned/dt=D`); they serve the consumer's fallback, and at most `llm.max_failure_rate`
+of all may. A vector missing for any other reason is a bug between encoding and publishing.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ import pandas as pd
 
 from reki_core.config import Config
 from reki_core.quality.data_docs import keep_validations
-from reki_core.quality.gx import run_suite
+from reki_core.quality.gx import offenders, run_suite
 from reki_core.runlog import record_step
 from reki_core.storage.lake import Lake, as_date
 
 AUGMENTED = "vectors/augmented"
+ASSIGNED = "knowledge/assigned"
 
 
-def vectors_frame(vectors: pd.DataFrame, user_ids: pd.Series, item_ids: pd.Series) -> pd.DataFrame:
-    """One row per expected or present entity, with the facts the suite expects."""
+def vectors_frame(vectors: pd.DataFrame, user_ids: pd.Series, item_ids: pd.Series, assigned: pd.DataFrame) -> pd.DataFrame:
+    """One row per expected or present entity, with the facts the suite expects (`assigned`: the day's
+    knowledge/assigned rows, entity_kind and entity_id)."""
     present = vectors.assign(
         key=vectors["entity_kind"].astype(str) + ":" + vectors["entity_id"].astype(str),
         dim=vectors["vector"].map(len),
@@ -33,6 +37,8 @@ def vectors_frame(vectors: pd.DataFrame, user_ids: pd.Series, item_ids: pd.Serie
     merged = expected.merge(present, on="key", how="outer", indicator=True)
     merged["has_vector"] = merged["_merge"] != "left_only"
     merged["expected"] = merged["_merge"] != "right_only"
+    with_knowledge = set(assigned["entity_kind"].astype(str) + ":" + assigned["entity_id"].astype(str))
+    merged["lost_vector"] = offenders(merged["key"], merged["has_vector"] | ~merged["key"].isin(with_knowledge))
     return merged.drop(columns="_merge")
 
 
@@ -44,11 +50,14 @@ def gate_vectors(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> d
     lake = lake or Lake(cfg.lake_uri)
     frame = vectors_frame(lake.read_partition(AUGMENTED, day),
                           lake.read_partition("features/user_history", day, columns=["user_id"])["user_id"],
-                          lake.read_partition("features/items", day, columns=["item_id"])["item_id"])
+                          lake.read_partition("features/items", day, columns=["item_id"])["item_id"],
+                          lake.read_partition(ASSIGNED, day, columns=["entity_kind", "entity_id"]))
     result = run_suite("vectors", f"{AUGMENTED}/dt={day}", frame, [
         gxe.ExpectColumnValuesToBeUnique(column="key"),
-        # Entities whose LLM call failed (tolerated up to llm.max_failure_rate) get the consumer's fallback.
+        # Entities whose LLM call failed (tolerated up to llm.max_failure_rate) get the consumer's fallback;
+        # any other entity without a vector was lost on the way.
         gxe.ExpectColumnValuesToBeInSet(column="has_vector", value_set=[True], mostly=1 - cfg.llm.max_failure_rate),
+        gxe.ExpectColumnValuesToBeNull(column="lost_vector"),
         gxe.ExpectColumnValuesToBeInSet(column="expected", value_set=[True]),
         gxe.ExpectColumnValuesToBeInSet(column="dim", value_set=[cfg.model.expert_output_dim]),
         gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),

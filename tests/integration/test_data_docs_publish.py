@@ -41,6 +41,8 @@ def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_man
         "entity_kind": ["user"] * 2 + ["item"] * 3, "entity_id": users + items,
         "vector": [np.full(cfg.model.expert_output_dim, 0.1, dtype=np.float32) for _ in range(5)],
         "model_version": MODEL}), "vectors/augmented", DAY)
+    lake.write_partition(pd.DataFrame({"entity_kind": ["user"] * 2 + ["item"] * 3, "entity_id": users + items}),
+                         "knowledge/assigned", DAY)
     registry = lake.local_path(f"models/registry/{MODEL}")
     registry.mkdir(parents=True)
     (registry / "adaptor.pt").write_bytes(b"adaptor-state")

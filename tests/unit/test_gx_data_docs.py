@@ -45,6 +45,8 @@ def seed_vectors(lake, dim: int) -> None:
     lake.write_partition(pd.DataFrame({"entity_kind": [k for k, _ in rows], "entity_id": [e for _, e in rows],
                                        "vector": [np.full(dim, 0.5).tolist() for _ in rows], "model_version": "m1"}),
                          "vectors/augmented", DAY)
+    lake.write_partition(pd.DataFrame({"entity_kind": [k for k, _ in rows], "entity_id": [e for _, e in rows]}),
+                         "knowledge/assigned", DAY)
 
 
 def pages(site: Path) -> dict[str, str]:
