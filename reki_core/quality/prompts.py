@@ -3,7 +3,8 @@
 Rules:
 - `prompt_id` unique, one prompt per (entity_kind, entity_id), known kinds;
 - non-empty text, users carry their `history_text`, `prompt_hash` is the sha256 of version + text;
-- `est_tokens` within the LLM's budget (`max_model_len - max_tokens`);
+- every text within the LLM's budget (`max_model_len - max_tokens`), counted again here with the engine's
+  tokenizer: a prompt carried over from an earlier day was counted then, maybe for another model;
 - every dirty entity (user with `needs_refresh`, new or changed item) has a prompt, and in
   collective mode every group in use has one (`missing_dirty_entity`, `missing_group` list them).
 """
@@ -39,7 +40,7 @@ def prompts_expectations(budget: int) -> list:
         gxe.ExpectColumnValuesToMatchRegex(column="prompt_hash", regex=r"^[0-9a-f]{64}$"),
         gxe.ExpectColumnValuesToBeInSet(column="prompt_hash_matches_text", value_set=[True]),
         gxe.ExpectColumnValuesToNotBeNull(column="as_of"),
-        gxe.ExpectColumnValuesToBeBetween(column="est_tokens", min_value=1, max_value=budget),
+        gxe.ExpectColumnValuesToBeBetween(column="tokens", min_value=1, max_value=budget),
     ]
 
 
@@ -69,12 +70,14 @@ def coverage_frame(prompts: pd.DataFrame, expected: dict[str, set[str]]) -> pd.D
                         dtype=object)
 
 
-def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: int,
+def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: int, count_tokens,
                   dataset: str = "prompts") -> GateResult:
-    """Run the gate on a prompts frame; `expected` maps entity kind -> ids that must have a prompt."""
+    """Run the gate on a prompts frame; `expected` maps entity kind -> ids that must have a prompt;
+    `count_tokens(text)`: the engine's count of a prompt (`reki_core.prompts.make_token_counter`)."""
     from reki_core.prompts import prompt_hash
 
     checked = prompts.copy()
+    checked["tokens"] = [count_tokens(t) if isinstance(t, str) else 0 for t in checked["text"]]
     checked["prompt_hash_matches_text"] = [
         prompt_hash(v, t) == h if isinstance(t, str) else False
         for v, t, h in zip(checked["template_version"], checked["text"], checked["prompt_hash"])
@@ -87,7 +90,7 @@ def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: 
 
 def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> GateResult:
     """The gate on `prompts/dt=D/` against the day's features; raises `GateError` listing the failures."""
-    from reki_core.prompts import DATASET, expected_prompt_keys, load_inputs, token_budget
+    from reki_core.prompts import DATASET, expected_prompt_keys, load_inputs, make_token_counter, token_budget
 
     lake = lake or Lake(cfg.lake_uri)
     day = as_date(dt)
@@ -95,6 +98,6 @@ def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> Ga
     has_groups = prompts["entity_kind"].str.endswith("_group").any()
     inputs, mode = load_inputs(cfg, lake, day, mode="collective" if has_groups else None)
     result = check_prompts(prompts, expected_prompt_keys(cfg, inputs, mode), token_budget(cfg),
-                           dataset=f"{DATASET}/dt={day.isoformat()}")
+                           make_token_counter(cfg), dataset=f"{DATASET}/dt={day.isoformat()}")
     keep_validations(lake, day, "prompts_gate", [result])
     return result.raise_if_failed()

@@ -439,7 +439,7 @@ def good(cfg):
 
 
 def failing(frame, expected, budget=BUDGET):
-    result = check_prompts(frame, expected, budget)
+    result = check_prompts(frame, expected, budget, chars)
     with pytest.raises(GateError) as err:
         result.raise_if_failed()
     return result, str(err.value)
@@ -447,7 +447,7 @@ def failing(frame, expected, budget=BUDGET):
 
 def test_good_prompts_pass(good):
     frame, expected = good
-    result = check_prompts(frame, expected, BUDGET)
+    result = check_prompts(frame, expected, BUDGET, chars)
     assert result.success, result.summary()
     assert len(result.outcomes) == 13
 
@@ -488,8 +488,17 @@ def test_user_without_history_text_fails(good):
 def test_prompt_over_the_token_budget_fails(good):
     frame, expected = good
     result, message = failing(frame, expected, budget=int(frame["est_tokens"].max()) - 1)
-    assert [o.column for o in result.failed] == ["est_tokens"]
-    assert "expect_column_values_to_be_between column 'est_tokens'" in message
+    assert [o.column for o in result.failed] == ["tokens"]
+    assert "expect_column_values_to_be_between column 'tokens'" in message
+
+
+def test_token_budget_is_checked_on_a_recount_not_on_the_builders_estimate(good):
+    """A prompt carried over from a day with another tokenizer (or a builder bug) cannot slip past the budget."""
+    frame, expected = good
+    stale = frame.assign(est_tokens=1)
+    result, _ = failing(stale, expected, budget=int(frame["est_tokens"].max()) - 1)
+    assert [o.column for o in result.failed] == ["tokens"]
+    assert check_prompts(frame, expected, BUDGET, chars).success
 
 
 def test_missing_dirty_entity_and_missing_group_fail(good):
