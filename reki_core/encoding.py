@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reki_core.config import Config
+from reki_core.fingerprint import folder_fingerprint
 from reki_core.runlog import timed_step
 from reki_core.storage.lake import Lake, as_date
 
@@ -37,17 +38,6 @@ class EncodingError(ValueError):
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """sha256 over the names and contents of every file in a model folder (weights, config, tokenizer)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}\0{path.stat().st_size}\0".encode())
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _resolve_encoder_folder(cfg: Config) -> tuple[Path, str]:

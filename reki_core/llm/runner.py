@@ -27,6 +27,7 @@ import pandas as pd
 
 from reki_core.config import Config
 from reki_core.llm.store import (
+    check_model_weights,
     known_prompt_hashes,
     read_answers,
     sampling_version,
@@ -160,6 +161,7 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
     recovered = _recover_checkpoints(cfg, lake, day)
     prompts, mode = extraction_prompts(cfg, day, lake)
     model_id, sv = _model_keys(cfg)
+    weights = check_model_weights(cfg, lake)  # before any cached answer is trusted
     known = known_prompt_hashes(lake, model_id, sv)
     pending = prompts[~prompts["prompt_hash"].isin(known)]["prompt_hash"].tolist()
     size = max(1, cfg.llm.shard_size, math.ceil(len(pending) / cfg.llm.max_shards))
@@ -170,7 +172,7 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
     shards = [{"shard_id": s, "n_prompts": min(size, len(pending) - s * size), "plan_id": plan_id}
               for s in range(math.ceil(len(pending) / size))]
     lake.write_json(f"{PLAN}/dt={_day(day)}/_plan.json", {
-        "plan_id": plan_id, "mode": mode, "model_id": model_id, "sampling_version": sv,
+        "plan_id": plan_id, "mode": mode, "model_id": model_id, "sampling_version": sv, "weights_fingerprint": weights,
         "n_prompts": len(prompts), "n_pending": len(pending), "cache_hits": len(prompts) - len(pending),
         "shards": shards,
     })

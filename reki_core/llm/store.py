@@ -69,10 +69,55 @@ STORE_COLUMNS = ["prompt_hash", "model_id", "sampling_version", "text", "prompt_
                  "finish_reason", "created_dt", "truncated_prompt"]
 
 
+def _model_id_folder(model_id: str) -> str:
+    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+    return f"{STORE_DATASET}/model_id={safe_model}"
+
+
 def _model_folder(model_id: str, sampling_version: str) -> str:
     # One folder per model and sampling version keeps reads of one model cheap as the store grows.
-    safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
-    return f"{STORE_DATASET}/model_id={safe_model}/sampling_version={sampling_version}"
+    return f"{_model_id_folder(model_id)}/sampling_version={sampling_version}"
+
+
+# ---------------------------------------------------------------- the weights behind a model_id
+
+WEIGHTS_RECORD = "_weights.json"
+WEIGHTS_SAMPLE_BYTES = 1 << 20
+
+
+class ModelIdentityError(RuntimeError):
+    """`llm.engine.model_id` names other weights than those its cached answers came from."""
+
+
+def check_model_weights(cfg: Config, lake: Lake) -> str | None:
+    """The fingerprint of the configured LLM's weights, checked against the one recorded for its `model_id`.
+
+    Answers are cached under `model_id`, so new weights under an old id would silently reuse the old
+    answers: the first plan of an id records its weights' fingerprint (sampled: `folder_fingerprint`), and
+    a later plan whose weights differ stops, naming both. None where the weights are not a local folder
+    (an OpenAI-compatible API, a hub id): the id is all there is to go by.
+    """
+    import datetime as dt
+
+    from reki_core.fingerprint import folder_fingerprint
+
+    folder = cfg.resolve(cfg.llm.engine.model_path)
+    if cfg.llm.backend == "openai" or not folder.is_dir():
+        return None
+    fingerprint = folder_fingerprint(folder, WEIGHTS_SAMPLE_BYTES)
+    model_id = cfg.llm.engine.model_id
+    relpath = f"{_model_id_folder(model_id)}/{WEIGHTS_RECORD}"
+    record = lake.read_json(relpath)
+    if record is None:
+        lake.write_json(relpath, {"model_id": model_id, "fingerprint": fingerprint, "model_path": str(folder),
+                                  "recorded_at": dt.datetime.now(dt.UTC).isoformat()})
+    elif record["fingerprint"] != fingerprint:
+        raise ModelIdentityError(
+            f"llm.engine.model_id {model_id!r} already names other weights: answers were cached under it for "
+            f"{record['model_path']} (fingerprint {record['fingerprint'][:12]}, recorded {record['recorded_at']}), "
+            f"but {folder} now has fingerprint {fingerprint[:12]}. Give these weights a model_id of their own "
+            f"(the knowledge cache is keyed by it), or put the old weights back ({lake.uri_of(lake.dataset_path(relpath))}).")
+    return fingerprint
 
 
 def store_table(rows):

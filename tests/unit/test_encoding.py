@@ -118,7 +118,7 @@ def test_a_folder_that_is_not_an_encoder_is_a_clear_error(tmp_path):
 
 def test_an_encoder_folder_rewritten_in_place_gets_another_fingerprint(tmp_path):
     """Weights of the same name and size with other contents (a fine-tune saved in place): another id."""
-    from reki_core.encoding import folder_fingerprint
+    from reki_core.fingerprint import folder_fingerprint
 
     folder = tmp_path / "my-encoder"
     folder.mkdir()

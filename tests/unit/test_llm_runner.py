@@ -248,3 +248,28 @@ def test_shard_batches_prompts_of_similar_length(tmp_path):
     # Short and long prompts alternate in hash order; sent shortest first, no batch mixes them.
     assert sent_lengths == sorted(sent_lengths)
     assert sorted(backend.requests) == sorted(text_of)
+
+
+def test_new_weights_under_an_old_model_id_stop_the_plan_instead_of_reusing_its_answers(tmp_path):
+    """The cache is keyed by llm.engine.model_id: weights changed in place under the same id are caught."""
+    from reki_core.llm.store import ModelIdentityError
+
+    weights = tmp_path / "my-llm"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"model_type": "llama"}')
+    (weights / "model.safetensors").write_bytes(bytes(range(256)) * 16384)  # 4 MiB: fingerprinted by samples
+    cfg = tiny_config(tmp_path, REKI__LLM__ENGINE__MODEL_PATH=str(weights), REKI__LLM__ENGINE__MODEL_ID="my-llm-v1")
+    lake = Lake(cfg.lake_uri)
+    write_prompts(lake, DAY, individual_prompts(3, 2))
+    _run_all(cfg, DAY, ScriptedBackend(cfg))
+    assert runner.read_plan(cfg, DAY)["weights_fingerprint"]
+
+    (weights / "model.safetensors").write_bytes(bytes(reversed(range(256))) * 16384)  # fine-tuned, saved in place
+    with pytest.raises(ModelIdentityError, match=r"model_id 'my-llm-v1' already names other weights") as err:
+        runner.plan_shards(cfg, DAY)
+    assert str(weights) in str(err.value)
+    renamed = tiny_config(tmp_path, REKI__LLM__ENGINE__MODEL_PATH=str(weights), REKI__LLM__ENGINE__MODEL_ID="my-llm-v2")
+    assert sum(s["n_prompts"] for s in runner.plan_shards(renamed, DAY)) == 5  # its own id: every prompt is asked again
+
+    (weights / "model.safetensors").write_bytes(bytes(range(256)) * 16384)  # the old weights back
+    assert runner.plan_shards(cfg, DAY) == []  # their answers are still good
