@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -27,6 +28,9 @@ def pytest_configure(config):
     # SIGTERM (a CI timeout, infra/test.sh stopping its suites) interrupts like Ctrl-C, so fixture teardown
     # still stops the SeaweedFS and Airflow processes the tests started.
     signal.signal(signal.SIGTERM, _interrupt)
+    # py4j logs "Closing down clientserver connection" from a finaliser at interpreter exit, after pytest
+    # has closed the stream its log capture writes to: a "--- Logging error ---" traceback in every CI log.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
 def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Config:
