@@ -45,7 +45,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 from reki_core.config import PROJECT_ROOT, load_config  # noqa: E402
 from reki_core.datasets import movielens, synthetic  # noqa: E402
 from reki_core.prompts import resolve_mode  # noqa: E402
-from reki_core.spark import class_archive, get_spark, submit_java_options  # noqa: E402
+from reki_core.spark import class_archive, get_spark, submit_conf  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
 from spark_jobs import clusters, ctr_samples, items, user_history  # noqa: E402
 from spark_jobs.common import read_parquet  # noqa: E402
@@ -182,8 +182,8 @@ def submitted_runs(cfg, lake, days) -> dict:
     if not class_archive(cfg).is_file():
         return {"skipped": f"no class archive at {class_archive(cfg)}: run `reki setup` first"}
     day, prev, before = days[-1], days[-2], days[-3]
-    options = {"archive": submit_java_options(cfg),
-               "no_archive": submit_java_options(cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"class_archive": False})}))}
+    without = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"class_archive": False})})
+    options = {"archive": submit_conf(cfg), "no_archive": submit_conf(without)}
     runs: dict[str, dict[str, list[float]]] = {kind: {"full": [], "daily": []} for kind in options}
     for _ in range(ML100K_REPEATS):
         for kind, opts in options.items():
@@ -196,18 +196,18 @@ def submitted_runs(cfg, lake, days) -> dict:
         for kind, opts in options.items():  # a re-run of the day reads the previous day's state again: a daily run
             runs[kind]["daily"].append(submit_features(cfg, lake, day, opts))
     best = {kind: {run: min(times) for run, times in r.items()} for kind, r in runs.items()}
-    return {"runs_s": runs, "best_s": best, "java_options": options,
+    return {"runs_s": runs, "best_s": best, "submit_conf": options,
             "incremental_over_full": round(best["archive"]["daily"] / best["archive"]["full"], 3),
             "archive_saves": {run: round(1 - best["archive"][run] / best["no_archive"][run], 3) for run in ("full", "daily")}}
 
 
-def submit_features(cfg, lake, day: dt.date, java_options: str) -> float:
+def submit_features(cfg, lake, day: dt.date, conf: dict[str, str]) -> float:
     """Seconds of one `spark-submit spark_jobs/features.py` of `day`, as the DAG's spark_features task runs it."""
     venv_bin = Path(sys.executable).parent
+    settings = [arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]
     cmd = [str(venv_bin / "spark-submit"), "--master", "local[2]", "--driver-memory", cfg.spark.driver_memory,
-           "--conf", f"spark.sql.shuffle.partitions={cfg.spark.shuffle_partitions}",
-           "--conf", "spark.sql.session.timeZone=UTC", "--conf", f"spark.driver.extraJavaOptions={java_options}",
-           str(PROJECT_ROOT / "spark_jobs/features.py"), "--lake", str(lake.local_path()), "--dt", day.isoformat()]
+           *settings, str(PROJECT_ROOT / "spark_jobs/features.py"), "--lake", str(lake.local_path()),
+           "--dt", day.isoformat()]
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable}
     start = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -11,11 +11,11 @@ from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import AUGMENTED_VECTORS
 from reki_airflow.runtime import default_args, load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
-from reki_core.spark import submit_java_options
+from reki_core.spark import submit_conf
 
 CFG = load_pipeline_config()
 SPARK_JOBS = Path(__file__).resolve().parent.parent / "spark_jobs"
-JAVA_OPTIONS = submit_java_options(CFG)  # with the class archive once `reki setup` has built it
+SUBMIT_CONF = submit_conf(CFG)  # driver options with the class archive once `reki setup` has built it
 DT = "{{ data_interval_start.strftime('%Y-%m-%d') }}"
 
 DOC = """
@@ -58,9 +58,7 @@ def spark_job(name: str) -> SparkSubmitOperator:
         conn_id="spark_default",
         name=f"reki-{name}-{DT}",
         driver_memory=CFG.spark.driver_memory,
-        conf={"spark.sql.shuffle.partitions": str(CFG.spark.shuffle_partitions),
-              "spark.sql.session.timeZone": "UTC",
-              **({"spark.driver.extraJavaOptions": JAVA_OPTIONS} if JAVA_OPTIONS else {})},
+        conf=SUBMIT_CONF,
     )
 
 

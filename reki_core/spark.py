@@ -66,6 +66,13 @@ def submit_java_options(cfg: Config) -> str:
     return " ".join(options)
 
 
+def submit_conf(cfg: Config) -> dict[str, str]:
+    """The `--conf` settings of every spark-submitted job (the DAG's tasks, the benchmark's timed runs)."""
+    conf = {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), "spark.sql.session.timeZone": "UTC"}
+    java_options = submit_java_options(cfg)
+    return {**conf, "spark.driver.extraJavaOptions": java_options} if java_options else conf
+
+
 def _archive_fingerprint() -> str:
     """What an archive is only valid for: this JVM build and the exact Spark jars on the class path."""
     import hashlib
