@@ -440,11 +440,13 @@ def render_prompts(
         len(history), "user prompts",
     ):
         r = carried.get(user_id)
-        # A prompt is carried only for the window it was made from: a window that advanced on a day whose
-        # prompts never ran (a failed run) is rendered now, not lost.
-        stale = r is not None and int(r["as_of"]) != int(as_of)
+        carried_tokens = count_tokens(r["text"]) if r is not None else 0
+        # A prompt is carried only for the window it was made from (a window that advanced on a day whose
+        # prompts never ran, a failed run, is rendered now, not lost) and while it fits the budget (after a
+        # change of model or of max_model_len it is fitted again).
+        stale = r is not None and (int(r["as_of"]) != int(as_of) or carried_tokens > budget)
         if not needs_refresh and r is not None and not stale:
-            add(USER, user_id, r["text"], r["history_text"], r["as_of"], count_tokens(r["text"]), False,
+            add(USER, user_id, r["text"], r["history_text"], r["as_of"], carried_tokens, False,
                 r.get("n_titles", 0) if pd.notna(r.get("n_titles", 0)) else 0, individual)
             continue
         entries = sorted(_entries(window), key=lambda e: (int(e["ts"]), str(e["item_id"])))

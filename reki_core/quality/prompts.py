@@ -4,7 +4,7 @@ Rules:
 - `prompt_id` unique, one prompt per (entity_kind, entity_id), known kinds;
 - non-empty text, users carry their `history_text`, `prompt_hash` is the sha256 of version + text;
 - every text within the LLM's budget (`max_model_len - max_tokens`), counted again here with the engine's
-  tokenizer: a prompt carried over from an earlier day was counted then, maybe for another model;
+  tokenizer rather than read from the builder's `est_tokens`: the gate does not lean on the code it checks;
 - every dirty entity (user with `needs_refresh`, new or changed item) has a prompt, and in
   collective mode every group in use has one (`missing_dirty_entity`, `missing_group` list them).
 """

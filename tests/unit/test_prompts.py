@@ -411,6 +411,25 @@ def test_a_window_that_advanced_on_a_day_without_prompts_is_rendered_the_next_da
     assert not prompts.loc["user:1", "is_dirty"]
 
 
+def test_a_carried_prompt_over_a_smaller_budget_is_fitted_again(cfg, lake):
+    """After max_model_len shrinks (or the model's tokenizer changes), yesterday's prompt of a user who needs
+    no refresh would fail the gate every day: it is rendered again to the new budget instead."""
+    window = [entry(str(1 + n % 4), 100 + n, 4) for n in range(12)]
+    first = P.PromptInputs(user_history=history_frame([("1", window, True)]), items=items_frame(), users=users_frame())
+    write_features(lake, DAY, first)
+    P.build_prompts(cfg, DAY, count_tokens=chars)
+    before = lake.read_partition("prompts", DAY).set_index("prompt_id").loc["user:1"]
+    tight = cfg.model_copy(update={"llm": cfg.llm.model_copy(
+        update={"engine": cfg.llm.engine.model_copy(update={"max_model_len": 270})})})
+    assert before["est_tokens"] > P.token_budget(tight)
+    write_features(lake, NEXT_DAY, P.PromptInputs(user_history=history_frame([("1", window, False)]),
+                                                 items=items_frame(), users=users_frame()))
+    P.build_prompts(tight, NEXT_DAY, count_tokens=chars)
+    after = lake.read_partition("prompts", NEXT_DAY).set_index("prompt_id").loc["user:1"]
+    assert after["est_tokens"] <= P.token_budget(tight) and after["is_dirty"]
+    assert after["as_of"] == before["as_of"] == 111
+
+
 def test_collective_build_needs_clusters(cfg, lake):
     cfg = with_scenario(cfg, extraction_mode="collective")
     write_features(lake, DAY, basic_inputs())
