@@ -386,9 +386,11 @@ def run_child(cmd: list[str], cwd, env: dict[str, str], what: str) -> str:
     """Run `cmd` in a process group of its own and return its stdout; its stderr (progress, engine logs) goes
     on to this task's log line by line, as it comes.
 
-    Whatever stops the wait (Airflow's execution_timeout, a task killed from the UI) takes the whole group
-    down, and so does the end of the run: vLLM starts engine processes of its own, and one left behind would
-    keep holding the GPU's memory.
+    vLLM starts engine processes of its own, and one left behind would keep holding the GPU's memory, so
+    the whole group is killed however the task ends: when the run ends or raises (Airflow's
+    execution_timeout), when the task is told to stop (SIGTERM or SIGINT, which Airflow sends first when a
+    task is killed from the UI; the handlers before ours run next), and, for the child itself, when the
+    task dies outright (SIGKILL, the OOM killer: the child gets SIGKILL from the kernel).
     """
     import collections
     import os
@@ -398,33 +400,67 @@ def run_child(cmd: list[str], cwd, env: dict[str, str], what: str) -> str:
     import threading
 
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            errors="replace", start_new_session=True, preexec_fn=_die_with_parent)
     tail: collections.deque[str] = collections.deque(maxlen=200)
     stdout: list[str] = []
 
+    def kill_group() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child, if still running, and anything it started
+        except ProcessLookupError:
+            pass  # the group is gone: nothing left behind
+
     def forward_stderr() -> None:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+        for line in proc.stderr:  # read to the end whatever happens: a full pipe would stall the child
             tail.append(line)
+            try:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
 
     readers = [threading.Thread(target=forward_stderr, daemon=True),
                threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)]
     for reader in readers:
         reader.start()
+    previous = {}
+
+    def on_stop(signum, frame):
+        kill_group()
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
+        previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = proc.wait()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the child, if still running, and anything it started
-        except ProcessLookupError:
-            pass  # the group is gone: nothing left behind
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        kill_group()
         proc.wait()
     for reader in readers:  # the pipes close once the group is gone; what was written before is still read
         reader.join(timeout=30)
     if code != 0:
         raise RuntimeError(f"{what} failed (exit {code}):\n{''.join(tail)[-4000:]}")
-    return stdout[0] if stdout else ""
+    if not stdout or not stdout[0].strip():
+        raise RuntimeError(f"{what} exited 0 but wrote no result on stdout:\n{''.join(tail)[-4000:]}")
+    return stdout[0]
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs: the kernel sends it SIGKILL when the task that started it dies (Linux)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- assignment
