@@ -82,7 +82,6 @@ def _model_folder(model_id: str, sampling_version: str) -> str:
 # ---------------------------------------------------------------- the weights behind a model_id
 
 WEIGHTS_RECORD = "_weights.json"
-WEIGHTS_SAMPLE_BYTES = 1 << 20
 
 
 class ModelIdentityError(RuntimeError):
@@ -93,9 +92,10 @@ def check_model_weights(cfg: Config, lake: Lake) -> str | None:
     """The fingerprint of the configured LLM's weights, checked against the one recorded for its `model_id`.
 
     Answers are cached under `model_id`, so new weights under an old id would silently reuse the old
-    answers: the first plan of an id records its weights' fingerprint (sampled: `folder_fingerprint`), and
-    a later plan whose weights differ stops, naming both. None where the weights are not a local folder
-    (an OpenAI-compatible API, a hub id): the id is all there is to go by.
+    answers: the first plan of an id records its weights' fingerprint (`folder_fingerprint`, every byte;
+    files are read again only when they change), and a later plan whose weights differ stops, naming both.
+    None where the weights are not a local folder (an OpenAI-compatible API, a hub id): the id is all there
+    is to go by.
     """
     import datetime as dt
 
@@ -104,7 +104,7 @@ def check_model_weights(cfg: Config, lake: Lake) -> str | None:
     folder = cfg.resolve(cfg.llm.engine.model_path)
     if cfg.llm.backend == "openai" or not folder.is_dir():
         return None
-    fingerprint = folder_fingerprint(folder, WEIGHTS_SAMPLE_BYTES)
+    fingerprint = folder_fingerprint(folder, cfg.state_dir / "cache" / "llm-weights-files.json")
     model_id = cfg.llm.engine.model_id
     relpath = f"{_model_id_folder(model_id)}/{WEIGHTS_RECORD}"
     record = lake.read_json(relpath)
