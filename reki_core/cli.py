@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shlex
+import subprocess
 import sys
 import time
 
@@ -64,9 +65,13 @@ def setup(ctx: click.Context) -> None:
     console.print(f"[green]smoke model[/] in {path} (meaningless text: proves the plumbing only)")
     if cfg.spark.class_archive:
         t = time.perf_counter()
-        archive, built = ensure_class_archive(cfg)
-        console.print(f"[green]JVM class archive[/] for spark-submit in {archive} "
-                      f"({f'built in {time.perf_counter() - t:.0f}s' if built else 'up to date'})")
+        try:
+            archive, built = ensure_class_archive(cfg)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:  # a speed-up only: Spark runs without it
+            console.print(f"[yellow]JVM class archive not built; spark-submit runs without it[/]: {exc}")
+        else:
+            console.print(f"[green]JVM class archive[/] for spark-submit in {archive} "
+                          f"({f'built in {time.perf_counter() - t:.0f}s' if built else 'up to date'})")
 
 
 @main.group()

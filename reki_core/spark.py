@@ -91,34 +91,40 @@ def ensure_class_archive(cfg: Config, timeout_s: int = 900) -> tuple[Path, bool]
 
     A training run (`infra/spark_class_archive.py`, every feature job on a small synthetic lake) is submitted
     with `-XX:ArchiveClassesAtExit`: the JVM writes every class it loaded. Later submits map that archive,
-    which saves a few seconds of each job's start. Returns (path, whether it was built now).
+    which saves a few seconds of each job's start. Returns (path, whether it was built now); raises
+    `RuntimeError` when the training run fails or writes no archive (a JRE without class data sharing).
+    Two set-ups at once (`make test` beside `make airflow`) take turns: the second finds the archive built.
     """
+    import fcntl
     import shutil
     import subprocess
+    import tempfile
 
     from reki_core.config import PROJECT_ROOT
 
     archive = class_archive(cfg)
     stamp = archive.with_suffix(".fingerprint")
     fingerprint = _archive_fingerprint()
-    if archive.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
-        return archive, False
     archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_suffix(".partial")
-    partial.unlink(missing_ok=True)
-    venv_bin = Path(sys.executable).parent
-    options = " ".join([*cfg.spark.driver_java_options.split(), f"-XX:ArchiveClassesAtExit={partial}"])
-    cmd = [str(venv_bin / "spark-submit"), "--master", cfg.spark.master, "--driver-memory", cfg.spark.driver_memory,
-           "--conf", f"spark.driver.extraJavaOptions={options}",
-           str(PROJECT_ROOT / "infra/spark_class_archive.py")]
-    # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
-           "SPARK_LOCAL_IP": "127.0.0.1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    if result.returncode != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(f"building the JVM class archive {archive} failed (exit {result.returncode}):\n"
-                           f"{result.stderr[-3000:]}")
-    shutil.move(partial, archive)  # a submit never maps a half-written archive
-    stamp.write_text(fingerprint)
+    with open(archive.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if archive.is_file() and stamp.is_file() and stamp.read_text() == fingerprint:
+            return archive, False
+        with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".building-") as tmp:
+            partial = Path(tmp) / archive.name
+            venv_bin = Path(sys.executable).parent
+            options = " ".join([*cfg.spark.driver_java_options.split(), f"-XX:ArchiveClassesAtExit={partial}"])
+            cmd = [str(venv_bin / "spark-submit"), "--master", cfg.spark.master, "--driver-memory",
+                   cfg.spark.driver_memory, "--conf", f"spark.driver.extraJavaOptions={options}",
+                   str(PROJECT_ROOT / "infra/spark_class_archive.py")]
+            # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
+            env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
+                   "SPARK_LOCAL_IP": "127.0.0.1"}
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+            if result.returncode != 0 or not partial.is_file():
+                raise RuntimeError(f"building the JVM class archive {archive} failed (exit {result.returncode}, "
+                                   f"{'no archive written' if result.returncode == 0 else 'see below'}):\n"
+                                   f"{result.stderr[-3000:]}")
+            shutil.move(partial, archive)  # a rename: a submit never maps a half-written archive
+        stamp.write_text(fingerprint)
     return archive, True

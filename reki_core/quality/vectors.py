@@ -2,9 +2,10 @@
 
 Every user of `features/user_history` and every item of `features/items` must have exactly one vector of
 the adaptor's tower dimension with only finite values, all from one model version. The only entities
-allowed to go without are those whose LLM call failed with no earlier knowledge to fall back on (absent
-from `knowledge/assigned/dt=D`); they serve the consumer's fallback, and at most `llm.max_failure_rate`
-of all may. A vector missing for any other reason is a bug between encoding and publishing.
+allowed to go without are those absent from `knowledge/assigned/dt=D`: their LLM call failed with no
+earlier knowledge to fall back on, or they had no prompt (an item without a title). They serve the
+consumer's fallback, and at most `llm.max_failure_rate` of all may. A vector missing for an entity that
+has knowledge is a bug between encoding and publishing.
 """
 
 from __future__ import annotations

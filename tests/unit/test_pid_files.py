@@ -3,6 +3,7 @@ another process, which must never be taken for ours or signalled."""
 
 import os
 import subprocess
+import threading
 import time
 
 from reki_core.config import PROJECT_ROOT
@@ -38,6 +39,9 @@ def _airflow_sh(pids, command: str) -> str:
 
 def test_airflow_sh_signals_only_the_group_it_started(tmp_path):
     stranger = subprocess.Popen(["sleep", "120"], start_new_session=True)  # another process's group leader
+    # Reaped as soon as it dies, as its real parent would: a zombie still answers `kill -0`.
+    reaper = threading.Thread(target=stranger.wait, daemon=True)
+    reaper.start()
     try:
         pid_file = tmp_path / "airflow-scheduler.pid"
         pid_file.write_text(f"{stranger.pid} 1\n")
@@ -50,7 +54,8 @@ def test_airflow_sh_signals_only_the_group_it_started(tmp_path):
         pid_file.write_text(f"{stranger.pid} {process_start(stranger.pid)}\n")  # as `start` records it
         assert "scheduler: running" in _airflow_sh(tmp_path, "status")
         assert "airflow scheduler stopped" in _airflow_sh(tmp_path, "stop")
-        assert stranger.wait(timeout=20) is not None
+        reaper.join(timeout=20)
+        assert stranger.returncode is not None
     finally:
         stranger.kill()
         stranger.wait()

@@ -54,7 +54,9 @@ def test_archive_is_rebuilt_only_when_the_jvm_or_the_jars_change(tmp_path, monke
     assert spark_module.ensure_class_archive(cfg) == (archive, False) and len(submits) == 1
     fingerprint["value"] = "jdk-17 + jars B"  # e.g. pyspark reinstalled
     assert spark_module.ensure_class_archive(cfg) == (archive, True)
-    assert archive.read_bytes() == b"classes for jdk-17 + jars B" and not archive.with_suffix(".partial").exists()
+    assert archive.read_bytes() == b"classes for jdk-17 + jars B"
+    assert sorted(p.name for p in archive.parent.iterdir()) == sorted(
+        [archive.name, "spark-classes.fingerprint", "spark-classes.lock"])  # no half-built archive left
 
 
 def test_a_failed_training_run_keeps_the_previous_archive(tmp_path, monkeypatch):
@@ -68,3 +70,14 @@ def test_a_failed_training_run_keeps_the_previous_archive(tmp_path, monkeypatch)
         spark_module.ensure_class_archive(cfg)
     assert str(archive) in str(err.value)
     assert archive.read_bytes() == b"previous"
+
+
+def test_a_jre_that_writes_no_archive_is_reported(tmp_path, monkeypatch):
+    """A JRE without class data sharing exits 0 and writes nothing: set-up is told, and warns."""
+    cfg = _cfg(tmp_path)
+    monkeypatch.setattr(spark_module, "_archive_fingerprint", lambda: "jre")
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, "", "CDS is disabled"))
+    with pytest.raises(RuntimeError, match="no archive written"):
+        spark_module.ensure_class_archive(cfg)
+    assert not spark_module.class_archive(cfg).exists()
+    assert "SharedArchiveFile" not in spark_module.submit_java_options(cfg)
