@@ -30,8 +30,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +43,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 from reki_core.config import PROJECT_ROOT, load_config  # noqa: E402
 from reki_core.datasets import movielens, synthetic  # noqa: E402
 from reki_core.prompts import resolve_mode  # noqa: E402
-from reki_core.spark import class_archive, get_spark, submit_conf  # noqa: E402
+from reki_core.spark import class_archive, get_spark, spark_submit, submit_conf  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
 from spark_jobs import clusters, ctr_samples, items, user_history  # noqa: E402
 from spark_jobs.common import read_parquet  # noqa: E402
@@ -203,14 +201,9 @@ def submitted_runs(cfg, lake, days) -> dict:
 
 def submit_features(cfg, lake, day: dt.date, conf: dict[str, str]) -> float:
     """Seconds of one `spark-submit spark_jobs/features.py` of `day`, as the DAG's spark_features task runs it."""
-    venv_bin = Path(sys.executable).parent
-    settings = [arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]
-    cmd = [str(venv_bin / "spark-submit"), "--master", "local[2]", "--driver-memory", cfg.spark.driver_memory,
-           *settings, str(PROJECT_ROOT / "spark_jobs/features.py"), "--lake", str(lake.local_path()),
-           "--dt", day.isoformat()]
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable}
     start = time.perf_counter()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = spark_submit(cfg, PROJECT_ROOT / "spark_jobs/features.py",
+                          ["--lake", str(lake.local_path()), "--dt", day.isoformat()], conf, timeout_s=600)
     seconds = round(time.perf_counter() - start, 2)
     if result.returncode != 0:
         raise RuntimeError(f"spark-submit features {day} failed:\n{result.stderr[-3000:]}")

@@ -440,7 +440,7 @@ def render_prompts(
         len(history), "user prompts",
     ):
         r = carried.get(user_id)
-        carried_tokens = count_tokens(r["text"]) if r is not None else 0
+        carried_tokens = count_tokens(r["text"]) if r is not None and not needs_refresh else 0
         # A prompt is carried only for the window it was made from (a window that advanced on a day whose
         # prompts never ran, a failed run, is rendered now, not lost) and while it fits the budget (after a
         # change of model or of max_model_len it is fitted again).

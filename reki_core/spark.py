@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from reki_core.config import Config
 
 if TYPE_CHECKING:
+    import subprocess
+
     from pyspark.sql import SparkSession
 
 
@@ -73,6 +75,21 @@ def submit_conf(cfg: Config) -> dict[str, str]:
     return {**conf, "spark.driver.extraJavaOptions": java_options} if java_options else conf
 
 
+def spark_submit(cfg: Config, application: Path, args: list[str], conf: dict[str, str],
+                 timeout_s: int) -> "subprocess.CompletedProcess[str]":
+    """`spark-submit` of this venv on `cfg.spark.master`, output captured (set-up's archive run, the benchmark)."""
+    import subprocess
+
+    venv_bin = Path(sys.executable).parent
+    settings = [arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")]
+    cmd = [str(venv_bin / "spark-submit"), "--master", cfg.spark.master, "--driver-memory", cfg.spark.driver_memory,
+           *settings, str(application), *args]
+    # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
 def _archive_fingerprint() -> str:
     """What an archive is only valid for: this JVM build and the exact Spark jars on the class path."""
     import hashlib
@@ -97,7 +114,6 @@ def ensure_class_archive(cfg: Config, timeout_s: int = 900) -> tuple[Path, bool]
     """
     import fcntl
     import shutil
-    import subprocess
     import tempfile
 
     from reki_core.config import PROJECT_ROOT
@@ -112,15 +128,9 @@ def ensure_class_archive(cfg: Config, timeout_s: int = 900) -> tuple[Path, bool]
             return archive, False
         with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".building-") as tmp:
             partial = Path(tmp) / archive.name
-            venv_bin = Path(sys.executable).parent
             options = " ".join([*cfg.spark.driver_java_options.split(), f"-XX:ArchiveClassesAtExit={partial}"])
-            cmd = [str(venv_bin / "spark-submit"), "--master", cfg.spark.master, "--driver-memory",
-                   cfg.spark.driver_memory, "--conf", f"spark.driver.extraJavaOptions={options}",
-                   str(PROJECT_ROOT / "infra/spark_class_archive.py")]
-            # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
-            env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
-                   "SPARK_LOCAL_IP": "127.0.0.1"}
-            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+            result = spark_submit(cfg, PROJECT_ROOT / "infra/spark_class_archive.py", [],
+                                  {"spark.driver.extraJavaOptions": options}, timeout_s)
             if result.returncode != 0 or not partial.is_file():
                 raise RuntimeError(f"building the JVM class archive {archive} failed (exit {result.returncode}, "
                                    f"{'no archive written' if result.returncode == 0 else 'see below'}):\n"
