@@ -46,7 +46,7 @@ from reki_core.prompts import resolve_mode  # noqa: E402
 from reki_core.spark import class_archive, get_spark, spark_submit, submit_conf  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
 from spark_jobs import clusters, ctr_samples, items, user_history  # noqa: E402
-from spark_jobs.common import read_parquet  # noqa: E402
+from spark_jobs.common import read_parquet, run_step  # noqa: E402
 
 HEADLINE_JOBS = (items, user_history, ctr_samples)
 WARMUP_INTERACTIONS = 5_000
@@ -86,17 +86,19 @@ def job_name(job) -> str:
     return job.__name__.rsplit(".", 1)[-1]
 
 
-def run_jobs(spark, cfg, lake, day, jobs) -> dict[str, float]:
-    """Seconds per job and in total, plus `spark_jobs`: how many Spark jobs (actions and their stages) they ran."""
+def run_jobs(spark, cfg, lake, day, jobs) -> dict:
+    """Seconds per job and in total, plus `spark_jobs`: how many Spark jobs (actions and their stages) they ran,
+    and `engines`: where each job ran (`run_step`, as spark-submit runs them: a small daily run in the driver)."""
     group = f"bench-{uuid.uuid4().hex[:8]}"
     spark.sparkContext.setJobGroup(group, "spark_prep benchmark")
-    seconds = {}
+    seconds, engines = {}, {}
     for job in jobs:
         start = time.perf_counter()
-        job.run(spark, cfg, lake, day)
+        engines[job_name(job)] = run_step(job.run, f"features_{job_name(job)}", lambda: spark, cfg, lake, day)["engine"]
         seconds[job_name(job)] = round(time.perf_counter() - start, 2)
     seconds["total"] = round(sum(seconds.values()), 2)
     seconds["spark_jobs"] = len(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
+    seconds["engines"] = engines
     return seconds
 
 
@@ -166,6 +168,9 @@ def bench_ml100k(spark, cfg, workdir: Path) -> dict:
     days = synthetic.write_raw_lake(lake, inter, users, item_frame)
     jobs = HEADLINE_JOBS + ((clusters,) if resolve_mode(cfg, users["user_id"].nunique(), len(item_frame)) == "collective" else ())
     result = full_vs_daily(spark, cfg, lake, days, jobs, repeats=ML100K_REPEATS)
+    # The same daily run with every job in Spark (no driver path): what the driver path saves.
+    spark_only = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"in_driver_max_interactions": 0})})
+    result["spark_only"] = full_vs_daily(spark, spark_only, lake, days, jobs, full=result["full_seconds"], repeats=ML100K_REPEATS)
     result["spark_action_floor_s"] = action_floor(spark, lake, days[-1])
     result["spark_submit"] = submitted_runs(cfg, lake, days)
     result["quiet_day"] = quiet_day(spark, cfg, lake, days, jobs, result["full_seconds"]["total"])
@@ -313,7 +318,8 @@ def main() -> int:
     write_result(result, rss, out)
     print(json.dumps({k: result[k] for k in ("interactions_per_s", "clusters_seconds", "time_ratio_10m_over_1m", "peak_rss_mb",
                                              "ml100k_full_s", "ml100k_incremental_s", "incremental_over_full",
-                                             "ml100k_incremental_after_full_s", "ml100k_spark_jobs",
+                                             "ml100k_incremental_after_full_s", "ml100k_spark_jobs", "ml100k_incremental_engines",
+                                             "ml100k_incremental_spark_only_s", "incremental_over_full_spark_only",
                                              "ml100k_quiet_day_s", "quiet_day_over_full", "ml100k_submit_full_s",
                                              "ml100k_submit_incremental_s", "submit_incremental_over_full", "class_archive_saves",
                                              "incremental_over_full_by_size")}))
@@ -339,7 +345,10 @@ def write_result(result: dict, rss: PeakRss, out: Path) -> None:
                       ml100k_quiet_day_s=result["ml100k"]["quiet_day"]["seconds"]["total"],
                       quiet_day_over_full=result["ml100k"]["quiet_day"]["over_full"],
                       ml100k_spark_jobs={"full": result["ml100k"]["full_seconds"]["spark_jobs"],
-                                         "daily": result["ml100k"]["incremental_seconds"]["spark_jobs"]})
+                                         "daily": result["ml100k"]["incremental_seconds"]["spark_jobs"]},
+                      ml100k_incremental_engines=result["ml100k"]["incremental_seconds"]["engines"],
+                      ml100k_incremental_spark_only_s=result["ml100k"]["spark_only"]["incremental_seconds"]["total"],
+                      incremental_over_full_spark_only=result["ml100k"]["spark_only"]["incremental_over_full"])
         submitted = result["ml100k"]["spark_submit"]
         result.update(ml100k_submit_full_s=submitted.get("best_s", {}).get("archive", {}).get("full"),
                       ml100k_submit_incremental_s=submitted.get("best_s", {}).get("archive", {}).get("daily"),
@@ -349,6 +358,7 @@ def write_result(result: dict, rss: PeakRss, out: Path) -> None:
         result.update(ml100k_full_s=None, ml100k_incremental_s=None, incremental_over_full=None,
                       ml100k_quiet_day_s=None, quiet_day_over_full=None,
                       ml100k_incremental_after_full_s=None, ml100k_spark_jobs=None, ml100k_submit_full_s=None,
+                      ml100k_incremental_engines=None, ml100k_incremental_spark_only_s=None, incremental_over_full_spark_only=None,
                       ml100k_submit_incremental_s=None, submit_incremental_over_full=None, class_archive_saves=None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True))

@@ -138,6 +138,9 @@ class SparkConfig(_Strict):
     class_archive: bool = True
     # Log configuration of spark-submitted drivers (Spark logs every task at INFO otherwise).
     log_config: Path | None = Path("conf/spark-log4j2.properties")
+    # A daily run whose recompute holds at most this many interactions runs in the driver, without starting
+    # Spark (spark_jobs/in_driver.py); 0 runs every day in Spark.
+    in_driver_max_interactions: int = Field(200_000, ge=0)
 
 
 class LLMEngineConfig(_Strict):

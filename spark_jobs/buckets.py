@@ -117,38 +117,71 @@ def write_bucketed(
     from that partition. `summarise(pyarrow_table)` gives each new file's counts (read back from
     `summary_columns`); the returned totals add them up over all buckets, carried ones included.
     """
+    schema = T.StructType([f for f in df.schema.fields if f.name != BUCKET]).json()
+
+    def write_new(staging) -> dict[str, dict]:
+        if rewritten is not None and not rewritten:  # a day that rewrites no bucket only links files: Spark runs nothing
+            return {}
+        return _write_new_buckets(df, dataset, staging, sort_by, summarise, summary_columns, rewritten)
+
+    return _publish(write_new, schema, lake, dataset, day, n_buckets, sort_by, carry_from, rewritten)
+
+
+def write_bucket_tables(
+    tables: dict[int, pa.Table],
+    schema: str,
+    lake: Lake,
+    dataset: str,
+    day: dt.date,
+    n_buckets: int,
+    sort_by: list[str],
+    summarise: Callable[[pa.Table], dict[str, int]] | None = None,
+    summary_columns: list[str] | None = None,
+    carry_from: dt.date | None = None,
+    rewritten: set[int] | None = None,
+) -> dict[str, int]:
+    """`write_bucketed` for buckets computed in the driver (`spark_jobs.in_driver`): each table, already in
+    `sort_by` order, becomes its bucket's file; `schema` is the Spark schema (JSON) the manifest records."""
+    def write_new(staging) -> dict[str, dict]:
+        write_id = uuid.uuid4().hex[:8]
+        buckets: dict[str, dict] = {}
+        for bucket, table in sorted(tables.items()):
+            if rewritten is not None and bucket not in rewritten:
+                raise ValueError(f"{dataset}: rows of bucket {bucket}, which this run does not rewrite")
+            if table.num_rows:  # as Spark's writer: an empty bucket has no file
+                name = f"part-b{bucket:05d}-0-{write_id}.parquet"
+                pq.write_table(table, staging / name)
+                buckets[str(bucket)] = _bucket_entry(staging, [name], summarise, summary_columns)
+        return buckets
+
+    return _publish(write_new, schema, lake, dataset, day, n_buckets, sort_by, carry_from, rewritten)
+
+
+def _publish(write_new, schema, lake, dataset, day, n_buckets, sort_by, carry_from, rewritten) -> dict[str, int]:
+    """Stage the new buckets (`write_new(staging)`), link the carried ones, write the manifest, swap it in."""
     if (carry_from is None) != (rewritten is None):
         raise ValueError("carry_from and rewritten go together")
     staging = lake.local_path(f"{dataset}/_staging-{uuid.uuid4().hex}")
     try:
-        manifest = _write_staging(df, lake, dataset, staging, n_buckets, sort_by, summarise, summary_columns,
-                                  carry_from, rewritten)
+        staging.mkdir(parents=True)
+        buckets = write_new(staging)
+        if carry_from is not None:
+            previous = read_manifest(lake, dataset, carry_from)
+            folder = lake.local_path(f"{dataset}/dt={carry_from.isoformat()}")
+            for bucket, entry in previous["buckets"].items():
+                if int(bucket) in rewritten:
+                    continue
+                for name in entry["files"]:
+                    _link_or_copy(folder / name, staging / name)
+                buckets[bucket] = entry
+        manifest = {"n_buckets": n_buckets, "sort_by": sort_by, "schema": schema,
+                    "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written left beside the partitions
         raise
     lake._swap_in(str(staging), lake.partition_path(dataset, day))  # readers never see a half-written partition
     return totals(manifest)
-
-
-def _write_staging(df, lake, dataset, staging, n_buckets, sort_by, summarise, summary_columns, carry_from, rewritten) -> dict:
-    staging.mkdir(parents=True)
-    buckets: dict[str, dict] = {}
-    if rewritten is None or rewritten:  # a day that rewrites no bucket only links files: Spark runs nothing
-        buckets = _write_new_buckets(df, dataset, staging, sort_by, summarise, summary_columns, rewritten)
-    if carry_from is not None:
-        previous = read_manifest(lake, dataset, carry_from)
-        folder = lake.local_path(f"{dataset}/dt={carry_from.isoformat()}")
-        for bucket, entry in previous["buckets"].items():
-            if int(bucket) in rewritten:
-                continue
-            for name in entry["files"]:
-                _link_or_copy(folder / name, staging / name)
-            buckets[bucket] = entry
-    schema = T.StructType([f for f in df.schema.fields if f.name != BUCKET]).json()
-    manifest = {"n_buckets": n_buckets, "sort_by": sort_by, "schema": schema,
-                "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0])))}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
 
 
 def _write_new_buckets(df, dataset, staging, sort_by, summarise, summary_columns, rewritten) -> dict[str, dict]:
@@ -168,12 +201,17 @@ def _write_new_buckets(df, dataset, staging, sort_by, summarise, summary_columns
         for i, part in enumerate(sorted(p for p in sub.iterdir() if p.suffix == ".parquet")):
             names.append(f"part-b{bucket:05d}-{i}-{write_id}.parquet")
             part.rename(staging / names[-1])
-        rows = sum(pq.ParquetFile(staging / n).metadata.num_rows for n in names)
-        counts = summarise(pa.concat_tables(pq.read_table(staging / n, columns=summary_columns) for n in names)) \
-            if summarise else {}
-        buckets[str(bucket)] = {"files": names, "rows": rows, "counts": counts}
+        buckets[str(bucket)] = _bucket_entry(staging, names, summarise, summary_columns)
     shutil.rmtree(spark_out)
     return buckets
+
+
+def _bucket_entry(staging, names: list[str], summarise, summary_columns) -> dict:
+    """A bucket's manifest entry: its files, rows and counts (read back from the files just written)."""
+    rows = sum(pq.ParquetFile(staging / n).metadata.num_rows for n in names)
+    counts = summarise(pa.concat_tables(pq.read_table(staging / n, columns=summary_columns) for n in names)) \
+        if summarise else {}
+    return {"files": names, "rows": rows, "counts": counts}
 
 
 def totals(manifest: dict) -> dict[str, int]:

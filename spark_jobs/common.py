@@ -55,18 +55,37 @@ def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:
 
 
 def run_as_jobs(jobs, argv: list[str] | None, description: str) -> int:
-    """Several jobs, in order, in one Spark session (one JVM start); each records its own step."""
+    """Several jobs, in order, in one process; each records its own step. Spark starts (one JVM) only when a
+    job needs it: a small daily run is computed in the driver (`run_step`)."""
     from reki_core.runlog import timed_step
     from reki_core.spark import get_spark
 
     args = parse_args(argv, description)
-    spark = get_spark(args.cfg, f"reki-{jobs[0][1].replace('_', '-')}" if len(jobs) == 1 else "reki-features")
+    sessions = []
+
+    def spark() -> SparkSession:
+        if not sessions:
+            sessions.append(get_spark(args.cfg, f"reki-{jobs[0][1].replace('_', '-')}" if len(jobs) == 1 else "reki-features"))
+        return sessions[0]
+
     for run, step in jobs:
         with timed_step(args.lake, args.day, step) as payload:
-            payload.update(run(spark, args.cfg, args.lake, args.day))
+            payload.update(run_step(run, step, spark, args.cfg, args.lake, args.day))
         print(payload)
-    spark.stop()
+    for session in sessions:
+        session.stop()
     return 0
+
+
+def run_step(run, step: str, spark, cfg: Config, lake: Lake, day: dt.date) -> dict:
+    """One job's day: in the driver when it is a small daily run (`spark_jobs.in_driver`), else `run` in Spark.
+    `spark()` gives the session. The payload's `engine` says which ran."""
+    from spark_jobs import in_driver
+
+    payload = in_driver.run(step, cfg, lake, day)
+    if payload is not None:
+        return {**payload, "engine": "driver"}
+    return {**run(spark(), cfg, lake, day), "engine": "spark"}
 
 
 def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:

@@ -114,6 +114,28 @@ def transform(
     )
 
 
+def previous_state(lake, day, n_buckets: int):
+    """The day whose samples a daily run of `day` builds on, or None: rebuild (the previous samples cannot be
+    compared with what they were built from)."""
+    from spark_jobs.buckets import is_bucketed
+    from spark_jobs.common import previous_day
+
+    prev_day = previous_day(lake, DATASET, day)
+    if prev_day is None or not (all(is_bucketed(lake, ds, prev_day, n_buckets) for ds in (DATASET, "features/user_history", "features/knowledge_versions"))
+                                and lake.has_partition("features/items", prev_day)):
+        return None
+    return prev_day
+
+
+def grown_user_buckets(lake, day, prev_day) -> set[int]:
+    """Buckets whose interactions or window versions grew since the previous day (both only grow, so a
+    bucket's total tells). With the buckets of users of a regenred item, all a day's samples can change by."""
+    from spark_jobs.buckets import grown_buckets
+
+    return grown_buckets(lake, "features/user_history", prev_day, day, "interactions") | grown_buckets(
+        lake, "features/knowledge_versions", prev_day, day)
+
+
 def regenred_items(lake, day, prev_day) -> list[str]:
     """item_id of every item whose shown genre changed since the previous day (the small item tables,
     compared in the driver)."""
@@ -139,26 +161,19 @@ def summarise(table) -> dict[str, int]:
 
 
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import bucket_expr, grown_buckets, is_bucketed, read_buckets, read_manifest, totals, write_bucketed
-    from spark_jobs.common import previous_day, read_partition
+    from spark_jobs.buckets import bucket_expr, read_buckets, write_bucketed
+    from spark_jobs.common import read_partition
 
     params = SampleParams.from_config(cfg)
     n_buckets = cfg.spark.user_buckets
     items = read_partition(spark, lake, "features/items", day)
-    prev_day = previous_day(lake, DATASET, day)
-    if prev_day is not None and not (is_bucketed(lake, DATASET, prev_day, n_buckets)
-                                     and all(is_bucketed(lake, ds, prev_day, n_buckets) for ds in ("features/user_history", "features/knowledge_versions"))
-                                     and lake.has_partition("features/items", prev_day)):
-        prev_day = None  # the previous samples cannot be compared with what they were built from: rebuild
+    prev_day = previous_state(lake, day, n_buckets)
     if prev_day is None:
         history = read_buckets(spark, lake, "features/user_history", day)
         versions = read_buckets(spark, lake, "features/knowledge_versions", day)
         rewritten = None
     else:
-        # A user's samples change only with new interactions, new window versions (both only grow, so a
-        # bucket's total tells) or the genre of an item in the history; every other bucket is carried over.
-        rewritten = grown_buckets(lake, "features/user_history", prev_day, day, "interactions") | grown_buckets(
-            lake, "features/knowledge_versions", prev_day, day)
+        rewritten = grown_user_buckets(lake, day, prev_day)
         regenred = regenred_items(lake, day, prev_day)
         if regenred:  # rare: only then are all histories scanned
             users = users_rating(read_buckets(spark, lake, "features/user_history", day),
@@ -169,6 +184,13 @@ def run(spark, cfg, lake, day) -> dict:
     stats = write_bucketed(transform(history, versions, items, params, n_buckets), lake, DATASET, day, n_buckets,
                            ["user_id", "ts", "item_id"], summarise, ["split", "label"],
                            carry_from=prev_day, rewritten=rewritten)
+    return payload(stats, lake, day, prev_day, rewritten)
+
+
+def payload(stats: dict, lake, day, prev_day, rewritten: set[int] | None) -> dict:
+    """The run-log counts of a run, from the totals of the written partition."""
+    from spark_jobs.buckets import read_manifest, totals
+
     per_split = {s: (stats.get(f"{s}_samples", 0), stats.get(f"{s}_positives", 0)) for s in SPLITS}
     per_split = {s: counts for s, counts in per_split.items() if counts[0]}
     total = stats["rows"]

@@ -77,7 +77,10 @@ def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataF
         items = (
             items.join(prev, "item_id", "full_outer")
             .withColumn("popularity", (F.coalesce("prev_pop", F.lit(0)) + F.coalesce("new_count", F.lit(0))).cast("long"))
-            .withColumn("needs_refresh", F.col("prev_hash").isNull() | (F.col("prev_hash") != F.col("metadata_hash")))
+            # Never null (metadata_hash never is); the coalesce tells Spark so, so that a daily run's files have
+            # the schema of a full build's (not null), whichever wrote the previous day.
+            .withColumn("needs_refresh", F.coalesce(F.col("prev_hash").isNull() | (F.col("prev_hash") != F.col("metadata_hash")),
+                                                    F.lit(True)))
         )
     items = items.withColumn("described", F.coalesce("described", F.lit(False)))
     # One sorted file: the item table is small, and a global sort would cost Spark a sampling job.

@@ -221,11 +221,9 @@ def touched_buckets(spark, lake, day, prev_day, new_interactions: DataFrame, n_b
     the previous day's, unchanged. Flags come from the previous manifest's counts and the small user and
     item tables are compared here, in the driver: the usual day costs one Spark scan, of its interactions.
     """
-    from spark_jobs.buckets import BUCKET, bucket_expr, read_buckets, read_manifest
+    from spark_jobs.buckets import BUCKET, bucket_expr, read_buckets
 
-    # A bucket whose manifest does not count its flags is taken as flagged: recomputing it is always safe.
-    flagged = {int(b) for b, entry in read_manifest(lake, DATASET, prev_day)["buckets"].items()
-               if entry["counts"].get("dirty_users", entry["rows"])}
+    flagged = flagged_buckets(lake, prev_day)
     users = new_interactions.select("user_id")
     reprofiled = profile_changes(lake, day, prev_day)
     if reprofiled:
@@ -238,6 +236,15 @@ def touched_buckets(spark, lake, day, prev_day, new_interactions: DataFrame, n_b
     # One row per interaction, deduplicated here: a distinct would cost Spark a shuffle.
     found = users.select(bucket_expr(F.col("user_id"), n_buckets).alias(BUCKET)).toArrow()[BUCKET]
     return flagged | {int(b) for b in pc.unique(found).to_pylist()}
+
+
+def flagged_buckets(lake, prev_day) -> set[int]:
+    """Buckets of the previous day that hold a user flagged for refresh (the flag falls back today)."""
+    from spark_jobs.buckets import read_manifest
+
+    # A bucket whose manifest does not count its flags is taken as flagged: recomputing it is always safe.
+    return {int(b) for b, entry in read_manifest(lake, DATASET, prev_day)["buckets"].items()
+            if entry["counts"].get("dirty_users", entry["rows"])}
 
 
 def profile_changes(lake, day, prev_day) -> list[str]:
@@ -261,6 +268,19 @@ def changed_items(lake, day, prev_day) -> list[str]:
     return sorted(set(now.loc[now["needs_refresh"], "item_id"]) | (set(before["item_id"]) - set(now["item_id"])))
 
 
+def previous_state(lake, day, n_buckets: int):
+    """The day whose outputs a daily run of `day` builds on, or None: rebuild from the raw history (no previous
+    partition, an incomplete one, or another bucket layout)."""
+    from spark_jobs.buckets import is_bucketed
+    from spark_jobs.common import previous_day
+
+    prev_day = previous_day(lake, DATASET, day)
+    if prev_day is None or not (is_bucketed(lake, DATASET, prev_day, n_buckets) and is_bucketed(lake, VERSIONS, prev_day, n_buckets)
+                                and lake.has_partition("features/items", prev_day)):
+        return None
+    return prev_day
+
+
 def summarise_history(max_window: int):
     def summarise(table) -> dict[str, int]:
         n = table["n_interactions"].to_numpy(zero_copy_only=False)
@@ -270,16 +290,12 @@ def summarise_history(max_window: int):
 
 
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import is_bucketed, read_buckets, with_buckets, write_bucketed
-    from spark_jobs.common import previous_day, read_interactions, read_partition
+    from spark_jobs.buckets import read_buckets, with_buckets, write_bucketed
+    from spark_jobs.common import read_interactions, read_partition
 
     params = WindowParams.from_config(cfg)
     n_buckets = cfg.spark.user_buckets
-    prev_day = previous_day(lake, DATASET, day)
-    if prev_day is not None and not (is_bucketed(lake, DATASET, prev_day, n_buckets)
-                                     and is_bucketed(lake, VERSIONS, prev_day, n_buckets)
-                                     and lake.has_partition("features/items", prev_day)):
-        prev_day = None  # no usable previous state (incomplete, or another layout): rebuild from the raw history
+    prev_day = previous_state(lake, day, n_buckets)
     new_interactions = read_interactions(spark, lake, prev_day, day)
     items = read_partition(spark, lake, "features/items", day)
     users = read_partition(spark, lake, "raw/users", day) if lake.has_partition("raw/users", day) else None
@@ -299,6 +315,11 @@ def run(spark, cfg, lake, day) -> dict:
     stats = write_bucketed(with_buckets(history, n_buckets), lake, DATASET, day, n_buckets, ["user_id"],
                            summarise_history(params.max_window), ["n_interactions", "needs_refresh"], **carry)
     advanced.unpersist()
+    return payload(stats, written_versions, params, prev_day, rewritten)
+
+
+def payload(stats: dict, written_versions: dict, params: WindowParams, prev_day, rewritten: set[int] | None) -> dict:
+    """The run-log counts of a run, from the totals of the two written partitions."""
     return {
         "users": stats["rows"],
         "dirty_users": stats.get("dirty_users", 0),
