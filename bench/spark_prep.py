@@ -12,7 +12,10 @@ children (the JVM) every half second.
 MovieLens-100K (movielens scenario, individual mode: clusters skipped): full build of the last day versus
 its daily (incremental) run in steady state, the same jobs in both; the daily run right after a full build
 is recorded too (`ml100k_incremental_after_full_s`). The same comparison runs on the synthetic sizes named by
-`--daily-sizes` (1M by default), where the data, not Spark's fixed cost per action, sets the time. Each run
+`--daily-sizes` (1M by default), where the data, not Spark's fixed cost per action, sets the time. Jobs run
+as spark-submit runs them (`common.run_step`): a small daily run in the driver (`spark_jobs/in_driver.py`),
+anything else in Spark; each run records the engine of each job. The ML-100K daily run is also timed with
+every job in Spark (`ml100k_incremental_spark_only_s`, `incremental_over_full_spark_only`). Each run
 counts its Spark jobs, and the least a Spark action costs here is measured too: together they show where
 the ML-100K time goes. A quiet day (no interactions, unchanged snapshots) gives the daily run's floor at
 ML-100K (`ml100k_quiet_day_s`): what the jobs cost with nothing to recompute. All of that is timed in one warm
@@ -298,6 +301,9 @@ def main() -> int:
                  "incremental_over_full_by_size: the same steady-state comparison on synthetic sizes (--daily-sizes). "
                  "ml100k_quiet_day_s / quiet_day_over_full: the daily run of a day with no interactions and "
                  "unchanged snapshots (after another such day): the fixed cost under incremental_over_full. "
+                 "engines: where each job ran (driver: spark_jobs/in_driver.py, a small daily run without Spark); "
+                 "ml100k_incremental_spark_only_s / incremental_over_full_spark_only: the same daily run with every "
+                 "job in Spark (spark.in_driver_max_interactions 0). "
                  "spark_jobs: Spark jobs run (each action and adaptive stage is one); ml100k.spark_action_floor_s: "
                  "the least one count or one rewrite of a small partition costs here.",
         "sizes": {},

@@ -26,7 +26,8 @@ One run per day; `dt` = the data interval's start (UTC), never the wall clock.
 1. **land** the day's deliveries from `incoming/` into `raw/` (on an empty lake: all history up to
    `dt`); **raw_gate** validates them (Great Expectations).
 2. **Spark** (spark-submit): **spark_features** runs `items`, `user_history` (knowledge windows,
-   dirty users) and `ctr_samples` (point-in-time knowledge join) in one Spark session;
+   dirty users) and `ctr_samples` (point-in-time knowledge join) in one Spark session (a small
+   daily run computes them in the driver and starts no Spark session: `spark_jobs/in_driver.py`);
    **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
    mode is collective; **feature_gate**.
 3. **prompts** (factorization prompting) and **prompts_gate**.
