@@ -90,10 +90,10 @@ class ScenarioConfig(_Strict):
     factors: FactorsConfig
     template_version: str
     knowledge_window: Literal["earliest", "recent"] = "earliest"
-    recent_window_size: int = 20
-    max_window: int = 30
-    refresh_min_new_interactions: int = 5
-    max_hist_len: int = 10
+    recent_window_size: int = Field(20, ge=1)
+    max_window: int = Field(30, ge=1)
+    refresh_min_new_interactions: int = Field(5, ge=0)
+    max_hist_len: int = Field(10, ge=1)
     positive_rating_threshold: int = 3  # label = rating > threshold
     extraction_mode: Literal["individual", "collective", "auto"] = "individual"
     # `auto` picks collective above this many users + items.

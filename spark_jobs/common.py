@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,12 @@ def run_step(run, step: str, spark, cfg: Config, lake: Lake, day: dt.date) -> di
     `spark()` gives the session. The payload's `engine` says which ran."""
     from spark_jobs import in_driver
 
-    payload = in_driver.run(step, cfg, lake, day)
+    try:
+        payload = in_driver.run(step, cfg, lake, day)
+    except Exception as exc:  # a failure of the driver's twin must not stop the day: Spark computes it, the log says why
+        print(f"WARNING: {step} failed in the driver, so Spark runs it: {type(exc).__name__}: {exc}", file=sys.stderr)
+        traceback.print_exc()
+        return {**run(spark(), cfg, lake, day), "engine": "spark", "driver_error": f"{type(exc).__name__}: {exc}"}
     if payload is not None:
         return {**payload, "engine": "driver"}
     return {**run(spark(), cfg, lake, day), "engine": "spark"}

@@ -102,21 +102,78 @@ def _partition_files(lake, dataset: str, day: dt.date) -> list:
 
 
 def _bucketed_schema(lake, dataset: str, day: dt.date) -> pa.Schema | None:
+    """The schema of the partition's files when it is the one this module writes (`SCHEMAS`), else None."""
     files = [f for fs in bucket_files(lake, dataset, day).values() for f in fs]
-    return pq.read_schema(files[0]) if files else None
+    return _if_current(dataset, pq.read_schema(files[0])) if files else None
+
+
+def _if_current(dataset: str, schema: pa.Schema | None) -> pa.Schema | None:
+    """`schema` (with its nullability and Spark's metadata, as Spark wrote it) when its columns and types are
+    those this module computes; after a change of the Spark job's columns, Spark runs the day (None)."""
+    expected = SCHEMAS[dataset]
+    same = schema is not None and [(f.name, _shape(f.type)) for f in schema] == [(f.name, _shape(f.type)) for f in expected]
+    return schema if same else None
+
+
+def _shape(t: pa.DataType):
+    """A type without what Spark and Arrow name or flag differently (list element names, nullability)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return ("list", _shape(t.value_type))
+    if pa.types.is_struct(t):
+        return ("struct", tuple((t.field(i).name, _shape(t.field(i).type)) for i in range(t.num_fields)))
+    return str(t)
+
+
+def _struct(**fields) -> pa.DataType:
+    return pa.struct([pa.field(k, v) for k, v in fields.items()])
+
+
+_STR, _I32, _I64 = pa.string(), pa.int32(), pa.int64()
+_ENTRY = _struct(item_id=_STR, ts=_I64, rating=_I32)
+# What each Spark job writes (names and types; nullability and metadata come from the previous partition's
+# files). tests/spark/test_in_driver.py compares the files both engines write, so a change to a Spark job's
+# columns fails it until this and the code below change too.
+SCHEMAS = {
+    "features/items": pa.schema([("item_id", _STR), ("title", _STR), ("year", _I32), ("genres", pa.list_(_STR)),
+                                 ("first_genre", _STR), ("popularity", _I64), ("metadata_hash", _STR),
+                                 ("needs_refresh", pa.bool_())]),
+    "features/items_undescribed": pa.schema([("item_id", _STR), ("popularity", _I64)]),
+    "features/user_history": pa.schema([
+        ("user_id", _STR), ("n_interactions", _I32), ("history", pa.list_(_ENTRY)),
+        ("window", pa.list_(_struct(item_id=_STR, ts=_I64, rating=_I32, title=_STR, year=_I32))),
+        ("window_size", _I32), ("window_n", _I32), ("as_of", _I64), ("window_hash", _STR), ("needs_refresh", pa.bool_()),
+        ("refreshed_dt", pa.date32()), ("age", _I32), ("gender", _STR), ("occupation", _STR)]),
+    "features/knowledge_versions": pa.schema([("user_id", _STR), ("window_n", _I32), ("window_size", _I32), ("as_of", _I64),
+                                              ("window_hash", _STR), ("version_dt", pa.date32())]),
+    "features/ctr_samples": pa.schema([
+        ("user_id", _STR), ("item_id", _STR), ("ts", _I64), ("rating", _I32), ("label", pa.int8()), ("item_genre", _STR),
+        ("hist_item_ids", pa.list_(_STR)), ("hist_genres", pa.list_(_STR)), ("hist_ratings", pa.list_(_I32)),
+        ("split", _STR), ("knowledge_prompt_hash", _STR), ("knowledge_as_of", _I64), ("knowledge_window_hash", _STR),
+        ("knowledge_window_n", _I32)]),
+}
 
 
 _INTERACTION_TYPES = {"user_id": pa.string(), "item_id": pa.string(), "rating": pa.int32(), "ts": pa.int64()}
 
 
-def _new_interactions(lake, since_exclusive: dt.date, upto: dt.date) -> pa.Table:
-    """`common.read_interactions`: raw/interactions with since_exclusive < dt <= upto, typed as Spark casts them."""
+def _new_interaction_files(lake, since_exclusive: dt.date, upto: dt.date) -> list:
     days = [d for d in lake.partitions("raw/interactions") if since_exclusive < d <= upto]
-    tables = [pq.read_table(f, columns=list(_INTERACTION_TYPES)) for d in days
-              for f in _partition_files(lake, "raw/interactions", d)]
+    return [f for d in days for f in _partition_files(lake, "raw/interactions", d)]
+
+
+def _count_new_interactions(lake, since_exclusive: dt.date, upto: dt.date) -> int:
+    """How many interactions `_new_interactions` would read (from the files' footers: nothing is read yet)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in _new_interaction_files(lake, since_exclusive, upto))
+
+
+def _new_interactions(lake, since_exclusive: dt.date, upto: dt.date) -> pa.Table | None:
+    """`common.read_interactions`: raw/interactions with since_exclusive < dt <= upto, typed as Spark casts them.
+    None when a key or time is null: the raw gate stops such data, and Spark's handling is left to Spark."""
+    tables = [pq.read_table(f, columns=list(_INTERACTION_TYPES)) for f in _new_interaction_files(lake, since_exclusive, upto)]
     empty = pa.table({k: pa.array([], t) for k, t in _INTERACTION_TYPES.items()})
-    return pa.concat_tables([empty] + [t.select(list(_INTERACTION_TYPES)).cast(pa.schema(_INTERACTION_TYPES))
-                                       for t in tables])
+    table = pa.concat_tables([empty] + [t.select(list(_INTERACTION_TYPES)).cast(pa.schema(_INTERACTION_TYPES))
+                                        for t in tables])
+    return None if any(table[c].null_count for c in ("user_id", "item_id", "ts")) else table
 
 
 # --------------------------------------------------------------------------- items
@@ -163,23 +220,30 @@ def items_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
     prev_day = previous_day(lake, items.DATASET, day)
     if prev_day is None or not lake.has_partition("raw/items", day):
         return None
+    if _count_new_interactions(lake, prev_day, day) > limit:
+        return None
     raw = _read_files(_partition_files(lake, "raw/items", day))
     previous = _read_files(_partition_files(lake, items.DATASET, prev_day))
-    if raw is None or previous is None or raw.num_rows > limit:
+    if raw is None or previous is None or raw.num_rows > limit or _if_current(items.DATASET, previous.schema) is None:
         return None
     types = raw.schema
     if not (pa.types.is_integer(types.field("year").type) and pa.types.is_list(types.field("genres").type)):
         return None  # Spark casts other types: leave them to it
     ids = raw["item_id"].cast(pa.string()).to_pylist()
-    if len(set(ids)) != len(ids):
+    if len(set(ids)) != len(ids) or None in ids:
         return None  # Spark's join would repeat the item; the raw gate stops that day anyway
+    if len(set(previous["item_id"].to_pylist())) != previous.num_rows:
+        return None
     prev_pop = dict(zip(previous["item_id"].to_pylist(), previous["popularity"].to_pylist()))
     prev_hash = dict(zip(previous["item_id"].to_pylist(), previous["metadata_hash"].to_pylist()))
     if lake.has_partition(items.UNDESCRIBED, prev_day):
         undescribed = _read_files(_partition_files(lake, items.UNDESCRIBED, prev_day))
         if undescribed is not None:
             prev_pop.update(zip(undescribed["item_id"].to_pylist(), undescribed["popularity"].to_pylist()))
-    new_counts = Counter(_new_interactions(lake, prev_day, day)["item_id"].to_pylist())
+    new = _new_interactions(lake, prev_day, day)
+    if new is None:
+        return None
+    new_counts = Counter(new["item_id"].to_pylist())
 
     rows = []
     for item_id, title, year, genres in zip(ids, raw["title"].cast(pa.string()).to_pylist(), raw["year"].to_pylist(),
@@ -294,18 +358,34 @@ def _history_row(user_id: str, state: dict, prev: dict | None, titles: dict, pro
 
 def _user_profiles(lake, day: dt.date) -> dict | None:
     """user_id -> (age, gender, occupation) of `raw/users/dt=day`; {} without a snapshot, None when a user
-    appears twice (Spark's join would repeat the user's row: leave that day to Spark)."""
+    appears twice or has no id (Spark's join would repeat the user's row: leave that day to Spark)."""
     if not lake.has_partition("raw/users", day):
         return {}
     table = _read_files(_partition_files(lake, "raw/users", day), ["user_id", "age", "gender", "occupation"])
     if table is None:
-        return {}
+        return None  # a partition without a file: Spark's read names it
     ids = table["user_id"].cast(pa.string()).to_pylist()
-    if len(set(ids)) != len(ids):
+    if len(set(ids)) != len(ids) or None in ids:
         return None
     columns = [table["age"].cast(pa.int32()).to_pylist(), table["gender"].cast(pa.string()).to_pylist(),
                table["occupation"].cast(pa.string()).to_pylist()]
     return {u: p for u, p in zip(ids, zip(*columns))}
+
+
+def _item_lookup(lake, day: dt.date, columns: list[str]) -> dict | None:
+    """item_id -> the other `columns` of `features/items/dt=day`; None when an item appears twice (Spark's
+    joins would repeat its entries: leave that day to Spark)."""
+    table = _read_files(_partition_files(lake, "features/items", day), ["item_id", *columns])
+    if table is None:
+        return None
+    ids = table["item_id"].to_pylist()
+    values = zip(*(table[c].to_pylist() for c in columns))
+    lookup = dict(zip(ids, values))
+    return lookup if len(lookup) == len(ids) else None
+
+
+def _titles(lake, day: dt.date) -> dict | None:
+    return _item_lookup(lake, day, ["title", "year"])
 
 
 def _touched_buckets(cfg, lake, day, prev_day, new: pa.Table, n_buckets: int) -> set[int]:
@@ -359,7 +439,12 @@ def user_history_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
     profiles = _user_profiles(lake, day)
     if None in schemas.values() or profiles is None:
         return None
+    if _count_new_interactions(lake, prev_day, day) > limit:
+        return None
     new = _new_interactions(lake, prev_day, day)
+    titles = _titles(lake, day)
+    if new is None or titles is None:
+        return None
     rewritten = _touched_buckets(cfg, lake, day, prev_day, new, n_buckets)
     if new.num_rows + _interactions_in(lake, prev_day, rewritten) > limit:
         return None
@@ -370,19 +455,16 @@ def user_history_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
 
     prev_table = read(user_history.DATASET)
     prev_rows = {r["user_id"]: r for r in ([] if prev_table is None else prev_table.to_pylist())}
-    prev_versions = _rows_by_user(read(user_history.VERSIONS))
+    prev_versions = read(user_history.VERSIONS)
     new_events: dict[str, list[dict]] = defaultdict(list)
     for e in new.select(["user_id", "item_id", "ts", "rating"]).to_pylist():
         new_events[e.pop("user_id")].append(e)
-    items_now = _read_files(_partition_files(lake, "features/items", day), ["item_id", "title", "year"])
-    titles = dict(zip(items_now["item_id"].to_pylist(), zip(items_now["title"].to_pylist(), items_now["year"].to_pylist())))
-
-    history_rows, version_rows = [], []
+    # Every previous version of the rewritten buckets is kept (as Spark's union), a user's new ones added.
+    history_rows, version_rows = [], [] if prev_versions is None else prev_versions.to_pylist()
     for user_id in set(prev_rows) | set(new_events):
         prev = prev_rows.get(user_id)
         state = _advance_user(prev, sorted(new_events.get(user_id, []), key=_event_key), params)
         history_rows.append(_history_row(user_id, state, prev, titles, profiles.get(user_id)))
-        version_rows.extend(prev_versions.get(user_id, []))
         version_rows.extend(_version_row(user_id, d, n, state["history"], params) for d, n in state["versions"])
     buckets_of: dict[str, int] = {}
     carry = {"carry_from": prev_day, "rewritten": rewritten}
@@ -462,9 +544,11 @@ def ctr_samples_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
                     rewritten.add(bucket)
     if _interactions_in(lake, day, rewritten) > limit:
         return None
+    lookup = _item_lookup(lake, day, ["first_genre"])
+    if lookup is None:
+        return None
+    genres = {item_id: genre for item_id, (genre,) in lookup.items()}
     tables = {}
-    items_now = _read_files(_partition_files(lake, "features/items", day), ["item_id", "first_genre"])
-    genres = dict(zip(items_now["item_id"].to_pylist(), items_now["first_genre"].to_pylist()))
     histories = bucket_files(lake, user_history.DATASET, day, rewritten)
     versions = bucket_files(lake, user_history.VERSIONS, day, rewritten)
     for bucket in sorted(rewritten):

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
@@ -131,6 +132,28 @@ def test_a_big_day_or_a_full_build_runs_in_spark(spark, tmp_path):
         job.run(spark, cfg, lake, days[-2])
     assert in_driver.run("features_user_history", cfg, lake, days[-1]) is None
     assert in_driver.run("features_clusters", cfg, lake, days[-1]) is None  # not a job the driver runs
+
+
+def test_a_changed_job_schema_or_a_driver_failure_leaves_the_day_to_spark(spark, tmp_path, monkeypatch, capfd):
+    days, _ = _raw_lake(tmp_path)
+    cfg = _cfg(tmp_path, "earliest", 200_000)
+    lake = Lake(cfg.lake_uri)
+    for job, _ in JOBS:
+        job.run(spark, cfg, lake, days[-3])
+    # The Spark job gained a column the driver's twin does not compute: the previous files do not match it.
+    grown = in_driver.SCHEMAS["features/user_history"].append(pa.field("new_feature", pa.string()))
+    monkeypatch.setitem(in_driver.SCHEMAS, "features/user_history", grown)
+    assert in_driver.run("features_user_history", cfg, lake, days[-2]) is None
+    monkeypatch.undo()
+
+    def broken(*_):
+        raise ZeroDivisionError("a bug in the twin")
+
+    monkeypatch.setitem(in_driver._RUNS, "features_items", broken)
+    payload = run_step(items.run, "features_items", lambda: spark, cfg, lake, days[-2])
+    assert payload["engine"] == "spark" and payload["driver_error"] == "ZeroDivisionError: a bug in the twin"
+    assert "failed in the driver, so Spark runs it" in capfd.readouterr().err
+    assert payload["items"] == len(lake.read_partition("features/items", days[-2]))
 
 
 def test_features_job_runs_a_small_day_without_starting_spark(spark, tmp_path):
