@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spark_jobs import ctr_samples, items, user_history
-from spark_jobs.buckets import bucket_files, read_manifest, totals, write_bucket_tables
+from spark_jobs.buckets import bucket_files, read_manifest, write_bucketed
 from spark_jobs.common import previous_day
 
 _EPOCH = dt.date(1970, 1, 1)
@@ -483,8 +483,8 @@ def _write(rows: list[dict], sort_by: list[str], schema: pa.Schema, lake, datase
     for bucket, bucket_rows in _by_bucket(rows, n_buckets, buckets_of).items():
         bucket_rows.sort(key=lambda r: tuple(_null_first(r[c]) for c in sort_by))
         tables[bucket] = pa.Table.from_pylist(bucket_rows, schema=schema)
-    spark_schema = read_manifest(lake, dataset, prev_day)["schema"]
-    return write_bucket_tables(tables, spark_schema, lake, dataset, day, n_buckets, sort_by, summarise, summary_columns, **carry)
+    return write_bucketed(tables, lake, dataset, day, n_buckets, sort_by, summarise, summary_columns, **carry,
+                          schema=read_manifest(lake, dataset, prev_day)["schema"])
 
 
 # --------------------------------------------------------------------------- ctr_samples
@@ -560,9 +560,9 @@ def ctr_samples_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
                                          params, _split_of(user["user_id"], params.split_fractions)))
         rows.sort(key=lambda r: (_null_first(r["user_id"]), _null_first(r["ts"]), _null_first(r["item_id"])))
         tables[bucket] = pa.Table.from_pylist(rows, schema=schema)
-    stats = write_bucket_tables(tables, read_manifest(lake, ctr_samples.DATASET, prev_day)["schema"], lake, ctr_samples.DATASET,
-                                day, n_buckets, ["user_id", "ts", "item_id"], ctr_samples.summarise, ["split", "label"],
-                                carry_from=prev_day, rewritten=rewritten)
+    stats = write_bucketed(tables, lake, ctr_samples.DATASET, day, n_buckets, ["user_id", "ts", "item_id"],
+                           ctr_samples.summarise, ["split", "label"], carry_from=prev_day, rewritten=rewritten,
+                           schema=read_manifest(lake, ctr_samples.DATASET, prev_day)["schema"])
     return ctr_samples.payload(stats, lake, day, prev_day, rewritten)
 
 
