@@ -232,10 +232,11 @@ def items_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
     ids = raw["item_id"].cast(pa.string()).to_pylist()
     if len(set(ids)) != len(ids) or None in ids:
         return None  # Spark's join would repeat the item; the raw gate stops that day anyway
-    if len(set(previous["item_id"].to_pylist())) != previous.num_rows:
+    prev_ids = previous["item_id"].to_pylist()
+    if len(set(prev_ids)) != len(prev_ids):
         return None
-    prev_pop = dict(zip(previous["item_id"].to_pylist(), previous["popularity"].to_pylist()))
-    prev_hash = dict(zip(previous["item_id"].to_pylist(), previous["metadata_hash"].to_pylist()))
+    prev_pop = dict(zip(prev_ids, previous["popularity"].to_pylist()))
+    prev_hash = dict(zip(prev_ids, previous["metadata_hash"].to_pylist()))
     if lake.has_partition(items.UNDESCRIBED, prev_day):
         undescribed = _read_files(_partition_files(lake, items.UNDESCRIBED, prev_day))
         if undescribed is not None:
@@ -388,7 +389,7 @@ def _titles(lake, day: dt.date) -> dict | None:
     return _item_lookup(lake, day, ["title", "year"])
 
 
-def _touched_buckets(cfg, lake, day, prev_day, new: pa.Table, n_buckets: int) -> set[int]:
+def _touched_buckets(lake, day, prev_day, new: pa.Table, n_buckets: int) -> set[int]:
     """`user_history.touched_buckets`, without Spark."""
     users = set(new["user_id"].to_pylist()) | set(user_history.profile_changes(lake, day, prev_day))
     buckets = user_history.flagged_buckets(lake, prev_day) | {user_bucket(u, n_buckets) for u in users}
@@ -445,7 +446,7 @@ def user_history_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
     titles = _titles(lake, day)
     if new is None or titles is None:
         return None
-    rewritten = _touched_buckets(cfg, lake, day, prev_day, new, n_buckets)
+    rewritten = _touched_buckets(lake, day, prev_day, new, n_buckets)
     if new.num_rows + _interactions_in(lake, prev_day, rewritten) > limit:
         return None
 
@@ -463,7 +464,7 @@ def user_history_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
     history_rows, version_rows = [], [] if prev_versions is None else prev_versions.to_pylist()
     for user_id in set(prev_rows) | set(new_events):
         prev = prev_rows.get(user_id)
-        state = _advance_user(prev, sorted(new_events.get(user_id, []), key=_event_key), params)
+        state = _advance_user(prev, new_events.get(user_id, []), params)
         history_rows.append(_history_row(user_id, state, prev, titles, profiles.get(user_id)))
         version_rows.extend(_version_row(user_id, d, n, state["history"], params) for d, n in state["versions"])
     buckets_of: dict[str, int] = {}
