@@ -127,6 +127,9 @@ def bench_synthetic(spark, books, collective, workdir: Path, size: int, daily: b
     clusters_seconds = run_jobs(spark, collective, lake, day, (clusters,))["clusters"]
     mode = resolve_mode(books, users, n_items)
     daily_run = full_vs_daily(spark, books, lake, days, HEADLINE_JOBS, full=seconds) if daily else None
+    if daily:  # the same day with every job forced into the driver: where the driver's limit should sit
+        forced = books.model_copy(update={"spark": books.spark.model_copy(update={"in_driver_max_interactions": 10**12})})
+        daily_run["in_driver"] = full_vs_daily(spark, forced, lake, days, HEADLINE_JOBS, full=seconds)
     print(f"{size}: {time.perf_counter() - start:.0f} s", flush=True)
     shutil.rmtree(lake.local_path(), ignore_errors=True)
     return {
@@ -298,7 +301,9 @@ def main() -> int:
                  "ml100k_full_s / ml100k_incremental_s: the fastest of 2 full builds and of 2 steady-state daily runs "
                  "(the last day's daily run after a daily run), timed alternately; "
                  "ml100k_incremental_after_full_s: a daily run right after a full build (every user bucket rewritten). "
-                 "incremental_over_full_by_size: the same steady-state comparison on synthetic sizes (--daily-sizes). "
+                 "incremental_over_full_by_size: the same steady-state comparison on synthetic sizes (--daily-sizes); "
+                 "incremental_over_full_in_driver_by_size: that daily run with every job forced into the driver "
+                 "(spark.in_driver_max_interactions unbounded), where the driver's limit should sit. "
                  "ml100k_quiet_day_s / quiet_day_over_full: the daily run of a day with no interactions and "
                  "unchanged snapshots (after another such day): the fixed cost under incremental_over_full. "
                  "engines: where each job ran (driver: spark_jobs/in_driver.py, a small daily run without Spark); "
@@ -328,7 +333,7 @@ def main() -> int:
                                              "ml100k_incremental_spark_only_s", "incremental_over_full_spark_only",
                                              "ml100k_quiet_day_s", "quiet_day_over_full", "ml100k_submit_full_s",
                                              "ml100k_submit_incremental_s", "submit_incremental_over_full", "class_archive_saves",
-                                             "incremental_over_full_by_size")}))
+                                             "incremental_over_full_by_size", "incremental_over_full_in_driver_by_size")}))
     return 0
 
 
@@ -340,6 +345,8 @@ def write_result(result: dict, rss: PeakRss, out: Path) -> None:
     result["time_ratio_10m_over_1m"] = round(totals[10_000_000] / totals[1_000_000], 3) if {1_000_000, 10_000_000} <= totals.keys() else None
     result["incremental_over_full_by_size"] = {k: v["full_vs_daily"]["incremental_over_full"]
                                                for k, v in result["sizes"].items() if v.get("full_vs_daily")}
+    result["incremental_over_full_in_driver_by_size"] = {k: v["full_vs_daily"]["in_driver"]["incremental_over_full"]
+                                                         for k, v in result["sizes"].items() if v.get("full_vs_daily")}
     result["peak_rss_mb"] = round(rss.peak_mb, 1)
     result["load_average_1m"][f"after_{len(result['sizes'])}_sizes" + ("_and_ml100k" if "ml100k" in result else "")] = round(
         os.getloadavg()[0], 2)
