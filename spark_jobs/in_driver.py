@@ -274,21 +274,6 @@ def items_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------- user_history
-def _window(history: list, n: int | None, params) -> list | None:
-    """`WindowParams.slice_sql`: the window of a user who had `n` interactions (None without a version)."""
-    if n is None:
-        return None
-    if params.mode == "earliest":
-        return history[: _window_key(n, params)]
-    start = max(n - params.recent_window_size, 0)
-    return history[start: start + min(n, params.recent_window_size)]
-
-
-def _window_key(n: int, params) -> int:
-    """`WindowParams.key_sql`."""
-    return min((n + 1) // 2, params.max_window) if params.mode == "earliest" else n
-
-
 def _window_hash(window: list | None) -> str | None:
     """`user_history.window_hash`: sha256 of "item:ts:rating|..." (concat_ws skips a null part)."""
     if window is None:
@@ -320,15 +305,15 @@ def _advance_user(prev: dict | None, new_events: list[dict], params) -> dict:
     last_n, versions = (prev["window_n"] if prev else None), []
     k = params.refresh_min_new_interactions
     for day, n in day_counts:
-        if last_n is None or (n - last_n >= k and _window_key(n, params) != _window_key(last_n, params)):
+        if last_n is None or (n - last_n >= k and params.key(n) != params.key(last_n)):
             last_n = n
             versions.append((day, n))
-    window = _window(history, last_n, params)
+    window = None if last_n is None else params.window(history, last_n)
     return {"history": history, "window_n": last_n, "window": window, "versions": versions}
 
 
 def _version_row(user_id: str, day: dt.date, n: int, history: list, params) -> dict:
-    window = _window(history, n, params)
+    window = params.window(history, n)
     return {"user_id": user_id, "window_n": n, "window_size": len(window),
             "as_of": window[-1]["ts"] if window else None, "window_hash": _window_hash(window), "version_dt": day}
 
@@ -395,15 +380,21 @@ def _touched_buckets(lake, day, prev_day, new: pa.Table, n_buckets: int) -> set[
     buckets = user_history.flagged_buckets(lake, prev_day) | {user_bucket(u, n_buckets) for u in users}
     changed = user_history.changed_items(lake, day, prev_day)
     if changed:  # rare: only then are the previous windows read
-        wanted = pa.array(changed, pa.string())
-        for bucket, files in bucket_files(lake, user_history.DATASET, prev_day).items():
-            if bucket in buckets:
-                continue
-            shown = _read_files(files, ["window"])["window"]
-            item_ids = pc.struct_field(pc.list_flatten(shown), "item_id")
-            if pc.any(pc.is_in(item_ids, value_set=wanted)).as_py():
-                buckets.add(bucket)
+        buckets |= _buckets_listing(lake, prev_day, "window", changed, buckets)
     return buckets
+
+
+def _buckets_listing(lake, day: dt.date, column: str, item_ids: list[str], skip: set[int]) -> set[int]:
+    """Buckets of `features/user_history/dt=day`, other than `skip`, with one of `item_ids` in a user's
+    `column` (the window or the whole history)."""
+    wanted = pa.array(item_ids, pa.string())
+    found = set()
+    for bucket, files in bucket_files(lake, user_history.DATASET, day).items():
+        if bucket not in skip:
+            listed = pc.struct_field(pc.list_flatten(_read_files(files, [column])[column]), "item_id")
+            if pc.any(pc.is_in(listed, value_set=wanted)).as_py():
+                found.add(bucket)
+    return found
 
 
 def _interactions_in(lake, day: dt.date, buckets: set[int]) -> int:
@@ -537,12 +528,7 @@ def ctr_samples_day(cfg, lake, day: dt.date, limit: int) -> dict | None:
     rewritten = ctr_samples.grown_user_buckets(lake, day, prev_day)
     regenred = ctr_samples.regenred_items(lake, day, prev_day)
     if regenred:  # rare: only then are all histories read
-        wanted = pa.array(regenred, pa.string())
-        for bucket, files in bucket_files(lake, user_history.DATASET, day).items():
-            if bucket not in rewritten:
-                rated = pc.struct_field(pc.list_flatten(_read_files(files, ["history"])["history"]), "item_id")
-                if len(rated) and pc.any(pc.is_in(rated, value_set=wanted)).as_py():
-                    rewritten.add(bucket)
+        rewritten |= _buckets_listing(lake, day, "history", regenred, rewritten)
     if _interactions_in(lake, day, rewritten) > limit:
         return None
     lookup = _item_lookup(lake, day, ["first_genre"])
