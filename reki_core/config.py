@@ -252,6 +252,30 @@ class AlertsConfig(_Strict):
     publish_deadline_hours: float = 6.0
 
 
+class ClusterConfig(_Strict):
+    """The cluster profile (`make cluster`, reki_core/cluster.py): PostgreSQL, Redis/Celery, Spark standalone, on
+    loopback. Its state lives in `<state_dir>/cluster/`, its generated credentials in `<state_dir>/secrets/cluster.json`."""
+
+    default_queue: str = "default"  # Celery queue of every task without one (AIRFLOW__OPERATORS__DEFAULT_QUEUE)
+    gpu_queue: str = "gpu"  # the extraction shards and every task that may pick CUDA
+    worker_concurrency: int = Field(2, ge=1)  # task slots of the default queue's worker
+    # The gpu queue's worker is an Airflow Celery worker: "" = this venv's python. The extraction it runs starts
+    # `llm.engine.python` itself (the vLLM environment has no Airflow).
+    gpu_worker_python: str = ""
+    postgres_port: int = 5433
+    redis_port: int = 6380
+    api_port: int = 8081
+    spark_master_port: int = 7077
+    spark_master_webui_port: int = 8180
+    spark_worker_webui_port: int = 8181
+    spark_worker_cores: int = Field(2, ge=1)
+    spark_worker_memory: str = "2g"
+    worker_log_port: int = 8793  # the default worker serves its task logs here (Airflow's log server)
+    triggerer_log_port: int = 8794
+    # A try whose worker stopped heartbeating (killed) is failed and retried after this long (Airflow: 300 s).
+    task_heartbeat_timeout_s: int = Field(90, ge=10)
+
+
 class Config(_Strict):
     scenario: ScenarioConfig
     run_date: dt.date
@@ -263,6 +287,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     quality: QualityConfig = QualityConfig()
     alerts: AlertsConfig = AlertsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     source_file: Path = Path("conf/reki.yaml")
 
     def resolve(self, path: str | Path) -> Path:

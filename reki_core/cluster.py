@@ -1,0 +1,596 @@
+"""The cluster profile on loopback (`make cluster`): Airflow on PostgreSQL with Celery workers (Redis broker) and a
+gpu queue, Spark standalone (master, worker, the Spark Connect server on that master), SeaweedFS; every service a
+program of one supervisord.
+
+State lives in `<state_dir>/cluster/` (PostgreSQL's data folder, Redis's, the Airflow home, supervisord's config,
+socket and PID), logs in `<state_dir>/logs/cluster-<service>.log`, generated credentials in
+`<state_dir>/secrets/cluster.json` (0600). Secrets reach the services through supervisord's environment, never
+their command lines (which `ps` shows).
+
+    python -m reki_core.cluster up | down | status | env      (`make cluster`, `make stop`, `source infra/cluster/env.sh`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from reki_core.config import PROJECT_ROOT, Config
+from reki_core.localstack import (CONNECT_TOKEN_ENV, SeaweedFS, SparkConnectServer, _write_private,
+                                  ensure_connect_token, ensure_credentials, secrets_dir, service_ports)
+
+SERVICE_NAMES: tuple[str, ...] = ("postgres", "redis", "seaweedfs", "spark-master", "spark-worker", "spark-connect",
+                                  "api-server", "scheduler", "dag-processor", "triggerer", "worker", "gpu-worker")
+# Started with supervisord, in this order (priority); the Airflow programs start once the metadata DB is migrated.
+INFRA_SERVICES = SERVICE_NAMES[:6]
+AIRFLOW_SERVICES = SERVICE_NAMES[6:]
+DB_USER = DB_NAME = "airflow"
+OS_USER = "reki"  # PostgreSQL refuses to run as root: as root, its server runs as this system user
+INSTALL_HINT = "install it with `bash infra/cluster/install.sh` (apt: postgresql, redis-server)"
+
+
+class ClusterError(RuntimeError):
+    """`make cluster` cannot go on; the message says which service or setting and how to fix it."""
+
+
+# ------------------------------------------------------------------ layout, credentials
+
+
+def cluster_dir(cfg: Config) -> Path:
+    return cfg.state_dir / "cluster"
+
+
+def logs_dir(cfg: Config) -> Path:
+    return cfg.state_dir / "logs"
+
+
+def airflow_home(cfg: Config) -> Path:
+    return cluster_dir(cfg) / "airflow"
+
+
+def secrets_file(cfg: Config) -> Path:
+    return secrets_dir(cfg.state_dir) / "cluster.json"
+
+
+def ensure_cluster_secrets(cfg: Config) -> dict[str, str]:
+    """The profile's generated credentials (once): database, broker, supervisord's socket, Airflow's keys."""
+    path = secrets_file(cfg)
+    if not path.is_file():
+        from cryptography.fernet import Fernet  # an Airflow dependency
+
+        _write_private(path, {
+            "postgres_password": secrets.token_hex(24), "redis_password": secrets.token_hex(24),
+            "supervisor_password": secrets.token_hex(16), "fernet_key": Fernet.generate_key().decode(),
+            "jwt_secret": secrets.token_urlsafe(32), "api_secret_key": secrets.token_urlsafe(32)})
+    return json.loads(path.read_text())
+
+
+def master_url(cfg: Config) -> str:
+    return f"spark://127.0.0.1:{cfg.cluster.spark_master_port}"
+
+
+def database_url(cfg: Config, password: str) -> str:
+    return f"postgresql+psycopg2://{DB_USER}:{password}@127.0.0.1:{cfg.cluster.postgres_port}/{DB_NAME}"
+
+
+def broker_url(cfg: Config, password: str) -> str:
+    return f"redis://:{password}@127.0.0.1:{cfg.cluster.redis_port}/0"
+
+
+def postgres_bin(tool: str) -> Path:
+    """A PostgreSQL server binary from Debian's package (the newest installed major version, 15 here)."""
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise ClusterError(f"PostgreSQL's `{tool}` was not found under /usr/lib/postgresql/*/bin: {INSTALL_HINT}")
+    return found[-1]
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").is_file() else None)
+    if path is None:
+        raise ClusterError(f"`{name}` was not found: {INSTALL_HINT}")
+    return path
+
+
+def _venv_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+# ------------------------------------------------------------------ what runs
+
+
+def service_ports_of(cfg: Config) -> dict[str, list[tuple[int, str]]]:
+    """Every loopback port each service listens on, with the setting that moves it."""
+    from reki_core.spark import connect_endpoint
+
+    c = cfg.cluster
+    s3_port = SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket).port
+    return {
+        "postgres": [(c.postgres_port, "cluster.postgres_port")],
+        "redis": [(c.redis_port, "cluster.redis_port")],
+        "seaweedfs": [(s3_port, "object_store.endpoint_url")]
+                     + [(p, "object_store.endpoint_url (the ports after it)") for p in service_ports(s3_port).values()],
+        "spark-master": [(c.spark_master_port, "cluster.spark_master_port"),
+                         (c.spark_master_webui_port, "cluster.spark_master_webui_port")],
+        "spark-worker": [(c.spark_worker_webui_port, "cluster.spark_worker_webui_port")],
+        "spark-connect": [(connect_endpoint(cfg.spark.connect_url)[1], "spark.connect_url")],
+        "api-server": [(c.api_port, "cluster.api_port")],
+        "worker": [(c.worker_log_port, "cluster.worker_log_port")],
+        "triggerer": [(c.triggerer_log_port, "cluster.triggerer_log_port")],
+    }
+
+
+def gpu_worker_python(cfg: Config) -> str:
+    return cfg.cluster.gpu_worker_python or sys.executable
+
+
+def service_commands(cfg: Config) -> dict[str, list[str]]:
+    """Each service's argv, as `make cluster` starts it (under supervisord, in SERVICE_NAMES order)."""
+    from reki_core.spark import spark_home
+
+    c = cfg.cluster
+    data = cluster_dir(cfg)
+    spark_class = str(spark_home() / "bin" / "spark-class")
+    airflow = [_venv_bin("airflow")]
+    return {
+        "postgres": [str(postgres_bin("postgres")), "-D", str(data / "postgres"), "-p", str(c.postgres_port),
+                     "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
+        "redis": [_binary("redis-server"), str(data / "redis.conf"), "--port", str(c.redis_port), "--bind", "127.0.0.1"],
+        "seaweedfs": SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket).command(),
+        "spark-master": [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                         "--port", str(c.spark_master_port), "--webui-port", str(c.spark_master_webui_port)],
+        "spark-worker": [spark_class, "org.apache.spark.deploy.worker.Worker", master_url(cfg), "--host", "127.0.0.1",
+                         "--cores", str(c.spark_worker_cores), "--memory", c.spark_worker_memory,
+                         "--webui-port", str(c.spark_worker_webui_port), "--work-dir", str(data / "spark-work")],
+        "spark-connect": SparkConnectServer(cfg, master=master_url(cfg)).command(),
+        "api-server": [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(c.api_port), "--workers", "1"],
+        "scheduler": [*airflow, "scheduler"],
+        "dag-processor": [*airflow, "dag-processor"],
+        "triggerer": [*airflow, "triggerer"],
+        "worker": [*airflow, "celery", "worker", "--queues", c.default_queue,
+                   "--concurrency", str(c.worker_concurrency), "--celery-hostname", f"{c.default_queue}@%h"],
+        # Same disk as the default worker here: the api-server reads its task logs from the files directly.
+        "gpu-worker": [gpu_worker_python(cfg), "-m", "airflow", "celery", "worker", "--queues", c.gpu_queue,
+                       "--concurrency", "1", "--celery-hostname", f"{c.gpu_queue}@%h", "--skip-serve-logs"],
+    }
+
+
+def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of every service and of Airflow's CLI on this profile (secrets included: it is passed to
+    supervisord and exported by `env`, never written to a config file)."""
+    s = ensure_cluster_secrets(cfg)
+    token = ensure_connect_token(cfg.state_dir)
+    c = cfg.cluster
+    home = airflow_home(cfg)
+    api = f"http://127.0.0.1:{c.api_port}"
+    env = dict(os.environ if base is None else base)
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
+        env.pop(key, None)  # the embedded SQLite's busy timeout: no such argument for PostgreSQL
+    from reki_core.spark import connect_endpoint
+
+    connect_host, connect_port = connect_endpoint(cfg.spark.connect_url)
+    # The Connect server's own variables (Spark home, loopback, this venv's Python, no daemonizing), for the
+    # master and worker too.
+    env.update(SparkConnectServer(cfg, master=master_url(cfg)).environment(token))
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(home / "plugins"),
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(PROJECT_ROOT / "plugins"),
+                                                     *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CORE__FERNET_KEY": s["fernet_key"],
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url(cfg, s["postgres_password"]),
+        "AIRFLOW__CELERY__BROKER_URL": broker_url(cfg, s["redis_password"]),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url(cfg, s["postgres_password"]).replace("+psycopg2", ""),
+        "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(c.worker_concurrency),
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": c.default_queue,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(c.api_port),
+        "AIRFLOW__API__BASE_URL": api,
+        "AIRFLOW__API__SECRET_KEY": s["api_secret_key"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": s["jwt_secret"],
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(c.worker_log_port),
+        "AIRFLOW__LOGGING__TRIGGERER_LOG_SERVER_PORT": str(c.triggerer_log_port),
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(c.task_heartbeat_timeout_s),
+        # Feature jobs and the Connect server run on the standalone master, not local[*].
+        "REKI__SPARK__MASTER": master_url(cfg),
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "spark://127.0.0.1",
+                                                  "port": c.spark_master_port}),
+        "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT": json.dumps({"conn_type": "spark_connect", "host": connect_host,
+                                                          "port": connect_port, "password": token}),
+        CONNECT_TOKEN_ENV: token,
+    })
+    return env
+
+
+# ------------------------------------------------------------------ supervisord
+
+
+def _quote(value: str) -> str:
+    return value.replace("%", "%%")  # supervisord expands %(name)s in commands
+
+
+def supervisord_conf(cfg: Config) -> str:
+    """One program per service: restarted when it exits, stopped with its whole process group."""
+    s = ensure_cluster_secrets(cfg)
+    d, logs = cluster_dir(cfg), logs_dir(cfg)
+    commands = service_commands(cfg)
+    lines = [
+        "; generated by reki_core/cluster.py on every `make cluster`: edit that, not this file",
+        "[unix_http_server]", f"file={d / 'supervisor.sock'}", "chmod=0700",
+        f"username=reki", f"password={s['supervisor_password']}", "",
+        "[supervisord]", f"logfile={logs / 'cluster-supervisord.log'}", f"pidfile={d / 'supervisord.pid'}",
+        f"childlogdir={logs}", f"directory={PROJECT_ROOT}", "logfile_maxbytes=20MB", "user=" + _whoami(), "",
+        "[rpcinterface:supervisor]", "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+        "",
+        "[supervisorctl]", f"serverurl=unix://{d / 'supervisor.sock'}", "username=reki",
+        f"password={s['supervisor_password']}", "",
+    ]
+    for priority, name in enumerate(SERVICE_NAMES, start=1):
+        infra = name in INFRA_SERVICES
+        lines += [
+            f"[program:{name}]", f"command={_quote(shlex.join(commands[name]))}", f"priority={priority * 10}",
+            f"autostart={'true' if infra else 'false'}", "autorestart=true", "startsecs=3", "startretries=20",
+            "stopasgroup=true", "killasgroup=true", "stopwaitsecs=30",
+            # PostgreSQL's fast shutdown; SIGTERM is its "smart" one, which waits for every client to leave.
+            f"stopsignal={'INT' if name == 'postgres' else 'TERM'}",
+            "redirect_stderr=true", f"stdout_logfile={logs / f'cluster-{name}.log'}", "stdout_logfile_maxbytes=50MB",
+            "stdout_logfile_backups=2",
+        ]
+        if name == "postgres" and os.geteuid() == 0:
+            lines.append(f"user={OS_USER}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _whoami() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _supervisor_files(cfg: Config) -> tuple[Path, Path]:
+    return cluster_dir(cfg) / "supervisord.conf", cluster_dir(cfg) / "supervisord.pid"
+
+
+def supervisord_pid(cfg: Config) -> int | None:
+    from reki_core.localstack import process_start  # noqa: F401 - the same PID-reuse caution as the embedded stack
+
+    _, pid_file = _supervisor_files(cfg)
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, IndexError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return pid if "supervisord" in cmdline else None
+
+
+def supervisorctl(cfg: Config, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    conf, _ = _supervisor_files(cfg)
+    proc = subprocess.run([_venv_bin("supervisorctl"), "-c", str(conf), *args], capture_output=True, text=True)
+    # supervisorctl exits 3 for `status` with stopped programs: only a start/stop that failed is an error.
+    if check and proc.returncode not in (0, 3):
+        raise ClusterError(f"supervisorctl {' '.join(args)} failed: {proc.stdout}{proc.stderr}".strip())
+    return proc
+
+
+def program_pid(cfg: Config, name: str) -> int | None:
+    out = supervisorctl(cfg, "pid", name, check=False).stdout.strip()
+    return int(out) if out.isdigit() and int(out) > 0 else None
+
+
+# ------------------------------------------------------------------ preflight
+
+
+def port_owner(port: int) -> str:
+    """Who listens on 127.0.0.1/0.0.0.0:port, as 'pid N (name)' where the system says."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                try:
+                    return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                except psutil.Error:
+                    return f"pid {conn.pid}"
+    except psutil.Error:
+        pass
+    return "another process"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def check_ports(cfg: Config) -> None:
+    """Every port the profile needs is free, or a ClusterError names the first taken one, its owner and the setting."""
+    for service, ports in service_ports_of(cfg).items():
+        for port, setting in ports:
+            if not _port_free(port):
+                env_name = "REKI__" + setting.split(" ")[0].replace(".", "__").upper()
+                raise ClusterError(f"port {port} ({service}) is taken by {port_owner(port)}: stop it "
+                                   f"(`make stop` stops the embedded stack) or set {setting} ({env_name})")
+
+
+def check_postgres(cfg: Config, timeout_s: float = 60) -> None:
+    """PostgreSQL answers and accepts the generated password; the Airflow database exists."""
+    import psycopg2
+
+    s = ensure_cluster_secrets(cfg)
+    where = f"PostgreSQL at 127.0.0.1:{cfg.cluster.postgres_port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn = psycopg2.connect(host="127.0.0.1", port=cfg.cluster.postgres_port, user=DB_USER,
+                                    password=s["postgres_password"], dbname="postgres", connect_timeout=5)
+            break
+        except psycopg2.OperationalError as exc:
+            text = str(exc).strip()
+            if "password authentication failed" in text:
+                raise ClusterError(
+                    f"{where} rejected the password in {secrets_file(cfg)}: {text}. Put back the postgres_password "
+                    f"its data folder {cluster_dir(cfg) / 'postgres'} was initialised with, or remove that folder "
+                    f"(Airflow's metadata is lost) so `make cluster` initialises it again") from None
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{where} did not answer in {timeout_s:.0f} s: {text}; see "
+                                   f"{logs_dir(cfg) / 'cluster-postgres.log'}") from None
+            time.sleep(1)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
+        if cur.fetchone() is None:
+            cur.execute(f"CREATE DATABASE {DB_NAME}")
+    conn.close()
+
+
+def check_redis(cfg: Config, timeout_s: float = 30) -> None:
+    """Redis answers and accepts the generated broker password."""
+    import redis
+
+    s = ensure_cluster_secrets(cfg)
+    where = f"Redis (the Celery broker) at 127.0.0.1:{cfg.cluster.redis_port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            redis.Redis(host="127.0.0.1", port=cfg.cluster.redis_port, password=s["redis_password"],
+                        socket_timeout=5).ping()
+            return
+        except redis.AuthenticationError as exc:
+            raise ClusterError(
+                f"{where} rejected the redis_password in {secrets_file(cfg)}: {exc}. Put back the password that "
+                f"{cluster_dir(cfg) / 'redis.conf'} requires (requirepass), or remove that file so `make cluster` "
+                f"writes it again with the password in {secrets_file(cfg)}") from None
+        except redis.ConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{where} did not answer in {timeout_s:.0f} s: {exc}; see "
+                                   f"{logs_dir(cfg) / 'cluster-redis.log'}") from None
+            time.sleep(0.5)
+
+
+# ------------------------------------------------------------------ first start: data folders
+
+
+def _service_user() -> tuple[int, int] | None:
+    """(uid, gid) PostgreSQL runs as when we are root (created once as a system user), else None."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(OS_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
+                       check=True, capture_output=True)
+        entry = pwd.getpwnam(OS_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def init_postgres(cfg: Config) -> None:
+    """initdb (once): scram-sha-256 for every connection, superuser `airflow` with the generated password."""
+    data = cluster_dir(cfg) / "postgres"
+    if (data / "PG_VERSION").is_file():
+        return
+    owner = _service_user()
+    data.mkdir(parents=True, exist_ok=True)
+    pwfile = cluster_dir(cfg) / ".pg-password"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(ensure_cluster_secrets(cfg)["postgres_password"] + "\n")
+    try:
+        if owner:
+            for path in (data, pwfile):
+                os.chown(path, *owner)
+        os.chmod(data, 0o700)
+        proc = subprocess.run(
+            [str(postgres_bin("initdb")), "-D", str(data), "-U", DB_USER, f"--pwfile={pwfile}",
+             "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"],
+            capture_output=True, text=True, user=owner[0] if owner else None, group=owner[1] if owner else None)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        raise ClusterError(f"initdb failed for {data}: {proc.stdout}{proc.stderr}")
+
+
+def init_redis(cfg: Config) -> None:
+    """Redis's config (once, 0600): the broker password and an append-only file, so queued tasks survive a restart."""
+    path = cluster_dir(cfg) / "redis.conf"
+    (cluster_dir(cfg) / "redis").mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        return
+    body = "\n".join([
+        "# generated once by reki_core/cluster.py; the password must match redis_password in " + str(secrets_file(cfg)),
+        "bind 127.0.0.1", "protected-mode yes", "daemonize no",
+        f"requirepass {ensure_cluster_secrets(cfg)['redis_password']}",
+        f"dir {cluster_dir(cfg) / 'redis'}", "appendonly yes", "appendfsync everysec", ""])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(body)
+
+
+# ------------------------------------------------------------------ up / down / status
+
+
+def _airflow(cfg: Config, env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([_venv_bin("airflow"), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=PROJECT_ROOT)
+
+
+def _wait(what: str, ready, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(1)
+    raise ClusterError(f"{what} did not come up in {timeout_s:.0f} s; see {log}")
+
+
+def api_healthy(cfg: Config) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{cfg.cluster.api_port}/api/v2/monitor/health", timeout=3)
+        return True
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def up(cfg: Config, echo=print) -> None:
+    """Start the profile (or what of it is not running), each step checked, with a message naming the fix."""
+    env = airflow_environment(cfg)
+    d = cluster_dir(cfg)
+    for sub in (d, logs_dir(cfg), airflow_home(cfg), d / "spark-work"):
+        sub.mkdir(parents=True, exist_ok=True)
+    conf, _ = _supervisor_files(cfg)
+    if supervisord_pid(cfg) is None:
+        check_ports(cfg)
+        ensure_credentials(cfg.state_dir)
+        (cfg.state_dir / "seaweedfs" / "data").mkdir(parents=True, exist_ok=True)
+        init_postgres(cfg)
+        init_redis(cfg)
+        _write_private(conf, supervisord_conf(cfg))
+        echo(f"==> supervisord ({conf}): postgres, redis, seaweedfs, spark master/worker, spark connect")
+        proc = subprocess.run([_venv_bin("supervisord"), "-c", str(conf)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ClusterError(f"supervisord did not start: {proc.stdout}{proc.stderr}; see "
+                               f"{logs_dir(cfg) / 'cluster-supervisord.log'}")
+        _wait("supervisord", lambda: supervisord_pid(cfg) is not None and (d / "supervisor.sock").exists(), 30,
+              logs_dir(cfg) / "cluster-supervisord.log")
+    else:
+        supervisorctl(cfg, "start", *INFRA_SERVICES)
+    check_postgres(cfg)
+    check_redis(cfg)
+    seaweed = SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket)
+    _wait(f"SeaweedFS on {cfg.object_store.endpoint_url}", lambda: _listening(seaweed.port) and seaweed._bucket_ready(),
+          90, logs_dir(cfg) / "cluster-seaweedfs.log")
+    migrated = airflow_home(cfg) / ".migrated"
+    if not migrated.is_file() or migrated.stat().st_mtime < (PROJECT_ROOT / "requirements.txt").stat().st_mtime:
+        echo("==> airflow db migrate (PostgreSQL)")
+        proc = _airflow(cfg, env, "db", "migrate")
+        if proc.returncode != 0:
+            raise ClusterError(f"airflow db migrate failed against PostgreSQL: {(proc.stdout + proc.stderr)[-3000:]}")
+        migrated.touch()
+    if "gpu" not in _airflow(cfg, env, "pools", "list", "-o", "plain").stdout:
+        _airflow(cfg, env, "pools", "set", "gpu", "1", "LLM extraction (GPU) workers")
+    supervisorctl(cfg, "start", "api-server")
+    _wait(f"the Airflow api-server on 127.0.0.1:{cfg.cluster.api_port}", lambda: api_healthy(cfg), 180,
+          logs_dir(cfg) / "cluster-api-server.log")
+    supervisorctl(cfg, "start", *AIRFLOW_SERVICES[1:])
+    _wait(f"the Spark master {master_url(cfg)}", lambda: _listening(cfg.cluster.spark_master_port), 90,
+          logs_dir(cfg) / "cluster-spark-master.log")
+    from reki_core.spark import connect_endpoint
+
+    _wait(f"the Spark Connect server {cfg.spark.connect_url}", lambda: _listening(connect_endpoint(cfg.spark.connect_url)[1]),
+          180, logs_dir(cfg) / "cluster-spark-connect.log")
+    pw_file = airflow_home(cfg) / "simple_auth_manager_passwords.json.generated"
+    _wait("the admin password file", pw_file.is_file, 30, logs_dir(cfg) / "cluster-api-server.log")
+    echo(status(cfg))
+    echo(f"Airflow UI: http://127.0.0.1:{cfg.cluster.api_port}  user: admin  password: in {pw_file}")
+    echo(f"Spark master UI: http://127.0.0.1:{cfg.cluster.spark_master_webui_port}  ({master_url(cfg)})")
+    echo("CLI against this profile: source infra/env.sh && source infra/cluster/env.sh; stop with: make stop")
+
+
+def down(cfg: Config, echo=print) -> bool:
+    """Stop supervisord and every program it started (each with its process group); True when it was running."""
+    pid = supervisord_pid(cfg)
+    if pid is None:
+        return False
+    supervisorctl(cfg, "stop", "all", check=False)
+    supervisorctl(cfg, "shutdown", check=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and supervisord_pid(cfg) is not None:
+        time.sleep(0.5)
+    if supervisord_pid(cfg) is not None:
+        os.kill(pid, 9)
+    echo("cluster profile stopped (supervisord and its programs)")
+    return True
+
+
+def status(cfg: Config) -> str:
+    if supervisord_pid(cfg) is None:
+        return "cluster profile: not running"
+    return supervisorctl(cfg, "status", check=False).stdout.rstrip()
+
+
+def env_exports(cfg: Config) -> str:
+    """`export` lines for a shell that runs Airflow's CLI against this profile (infra/cluster/env.sh evals them)."""
+    base = {k: v for k, v in os.environ.items()}
+    env = airflow_environment(cfg, base)
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()) if base.get(k) != v]
+    lines += [f"unset {k}" for k in sorted(set(base) - set(env))]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from reki_core.config import load_config
+
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else "status"
+    cfg = load_config()
+    try:
+        if command == "up":
+            up(cfg)
+        elif command == "down":
+            down(cfg)
+        elif command == "status":
+            print(status(cfg))
+        elif command == "env":
+            print(env_exports(cfg))
+        else:
+            print(f"usage: python -m reki_core.cluster up|down|status|env (not {command!r})", file=sys.stderr)
+            return 2
+    except ClusterError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
