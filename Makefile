@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 STATE := .reki
 WITH_ENV := source infra/env.sh &&
 
-.PHONY: help run test test-faults test-backfill bench setup airflow stop clean prereqs
+.PHONY: help run test test-faults test-backfill test-cluster bench setup airflow cluster stop clean prereqs
 
 help:
 	@echo "make run     - set up (first time) and run the daily refresh for conf/reki.yaml's run_date"
@@ -15,6 +15,8 @@ help:
 	@echo "make test-faults / test-backfill - the fault-injection suite alone; the backfill suite alone"
 	@echo "make airflow - start Airflow (UI on http://127.0.0.1:8080) and SeaweedFS; make stop stops them"
 	@echo "make bench   - benchmarks -> bench/results/"
+	@echo "make cluster - the cluster profile: PostgreSQL, Celery (Redis) workers, Spark standalone, SeaweedFS (docs/cluster.md)"
+	@echo "make test-cluster - the cluster profile's whole suite (make test runs its smoke test)"
 
 prereqs:
 	@PYTHON=$(PYTHON) bash infra/check_prereqs.sh
@@ -55,8 +57,20 @@ airflow: setup
 	@$(WITH_ENV) reki stack up
 	@$(WITH_ENV) bash infra/airflow.sh start
 
+# The cluster profile: no SQLite and no embedded Airflow home on its path (`setup` would initialise both).
+cluster: prereqs $(STAMP)
+	@bash infra/cluster/install.sh
+	@$(WITH_ENV) reki setup
+	@$(WITH_ENV) python -m reki_core.cluster up
+
+test-cluster: prereqs $(STAMP)
+	@bash infra/cluster/install.sh
+	@$(WITH_ENV) reki setup
+	@$(WITH_ENV) bash infra/test.sh -m cluster
+
 stop:
-	@if [ -x $(VENV)/bin/reki ]; then $(WITH_ENV) bash infra/airflow.sh stop; $(WITH_ENV) reki stack down; fi
+	@if [ -x $(VENV)/bin/reki ]; then $(WITH_ENV) bash infra/airflow.sh stop; $(WITH_ENV) reki stack down; \
+	  $(WITH_ENV) python -m reki_core.cluster down; fi
 
 clean: stop
 	rm -rf $(STATE)/lake $(STATE)/airflow $(STATE)/seaweedfs

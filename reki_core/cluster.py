@@ -124,8 +124,6 @@ def service_ports_of(cfg: Config) -> dict[str, list[tuple[int, str]]]:
         "spark-worker": [(c.spark_worker_webui_port, "cluster.spark_worker_webui_port")],
         "spark-connect": [(connect_endpoint(cfg.spark.connect_url)[1], "spark.connect_url")],
         "api-server": [(c.api_port, "cluster.api_port")],
-        "worker": [(c.worker_log_port, "cluster.worker_log_port")],
-        "triggerer": [(c.triggerer_log_port, "cluster.triggerer_log_port")],
     }
 
 
@@ -155,10 +153,11 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
         "api-server": [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(c.api_port), "--workers", "1"],
         "scheduler": [*airflow, "scheduler"],
         "dag-processor": [*airflow, "dag-processor"],
-        "triggerer": [*airflow, "triggerer"],
-        "worker": [*airflow, "celery", "worker", "--queues", c.default_queue,
-                   "--concurrency", str(c.worker_concurrency), "--celery-hostname", f"{c.default_queue}@%h"],
-        # Same disk as the default worker here: the api-server reads its task logs from the files directly.
+        # No log servers (Airflow binds them to every interface): on one machine the api-server reads the task
+        # logs from the files directly. Workers on other machines serve theirs (infra/deploy/).
+        "triggerer": [*airflow, "triggerer", "--skip-serve-logs"],
+        "worker": [*airflow, "celery", "worker", "--queues", c.default_queue, "--concurrency", str(c.worker_concurrency),
+                   "--celery-hostname", f"{c.default_queue}@%h", "--skip-serve-logs"],
         "gpu-worker": [gpu_worker_python(cfg), "-m", "airflow", "celery", "worker", "--queues", c.gpu_queue,
                        "--concurrency", "1", "--celery-hostname", f"{c.gpu_queue}@%h", "--skip-serve-logs"],
     }
@@ -172,15 +171,16 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
     c = cfg.cluster
     home = airflow_home(cfg)
     api = f"http://127.0.0.1:{c.api_port}"
-    env = dict(os.environ if base is None else base)
-    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
-        env.pop(key, None)  # the embedded SQLite's busy timeout: no such argument for PostgreSQL
     from reki_core.spark import connect_endpoint
 
-    connect_host, connect_port = connect_endpoint(cfg.spark.connect_url)
+    env = dict(os.environ if base is None else base)
     # The Connect server's own variables (Spark home, loopback, this venv's Python, no daemonizing), for the
-    # master and worker too.
-    env.update(SparkConnectServer(cfg, master=master_url(cfg)).environment(token))
+    # master and worker too (`environment` starts from os.environ: only what it adds or changes).
+    server_env = SparkConnectServer(cfg, master=master_url(cfg)).environment(token)
+    env.update({k: v for k, v in server_env.items() if os.environ.get(k) != v})
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
+        env.pop(key, None)  # the embedded SQLite's busy timeout: no such argument for PostgreSQL
+    connect_host, connect_port = connect_endpoint(cfg.spark.connect_url)
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
@@ -193,7 +193,7 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url(cfg, s["postgres_password"]),
         "AIRFLOW__CELERY__BROKER_URL": broker_url(cfg, s["redis_password"]),
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url(cfg, s["postgres_password"]).replace("+psycopg2", ""),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url(cfg, s["postgres_password"]),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(c.worker_concurrency),
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": c.default_queue,
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -202,8 +202,6 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
         "AIRFLOW__API__SECRET_KEY": s["api_secret_key"],
         "AIRFLOW__API_AUTH__JWT_SECRET": s["jwt_secret"],
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(c.worker_log_port),
-        "AIRFLOW__LOGGING__TRIGGERER_LOG_SERVER_PORT": str(c.triggerer_log_port),
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(c.task_heartbeat_timeout_s),
         # Feature jobs and the Connect server run on the standalone master, not local[*].
         "REKI__SPARK__MASTER": master_url(cfg),
@@ -416,9 +414,7 @@ def init_postgres(cfg: Config) -> None:
     owner = _service_user()
     data.mkdir(parents=True, exist_ok=True)
     pwfile = cluster_dir(cfg) / ".pg-password"
-    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(ensure_cluster_secrets(cfg)["postgres_password"] + "\n")
+    _write_private_text(pwfile, ensure_cluster_secrets(cfg)["postgres_password"] + "\n")
     try:
         if owner:
             for path in (data, pwfile):
@@ -446,7 +442,12 @@ def init_redis(cfg: Config) -> None:
         "bind 127.0.0.1", "protected-mode yes", "daemonize no",
         f"requirepass {ensure_cluster_secrets(cfg)['redis_password']}",
         f"dir {cluster_dir(cfg) / 'redis'}", "appendonly yes", "appendfsync everysec", ""])
+    _write_private_text(path, body)
+
+
+def _write_private_text(path: Path, body: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(body)
 
@@ -488,6 +489,7 @@ def up(cfg: Config, echo=print) -> None:
     d = cluster_dir(cfg)
     for sub in (d, logs_dir(cfg), airflow_home(cfg), d / "spark-work"):
         sub.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o711)  # PostgreSQL's user must reach its data folder inside; what is secret in here is 0600
     conf, _ = _supervisor_files(cfg)
     if supervisord_pid(cfg) is None:
         check_ports(cfg)
@@ -495,7 +497,7 @@ def up(cfg: Config, echo=print) -> None:
         (cfg.state_dir / "seaweedfs" / "data").mkdir(parents=True, exist_ok=True)
         init_postgres(cfg)
         init_redis(cfg)
-        _write_private(conf, supervisord_conf(cfg))
+        _write_private_text(conf, supervisord_conf(cfg))
         echo(f"==> supervisord ({conf}): postgres, redis, seaweedfs, spark master/worker, spark connect")
         proc = subprocess.run([_venv_bin("supervisord"), "-c", str(conf)], env=env, capture_output=True, text=True)
         if proc.returncode != 0:

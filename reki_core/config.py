@@ -270,8 +270,6 @@ class ClusterConfig(_Strict):
     spark_worker_webui_port: int = 8181
     spark_worker_cores: int = Field(2, ge=1)
     spark_worker_memory: str = "2g"
-    worker_log_port: int = 8793  # the default worker serves its task logs here (Airflow's log server)
-    triggerer_log_port: int = 8794
     # A try whose worker stopped heartbeating (killed) is failed and retried after this long (Airflow: 300 s).
     task_heartbeat_timeout_s: int = Field(90, ge=10)
 
