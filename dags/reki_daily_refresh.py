@@ -5,18 +5,15 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import AUGMENTED_VECTORS
 from reki_airflow.runtime import default_args, load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
-from reki_core.spark import submit_conf
+from reki_airflow.spark_connect import SparkConnectJobs
+from spark_jobs.features import FEATURE_JOBS
 
 CFG = load_pipeline_config()
-SPARK_JOBS = Path(__file__).resolve().parent.parent / "spark_jobs"
-SUBMIT_CONF = submit_conf(CFG)  # driver options with the class archive once `reki setup` has built it
-DT = "{{ data_interval_start.strftime('%Y-%m-%d') }}"
 
 DOC = """
 ### REKI daily refresh
@@ -25,10 +22,9 @@ One run per day; `dt` = the data interval's start (UTC), never the wall clock.
 
 1. **land** the day's deliveries from `incoming/` into `raw/` (on an empty lake: all history up to
    `dt`); **raw_gate** validates them (Great Expectations).
-2. **Spark** (spark-submit): **spark_features** runs `items`, `user_history` (knowledge windows,
-   dirty users) and `ctr_samples` (point-in-time knowledge join) in one Spark session (a small
-   daily run computes them in the driver and starts no Spark session: `spark_jobs/in_driver.py`);
-   **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
+2. **Spark** (clients of the warm Spark Connect server, connection `spark_connect_default`):
+   **spark_features** runs `items`, `user_history` (knowledge windows, dirty users) and `ctr_samples`
+   (point-in-time knowledge join) on one Connect session of its own; **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
    mode is collective; **feature_gate**.
 3. **prompts** (factorization prompting) and **prompts_gate**.
 4. **plan_shards** then one mapped **extract** task per shard (pool `gpu`, as every task that may use
@@ -51,16 +47,8 @@ DEFAULT_ARGS = default_args(CFG, retries=2, retry_delay=dt.timedelta(seconds=20)
 GATE = {"retries": 0}
 
 
-def spark_job(name: str) -> SparkSubmitOperator:
-    return SparkSubmitOperator(
-        task_id=f"spark_{name}",
-        application=str(SPARK_JOBS / f"{name}.py"),
-        application_args=["--dt", DT],
-        conn_id="spark_default",
-        name=f"reki-{name}-{DT}",
-        driver_memory=CFG.spark.driver_memory,
-        conf=SUBMIT_CONF,
-    )
+def spark_jobs(task_id: str, *jobs: str) -> SparkConnectJobs:
+    return SparkConnectJobs(task_id=task_id, jobs=jobs, conn_id=CFG.spark.connect_conn_id)
 
 
 # A replayed dataset (the embedded default) has a last day: no scheduled run is created past it, so
@@ -203,7 +191,8 @@ def reki_daily_refresh():
 
     landed = land()
     raw_ok = raw_gate()
-    features, clusters = spark_job("features"), spark_job("clusters")
+    features = spark_jobs("spark_features", *FEATURE_JOBS)
+    clusters = spark_jobs("spark_clusters", "clusters")
     features_ok = feature_gate()
     built = prompts()
     prompts_ok = prompts_gate()

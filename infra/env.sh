@@ -23,14 +23,13 @@ export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:$AIRFLOW__API__PORT"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:$AIRFLOW__API__PORT/execution/"
 export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
-export AIRFLOW_CONN_SPARK_DEFAULT='{"conn_type": "spark", "host": "local[2]"}'
 export GX_ANALYTICS_ENABLED=false
 export SPARK_LOCAL_IP=127.0.0.1
 export PYSPARK_PYTHON="$ROOT/.venv/bin/python"
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
-# Local credentials (writer identity) and the aws_default connection, from .reki/secrets (0600).
+# Local credentials (writer identity, Spark Connect token) and their Airflow connections, from .reki/secrets (0600).
 if [ -x "$ROOT/.venv/bin/reki" ]; then
   eval "$("$ROOT/.venv/bin/reki" env)"
 fi

@@ -5,6 +5,7 @@ source "$(dirname "$0")/env.sh"
 cd "$REKI_HOME"
 # Tests bring their own object store and credentials: never the ones `make run` exported.
 unset AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL AWS_DEFAULT_REGION AIRFLOW_CONN_AWS_DEFAULT
+unset SPARK_CONNECT_AUTHENTICATE_TOKEN AIRFLOW_CONN_SPARK_CONNECT_DEFAULT  # and their own Spark Connect server
 # Tests get their own Airflow home so they never touch the one `make run` uses.
 export AIRFLOW_HOME="$REKI_HOME/.reki/airflow-test"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"

@@ -52,7 +52,7 @@ def setup(ctx: click.Context) -> None:
     of spark-submitted jobs (idempotent)."""
     from reki_core.datasets import movielens
     from reki_core.llm.smoke_model import ensure_smoke_model
-    from reki_core.localstack import ensure_credentials
+    from reki_core.localstack import ensure_connect_token, ensure_credentials
     from reki_core.spark import ensure_class_archive
 
     cfg = _config(ctx)
@@ -60,7 +60,8 @@ def setup(ctx: click.Context) -> None:
     folder = movielens.obtain(cfg.data_dir)
     console.print(f"[green]MovieLens-100K[/] ready in {folder} ({time.perf_counter() - t:.1f}s)")
     ensure_credentials(cfg.state_dir)
-    console.print(f"[green]credentials[/] in {cfg.state_dir / 'secrets'} (mode 0600)")
+    ensure_connect_token(cfg.state_dir)
+    console.print(f"[green]credentials[/] (S3 identities, Spark Connect token) in {cfg.state_dir / 'secrets'} (mode 0600)")
     path = ensure_smoke_model(cfg.resolve(cfg.llm.engine.model_path))
     console.print(f"[green]smoke model[/] in {path} (meaningless text: proves the plumbing only)")
     if cfg.spark.class_archive:
@@ -76,49 +77,60 @@ def setup(ctx: click.Context) -> None:
 
 @main.group()
 def stack() -> None:
-    """The local object store (SeaweedFS on loopback, credentials enforced)."""
+    """The local stack: SeaweedFS (credentials enforced) and the Spark Connect server (token enforced), on loopback."""
 
 
-def _seaweed(cfg: Config):
-    from reki_core.localstack import SeaweedFS
+def _services(cfg: Config) -> list:
+    from reki_core.localstack import SeaweedFS, SparkConnectServer
 
-    return SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket)
+    return [SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket), SparkConnectServer(cfg)]
+
+
+def _endpoint(cfg: Config, service) -> str:
+    return cfg.object_store.endpoint_url if service.name == "seaweedfs" else f"{cfg.spark.connect_url} (master {service.master})"
 
 
 @stack.command("up")
 @click.pass_context
 def stack_up(ctx: click.Context) -> None:
-    """Start SeaweedFS (no-op when already running)."""
+    """Start SeaweedFS and the Spark Connect server (each a no-op when already running)."""
     cfg = _config(ctx)
-    server = _seaweed(cfg)
-    was_running = server.running()
-    server.start()
-    state = "already running" if was_running else "started"
-    console.print(f"SeaweedFS {state}: {cfg.object_store.endpoint_url}, bucket {cfg.object_store.bucket}")
+    for service in _services(cfg):
+        was_running = service.running()
+        t = time.perf_counter()
+        service.start()
+        state = "already running" if was_running else f"started in {time.perf_counter() - t:.0f}s"
+        console.print(f"{service.name} {state}: {_endpoint(cfg, service)}; log {service.log_file}")
 
 
 @stack.command("down")
 @click.pass_context
 def stack_down(ctx: click.Context) -> None:
-    """Stop SeaweedFS by its PID file."""
-    _seaweed(_config(ctx)).stop()
-    console.print("SeaweedFS stopped")
+    """Stop what `stack up` started, by its PID files."""
+    for service in reversed(_services(_config(ctx))):
+        console.print(f"{service.name} {'stopped' if service.stop() else 'was not running'}")
 
 
 @stack.command("status")
 @click.pass_context
 def stack_status(ctx: click.Context) -> None:
-    server = _seaweed(_config(ctx))
-    console.print(f"SeaweedFS: {'running, pid ' + str(server.pid()) if server.running() else 'stopped'}")
-    sys.exit(0 if server.running() else 1)
+    cfg = _config(ctx)
+    up = True
+    for service in _services(cfg):
+        running = service.running()
+        up &= running
+        console.print(f"{service.name}: {'running, pid ' + str(service.pid()) if running else 'stopped'} ({_endpoint(cfg, service)})")
+    sys.exit(0 if up else 1)
 
 
 @main.command("env")
 @click.option("--role", type=click.Choice(["writer", "reader"]), default="writer")
 @click.pass_context
 def env_exports(ctx: click.Context, role: str) -> None:
-    """Print shell exports for the local credentials (AWS_* and Airflow's aws_default connection)."""
-    from reki_core.localstack import ensure_credentials
+    """Print shell exports for the local credentials (AWS_* and Airflow's aws_default connection; for the
+    writer, also the Spark Connect token and Airflow's Spark Connect connection)."""
+    from reki_core.localstack import CONNECT_TOKEN_ENV, ensure_connect_token, ensure_credentials
+    from reki_core.spark import connect_endpoint
 
     cfg = _config(ctx)
     creds = ensure_credentials(cfg.state_dir)[role]
@@ -135,6 +147,12 @@ def env_exports(ctx: click.Context, role: str) -> None:
         "AWS_DEFAULT_REGION": cfg.object_store.region,
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
     }
+    if role == "writer":  # consumers only read vectors: no Spark for them
+        token = ensure_connect_token(cfg.state_dir)
+        host, port = connect_endpoint(cfg.spark.connect_url)
+        spark_conn = {"conn_type": "spark_connect", "host": host, "port": port, "password": token}
+        exports[CONNECT_TOKEN_ENV] = token
+        exports[f"AIRFLOW_CONN_{cfg.spark.connect_conn_id.upper()}"] = json.dumps(spark_conn)
     for key, value in exports.items():
         click.echo(f"export {key}={shlex.quote(value)}")
 

@@ -100,7 +100,7 @@ def grown_buckets(lake: Lake, dataset: str, before: dt.date, after: dt.date, cou
 
 
 def write_bucketed(
-    data: DataFrame | dict[int, pa.Table],
+    data: DataFrame,
     lake: Lake,
     dataset: str,
     day: dt.date,
@@ -110,42 +110,21 @@ def write_bucketed(
     summary_columns: list[str] | None = None,
     carry_from: dt.date | None = None,
     rewritten: set[int] | None = None,
-    schema: str | None = None,
 ) -> dict[str, int]:
-    """Replace `dataset/dt=day` with `data`: a Spark DataFrame with the `bucket` column (as from `with_buckets`),
-    or, from the driver (`spark_jobs.in_driver`), one table per bucket already in `sort_by` order, with
-    `schema`, the Spark schema (JSON) the manifest records.
+    """Replace `dataset/dt=day` with `data`, a DataFrame with the `bucket` column (as from `with_buckets`).
 
     With `carry_from`, `data` holds only the `rewritten` buckets; every other bucket's file is hard-linked
     from that partition. `summarise(pyarrow_table)` gives each new file's counts (read back from
     `summary_columns`); the returned totals add them up over all buckets, carried ones included.
     """
-    if isinstance(data, dict):
-        def write_new(staging) -> dict[str, dict]:
-            return _write_tables(data, dataset, staging, summarise, summary_columns, rewritten)
-    else:
-        schema = T.StructType([f for f in data.schema.fields if f.name != BUCKET]).json()
+    schema = T.StructType([f for f in data.schema.fields if f.name != BUCKET]).json()
 
-        def write_new(staging) -> dict[str, dict]:
-            if rewritten is not None and not rewritten:  # a day that rewrites no bucket only links files: Spark runs nothing
-                return {}
-            return _write_new_buckets(data, dataset, staging, sort_by, summarise, summary_columns, rewritten)
+    def write_new(staging) -> dict[str, dict]:
+        if rewritten is not None and not rewritten:  # a day that rewrites no bucket only links files: Spark runs nothing
+            return {}
+        return _write_new_buckets(data, dataset, staging, sort_by, summarise, summary_columns, rewritten)
 
     return _publish(write_new, schema, lake, dataset, day, n_buckets, sort_by, carry_from, rewritten)
-
-
-def _write_tables(tables: dict[int, pa.Table], dataset, staging, summarise, summary_columns, rewritten) -> dict[str, dict]:
-    """Each bucket's table becomes its file in `staging`, counted (an empty bucket has no file, as from Spark)."""
-    write_id = uuid.uuid4().hex[:8]
-    buckets: dict[str, dict] = {}
-    for bucket, table in sorted(tables.items()):
-        if rewritten is not None and bucket not in rewritten:
-            raise ValueError(f"{dataset}: rows of bucket {bucket}, which this run does not rewrite")
-        if table.num_rows:
-            name = f"part-b{bucket:05d}-0-{write_id}.parquet"
-            pq.write_table(table, staging / name)
-            buckets[str(bucket)] = _bucket_entry(staging, [name], summarise, summary_columns)
-    return buckets
 
 
 def _publish(write_new, schema, lake, dataset, day, n_buckets, sort_by, carry_from, rewritten) -> dict[str, int]:

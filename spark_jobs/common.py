@@ -1,16 +1,19 @@
-"""What every Spark job shares: its command line, reading lake partitions, writing its own `dt` partition.
+"""What every Spark job shares: its command line, running jobs on a session, reading lake partitions,
+writing its own `dt` partition.
 
-Jobs run with `spark-submit spark_jobs/<job>.py --lake PATH --dt YYYY-MM-DD [--config conf/reki.yaml]`;
-the same `run(spark, cfg, lake, day)` functions are called in-process by the benchmark and the tests.
+The daily DAG runs the jobs as clients of the warm Spark Connect server (`run_jobs` on a Connect session;
+plugins/reki_airflow/spark_connect.py). The same jobs run on a classic session too, from their thin main:
+`spark-submit spark_jobs/<job>.py --dt YYYY-MM-DD [--lake PATH] [--config conf/reki.yaml]`, or as a Connect
+client with `python -m spark_jobs.<job> --dt ... --remote sc://localhost:15002` (token from the environment).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import sys
-import traceback
+import importlib
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ class JobArgs:
     cfg: Config
     lake: Lake
     day: dt.date
+    remote: str | None
 
 
 def parse_args(argv: list[str] | None, description: str) -> JobArgs:
@@ -44,55 +48,58 @@ def parse_args(argv: list[str] | None, description: str) -> JobArgs:
     parser.add_argument("--lake", help="lake folder (default: paths.lake_uri of the config)")
     parser.add_argument("--dt", required=True, help="logical date YYYY-MM-DD")
     parser.add_argument("--config", default=None, help="config file (default conf/reki.yaml or $REKI_CONFIG)")
+    parser.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
+                        help="run as a client of this Spark Connect server (default: a classic session, as spark-submit)")
     ns = parser.parse_args(argv)
     cfg = load_config(ns.config)
     lake = Lake(ns.lake or cfg.lake_uri)
     lake.local_path()  # fails early, naming the lake, when it is not a local folder
-    return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt))
+    return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt), remote=ns.remote)
+
+
+Job = tuple[Callable[..., dict], str]  # a job's run(spark, cfg, lake, day) and its run-log step
+
+
+def jobs_named(names: Iterable[str]) -> list[Job]:
+    """The jobs of modules `spark_jobs.<name>`, each with its step `features_<name>`."""
+    return [(importlib.import_module(f"spark_jobs.{name}").run, f"features_{name}") for name in names]
+
+
+def run_jobs(spark: SparkSession, jobs: list[Job], cfg: Config, lake: Lake, day: dt.date) -> dict[str, dict]:
+    """Run `jobs` in order on `spark`, a Connect or a classic session; each records its own run-log step, so the
+    summary, the gates and a failure message name the job."""
+    from reki_core.runlog import timed_step
+
+    results = {}
+    for run, step in jobs:
+        with timed_step(lake, day, step) as payload:
+            payload.update(run(spark, cfg, lake, day))
+        results[step] = payload
+    return results
 
 
 def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:
-    """The thin main every job shares: parse arguments, start Spark, run, record the step, stop."""
+    """The thin main every job shares: parse arguments, open a session, run, record the step, stop."""
     return run_as_jobs([(run, step)], argv, description)
 
 
-def run_as_jobs(jobs, argv: list[str] | None, description: str) -> int:
-    """Several jobs, in order, in one process; each records its own step. Spark starts (one JVM) only when a
-    job needs it: a small daily run is computed in the driver (`run_step`)."""
-    from reki_core.runlog import timed_step
-    from reki_core.spark import get_spark
+def run_as_jobs(jobs: list[Job], argv: list[str] | None, description: str) -> int:
+    """Several jobs, in order, on one session: a classic one (spark-submit), or a Connect client with --remote."""
+    from reki_core.spark import connect_client, get_spark
 
     args = parse_args(argv, description)
-    sessions = []
-
-    def spark() -> SparkSession:
-        if not sessions:
-            sessions.append(get_spark(args.cfg, f"reki-{jobs[0][1].replace('_', '-')}" if len(jobs) == 1 else "reki-features"))
-        return sessions[0]
-
-    for run, step in jobs:
-        with timed_step(args.lake, args.day, step) as payload:
-            payload.update(run_step(run, step, spark, args.cfg, args.lake, args.day))
+    if args.remote:
+        with connect_client(args.cfg, args.remote, tag="reki-cli") as spark:
+            results = run_jobs(spark, jobs, args.cfg, args.lake, args.day)
+    else:
+        spark = get_spark(args.cfg, "reki-" + "-".join(step.removeprefix("features_") for _, step in jobs).replace("_", "-"))
+        try:
+            results = run_jobs(spark, jobs, args.cfg, args.lake, args.day)
+        finally:
+            spark.stop()
+    for payload in results.values():
         print(payload)
-    for session in sessions:
-        session.stop()
     return 0
-
-
-def run_step(run, step: str, spark, cfg: Config, lake: Lake, day: dt.date) -> dict:
-    """One job's day: in the driver when it is a small daily run (`spark_jobs.in_driver`), else `run` in Spark.
-    `spark()` gives the session. The payload's `engine` says which ran."""
-    from spark_jobs import in_driver
-
-    try:
-        payload = in_driver.run(step, cfg, lake, day)
-    except Exception as exc:  # a failure of the driver's twin must not stop the day: Spark computes it, the log says why
-        print(f"WARNING: {step} failed in the driver, so Spark runs it: {type(exc).__name__}: {exc}", file=sys.stderr)
-        traceback.print_exc()
-        return {**run(spark(), cfg, lake, day), "engine": "spark", "driver_error": f"{type(exc).__name__}: {exc}"}
-    if payload is not None:
-        return {**payload, "engine": "driver"}
-    return {**run(spark(), cfg, lake, day), "engine": "spark"}
 
 
 def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:

@@ -46,17 +46,6 @@ class WindowParams:
             return f"least(({n} + 1) div 2, {self.max_window})"
         return n  # the last N interactions change with every new one
 
-    def key(self, n: int) -> int:
-        """`key_sql` in Python (spark_jobs/in_driver.py)."""
-        return min((n + 1) // 2, self.max_window) if self.mode == "earliest" else n
-
-    def window(self, history: list, n: int) -> list:
-        """`slice_sql` in Python (spark_jobs/in_driver.py): the window of a user who had `n` interactions."""
-        if self.mode == "earliest":
-            return history[: self.key(n)]
-        start = max(n - self.recent_window_size, 0)
-        return history[start: start + min(n, self.recent_window_size)]
-
     def slice_sql(self, history: str, n: str) -> str:
         """SQL slicing the window out of the time-ordered `history` when the user had `n` interactions."""
         if self.mode == "earliest":

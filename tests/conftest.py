@@ -1,7 +1,9 @@
-"""Shared fixtures: a throw-away config and lake, the real MovieLens-100K cache, a real SeaweedFS."""
+"""Shared fixtures: a throw-away config and lake, the real MovieLens-100K cache, a real SeaweedFS, a real Spark
+Connect server."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,7 +18,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
-from reki_core.localstack import SeaweedFS, ensure_credentials, free_port_block  # noqa: E402,F401
+from reki_core.localstack import (  # noqa: E402,F401
+    CONNECT_TOKEN_ENV,
+    SeaweedFS,
+    SparkConnectServer,
+    ensure_connect_token,
+    ensure_credentials,
+    free_port_block,
+)
+from reki_core.spark import connect_endpoint  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
 
 
@@ -88,3 +98,36 @@ def serve_seaweed(state: Path) -> Iterator[S3Server]:
 def seaweed(tmp_path_factory) -> Iterator[S3Server]:
     """The session's object store (a suite whose versions must not become others' `latest` brings its own)."""
     yield from serve_seaweed(tmp_path_factory.mktemp("seaweed-state"))
+
+
+@dataclass
+class ConnectServer:
+    url: str
+    token: str
+    server: SparkConnectServer
+
+    def env(self) -> dict[str, str]:
+        """What a DAG run (or a Connect client) needs to use this server: its URL, token and Airflow connection."""
+        host, port = connect_endpoint(self.url)
+        conn = {"conn_type": "spark_connect", "host": host, "port": port, "password": self.token}
+        return {"REKI__SPARK__CONNECT_URL": self.url, CONNECT_TOKEN_ENV: self.token,
+                "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT": json.dumps(conn)}
+
+
+def serve_spark_connect(state: Path, master: str = "local[1]", **env: str) -> Iterator[ConnectServer]:
+    """A real Spark Connect server on a free loopback port, its own token, state under `state`; stopped at the end."""
+    url = f"sc://localhost:{free_port_block(1)}"
+    cfg = make_config(state, REKI__SPARK__CONNECT_URL=url, REKI__SPARK__SHUFFLE_PARTITIONS="2",
+                      REKI__SPARK__DRIVER_MEMORY="1g", **env)
+    server = SparkConnectServer(cfg, master=master)
+    server.start()
+    try:
+        yield ConnectServer(url, ensure_connect_token(cfg.state_dir), server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def spark_connect(tmp_path_factory) -> Iterator[ConnectServer]:
+    """The session's Spark Connect server (local[1]); a suite that kills its server brings its own."""
+    yield from serve_spark_connect(tmp_path_factory.mktemp("spark-connect-state"))

@@ -23,7 +23,7 @@ MIN_SECRET_CHARS = 6
 
 
 def collect_secrets(cfg=None, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Name -> value of every secret the pipeline can see: S3 keys on disk, credential env variables."""
+    """Name -> value of every secret the pipeline can see: S3 keys and the Spark Connect token on disk, credential env variables."""
     environ = dict(os.environ if environ is None else environ)
     if cfg is None:
         from reki_core.config import load_config
@@ -34,6 +34,9 @@ def collect_secrets(cfg=None, environ: dict[str, str] | None = None) -> dict[str
     if creds_path.is_file():
         for role, values in json.loads(creds_path.read_text()).items():
             found[f"s3 {role} secret key ({creds_path})"] = values.get("secret_key", "")
+    token_path = Path(cfg.state_dir) / "secrets" / "spark_connect.json"
+    if token_path.is_file():
+        found[f"Spark Connect token ({token_path})"] = json.loads(token_path.read_text()).get("token", "")
     names = set(SECRET_ENV_NAMES) | {cfg.llm.engine.api_key_env}
     names |= {n for n in environ if SECRET_ENV_PATTERN.search(n) and not n.startswith("REKI__")}
     for name in sorted(names):

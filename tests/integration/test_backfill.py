@@ -87,9 +87,14 @@ def seaweed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
+    from tests.conftest import serve_spark_connect
+
     tmp = tmp_path_factory.mktemp("backfill")
     port = free_port_block(1)
     env = _env(tmp, seaweed, port)
+    # Its own Connect server, token in the suite's state dir: infra/env.sh exports it from there.
+    connect = serve_spark_connect(tmp)
+    env.update(next(connect).env())
     # infra/env.sh exports the credentials kept in the state dir (as for `make airflow`): keep the test store's there.
     creds = {"writer": {"access_key": seaweed.writer_key, "secret_key": seaweed.writer_secret},
              "reader": {"access_key": seaweed.reader_key, "secret_key": seaweed.reader_secret}}
@@ -113,6 +118,7 @@ def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
     assert api.call("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})["is_paused"] is False
     yield tmp, env, api
     _sh(env, "bash infra/airflow.sh stop")
+    connect.close()  # stops the Connect server (the generator's finally)
 
 
 def _wait_for_runs(api: Api, days: list[dt.date], timeout_s: float) -> dict[dt.date, str]:

@@ -1,4 +1,4 @@
-"""The daily DAG end to end through real Airflow (`airflow dags test`), real Spark (spark-submit),
+"""The daily DAG end to end through real Airflow (`airflow dags test`), real Spark (a Spark Connect server),
 the real smoke LLM, the real encoder, and a real SeaweedFS with credentials enforced."""
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ FAST = {"REKI__LLM__SAMPLING__MAX_TOKENS": "12", "REKI__MODEL__MAX_EPOCHS": "2",
         "REKI__LLM__SHARD_SIZE": "400", "REKI__MODEL__AUC_TOLERANCE_VS_BASELINE": "1.0"}
 
 
-def dag_env(tmp, seaweed) -> dict[str, str]:
+def dag_env(tmp, seaweed, spark_connect) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FAST)
+    env.update(spark_connect.env())
     env.update({
         "REKI__PATHS__LAKE_URI": str(tmp / "lake"),
         "REKI__PATHS__STATE_DIR": str(tmp / "state"),
@@ -52,9 +53,9 @@ def assert_success(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, seaweed, ml100k_dir):
+def first_run(tmp_path_factory, seaweed, spark_connect, ml100k_dir):
     tmp = tmp_path_factory.mktemp("daily")
-    env = dag_env(tmp, seaweed)
+    env = dag_env(tmp, seaweed, spark_connect)
     proc = run_dag(env, DT)
     assert_success(proc)
     return tmp, env

@@ -1,0 +1,60 @@
+"""The DAG's Spark tasks: clients of the warm Spark Connect server. No task starts a JVM of its own.
+
+Each task try opens its own Connect session (its id derived from the try), runs its jobs
+(`spark_jobs.common.run_jobs`) and releases the session, so a failed or killed try leaves no temp views or
+cached frames for the next. The server's URL and token come from the Airflow connection (Spark Connect type,
+`spark.connect_conn_id`); killing the task from the UI interrupts its Spark operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+
+class SparkConnectJobs(BaseOperator):
+    """Run the feature jobs `spark_jobs.<name>` (in order) for the run's `dt` on one Connect session."""
+
+    ui_color = "#fdf1d9"
+
+    def __init__(self, *, jobs: Sequence[str], conn_id: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.jobs = list(jobs)
+        self.conn_id = conn_id
+        self._session = None
+        self._tag: str | None = None
+
+    def execute(self, context) -> dict:
+        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
+
+        from reki_airflow.runtime import task_setup
+        from reki_core.spark import connect_client, task_session_id
+        from reki_core.storage.lake import Lake
+        from spark_jobs.common import jobs_named, run_jobs
+
+        cfg, day = task_setup(context)
+        ti = context["ti"]
+        url = SparkConnectHook(self.conn_id).get_connection_url()
+        session_id = task_session_id(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number)
+        self._tag = f"reki-{ti.task_id}-{day.isoformat()}-try{ti.try_number}"  # what on_kill interrupts
+        self.log.info("Spark Connect session %s (tag %s) for %s", session_id, self._tag, ", ".join(self.jobs))
+        with connect_client(cfg, url, session_id, self._tag) as spark:
+            self._session = spark
+            try:
+                return run_jobs(spark, jobs_named(self.jobs), cfg, Lake(cfg.lake_uri), day)
+            finally:
+                self._session = None
+
+    def on_kill(self) -> None:
+        """Airflow calls this when the task is killed (from the UI, a timeout): stop its Spark operations now,
+        rather than leave them running on the shared server."""
+        session, tag = self._session, self._tag
+        if session is None or tag is None:
+            return
+        try:
+            interrupted = session.interruptTag(tag)
+            self.log.warning("interrupted %d Spark Connect operation(s) tagged %s", len(interrupted), tag)
+        except Exception as exc:  # the server may already be gone: nothing left running there
+            self.log.warning("could not interrupt the Spark Connect operations tagged %s: %s", tag, exc)

@@ -1,0 +1,89 @@
+"""Spark Connect client work for the tests, run in a process of its own (`python -m tests.spark.connect_client
+CHECK JSON`): a process that has opened a Connect session is in PySpark's remote mode for good, and its classic
+sessions (the tests' `spark` fixture) stop working, so the tests never open one in the pytest process.
+
+Each check raises (exit 1, traceback on stderr) when what it checks does not hold; `run` prints its results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+from reki_core.config import load_config
+from reki_core.spark import connect_client, task_session_id
+from reki_core.storage.lake import Lake, as_date
+
+
+def run(args: dict) -> dict:
+    """The feature jobs `args["jobs"]` for each of `args["days"]` on one Connect session, as the DAG's task runs them."""
+    from spark_jobs.common import jobs_named, run_jobs
+
+    cfg = load_config()
+    results = []
+    with connect_client(cfg, args["url"], task_session_id("tests", *args["days"]), tag="tests") as spark:
+        for day in args["days"]:
+            results.append(run_jobs(spark, jobs_named(args["jobs"]), cfg, Lake(cfg.lake_uri), as_date(day)))
+    return {"results": results}
+
+
+def isolation(args: dict) -> dict:
+    """A failed try's temp view and cached frame are gone for the next try (a session of its own)."""
+    cfg = load_config()
+    ids = [task_session_id("reki_daily_refresh", "run-1", "spark_features", -1, attempt) for attempt in (1, 2)]
+    assert ids[0] != ids[1] and ids[0] == task_session_id("reki_daily_refresh", "run-1", "spark_features", -1, 1)
+    try:
+        with connect_client(cfg, args["url"], ids[0], tag="try-1") as first:
+            assert first.session_id == ids[0] and first.getTags() == {"try-1"}
+            first.range(100).createOrReplaceTempView("half_done")
+            assert first.range(100).cache().count() == 100
+            assert [t.name for t in first.catalog.listTables()] == ["half_done"]
+            raise ZeroDivisionError("the task failed mid-way")
+    except ZeroDivisionError:
+        pass
+    with connect_client(cfg, args["url"], ids[1]) as second:
+        assert second.session_id == ids[1]
+        assert second.catalog.listTables() == [], second.catalog.listTables()
+        assert second.range(5).count() == 5
+    return {"sessions": ids}
+
+
+def interrupt(args: dict) -> dict:
+    """The Airflow task's on_kill (what a kill from the UI calls) interrupts its running Spark operation."""
+    from reki_airflow.spark_connect import SparkConnectJobs
+
+    cfg = load_config()
+    op = SparkConnectJobs(task_id="spark_features", jobs=["items"], conn_id="unused")
+    outcome: dict = {}
+    with connect_client(cfg, args["url"], task_session_id("kill", time.time()), tag="reki-kill-test") as spark:
+        op._session, op._tag = spark, "reki-kill-test"
+
+        def endless() -> None:
+            spark.addTag("reki-kill-test")  # tags are per thread: the task's own thread has it from connect_client
+            started = time.monotonic()
+            try:
+                spark.range(0, 10**13, numPartitions=2).selectExpr("sum(id % 7)").collect()
+                outcome["finished"] = True
+            except Exception as exc:
+                outcome["error"] = f"{type(exc).__name__}: {exc}"
+            outcome["seconds"] = time.monotonic() - started
+
+        worker = threading.Thread(target=endless)
+        worker.start()
+        time.sleep(4)  # the query is running on the server by now
+        assert worker.is_alive(), outcome
+        killed = time.monotonic()
+        op.on_kill()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the operation still runs a minute after on_kill"
+        assert "finished" not in outcome and "error" in outcome, outcome
+        outcome["after_kill_s"] = time.monotonic() - killed
+        assert spark.range(3).count() == 3  # the session itself stays usable
+    return outcome
+
+
+if __name__ == "__main__":
+    check, payload = sys.argv[1], json.loads(sys.argv[2])
+    print(json.dumps({"check": check, **globals()[check](payload)}, default=str))

@@ -1,0 +1,142 @@
+"""One implementation, two ways to run it: every feature job writes the same partitions on a classic session
+and as a Spark Connect client (as the DAG runs it), and nothing in `spark_jobs/` needs a classic session."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from pyspark.testing import assertDataFrameEqual
+
+from reki_core.config import PROJECT_ROOT, load_config
+from reki_core.datasets import synthetic
+from reki_core.storage.lake import Lake
+from spark_jobs import buckets
+from spark_jobs.common import jobs_named, run_jobs
+
+JOBS = ["items", "user_history", "ctr_samples", "clusters"]
+DATASETS = ("features/items", "features/items_undescribed", "features/user_history", "features/knowledge_versions",
+            "features/ctr_samples", "features/clusters")
+SPARK_JOBS = PROJECT_ROOT / "spark_jobs"
+
+
+def _env(root, window: str) -> dict[str, str]:
+    return {"REKI__PATHS__LAKE_URI": str(root / "lake"), "REKI__PATHS__STATE_DIR": str(root / "state"),
+           "REKI__SCENARIO": "books", "REKI__SPARK__SHUFFLE_PARTITIONS": "2",
+           "REKI__SCENARIO_OVERRIDES": "{max_group_size_items: 12, max_group_size_users: 10, "
+                                       f"extraction_mode: collective, knowledge_window: {window}}}"}
+
+
+def _manifest_without_file_names(lake: Lake, dataset: str, day: dt.date) -> dict | None:
+    manifest = buckets.read_manifest(lake, dataset, day)
+    if manifest is None:
+        return None
+    for entry in manifest["buckets"].values():
+        entry["files"] = len(entry["files"])  # names carry a random write id
+    return manifest
+
+
+def client(check: str, spark_connect, env: dict[str, str] | None = None, **args) -> dict:
+    """Run a check of tests/spark/connect_client.py in a process of its own (see there why), against the test server."""
+    proc = subprocess.run([sys.executable, "-m", "tests.spark.connect_client", check,
+                           json.dumps({"url": spark_connect.url, **args})],
+                          env={**os.environ, **spark_connect.env(), **(env or {})}, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _without_timings(payload: dict) -> dict:
+    return {k: v for k, v in payload.items() if k not in ("seconds", "started_at", "finished_at", "duration_s")}
+
+
+@pytest.mark.parametrize("window", ["earliest", "recent"])
+def test_jobs_write_the_same_partitions_on_a_classic_session_and_on_connect(spark, spark_connect, tmp_path, window):
+    classic_root, connect_root = tmp_path / "classic", tmp_path / "connect"
+    data = synthetic.generate(1500, n_users=30, n_items=50, days=4, seed=11, start=dt.date(2024, 5, 1))
+    days = synthetic.write_raw_lake(Lake(str(classic_root / "lake")), data.interactions, data.users, data.items)
+    shutil.copytree(classic_root / "lake", connect_root / "lake")
+    # A full build, then two daily runs (the second one's state comes from a daily run).
+    cfg = load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=_env(classic_root, window))
+    import time; t0 = time.time()
+    on_classic = [run_jobs(spark, jobs_named(JOBS), cfg, Lake(cfg.lake_uri), day) for day in days[-3:]]
+    t1 = time.time()
+    on_connect = client("run", spark_connect, _env(connect_root, window), jobs=JOBS,
+                        days=[d.isoformat() for d in days[-3:]])["results"]
+    print("TIMING", t1 - t0, time.time() - t1)
+    for a, b in zip(on_classic, on_connect):
+        assert a.keys() == b.keys()
+        for step in a:
+            assert _without_timings(json.loads(json.dumps(a[step], default=str))) == _without_timings(b[step]), step
+    assert on_connect[-1]["features_user_history"]["incremental_from"] == days[-2].isoformat()
+    classic_lake, connect_lake = Lake(str(classic_root / "lake")), Lake(str(connect_root / "lake"))
+    compared = rows = 0
+    for day in days[-3:]:
+        for dataset in DATASETS:
+            if not classic_lake.has_partition(dataset, day):
+                assert not connect_lake.has_partition(dataset, day), (dataset, day)
+                continue
+            folder = f"{dataset}/dt={day.isoformat()}"
+            expected = spark.read.parquet(str(classic_lake.local_path(folder)))
+            actual = spark.read.parquet(str(connect_lake.local_path(folder)))
+            assertDataFrameEqual(actual, expected, checkRowOrder=False)
+            rows += expected.count()
+            assert _manifest_without_file_names(connect_lake, dataset, day) == \
+                _manifest_without_file_names(classic_lake, dataset, day), (dataset, day)
+            compared += 1
+    assert compared >= 15 and rows > 1500, (compared, rows)
+
+
+def test_a_released_session_leaves_nothing_for_the_next_try(spark_connect):
+    result = client("isolation", spark_connect)
+    assert len(set(result["sessions"])) == 2
+
+
+def test_killing_the_task_interrupts_its_spark_operation(spark_connect):
+    result = client("interrupt", spark_connect)
+    assert "OPERATION_CANCELED" in result["error"] or "cancel" in result["error"].lower(), result
+    assert result["after_kill_s"] < 30, result
+
+
+def _spark_jobs_modules() -> dict[str, ast.Module]:
+    return {f"spark_jobs.{p.stem}": ast.parse(p.read_text()) for p in sorted(SPARK_JOBS.glob("*.py"))}
+
+
+def test_nothing_in_spark_jobs_touches_the_spark_context_or_rdds():
+    banned = {"sparkContext", "rdd", "_jsc", "_jvm", "_jdf", "_jsparkSession", "SparkContext", "RDD"}
+    found = [(module, node.lineno, name) for module, tree in _spark_jobs_modules().items() for node in ast.walk(tree)
+             for name in [getattr(node, "attr", None) or getattr(node, "id", None)
+                          or (getattr(node, "names", None) and ",".join(a.name for a in node.names))]
+             if name and set(name.split(",")) & banned]
+    assert not found, found
+
+
+def test_spark_jobs_have_no_import_circle_and_each_module_imports_alone():
+    modules = _spark_jobs_modules()
+    graph = {name: {alias.name if isinstance(node, ast.Import) else
+                    (f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
+                    for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for alias in node.names} & modules.keys()
+             for name, tree in modules.items()}
+    assert graph["spark_jobs.features"] and graph["spark_jobs.user_history"], graph  # the scan sees imports
+
+    def circle_from(start, path=()):
+        for nxt in graph[start]:
+            if nxt in path:
+                return [*path, nxt]
+            if (found := circle_from(nxt, (*path, nxt))) is not None:
+                return found
+        return None
+
+    circles = [c for m in graph if (c := circle_from(m, (m,)))]
+    assert not circles, circles
+    for module in modules:  # each in a fresh interpreter: no module relies on another having been imported first
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, (module, proc.stderr[-2000:])
