@@ -428,7 +428,10 @@ def init_postgres(cfg: Config) -> None:
         pwfile.unlink(missing_ok=True)
     if proc.returncode != 0:
         shutil.rmtree(data, ignore_errors=True)
-        raise ClusterError(f"initdb failed for {data}: {proc.stdout}{proc.stderr}")
+        hint = (f" PostgreSQL runs as the system user {OS_USER}: every folder above {data} must let it through "
+                f"(chmod o+x), or set paths.state_dir (REKI__PATHS__STATE_DIR) elsewhere."
+                if owner and "Permission denied" in proc.stderr else "")
+        raise ClusterError(f"initdb failed for {data}: {proc.stderr.strip()[-2000:]}{hint}")
 
 
 def init_redis(cfg: Config) -> None:
@@ -484,7 +487,18 @@ def _listening(port: int) -> bool:
 
 
 def up(cfg: Config, echo=print) -> None:
-    """Start the profile (or what of it is not running), each step checked, with a message naming the fix."""
+    """Start the profile (or what of it is not running), each step checked, with a message naming the fix. A
+    start that fails stops what it started: a failed `make cluster` leaves nothing running."""
+    started_here = supervisord_pid(cfg) is None
+    try:
+        _up(cfg, echo)
+    except BaseException:
+        if started_here:
+            down(cfg, echo=lambda _: None)
+        raise
+
+
+def _up(cfg: Config, echo) -> None:
     env = airflow_environment(cfg)
     d = cluster_dir(cfg)
     for sub in (d, logs_dir(cfg), airflow_home(cfg), d / "spark-work"):

@@ -1,0 +1,201 @@
+"""The cluster profile (reki_core/cluster.py) started for real by the tests: PostgreSQL, Redis, SeaweedFS, Spark
+master/worker/Connect, Airflow with Celery workers, all under supervisord, on free loopback ports with their state
+in a temporary folder. Tests marked `cluster` run only in `make test-cluster` (`-m cluster`); the smoke test runs
+in `make test`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reki_core.config import PROJECT_ROOT
+from tests.conftest import free_port_block
+from tests.integration.test_daily_dag import FAST
+
+DAG_ID = "reki_daily_refresh"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heavy cluster tests need `-m cluster` (`make test-cluster`): the whole suite runs only the smoke test."""
+    if "cluster" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="the cluster profile's full suite runs in `make test-cluster`")
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(skip)
+
+
+def cluster_settings(tmp: Path) -> dict[str, str]:
+    """REKI__ overrides that put every port of the profile on a free loopback block and its state under `tmp`."""
+    base = free_port_block(24)
+    return {
+        "REKI__PATHS__STATE_DIR": str(tmp / "state"), "REKI__PATHS__LAKE_URI": str(tmp / "lake"),
+        "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
+        "REKI__PATHS__MODELS_DIR": str(PROJECT_ROOT / ".reki" / "models"),
+        "REKI__CLUSTER__POSTGRES_PORT": str(base), "REKI__CLUSTER__REDIS_PORT": str(base + 1),
+        "REKI__CLUSTER__API_PORT": str(base + 2), "REKI__CLUSTER__SPARK_MASTER_PORT": str(base + 3),
+        "REKI__CLUSTER__SPARK_MASTER_WEBUI_PORT": str(base + 4), "REKI__CLUSTER__SPARK_WORKER_WEBUI_PORT": str(base + 5),
+        "REKI__SPARK__CONNECT_URL": f"sc://localhost:{base + 6}",
+        "REKI__OBJECT_STORE__ENDPOINT_URL": f"http://127.0.0.1:{base + 10}",  # SeaweedFS takes the 9 ports after it
+        "REKI__OBJECT_STORE__BUCKET": "reki-cluster-test",
+    }
+
+
+@dataclass
+class ClusterStack:
+    tmp: Path
+    env: dict[str, str]
+
+    def sh(self, command: str, timeout: float = 900, cluster_env: bool = True) -> subprocess.CompletedProcess:
+        """`command` in bash with infra/env.sh (and infra/cluster/env.sh: Airflow's CLI on this profile) sourced."""
+        prefix = "source infra/env.sh && " + ("source infra/cluster/env.sh && " if cluster_env else "")
+        return subprocess.run(["bash", "-c", prefix + command], env=self.env, cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def up(self) -> subprocess.CompletedProcess:
+        return self.sh("python -m reki_core.cluster up", cluster_env=False)
+
+    def down(self) -> subprocess.CompletedProcess:
+        return self.sh("python -m reki_core.cluster down", cluster_env=False, timeout=180)
+
+    def supervisorctl(self, *args: str) -> str:
+        return self.sh("supervisorctl -c " + str(self.state / "cluster" / "supervisord.conf") + " " + " ".join(args),
+                       cluster_env=False, timeout=120).stdout
+
+    @property
+    def state(self) -> Path:
+        return self.tmp / "state"
+
+    @property
+    def lake(self) -> Path:
+        return self.tmp / "lake"
+
+    @property
+    def api_port(self) -> int:
+        return int(self.env["REKI__CLUSTER__API_PORT"])
+
+    def config(self):
+        from reki_core.config import load_config
+
+        return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=self.env)
+
+    def api(self):
+        from tests.integration.test_backfill import Api
+
+        password_file = self.state / "cluster" / "airflow" / "simple_auth_manager_passwords.json.generated"
+        return Api(f"http://127.0.0.1:{self.api_port}", json.loads(password_file.read_text())["admin"])
+
+    def unpause(self, api) -> None:
+        deadline = time.monotonic() + 300
+        while True:  # the DAG must be parsed and serialized by the dag-processor first
+            try:
+                api.call("GET", f"/api/v2/dags/{DAG_ID}")
+                break
+            except urllib.error.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
+        assert api.call("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})["is_paused"] is False
+
+
+def cluster_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "REKI__"))}
+    env.update(FAST)
+    env["REKI__LLM__SHARD_SIZE"] = "100000"  # one extraction shard per day (the fault test sets its own)
+    env.update(cluster_settings(tmp))
+    env.update(extra)
+    return env
+
+
+def start_cluster(tmp: Path, **extra: str) -> ClusterStack:
+    stack = ClusterStack(tmp, cluster_env(tmp, **extra))
+    started = stack.up()
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-5000:]
+    return stack
+
+
+def cluster_tmp(name: str) -> Path:
+    """A folder for one profile's state and lake, under .reki/ rather than pytest's 0700 temporary folders: as root,
+    PostgreSQL runs as a system user that must reach its data folder."""
+    root = PROJECT_ROOT / ".reki" / "cluster-tests"
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    path.chmod(0o711)
+    return path
+
+
+@pytest.fixture
+def cluster_dir_factory():
+    """Folders from `cluster_tmp`, removed after the test."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(cluster_tmp(name))
+        return made[-1]
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(ml100k_dir):
+    """The profile up for the module's tests (the DAG unpaused); stopped and removed after them."""
+    tmp = cluster_tmp("cluster")
+    stack = start_cluster(tmp)
+    try:
+        api = stack.api()
+        stack.unpause(api)
+        yield stack, api
+    finally:
+        stack.down()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trigger_day(api, day: dt.date) -> str:
+    """A manual run of `day` (logical date D+1: its data interval is [D, D+1)); returns its run id."""
+    logical = (day + dt.timedelta(days=1)).isoformat()
+    run = api.call("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
+                   {"logical_date": f"{logical}T00:00:00Z", "dag_run_id": f"cluster_{day}_{time.time_ns()}"})
+    return run["dag_run_id"]
+
+
+def wait_run(api, run_id: str, timeout_s: float = 1500) -> str:
+    deadline = time.monotonic() + timeout_s
+    state = None
+    while time.monotonic() < deadline:
+        state = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
+        if state in ("success", "failed"):
+            return state
+        time.sleep(5)
+    return state
+
+
+def task_instances(api, run_id: str) -> list[dict]:
+    return api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=200")["task_instances"]
+
+
+def failed_logs(stack: ClusterStack, api, run_id: str) -> str:
+    """The end of each failed task's log and the scheduler's, for an assertion message."""
+    out = []
+    for ti in task_instances(api, run_id):
+        if ti["state"] not in ("success", "skipped"):
+            out.append(f"{ti['task_id']}[{ti['map_index']}] {ti['state']} try {ti['try_number']} on {ti['hostname']}")
+    logs = stack.state / "logs"
+    for name in ("cluster-scheduler.log", "cluster-worker.log", "cluster-gpu-worker.log"):
+        if (logs / name).is_file():
+            out.append(f"--- {name}\n" + (logs / name).read_text(errors="replace")[-2500:])
+    airflow_logs = stack.state / "cluster" / "airflow" / "logs"
+    for path in sorted(airflow_logs.rglob("*.log"))[-3:]:
+        out.append(f"--- {path}\n" + path.read_text(errors="replace")[-2500:])
+    return "\n".join(out)
