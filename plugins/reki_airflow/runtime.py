@@ -49,6 +49,13 @@ def default_args(cfg, *, retries: int, retry_delay: dt.timedelta, execution_time
     }
 
 
+def gpu_task(cfg) -> dict[str, Any]:
+    """Arguments of every task that may pick CUDA (extraction shards, encoding, training, the adaptor): the `gpu` pool
+    (its size = concurrent GPU workers) and, on the cluster profile's Celery workers, the gpu queue
+    (`cluster.gpu_queue`). The LocalExecutor ignores the queue."""
+    return {"pool": "gpu", "queue": cfg.cluster.gpu_queue}
+
+
 def task_setup(context: dict[str, Any]):
     """(config, dt) for a task, with the pipeline's secrets registered for log masking first."""
     from reki_airflow.secrets import register_secrets_for_masking

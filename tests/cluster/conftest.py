@@ -152,7 +152,8 @@ def cluster_dir_factory():
 def cluster(ml100k_dir):
     """The profile up for the module's tests (the DAG unpaused); stopped and removed after them."""
     tmp = cluster_tmp("cluster")
-    stack = start_cluster(tmp)
+    # Batches of 4 give an extraction shard several checkpoints (the worker-kill fault resumes from them).
+    stack = start_cluster(tmp, REKI__LLM__ENGINE__BATCH_SIZE="4")
     try:
         api = stack.api()
         stack.unpause(api)
