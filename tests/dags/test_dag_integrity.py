@@ -83,3 +83,17 @@ def test_dag_file_parses_without_heavy_imports(path: Path):
     loaded = set(out.stdout.strip().splitlines()[-1].split())
     assert "reki_core" in loaded, "the probe saw no module the DAG file imports"
     assert not loaded & set(HEAVY_MODULES), f"{path.name} imports {sorted(loaded & set(HEAVY_MODULES))} at parse time"
+
+
+def test_feature_tasks_are_spark_connect_clients(dagbag):
+    """One way to run Spark in the DAG: its Spark tasks are clients of the Connect server, none a spark-submit."""
+    from reki_core.config import load_config
+
+    dag = dagbag.dags["reki_daily_refresh"]
+    spark_tasks = {t.task_id: t for t in dag.tasks if t.task_id.startswith("spark_")}
+    assert set(spark_tasks) == {"spark_features", "spark_clusters"}
+    assert {type(t).__name__ for t in spark_tasks.values()} == {"SparkConnectJobs"}
+    assert spark_tasks["spark_features"].jobs == ["items", "user_history", "ctr_samples"]
+    assert spark_tasks["spark_clusters"].jobs == ["clusters"]
+    assert {t.conn_id for t in spark_tasks.values()} == {load_config().spark.connect_conn_id}
+    assert not [t.task_id for d in dagbag.dags.values() for t in d.tasks if "SparkSubmit" in type(t).__name__]

@@ -28,7 +28,7 @@ def test_archive_is_used_only_once_built_and_while_enabled(tmp_path):
     assert f"-XX:SharedArchiveFile={archive}" in spark_module.submit_java_options(cfg).split()
     disabled = _cfg(tmp_path, REKI__SPARK__CLASS_ARCHIVE="false", REKI__SPARK__LOG_CONFIG="null")
     assert spark_module.submit_java_options(disabled) == cfg.spark.driver_java_options
-    # What the DAG's SparkSubmitOperator gets: the options beside the session settings.
+    # What a spark-submitted job gets (README: running a job by hand): the options beside the session settings.
     assert spark_module.submit_conf(cfg) == {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
                                              "spark.sql.session.timeZone": "UTC",
                                              "spark.driver.extraJavaOptions": spark_module.submit_java_options(cfg)}
