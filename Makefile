@@ -42,6 +42,7 @@ run: setup
 	@$(WITH_ENV) bash infra/run_daily.sh
 
 test: setup
+	@bash infra/cluster/install.sh  # the cluster profile's smoke test needs PostgreSQL and Redis
 	@$(WITH_ENV) bash infra/test.sh
 
 test-faults: setup
