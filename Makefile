@@ -67,7 +67,7 @@ cluster: prereqs $(STAMP)
 test-cluster: prereqs $(STAMP)
 	@bash infra/cluster/install.sh
 	@$(WITH_ENV) reki setup
-	@$(WITH_ENV) bash infra/test.sh -m cluster
+	@$(WITH_ENV) bash infra/test.sh -m "cluster or cluster_smoke"
 
 stop:
 	@if [ -x $(VENV)/bin/reki ]; then $(WITH_ENV) bash infra/airflow.sh stop; $(WITH_ENV) reki stack down; \
