@@ -1,27 +1,22 @@
-"""Benchmark of the Spark feature jobs: synthetic 1M / 3M / 10M interactions on local[2], and a full
-versus next-day incremental build on MovieLens-100K. Writes bench/results/spark_prep.json.
+"""Benchmark of the Spark feature jobs as the DAG runs them: Spark Connect clients of a warm server.
+Writes bench/results/spark_prep.json.
 
-Each size gets a fresh synthetic lake (books scenario, 180 days, Zipf activity and popularity) and a full
-build of its last day. The headline figures (`interactions_per_s`, `time_ratio_10m_over_1m`) cover the jobs
-every extraction mode runs: items, user_history, ctr_samples. The clusters job serves collective mode only;
-it is timed separately at every size (forced collective), and `daily_run_seconds` adds it where the books
-scenario's `auto` mode resolves to collective. Before measuring, the jobs run once on a small lake, so JVM
-start and code generation do not land on the first size. Peak RSS is sampled over this process and its
-children (the JVM) every half second.
+The benchmark starts its own Connect server (`localstack.SparkConnectServer`, local[2], the configured driver
+memory) and warms it up on a small lake, as a server that has served earlier days is warm. Every timed run
+is one task's worth of work: a new Connect session (`connect_client`, as `SparkConnectJobs` opens one per task
+try), the jobs, the session released; its wall time includes the session's creation.
 
-MovieLens-100K (movielens scenario, individual mode: clusters skipped): full build of the last day versus
-its daily (incremental) run in steady state, the same jobs in both; the daily run right after a full build
-is recorded too (`ml100k_incremental_after_full_s`). The same comparison runs on the synthetic sizes named by
-`--daily-sizes` (1M by default), where the data, not Spark's fixed cost per action, sets the time. Jobs run
-as spark-submit runs them (`common.run_step`): a small daily run in the driver (`spark_jobs/in_driver.py`),
-anything else in Spark; each run records the engine of each job. The ML-100K daily run is also timed with
-every job in Spark (`ml100k_incremental_spark_only_s`, `incremental_over_full_spark_only`). Each run
-counts its Spark jobs, and the least a Spark action costs here is measured too: together they show where
-the ML-100K time goes. A quiet day (no interactions, unchanged snapshots) gives the daily run's floor at
-ML-100K (`ml100k_quiet_day_s`): what the jobs cost with nothing to recompute. All of that is timed in one warm
-Spark session; the DAG instead starts a JVM per spark-submit, so the ML-100K full build and daily run are
-also timed through spark-submit, with and without the class archive of `reki setup`
-(`ml100k_submit_full_s`, `ml100k_submit_incremental_s`, `class_archive_saves`).
+- ML-100K (movielens scenario, individual mode: clusters skipped): the full build of the last day against its
+  daily run in steady state (the day before was itself a daily run), each the fastest of 2, timed
+  alternately: `incremental_over_full`. The daily run right after a full build (every user flagged) too.
+  Where the daily run's time goes: each job's seconds, the session's own cost (`session_s`), a quiet day (no
+  interactions, unchanged snapshots: the jobs' fixed cost) and the least one Spark action costs on a small
+  partition (`spark_action_floor_s`). The same full build and daily run through `spark-submit` (a cold JVM
+  per run, the class archive of `reki setup` mapped): `submit_incremental_over_full`.
+- Synthetic 1M / 3M / 10M interactions (books scenario, 180 days, Zipf): a full build of the last day of each
+  through Connect: `interactions_per_s`, `time_ratio_10m_over_1m`; the clusters job alone (collective mode);
+  with --daily-sizes, the steady-state daily run too (`incremental_over_full_by_size`).
+- The server's resident memory (its JVM and Python workers): peak over the run, and after warm-up.
 
     .venv/bin/python bench/spark_prep.py [--sizes 1000000,3000000,10000000] [--daily-sizes 1000000] [--out ...]
 """
@@ -36,7 +31,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -45,35 +39,43 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 from reki_core.config import PROJECT_ROOT, load_config  # noqa: E402
 from reki_core.datasets import movielens, synthetic  # noqa: E402
+from reki_core.localstack import CONNECT_TOKEN_ENV, SparkConnectServer, ensure_connect_token, free_port_block  # noqa: E402
 from reki_core.prompts import resolve_mode  # noqa: E402
-from reki_core.spark import class_archive, get_spark, spark_submit, submit_conf  # noqa: E402
+from reki_core.spark import class_archive, connect_client, spark_submit, submit_conf, task_session_id  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
-from spark_jobs import clusters, ctr_samples, items, user_history  # noqa: E402
-from spark_jobs.common import read_parquet, run_step  # noqa: E402
+from spark_jobs.common import jobs_named, read_parquet, run_jobs  # noqa: E402
+from spark_jobs.features import FEATURE_JOBS  # noqa: E402
 
-HEADLINE_JOBS = (items, user_history, ctr_samples)
 WARMUP_INTERACTIONS = 5_000
 ML100K_REPEATS = 2  # the ML-100K runs take seconds: time each twice, keep the fastest
 
 
 class PeakRss:
-    """Highest resident memory of this process tree while running (MB)."""
+    """Highest resident memory of a process tree while running (MB), sampled every half second."""
 
-    def __init__(self):
+    def __init__(self, pid: int):
+        self.pid = pid
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def now_mb(self) -> float:
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.Error:
+            return 0.0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total / 2**20
+
     def _sample(self):
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self.peak_mb = max(self.peak_mb, self.now_mb())
             self._stop.wait(0.5)
 
     def __enter__(self):
@@ -85,147 +87,64 @@ class PeakRss:
         self._thread.join()
 
 
-def job_name(job) -> str:
-    return job.__name__.rsplit(".", 1)[-1]
+class Runner:
+    """Times `jobs` for a day as one DAG task runs them: a new Connect session per run, released after."""
 
+    def __init__(self, url: str):
+        self.url = url
+        self.runs = 0
 
-def run_jobs(spark, cfg, lake, day, jobs) -> dict:
-    """Seconds per job and in total, plus `spark_jobs`: how many Spark jobs (actions and their stages) they ran,
-    and `engines`: where each job ran (`run_step`, as spark-submit runs them: a small daily run in the driver)."""
-    group = f"bench-{uuid.uuid4().hex[:8]}"
-    spark.sparkContext.setJobGroup(group, "spark_prep benchmark")
-    seconds, engines = {}, {}
-    for job in jobs:
+    def run(self, cfg, lake: Lake, day: dt.date, jobs: tuple[str, ...]) -> dict:
+        """Seconds per job (their run-log steps'), of the session's creation, and in total (wall)."""
+        self.runs += 1
         start = time.perf_counter()
-        engines[job_name(job)] = run_step(job.run, f"features_{job_name(job)}", lambda: spark, cfg, lake, day)["engine"]
-        seconds[job_name(job)] = round(time.perf_counter() - start, 2)
-    seconds["total"] = round(sum(seconds.values()), 2)
-    seconds["spark_jobs"] = len(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
-    seconds["engines"] = engines
-    return seconds
+        with connect_client(cfg, self.url, task_session_id("bench", self.runs), tag="bench") as spark:
+            session_s = round(time.perf_counter() - start, 3)
+            steps = run_jobs(spark, jobs_named(jobs), cfg, lake, day)
+        seconds = {step.removeprefix("features_"): payload["seconds"] for step, payload in steps.items()}
+        return {**seconds, "session_s": session_s, "total": round(time.perf_counter() - start, 2)}
+
+    def floor(self, cfg, lake: Lake, day: dt.date) -> dict:
+        """The least a Spark action costs here, on a small partition (features/items): a count and a rewrite."""
+        folder = lake.local_path(f"features/items/dt={day.isoformat()}")
+        out = str(lake.local_path("_floor"))
+        with connect_client(cfg, self.url, task_session_id("bench-floor", day)) as spark:
+            def best_of_3(action) -> float:
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    action()
+                    times.append(time.perf_counter() - t)
+                return round(min(times), 3)
+
+            return {"count": best_of_3(lambda: read_parquet(spark, [folder]).count()),
+                    "write": best_of_3(lambda: read_parquet(spark, [folder]).write.mode("overwrite").parquet(out))}
 
 
-def synthetic_lake(workdir: Path, size: int, snapshot_days: int = 1) -> tuple[Lake, list[dt.date]]:
-    """A raw lake of `size` synthetic interactions; user/item snapshots for the last `snapshot_days` days only
-    (all a full build of the last day reads; a daily run reads its own day's and the previous one's)."""
-    lake = Lake(str(workdir / f"synthetic-{size}"))
-    data = synthetic.generate(size, days=180, seed=1)
-    days = sorted(set(synthetic.interaction_days(data.interactions)))
-    synthetic.write_raw_lake(lake, data.interactions, data.users, data.items, snapshot_days=days[-snapshot_days:])
-    return lake, days
-
-
-def bench_synthetic(spark, books, collective, workdir: Path, size: int, daily: bool) -> dict:
-    """Full build of the last day; with `daily`, also the steady-state daily run of that day (`full_vs_daily`)."""
-    lake, days = synthetic_lake(workdir, size, snapshot_days=3 if daily else 1)
-    day = days[-1]
-    start = time.perf_counter()
-    seconds = run_jobs(spark, books, lake, day, HEADLINE_JOBS)
-    history = lake.read_partition("features/user_history", day, columns=["n_interactions"])
-    interactions, users = int(history["n_interactions"].sum()), len(history)
-    n_items = len(lake.read_partition("features/items", day, columns=["item_id"]))
-    clusters_seconds = run_jobs(spark, collective, lake, day, (clusters,))["clusters"]
-    mode = resolve_mode(books, users, n_items)
-    daily_run = full_vs_daily(spark, books, lake, days, HEADLINE_JOBS, full=seconds) if daily else None
-    if daily:  # the same day with every job forced into the driver: where the driver's limit should sit
-        forced = books.model_copy(update={"spark": books.spark.model_copy(update={"in_driver_max_interactions": 10**12})})
-        daily_run["in_driver"] = full_vs_daily(spark, forced, lake, days, HEADLINE_JOBS, full=seconds)
-    print(f"{size}: {time.perf_counter() - start:.0f} s", flush=True)
-    shutil.rmtree(lake.local_path(), ignore_errors=True)
-    return {
-        "full_vs_daily": daily_run,
-        "interactions": interactions,
-        "users": users,
-        "items": n_items,
-        "seconds": seconds,
-        "interactions_per_s": round(interactions / seconds["total"], 1),
-        "clusters_seconds": clusters_seconds,
-        "extraction_mode": mode,
-        "daily_run_seconds": round(seconds["total"] + (clusters_seconds if mode == "collective" else 0.0), 2),
-    }
-
-
-def full_vs_daily(spark, cfg, lake, days, jobs, full: dict | None = None, repeats: int = 1) -> dict:
-    """Full build of the last day against its daily run. The daily run is timed in steady state (the day
-    before was itself a daily run); the daily run right after a full build is timed too: a full build flags
-    every user for refresh, so that one day rewrites every user bucket. `full`: an already measured full build.
-    With `repeats`, the full build and the steady-state daily run are each timed that many times, alternating,
-    and the fastest of each counts: at small sizes a warmer JVM alone moves a run by seconds."""
+def full_vs_daily(runner: Runner, cfg, lake: Lake, days, jobs, full: dict | None = None, repeats: int = 1) -> dict:
+    """Full build of the last day against its steady-state daily run (the day before was a daily run too); the
+    daily run right after a full build is recorded as well (a full build flags every user, so that day rewrites
+    every bucket). With `repeats`, each is timed that many times, alternating, and the fastest counts."""
     day, prev, before = days[-1], days[-2], days[-3]
     fulls, dailies = ([] if full is None else [full]), []
     for _ in range(repeats):
         if full is None:
             shutil.rmtree(lake.local_path("features"), ignore_errors=True)
-            fulls.append(run_jobs(spark, cfg, lake, day, jobs))
+            fulls.append(runner.run(cfg, lake, day, jobs))
         shutil.rmtree(lake.local_path("features"), ignore_errors=True)
-        run_jobs(spark, cfg, lake, before, jobs)
-        after_full = run_jobs(spark, cfg, lake, prev, jobs)
-        dailies.append(run_jobs(spark, cfg, lake, day, jobs))
+        runner.run(cfg, lake, before, jobs)
+        after_full = runner.run(cfg, lake, prev, jobs)
+        dailies.append(runner.run(cfg, lake, day, jobs))
     full, incremental = min(fulls, key=lambda r: r["total"]), min(dailies, key=lambda r: r["total"])
-    return {"day": day.isoformat(), "previous_day": prev.isoformat(), "jobs": [job_name(j) for j in jobs],
+    return {"day": day.isoformat(), "previous_day": prev.isoformat(), "jobs": list(jobs),
             "full_seconds": full, "incremental_seconds": incremental, "incremental_after_full_seconds": after_full,
             "incremental_over_full": round(incremental["total"] / full["total"], 3),
             "full_totals": [r["total"] for r in fulls], "incremental_totals": [r["total"] for r in dailies]}
 
 
-def bench_ml100k(spark, cfg, workdir: Path) -> dict:
-    inter, users, item_frame = movielens.load(movielens.obtain(cfg.data_dir))
-    lake = Lake(str(workdir / "ml100k"))
-    days = synthetic.write_raw_lake(lake, inter, users, item_frame)
-    jobs = HEADLINE_JOBS + ((clusters,) if resolve_mode(cfg, users["user_id"].nunique(), len(item_frame)) == "collective" else ())
-    result = full_vs_daily(spark, cfg, lake, days, jobs, repeats=ML100K_REPEATS)
-    # The same daily run with every job in Spark (no driver path): what the driver path saves.
-    spark_only = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"in_driver_max_interactions": 0})})
-    result["spark_only"] = full_vs_daily(spark, spark_only, lake, days, jobs, full=result["full_seconds"], repeats=ML100K_REPEATS)
-    result["spark_action_floor_s"] = action_floor(spark, lake, days[-1])
-    result["spark_submit"] = submitted_runs(cfg, lake, days)
-    result["quiet_day"] = quiet_day(spark, cfg, lake, days, jobs, result["full_seconds"]["total"])
-    return result
-
-
-def submitted_runs(cfg, lake, days) -> dict:
-    """Full build against daily run as the DAG runs them: `spark_jobs/features.py` through spark-submit, a new
-    JVM each time, wall time from submit to exit. Each is timed with and without the class archive that
-    `reki setup` builds (the only difference between the two: `-XX:SharedArchiveFile`), alternating, twice;
-    the fastest of each counts."""
-    if not class_archive(cfg).is_file():
-        return {"skipped": f"no class archive at {class_archive(cfg)}: run `reki setup` first"}
-    day, prev, before = days[-1], days[-2], days[-3]
-    without = cfg.model_copy(update={"spark": cfg.spark.model_copy(update={"class_archive": False})})
-    options = {"archive": submit_conf(cfg), "no_archive": submit_conf(without)}
-    runs: dict[str, dict[str, list[float]]] = {kind: {"full": [], "daily": []} for kind in options}
-    for _ in range(ML100K_REPEATS):
-        for kind, opts in options.items():
-            shutil.rmtree(lake.local_path("features"), ignore_errors=True)
-            runs[kind]["full"].append(submit_features(cfg, lake, day, opts))
-    shutil.rmtree(lake.local_path("features"), ignore_errors=True)
-    for d in (before, prev):
-        submit_features(cfg, lake, d, options["archive"])
-    for _ in range(ML100K_REPEATS):
-        for kind, opts in options.items():  # a re-run of the day reads the previous day's state again: a daily run
-            runs[kind]["daily"].append(submit_features(cfg, lake, day, opts))
-    best = {kind: {run: min(times) for run, times in r.items()} for kind, r in runs.items()}
-    return {"runs_s": runs, "best_s": best, "submit_conf": options,
-            "incremental_over_full": round(best["archive"]["daily"] / best["archive"]["full"], 3),
-            "archive_saves": {run: round(1 - best["archive"][run] / best["no_archive"][run], 3) for run in ("full", "daily")}}
-
-
-def submit_features(cfg, lake, day: dt.date, conf: dict[str, str]) -> float:
-    """Seconds of one `spark-submit spark_jobs/features.py` of `day`, as the DAG's spark_features task runs it."""
-    start = time.perf_counter()
-    result = spark_submit(cfg, PROJECT_ROOT / "spark_jobs/features.py",
-                          ["--lake", str(lake.local_path()), "--dt", day.isoformat()], conf, timeout_s=600)
-    seconds = round(time.perf_counter() - start, 2)
-    if result.returncode != 0:
-        raise RuntimeError(f"spark-submit features {day} failed:\n{result.stderr[-3000:]}")
-    return seconds
-
-
-def quiet_day(spark, cfg, lake, days, jobs, full_s: float) -> dict:
+def quiet_day(runner: Runner, cfg, lake: Lake, days, jobs, full_s: float) -> dict:
     """The least a daily run costs at this size: two days with no interactions and unchanged snapshots are
-    appended, and the second one's daily run is timed (fastest of ML100K_REPEATS; the first quiet day still
-    rewrites the buckets of the users refreshed the day before). Nothing is recomputed that day, so what it
-    costs is the jobs' fixed cost, the floor under `incremental_over_full`."""
+    appended and the second one's daily run is timed; nothing is recomputed, so it is the jobs' fixed cost."""
     last = days[-1]
     quiet = [last + dt.timedelta(days=1), last + dt.timedelta(days=2)]
     empty = lake.read_partition("raw/interactions", last).iloc[0:0]
@@ -235,146 +154,173 @@ def quiet_day(spark, cfg, lake, days, jobs, full_s: float) -> dict:
         lake.write_partition(users, "raw/users", day)
         lake.write_partition(item_rows, "raw/items", day)
     shutil.rmtree(lake.local_path("features"), ignore_errors=True)
-    run_jobs(spark, cfg, lake, last, jobs)
-    run_jobs(spark, cfg, lake, quiet[0], jobs)
-    runs = [run_jobs(spark, cfg, lake, quiet[1], jobs) for _ in range(ML100K_REPEATS)]  # a re-run rebuilds from quiet[0]
+    runner.run(cfg, lake, last, jobs)
+    runner.run(cfg, lake, quiet[0], jobs)
+    runs = [runner.run(cfg, lake, quiet[1], jobs) for _ in range(ML100K_REPEATS)]
     best = min(runs, key=lambda r: r["total"])
     return {"day": quiet[1].isoformat(), "seconds": best, "totals": [r["total"] for r in runs],
             "over_full": round(best["total"] / full_s, 3)}
 
 
-def action_floor(spark, lake, day: dt.date) -> dict:
-    """The least a Spark action costs here, on a small partition (features/items, a few thousand rows): a count
-    and a rewrite. Every job pays it per action, whatever the data size."""
-    folder = lake.local_path(f"features/items/dt={day.isoformat()}")
+def submitted_runs(cfg, lake: Lake, days) -> dict:
+    """The same full build and daily run through `spark-submit spark_jobs/features.py` (a new JVM each, the class
+    archive mapped when set-up built it), twice each; the fastest counts. For comparison only: the DAG does not."""
+    day, prev, before = days[-1], days[-2], days[-3]
+    conf = submit_conf(cfg)
 
-    def best_of_3(action) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            action()
-            times.append(time.perf_counter() - start)
-        return round(min(times), 3)
+    def submit(d: dt.date) -> float:
+        start = time.perf_counter()
+        result = spark_submit(cfg, PROJECT_ROOT / "spark_jobs/features.py",
+                              ["--lake", str(lake.local_path()), "--dt", d.isoformat()], conf, timeout_s=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"spark-submit features {d} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+        return round(time.perf_counter() - start, 2)
 
-    out = str(lake.local_path("_floor"))
-    return {"count": best_of_3(lambda: read_parquet(spark, [folder]).count()),
-            "write": best_of_3(lambda: read_parquet(spark, [folder]).write.mode("overwrite").parquet(out))}
+    fulls = []
+    for _ in range(ML100K_REPEATS):
+        shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+        fulls.append(submit(day))
+    shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+    submit(before)
+    submit(prev)
+    dailies = [submit(day) for _ in range(ML100K_REPEATS)]  # a re-run reads the previous day's state again
+    return {"full_s": min(fulls), "daily_s": min(dailies), "full_runs_s": fulls, "daily_runs_s": dailies,
+            "class_archive": str(class_archive(cfg)) if class_archive(cfg).is_file() else None,
+            "incremental_over_full": round(min(dailies) / min(fulls), 3)}
 
 
-def warm_up(spark, books, collective, workdir: Path) -> None:
+def bench_ml100k(runner: Runner, cfg, workdir: Path) -> dict:
+    inter, users, item_frame = movielens.load(movielens.obtain(cfg.data_dir))
+    lake = Lake(str(workdir / "ml100k"))
+    days = synthetic.write_raw_lake(lake, inter, users, item_frame)
+    collective = resolve_mode(cfg, users["user_id"].nunique(), len(item_frame)) == "collective"
+    jobs = FEATURE_JOBS + (("clusters",) if collective else ())
+    result = full_vs_daily(runner, cfg, lake, days, jobs, repeats=ML100K_REPEATS)
+    result["spark_action_floor_s"] = runner.floor(cfg, lake, days[-1])
+    result["spark_submit"] = submitted_runs(cfg, lake, days)
+    result["quiet_day"] = quiet_day(runner, cfg, lake, days, jobs, result["full_seconds"]["total"])
+    return result
+
+
+def bench_synthetic(runner: Runner, books, collective, workdir: Path, size: int, daily: bool) -> dict:
+    lake = Lake(str(workdir / f"synthetic-{size}"))
+    data = synthetic.generate(size, days=180, seed=1)
+    days = sorted(set(synthetic.interaction_days(data.interactions)))
+    synthetic.write_raw_lake(lake, data.interactions, data.users, data.items, snapshot_days=days[-(3 if daily else 1):])
+    day = days[-1]
+    start = time.perf_counter()
+    seconds = runner.run(books, lake, day, FEATURE_JOBS)
+    history = lake.read_partition("features/user_history", day, columns=["n_interactions"])
+    interactions, users = int(history["n_interactions"].sum()), len(history)
+    n_items = len(lake.read_partition("features/items", day, columns=["item_id"]))
+    clusters_seconds = runner.run(collective, lake, day, ("clusters",))["clusters"]
+    daily_run = full_vs_daily(runner, books, lake, days, FEATURE_JOBS, full=seconds) if daily else None
+    print(f"{size}: {time.perf_counter() - start:.0f} s", flush=True)
+    shutil.rmtree(lake.local_path(), ignore_errors=True)
+    return {"interactions": interactions, "users": users, "items": n_items, "seconds": seconds,
+            "interactions_per_s": round(interactions / seconds["total"], 1), "clusters_seconds": clusters_seconds,
+            "extraction_mode": resolve_mode(books, users, n_items), "full_vs_daily": daily_run}
+
+
+def warm_up(runner: Runner, books, collective, workdir: Path) -> None:
+    """A server that has served earlier days: its JVM has loaded and compiled the jobs' code."""
     lake = Lake(str(workdir / "warmup"))
     data = synthetic.generate(WARMUP_INTERACTIONS, days=10, seed=2)
     day = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)[-1]
-    run_jobs(spark, books, lake, day, HEADLINE_JOBS)
-    run_jobs(spark, collective, lake, day, (clusters,))
+    for _ in range(2):
+        runner.run(books, lake, day, FEATURE_JOBS)
+        runner.run(collective, lake, day, ("clusters",))
     shutil.rmtree(lake.local_path(), ignore_errors=True)
+
+
+def summarise(result: dict) -> None:
+    """The headline keys, from what was measured so far."""
+    sizes = result["sizes"]
+    result["interactions_per_s"] = {k: v["interactions_per_s"] for k, v in sizes.items()}
+    result["clusters_seconds"] = {k: v["clusters_seconds"] for k, v in sizes.items()}
+    totals = {int(k): v["seconds"]["total"] for k, v in sizes.items()}
+    result["time_ratio_10m_over_1m"] = (round(totals[10_000_000] / totals[1_000_000], 3)
+                                        if {1_000_000, 10_000_000} <= totals.keys() else None)
+    result["incremental_over_full_by_size"] = {k: v["full_vs_daily"]["incremental_over_full"]
+                                               for k, v in sizes.items() if v["full_vs_daily"]}
+    ml = result.get("ml100k")
+    if ml:
+        result.update(ml100k_full_s=ml["full_seconds"]["total"], ml100k_incremental_s=ml["incremental_seconds"]["total"],
+                      incremental_over_full=ml["incremental_over_full"],
+                      ml100k_incremental_after_full_s=ml["incremental_after_full_seconds"]["total"],
+                      ml100k_quiet_day_s=ml["quiet_day"]["seconds"]["total"], quiet_day_over_full=ml["quiet_day"]["over_full"],
+                      ml100k_submit_full_s=ml["spark_submit"]["full_s"],
+                      ml100k_submit_incremental_s=ml["spark_submit"]["daily_s"],
+                      submit_incremental_over_full=ml["spark_submit"]["incremental_over_full"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,3000000,10000000")
-    parser.add_argument("--out", default=str(PROJECT_ROOT / "bench/results/spark_prep.json"))
-    parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--daily-sizes", default="1000000", help="sizes that also get a steady-state daily run")
+    parser.add_argument("--skip-ml100k", action="store_true")
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "bench/results/spark_prep.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     daily_sizes = {int(s) for s in args.daily_sizes.split(",") if s}
-
-    env = {**os.environ, "REKI__SPARK__MASTER": "local[2]"}
-    movielens_cfg = load_config(environ=env)
-    books = load_config(environ={**env, "REKI__SCENARIO": "books"})
-    collective = load_config(environ={**env, "REKI__SCENARIO": "books", "REKI__SCENARIO_OVERRIDES": "{extraction_mode: collective}"})
-    spark = get_spark(books, "reki-bench-spark-prep", master="local[2]")
-    spark.sparkContext.setLogLevel("ERROR")
-    result: dict = {
-        "machine": f"{psutil.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
-        "master": "local[2]",
-        "driver_memory": books.spark.driver_memory,
-        "shuffle_partitions": books.spark.shuffle_partitions,
-        "measured_at": dt.datetime.now(dt.UTC).isoformat(),
-        # Other work on the machine slows every figure: the 1-minute load average when each step was written.
-        "load_average_1m": {"start": round(os.getloadavg()[0], 2)},
-        "headline_jobs": [job_name(j) for j in HEADLINE_JOBS],
-        "notes": "interactions_per_s and time_ratio_10m_over_1m: full build of the last day, jobs in headline_jobs. "
-                 "clusters_seconds: the clusters job alone (collective mode forced); daily_run_seconds adds it where "
-                 "the books scenario's auto mode is collective. Jobs warmed up on a small lake first. "
-                 "ml100k_full_s / ml100k_incremental_s: the fastest of 2 full builds and of 2 steady-state daily runs "
-                 "(the last day's daily run after a daily run), timed alternately; "
-                 "ml100k_incremental_after_full_s: a daily run right after a full build (every user bucket rewritten). "
-                 "incremental_over_full_by_size: the same steady-state comparison on synthetic sizes (--daily-sizes); "
-                 "incremental_over_full_in_driver_by_size: that daily run with every job forced into the driver "
-                 "(spark.in_driver_max_interactions unbounded), where the driver's limit should sit. "
-                 "ml100k_quiet_day_s / quiet_day_over_full: the daily run of a day with no interactions and "
-                 "unchanged snapshots (after another such day): the fixed cost under incremental_over_full. "
-                 "engines: where each job ran (driver: spark_jobs/in_driver.py, a small daily run without Spark); "
-                 "ml100k_incremental_spark_only_s / incremental_over_full_spark_only: the same daily run with every "
-                 "job in Spark (spark.in_driver_max_interactions 0). "
-                 "spark_jobs: Spark jobs run (each action and adaptive stage is one); ml100k.spark_action_floor_s: "
-                 "the least one count or one rewrite of a small partition costs here.",
-        "sizes": {},
-    }
     out = Path(args.out)
-    with tempfile.TemporaryDirectory(prefix="reki-bench-") as tmp, PeakRss() as rss:
-        warm_up(spark, books, collective, Path(tmp))
-        # The cheap comparison first; the file is rewritten after every step, so a cut-short run keeps what it measured.
-        if not args.skip_ml100k:
-            result["ml100k"] = bench_ml100k(spark, movielens_cfg, Path(tmp))
-            print(result["ml100k"], flush=True)
-            write_result(result, rss, out)
-        for size in sizes:
-            result["sizes"][str(size)] = bench_synthetic(spark, books, collective, Path(tmp), size, size in daily_sizes)
-            print(size, result["sizes"][str(size)], flush=True)
-            write_result(result, rss, out)
-    spark.stop()
-    write_result(result, rss, out)
-    print(json.dumps({k: result[k] for k in ("interactions_per_s", "clusters_seconds", "time_ratio_10m_over_1m", "peak_rss_mb",
-                                             "ml100k_full_s", "ml100k_incremental_s", "incremental_over_full",
-                                             "ml100k_incremental_after_full_s", "ml100k_spark_jobs", "ml100k_incremental_engines",
-                                             "ml100k_incremental_spark_only_s", "incremental_over_full_spark_only",
-                                             "ml100k_quiet_day_s", "quiet_day_over_full", "ml100k_submit_full_s",
-                                             "ml100k_submit_incremental_s", "submit_incremental_over_full", "class_archive_saves",
-                                             "incremental_over_full_by_size", "incremental_over_full_in_driver_by_size")}))
+
+    with tempfile.TemporaryDirectory(prefix="reki-bench-") as tmp:
+        url = f"sc://localhost:{free_port_block(1)}"
+        env = {**os.environ, "REKI__SPARK__MASTER": "local[2]", "REKI__SPARK__CONNECT_URL": url,
+               "REKI__PATHS__STATE_DIR": str(Path(tmp) / "state")}
+        movielens_cfg = load_config(environ=env)
+        books = load_config(environ={**env, "REKI__SCENARIO": "books"})
+        collective = load_config(environ={**env, "REKI__SCENARIO": "books",
+                                          "REKI__SCENARIO_OVERRIDES": "{extraction_mode: collective}"})
+        server = SparkConnectServer(books)
+        started = time.perf_counter()
+        server.start()
+        os.environ[CONNECT_TOKEN_ENV] = ensure_connect_token(books.state_dir)
+        result: dict = {
+            "machine": f"{psutil.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
+            "engine": "Spark Connect server (sbin/start-connect-server.sh), local[2]; a new client session per timed run",
+            "driver_memory": books.spark.driver_memory, "shuffle_partitions": books.spark.shuffle_partitions,
+            "measured_at": dt.datetime.now(dt.UTC).isoformat(),
+            "load_average_1m": {"start": round(os.getloadavg()[0], 2)},
+            "connect_server_start_s": round(time.perf_counter() - started, 2),
+            "headline_jobs": list(FEATURE_JOBS), "sizes": {},
+            "notes": "Every timed run is one DAG task's worth: a new Connect session (session_s), the jobs, the session "
+                     "released. interactions_per_s, time_ratio_10m_over_1m: full build of the last day, headline_jobs. "
+                     "ml100k_*: fastest of 2, full build and steady-state daily run timed alternately; "
+                     "incremental_after_full: the daily run right after a full build (every bucket rewritten). "
+                     "quiet_day: a day with nothing to recompute, the jobs' fixed cost. spark_action_floor_s: the least "
+                     "a count and a rewrite of a small partition cost. ml100k_submit_*: the same through spark-submit "
+                     "(a cold JVM per run, class archive mapped), for comparison; the DAG does not spark-submit. "
+                     "connect_server_rss_mb: the server's JVM and Python workers.",
+        }
+        runner = Runner(url)
+        try:
+            with PeakRss(server.pid()) as rss:
+                warm_up(runner, books, collective, Path(tmp))
+                result["connect_server_rss_mb"] = {"after_warm_up": round(rss.now_mb(), 1)}
+
+                def write() -> None:
+                    summarise(result)
+                    result["connect_server_rss_mb"].update(peak=round(rss.peak_mb, 1), now=round(rss.now_mb(), 1))
+                    result["load_average_1m"][f"after_{len(result['sizes'])}_sizes"] = round(os.getloadavg()[0], 2)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(result, indent=2, sort_keys=True))
+
+                if not args.skip_ml100k:  # the cheap comparison first; the file is rewritten after every step
+                    result["ml100k"] = bench_ml100k(runner, movielens_cfg, Path(tmp))
+                    write()
+                for size in sizes:
+                    result["sizes"][str(size)] = bench_synthetic(runner, books, collective, Path(tmp), size,
+                                                                 size in daily_sizes)
+                    write()
+                write()
+        finally:
+            server.stop()
+    print(json.dumps({k: result.get(k) for k in (
+        "incremental_over_full", "ml100k_full_s", "ml100k_incremental_s", "ml100k_quiet_day_s",
+        "submit_incremental_over_full", "time_ratio_10m_over_1m", "interactions_per_s", "connect_server_rss_mb")}))
     return 0
-
-
-def write_result(result: dict, rss: PeakRss, out: Path) -> None:
-    """Fill the summary keys from what was measured so far and write the JSON file."""
-    result["interactions_per_s"] = {k: v["interactions_per_s"] for k, v in result["sizes"].items()}
-    result["clusters_seconds"] = {k: v["clusters_seconds"] for k, v in result["sizes"].items()}
-    totals = {int(k): v["seconds"]["total"] for k, v in result["sizes"].items()}
-    result["time_ratio_10m_over_1m"] = round(totals[10_000_000] / totals[1_000_000], 3) if {1_000_000, 10_000_000} <= totals.keys() else None
-    result["incremental_over_full_by_size"] = {k: v["full_vs_daily"]["incremental_over_full"]
-                                               for k, v in result["sizes"].items() if v.get("full_vs_daily")}
-    result["incremental_over_full_in_driver_by_size"] = {k: v["full_vs_daily"]["in_driver"]["incremental_over_full"]
-                                                         for k, v in result["sizes"].items() if v.get("full_vs_daily")}
-    result["peak_rss_mb"] = round(rss.peak_mb, 1)
-    result["load_average_1m"][f"after_{len(result['sizes'])}_sizes" + ("_and_ml100k" if "ml100k" in result else "")] = round(
-        os.getloadavg()[0], 2)
-    if "ml100k" in result:
-        full, inc = result["ml100k"]["full_seconds"]["total"], result["ml100k"]["incremental_seconds"]["total"]
-        after_full = result["ml100k"]["incremental_after_full_seconds"]["total"]
-        result.update(ml100k_full_s=full, ml100k_incremental_s=inc, incremental_over_full=round(inc / full, 3),
-                      ml100k_incremental_after_full_s=after_full,
-                      ml100k_quiet_day_s=result["ml100k"]["quiet_day"]["seconds"]["total"],
-                      quiet_day_over_full=result["ml100k"]["quiet_day"]["over_full"],
-                      ml100k_spark_jobs={"full": result["ml100k"]["full_seconds"]["spark_jobs"],
-                                         "daily": result["ml100k"]["incremental_seconds"]["spark_jobs"]},
-                      ml100k_incremental_engines=result["ml100k"]["incremental_seconds"]["engines"],
-                      ml100k_incremental_spark_only_s=result["ml100k"]["spark_only"]["incremental_seconds"]["total"],
-                      incremental_over_full_spark_only=result["ml100k"]["spark_only"]["incremental_over_full"])
-        submitted = result["ml100k"]["spark_submit"]
-        result.update(ml100k_submit_full_s=submitted.get("best_s", {}).get("archive", {}).get("full"),
-                      ml100k_submit_incremental_s=submitted.get("best_s", {}).get("archive", {}).get("daily"),
-                      submit_incremental_over_full=submitted.get("incremental_over_full"),
-                      class_archive_saves=submitted.get("archive_saves"))
-    else:
-        result.update(ml100k_full_s=None, ml100k_incremental_s=None, incremental_over_full=None,
-                      ml100k_quiet_day_s=None, quiet_day_over_full=None,
-                      ml100k_incremental_after_full_s=None, ml100k_spark_jobs=None, ml100k_submit_full_s=None,
-                      ml100k_incremental_engines=None, ml100k_incremental_spark_only_s=None, incremental_over_full_spark_only=None,
-                      ml100k_submit_incremental_s=None, submit_incremental_over_full=None, class_archive_saves=None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

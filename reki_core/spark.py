@@ -241,6 +241,8 @@ def spark_submit(cfg: Config, application: Path, args: list[str], conf: dict[str
     # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
            "SPARK_LOCAL_IP": "127.0.0.1"}
+    for remote_mode in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE"):  # set once this process opened a Connect session
+        env.pop(remote_mode, None)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
