@@ -26,9 +26,15 @@ DAG_ID = "reki_daily_refresh"
 
 
 def pytest_collection_modifyitems(config, items):
-    """The heavy cluster tests need `-m cluster` (`make test-cluster`): the whole suite runs only the smoke test."""
-    if "cluster" in (config.option.markexpr or ""):
-        return
+    """The heavy cluster tests need a `-m` that asks for them (`-m cluster`, `make test-cluster`): the whole suite
+    (`-m "not backfill"`, or no -m) runs only the smoke test."""
+    from _pytest.mark.expression import Expression
+
+    expr = config.option.markexpr
+    if expr:
+        selects = Expression.compile(expr).evaluate
+        if selects(lambda name, **_: name in ("cluster", "integration")) and not selects(lambda name, **_: name == "integration"):
+            return
     skip = pytest.mark.skip(reason="the cluster profile's full suite runs in `make test-cluster`")
     for item in items:
         if item.get_closest_marker("cluster"):
