@@ -8,7 +8,7 @@ from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import ADAPTOR_MODEL
-from reki_airflow.runtime import default_args, load_pipeline_config, task_setup
+from reki_airflow.runtime import default_args, gpu_task, load_pipeline_config, task_setup
 
 CFG = load_pipeline_config()
 
@@ -36,7 +36,7 @@ current version, by more than the configured tolerances; the comparison is in th
     tags=["reki", "training", "weekly"],
 )
 def reki_adaptor_training():
-    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard of the daily refresh
+    @task(**gpu_task(CFG))  # may pick CUDA: never beside an extraction shard of the daily refresh
     def train(**context) -> dict:
         from reki_core.models.training import train_model, training_day
 

@@ -9,7 +9,7 @@ from airflow.sdk import dag, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import AUGMENTED_VECTORS
-from reki_airflow.runtime import default_args, load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
+from reki_airflow.runtime import default_args, gpu_task, load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
 from reki_airflow.spark_connect import SparkConnectJobs
 from spark_jobs.features import FEATURE_JOBS
 
@@ -45,6 +45,8 @@ DEFAULT_ARGS = default_args(CFG, retries=2, retry_delay=dt.timedelta(seconds=20)
                             execution_timeout=dt.timedelta(hours=2))
 # A failed gate is deterministic: retrying it only delays the alert.
 GATE = {"retries": 0}
+# Every task that may pick CUDA: the gpu pool, and the gpu queue on the cluster profile's Celery workers.
+GPU = gpu_task(CFG)
 
 
 def spark_jobs(task_id: str, *jobs: str) -> SparkConnectJobs:
@@ -120,7 +122,7 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return plan(cfg, day)
 
-    @task(pool="gpu", queue="gpu", max_active_tis_per_dagrun=2)
+    @task(**GPU, max_active_tis_per_dagrun=2)
     def extract(shard: dict, **context) -> dict:
         from reki_core.llm.runner import run_shard_in_process_or_venv
 
@@ -144,14 +146,14 @@ def reki_daily_refresh():
         run_gate(context, "llm_answers", lambda: validate_answers(cfg, day), cfg)
         return extraction_summary(cfg, day)
 
-    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard or the weekly training
+    @task(**GPU)  # may pick CUDA: never beside an extraction shard or the weekly training
     def encode(**context) -> dict:
         from reki_core.encoding import encode_knowledge
 
         cfg, day = task_setup(context)
         return encode_knowledge(cfg, day)
 
-    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard or the weekly training
+    @task(**GPU)  # may pick CUDA: never beside an extraction shard or the weekly training
     def train_if_no_model(**context) -> dict:
         from reki_core.models.training import has_current_model, train_model
 
@@ -160,7 +162,7 @@ def reki_daily_refresh():
             return {"trained": False, "reason": "a registered model exists; retraining is reki_adaptor_training"}
         return {"trained": True, **train_model(cfg, day)}
 
-    @task(pool="gpu")  # may pick CUDA: never beside an extraction shard or the weekly training
+    @task(**GPU)  # may pick CUDA: never beside an extraction shard or the weekly training
     def augment(**context) -> dict:
         from reki_core.models.training import apply_adaptor
 
