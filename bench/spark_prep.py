@@ -102,7 +102,11 @@ class Runner:
             session_s = round(time.perf_counter() - start, 3)
             steps = run_jobs(spark, jobs_named(jobs), cfg, lake, day)
         seconds = {step.removeprefix("features_"): payload["seconds"] for step, payload in steps.items()}
-        return {**seconds, "session_s": session_s, "total": round(time.perf_counter() - start, 2)}
+        # How much of the user-keyed data the day recomputed (the rest is hard-linked from the day before).
+        rewritten = {step.removeprefix("features_"): payload["rewritten_buckets"] for step, payload in steps.items()
+                     if payload.get("rewritten_buckets") is not None}
+        return {**seconds, "session_s": session_s, "total": round(time.perf_counter() - start, 2),
+                "rewritten_buckets": rewritten}
 
     def floor(self, cfg, lake: Lake, day: dt.date) -> dict:
         """The least a Spark action costs here, on a small partition (features/items): a count and a rewrite."""
@@ -166,7 +170,8 @@ def submitted_runs(cfg, lake: Lake, days) -> dict:
     """The same full build and daily run through `spark-submit spark_jobs/features.py` (a new JVM each, the class
     archive mapped when set-up built it), twice each; the fastest counts. For comparison only: the DAG does not."""
     day, prev, before = days[-1], days[-2], days[-3]
-    conf = submit_conf(cfg)
+    archived = load_config()  # the project's state dir, where `reki setup` built the class archive
+    conf = submit_conf(archived)
 
     def submit(d: dt.date) -> float:
         start = time.perf_counter()
@@ -185,11 +190,11 @@ def submitted_runs(cfg, lake: Lake, days) -> dict:
     submit(prev)
     dailies = [submit(day) for _ in range(ML100K_REPEATS)]  # a re-run reads the previous day's state again
     return {"full_s": min(fulls), "daily_s": min(dailies), "full_runs_s": fulls, "daily_runs_s": dailies,
-            "class_archive": str(class_archive(cfg)) if class_archive(cfg).is_file() else None,
+            "class_archive": str(class_archive(archived)) if class_archive(archived).is_file() else None,
             "incremental_over_full": round(min(dailies) / min(fulls), 3)}
 
 
-def bench_ml100k(runner: Runner, cfg, workdir: Path) -> dict:
+def bench_ml100k(runner: Runner, cfg, workdir: Path, submit: bool = True) -> dict:
     inter, users, item_frame = movielens.load(movielens.obtain(cfg.data_dir))
     lake = Lake(str(workdir / "ml100k"))
     days = synthetic.write_raw_lake(lake, inter, users, item_frame)
@@ -197,7 +202,8 @@ def bench_ml100k(runner: Runner, cfg, workdir: Path) -> dict:
     jobs = FEATURE_JOBS + (("clusters",) if collective else ())
     result = full_vs_daily(runner, cfg, lake, days, jobs, repeats=ML100K_REPEATS)
     result["spark_action_floor_s"] = runner.floor(cfg, lake, days[-1])
-    result["spark_submit"] = submitted_runs(cfg, lake, days)
+    result["user_buckets"] = cfg.spark.user_buckets
+    result["spark_submit"] = submitted_runs(cfg, lake, days) if submit else {"skipped": "--skip-submit"}
     result["quiet_day"] = quiet_day(runner, cfg, lake, days, jobs, result["full_seconds"]["total"])
     return result
 
@@ -249,9 +255,9 @@ def summarise(result: dict) -> None:
                       incremental_over_full=ml["incremental_over_full"],
                       ml100k_incremental_after_full_s=ml["incremental_after_full_seconds"]["total"],
                       ml100k_quiet_day_s=ml["quiet_day"]["seconds"]["total"], quiet_day_over_full=ml["quiet_day"]["over_full"],
-                      ml100k_submit_full_s=ml["spark_submit"]["full_s"],
-                      ml100k_submit_incremental_s=ml["spark_submit"]["daily_s"],
-                      submit_incremental_over_full=ml["spark_submit"]["incremental_over_full"])
+                      ml100k_submit_full_s=ml["spark_submit"].get("full_s"),
+                      ml100k_submit_incremental_s=ml["spark_submit"].get("daily_s"),
+                      submit_incremental_over_full=ml["spark_submit"].get("incremental_over_full"))
 
 
 def main() -> int:
@@ -259,6 +265,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000000,3000000,10000000")
     parser.add_argument("--daily-sizes", default="1000000", help="sizes that also get a steady-state daily run")
     parser.add_argument("--skip-ml100k", action="store_true")
+    parser.add_argument("--skip-submit", action="store_true", help="no spark-submit comparison (minutes on 2 cores)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench/results/spark_prep.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -308,7 +315,7 @@ def main() -> int:
                     out.write_text(json.dumps(result, indent=2, sort_keys=True))
 
                 if not args.skip_ml100k:  # the cheap comparison first; the file is rewritten after every step
-                    result["ml100k"] = bench_ml100k(runner, movielens_cfg, Path(tmp))
+                    result["ml100k"] = bench_ml100k(runner, movielens_cfg, Path(tmp), not args.skip_submit)
                     write()
                 for size in sizes:
                     result["sizes"][str(size)] = bench_synthetic(runner, books, collective, Path(tmp), size,
