@@ -21,6 +21,8 @@ import sys
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from spark_jobs.common import cache, releases_cache
+
 DATASET = "features/clusters"
 SEED = 42
 LLOYD_ITERATIONS = 10
@@ -85,16 +87,16 @@ def split_cluster(members, max_size: int):
 
 def bounded_groups(points: DataFrame, max_size: int, seed: int = SEED) -> DataFrame:
     """entity_id, path: a size-bounded partition of `points` (entity_id, features array<double>)."""
-    points = points.select("entity_id", "features").cache()
+    points = cache(points.select("entity_id", "features"))
     n = points.count()
     if n == 0:
         return points.sparkSession.createDataFrame([], "entity_id string, path string")
     if n <= max_size:
         return points.select("entity_id", F.lit("0").alias("path"))
     # Twice the minimum cluster count: bisecting k-means leaves uneven sizes, fewer clusters need splitting.
-    assigned = _bisect(points, min(n, 2 * math.ceil(n / max_size)), seed).select(
+    assigned = cache(_bisect(points, min(n, 2 * math.ceil(n / max_size)), seed).select(
         "entity_id", F.col("cluster").cast("string").alias("path")
-    ).cache()
+    ))
     oversized = F.broadcast(assigned.groupBy("path").count().where(F.col("count") > max_size).select("path"))
     settled = assigned.join(oversized, "path", "left_anti")
 
@@ -177,7 +179,7 @@ def user_points(genre_counts: DataFrame, column: str, vocabulary: list[str]) -> 
 
 def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_users: int, threshold: int) -> DataFrame:
     vocabulary = genre_vocabulary(items)
-    genre_counts = user_genre_counts(user_history, items, threshold).cache()  # users x genres: small, read by both profiles
+    genre_counts = cache(user_genre_counts(user_history, items, threshold))  # users x genres: small, read by both profiles
     parts = [
         name_groups(bounded_groups(item_points(items, vocabulary), max_items), "item"),
         name_groups(bounded_groups(user_points(genre_counts, "liked", vocabulary), max_users), "user_pos"),
@@ -187,6 +189,7 @@ def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_use
     return out.orderBy("clustering", "group_id", "entity_id")
 
 
+@releases_cache
 def run(spark, cfg, lake, day) -> dict:
     from spark_jobs.buckets import read_buckets
     from spark_jobs.common import read_partition, write_partition
@@ -194,12 +197,10 @@ def run(spark, cfg, lake, day) -> dict:
     from reki_core.prompts import resolve_mode, skip_groups
 
     s = cfg.scenario
-    items = read_partition(spark, lake, "features/items", day).cache()
-    history = read_buckets(spark, lake, "features/user_history", day).select("user_id", "window").cache()
+    items = cache(read_partition(spark, lake, "features/items", day))
+    history = cache(read_buckets(spark, lake, "features/user_history", day).select("user_id", "window"))
     mode = resolve_mode(cfg, history.count(), items.count())
     if mode == "individual":  # groups only serve collective extraction: the costliest job is skipped
-        items.unpersist()
-        history.unpersist()
         return skip_groups(lake, day, mode)
     out = transform(items, history, s.max_group_size_items, s.max_group_size_users, s.positive_rating_threshold)
     out = out.localCheckpoint()  # the k-means lineage is long; write and count one materialised result
@@ -210,8 +211,6 @@ def run(spark, cfg, lake, day) -> dict:
         .agg(F.countDistinct("group_id").alias("groups"), F.count(F.lit(1)).alias("members"), F.max("group_size").alias("max_size"))
         .collect()
     }
-    items.unpersist()
-    history.unpersist()
     return {"clusterings": summary}
 
 

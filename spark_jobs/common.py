@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import importlib
 import uuid
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,36 @@ Job = tuple[Callable[..., dict], str]  # a job's run(spark, cfg, lake, day) and 
 def jobs_named(names: Iterable[str]) -> list[Job]:
     """The jobs of modules `spark_jobs.<name>`, each with its step `features_<name>`."""
     return [(importlib.import_module(f"spark_jobs.{name}").run, f"features_{name}") for name in names]
+
+
+_CACHED: ContextVar[list[DataFrame] | None] = ContextVar("reki_job_cached_frames", default=None)
+
+
+def cache(df: DataFrame) -> DataFrame:
+    """`df.cache()`, unpersisted when the job that cached it ends (`releases_cache`), failed or not: the Connect server
+    outlives the task, its cache is shared by all sessions, and releasing a session does not empty it."""
+    df = df.cache()
+    held = _CACHED.get()
+    if held is not None:
+        held.append(df)
+    return df
+
+
+def releases_cache(run: Callable[..., dict]) -> Callable[..., dict]:
+    """A job's `run`: what it caches (`cache`) is unpersisted when it returns or raises."""
+    @functools.wraps(run)
+    def job(*args, **kwargs) -> dict:
+        token = _CACHED.set([])
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for frame in _CACHED.get():
+                try:
+                    frame.unpersist()
+                except Exception:  # a server already gone holds nothing any more
+                    pass
+            _CACHED.reset(token)
+    return job
 
 
 def run_jobs(spark: SparkSession, jobs: list[Job], cfg: Config, lake: Lake, day: dt.date) -> dict[str, dict]:

@@ -28,6 +28,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from spark_jobs.buckets import BUCKET, with_buckets
+from spark_jobs.common import releases_cache
 
 DATASET = "features/ctr_samples"
 UNKNOWN_GENRE = "unknown"
@@ -160,6 +161,7 @@ def summarise(table) -> dict[str, int]:
                                                      (f"{s}_positives", label[split == s].sum()))}
 
 
+@releases_cache
 def run(spark, cfg, lake, day) -> dict:
     from spark_jobs.buckets import bucket_expr, read_buckets, write_bucketed
     from spark_jobs.common import read_partition

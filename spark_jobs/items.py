@@ -15,6 +15,8 @@ import sys
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
+from spark_jobs.common import cache, releases_cache
+
 DATASET = "features/items"
 UNDESCRIBED = "features/items_undescribed"
 UNKNOWN_GENRE = "unknown"
@@ -89,6 +91,7 @@ def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataF
     ).repartition(1).sortWithinPartitions("item_id")
 
 
+@releases_cache
 def run(spark, cfg, lake, day) -> dict:
     """Read, transform, write `features/items/dt=day`; returns the counts recorded in the run log."""
     from spark_jobs.common import previous_day, read_interactions, read_partition, write_partition
@@ -111,12 +114,11 @@ def run(spark, cfg, lake, day) -> dict:
         # Items that users rated but the snapshot does not describe: their prompts cannot name them.
         F.sum((~described).cast("int")).alias("unknown"),
     )
-    out = out.cache()
+    out = cache(out)
     # The undescribed items first: a failure between the two writes then leaves no items partition that the
     # next day would read without its undescribed companion.
     write_partition(out.where(~described).select("item_id", "popularity"), lake, UNDESCRIBED, day)
     write_partition(out.where(described).drop("described"), lake, DATASET, day)
-    out.unpersist()
     stats = observed.get
     return {
         "items": int(stats["items"] or 0),

@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from spark_jobs.common import cache, releases_cache
+
 DATASET = "features/user_history"
 VERSIONS = "features/knowledge_versions"
 HISTORY_TYPE = "array<struct<item_id:string,ts:bigint,rating:int>>"
@@ -289,6 +291,7 @@ def summarise_history(max_window: int):
     return summarise
 
 
+@releases_cache
 def run(spark, cfg, lake, day) -> dict:
     from spark_jobs.buckets import read_buckets, with_buckets, write_bucketed
     from spark_jobs.common import read_interactions, read_partition
@@ -307,14 +310,13 @@ def run(spark, cfg, lake, day) -> dict:
         prev_history = read_buckets(spark, lake, DATASET, prev_day, rewritten)
         prev_versions = read_buckets(spark, lake, VERSIONS, prev_day, rewritten)
     # Both outputs derive from the advanced windows: compute them once.
-    advanced = advance(prev_history, new_interactions, params).cache()
+    advanced = cache(advance(prev_history, new_interactions, params))
     history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
     carry = {"carry_from": prev_day, "rewritten": rewritten}
     written_versions = write_bucketed(with_buckets(versions, n_buckets), lake, VERSIONS, day, n_buckets,
                                       ["user_id", "window_n"], **carry)
     stats = write_bucketed(with_buckets(history, n_buckets), lake, DATASET, day, n_buckets, ["user_id"],
                            summarise_history(params.max_window), ["n_interactions", "needs_refresh"], **carry)
-    advanced.unpersist()
     return payload(stats, written_versions, params, prev_day, rewritten)
 
 

@@ -30,23 +30,36 @@ def run(args: dict) -> dict:
 
 
 def isolation(args: dict) -> dict:
-    """A failed try's temp view and cached frame are gone for the next try (a session of its own)."""
+    """A failed try leaves nothing for the next try: its temp view goes with its session, and what its job cached
+    is unpersisted (the server's cache is shared by every session: releasing one does not empty it)."""
+    from spark_jobs.common import cache, releases_cache
+
     cfg = load_config()
     ids = [task_session_id("reki_daily_refresh", "run-1", "spark_features", -1, attempt) for attempt in (1, 2)]
     assert ids[0] != ids[1] and ids[0] == task_session_id("reki_daily_refresh", "run-1", "spark_features", -1, 1)
+
+    @releases_cache
+    def failing_job(spark) -> dict:
+        frame = cache(spark.range(1234))
+        assert frame.count() == 1234 and frame.is_cached
+        raise ZeroDivisionError("the task failed mid-way")
+
     try:
         with connect_client(cfg, args["url"], ids[0], tag="try-1") as first:
             assert first.session_id == ids[0] and first.getTags() == {"try-1"}
             first.range(100).createOrReplaceTempView("half_done")
-            assert first.range(100).cache().count() == 100
             assert [t.name for t in first.catalog.listTables()] == ["half_done"]
-            raise ZeroDivisionError("the task failed mid-way")
+            leaked = first.range(4321).cache()  # cached outside a job: nothing releases it
+            assert leaked.count() == 4321
+            failing_job(first)
     except ZeroDivisionError:
         pass
     with connect_client(cfg, args["url"], ids[1]) as second:
         assert second.session_id == ids[1]
         assert second.catalog.listTables() == [], second.catalog.listTables()
-        assert second.range(5).count() == 5
+        assert second.range(4321).is_cached, "the check cannot see another session's cache"
+        second.range(4321).unpersist()
+        assert not second.range(1234).is_cached, "the failed job's cached frame outlived it"
     return {"sessions": ids}
 
 
