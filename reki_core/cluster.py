@@ -198,6 +198,9 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
         "AIRFLOW__CELERY__BROKER_URL": broker_url(cfg, s["redis_password"]),
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url(cfg, s["postgres_password"]),
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(c.worker_concurrency),
+        # A broker down for minutes (restarted) delays publishing instead of failing the tasks queued meanwhile.
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "reki_airflow.celery_config.CELERY_CONFIG",
+        "AIRFLOW__CELERY__TASK_PUBLISH_MAX_RETRIES": "600",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": c.default_queue,
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(c.api_port),
