@@ -59,7 +59,7 @@ def versions_of(stack: ClusterStack, day: dt.date) -> list[str]:
     cfg = stack.config()
     creds = json.loads((stack.state / "secrets" / "s3_credentials.json").read_text())["writer"]
     store = ObjectStore(resolve_s3_access(cfg, access_key=creds["access_key"], secret_key=creds["secret_key"]))
-    return sorted(v for v in list_versions(store, cfg.scenario.name) if v.startswith(f"v={day}_"))
+    return sorted(v for v in list_versions(store, cfg.scenario.name) if v.startswith(f"{day}_"))
 
 
 def latest(stack: ClusterStack) -> dict:
