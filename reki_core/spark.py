@@ -94,10 +94,12 @@ def redact(url: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc}"
 
 
-def unreachable_message(url: str) -> str:
-    return (f"the Spark Connect server {redact(url)} is not reachable: start it with `reki stack up` "
+def unreachable_message(url: str, master: str | None = None) -> str:
+    on = f" (its Spark master: {master})" if master else ""
+    return (f"the Spark Connect server {redact(url)} is not reachable{on}: start it with `reki stack up` "
             f"(`make airflow` and `make run` do; `make cluster` on the cluster profile), or point spark.connect_url "
-            f"(REKI__SPARK__CONNECT_URL) at a running one; its log is .reki/logs/spark-connect.log")
+            f"(REKI__SPARK__CONNECT_URL) at a running one; its log is .reki/logs/spark-connect.log "
+            f"(.reki/logs/cluster-spark-connect.log on the cluster profile)")
 
 
 def server_conf(cfg: Config, host: str, port: int) -> dict[str, str]:
@@ -165,7 +167,7 @@ def connect_session(cfg: Config, url: str | None = None, session_id: str | None 
     try:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as exc:
-        raise SparkConnectUnavailable(unreachable_message(url)) from exc
+        raise SparkConnectUnavailable(unreachable_message(url, cfg.spark.master)) from exc
     remote = url if session_id is None else f"{url.rstrip('/')}{'' if ';' in url else '/'};session_id={session_id}"
     try:
         session = SparkSession.builder.remote(remote).create()
@@ -174,7 +176,7 @@ def connect_session(cfg: Config, url: str | None = None, session_id: str | None 
             session.conf.set(key, value)
     except Exception as exc:
         if connection_lost(exc):
-            raise SparkConnectUnavailable(unreachable_message(url)) from exc
+            raise SparkConnectUnavailable(unreachable_message(url, cfg.spark.master)) from exc
         raise
     return session
 
@@ -193,7 +195,8 @@ def connect_client(cfg: Config, url: str | None = None, session_id: str | None =
         yield session
     except Exception as exc:
         if connection_lost(exc):
-            raise SparkConnectUnavailable(f"lost the Spark Connect server mid-way: {unreachable_message(url)}") from exc
+            raise SparkConnectUnavailable(
+                f"lost the Spark Connect server mid-way: {unreachable_message(url, cfg.spark.master)}") from exc
         raise
     finally:
         try:
