@@ -98,7 +98,7 @@ class Runner:
         """Seconds per job (their run-log steps'), of the session's creation, and in total (wall)."""
         self.runs += 1
         start = time.perf_counter()
-        with connect_client(cfg, self.url, task_session_id("bench", self.runs), tag="bench") as spark:
+        with connect_client(cfg, self.url, task_session_id(), tag="bench") as spark:
             session_s = round(time.perf_counter() - start, 3)
             steps = run_jobs(spark, jobs_named(jobs), cfg, lake, day)
         seconds = {step.removeprefix("features_"): payload["seconds"] for step, payload in steps.items()}
@@ -112,7 +112,7 @@ class Runner:
         """The least a Spark action costs here, on a small partition (features/items): a count and a rewrite."""
         folder = lake.local_path(f"features/items/dt={day.isoformat()}")
         out = str(lake.local_path("_floor"))
-        with connect_client(cfg, self.url, task_session_id("bench-floor", day)) as spark:
+        with connect_client(cfg, self.url, task_session_id()) as spark:
             def best_of_3(action) -> float:
                 times = []
                 for _ in range(3):

@@ -118,10 +118,10 @@ def server_conf(cfg: Config, host: str, port: int) -> dict[str, str]:
     return {**conf, "spark.driver.extraJavaOptions": " ".join(java_options)} if java_options else conf
 
 
-def task_session_id(*identity: object) -> str:
-    """A Connect session id (a UUID, as the server requires) for one task try: the same try gets the same id,
-    the next try a new one, so a retry never sees the temp views or cached frames of the try before."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, "reki:" + "/".join(map(str, identity))))
+def task_session_id() -> str:
+    """A new Connect session id (a UUID, as the server requires) for one task try: a retry never sees the temp views
+    of the try before, and the server refuses an id once its session was released, so an id is never reused."""
+    return str(uuid.uuid4())
 
 
 def _retry_policies(retry_s: float):

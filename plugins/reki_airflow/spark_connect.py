@@ -1,6 +1,6 @@
 """The DAG's Spark tasks: clients of the warm Spark Connect server. No task starts a JVM of its own.
 
-Each task try opens its own Connect session (its id derived from the try), runs its jobs
+Each task try opens its own Connect session (a new id every try), runs its jobs
 (`spark_jobs.common.run_jobs`) and releases the session, so a failed or killed try leaves no temp views or
 cached frames for the next. The server's URL and token come from the Airflow connection (Spark Connect type,
 `spark.connect_conn_id`); killing the task from the UI interrupts its Spark operations.
@@ -37,9 +37,9 @@ class SparkConnectJobs(BaseOperator):
         cfg, day = task_setup(context)
         ti = context["ti"]
         url = SparkConnectHook(self.conn_id).get_connection_url()
-        session_id = task_session_id(ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.try_number)
+        session_id = task_session_id()  # a new one for every try
         self._tag = f"reki-{ti.task_id}-{day.isoformat()}-try{ti.try_number}"  # what on_kill interrupts
-        self.log.info("Spark Connect session %s (tag %s) for %s", session_id, self._tag, ", ".join(self.jobs))
+        self.log.info("Spark Connect session %s (tag %s, try %s) for %s", session_id, self._tag, ti.try_number, ", ".join(self.jobs))
         with connect_client(cfg, url, session_id, self._tag) as spark:
             self._session = spark
             try:

@@ -23,7 +23,7 @@ def run(args: dict) -> dict:
 
     cfg = load_config()
     results = []
-    with connect_client(cfg, args["url"], task_session_id("tests", *args["days"]), tag="tests") as spark:
+    with connect_client(cfg, args["url"], task_session_id(), tag="tests") as spark:
         for day in args["days"]:
             results.append(run_jobs(spark, jobs_named(args["jobs"]), cfg, Lake(cfg.lake_uri), as_date(day)))
     return {"results": results}
@@ -35,8 +35,8 @@ def isolation(args: dict) -> dict:
     from spark_jobs.common import cache, releases_cache
 
     cfg = load_config()
-    ids = [task_session_id("reki_daily_refresh", "run-1", "spark_features", -1, attempt) for attempt in (1, 2)]
-    assert ids[0] != ids[1] and ids[0] == task_session_id("reki_daily_refresh", "run-1", "spark_features", -1, 1)
+    ids = [task_session_id() for _attempt in (1, 2)]
+    assert ids[0] != ids[1]
 
     @releases_cache
     def failing_job(spark) -> dict:
@@ -70,7 +70,7 @@ def interrupt(args: dict) -> dict:
     cfg = load_config()
     op = SparkConnectJobs(task_id="spark_features", jobs=["items"], conn_id="unused")
     outcome: dict = {}
-    with connect_client(cfg, args["url"], task_session_id("kill", time.time()), tag="reki-kill-test") as spark:
+    with connect_client(cfg, args["url"], task_session_id(), tag="reki-kill-test") as spark:
         op._session, op._tag = spark, "reki-kill-test"
 
         def endless() -> None:
