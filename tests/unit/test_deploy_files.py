@@ -453,7 +453,8 @@ def test_compose_has_the_profiles_airflow_settings(services, profile_env, cfg):
     missing = sorted(k for k in profile_keys if k not in env and k not in image_env)
     assert not missing, f"set by make cluster, missing from compose and the image: {missing}"
     for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__OPERATORS__DEFAULT_QUEUE", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
-                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT", "AIRFLOW__CELERY__WORKER_CONCURRENCY"):
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT", "AIRFLOW__CELERY__WORKER_CONCURRENCY",
+                "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS", "AIRFLOW__CELERY__TASK_PUBLISH_MAX_RETRIES"):
         assert env[key] == profile_env[key], key
     for key in ("AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__LOAD_EXAMPLES"):
         assert key in image_env and key not in env, key
@@ -692,6 +693,12 @@ def test_helm_values_run_celery_with_a_gpu_worker_set(values, cfg):
     assert {"name": "AIRFLOW__CELERY__WORKER_CONCURRENCY", "value": "1"} in gpu["env"]
     assert gpu["image"]["repository"].endswith("/reki-airflow-gpu") and gpu["image"]["tag"] == pinned("apache-airflow")
     assert GPU_ENGINE_PYTHON in VALUES_FILE.read_text()
+
+
+def test_helm_config_has_the_profiles_celery_settings(values, profile_env):
+    celery = values["config"]["celery"]
+    for option in ("worker_concurrency", "celery_config_options", "task_publish_max_retries"):
+        assert str(celery[option]) == profile_env[f"AIRFLOW__CELERY__{option.upper()}"], option
 
 
 def test_helm_values_take_everything_from_secrets_and_the_image(values):
