@@ -144,8 +144,9 @@ class SparkConfig(_Strict):
     # JVM options of the Connect server: a long-lived JVM keeps the full JIT (the default).
     connect_java_options: str = ""
     # Spark's classes, archived once by `reki setup` (JDK class data sharing): every spark-submit maps them
-    # instead of loading and verifying them again.
-    class_archive: bool = True
+    # instead of loading and verifying them again. Off by default: the DAG's tasks are Connect clients and start
+    # no JVM, so only a user who spark-submits jobs gains from the 1.5 minutes the archive takes to build.
+    class_archive: bool = False
     # Log configuration of spark-submitted drivers and the Connect server (Spark logs every task at INFO otherwise).
     log_config: Path | None = Path("conf/spark-log4j2.properties")
 

@@ -74,7 +74,7 @@ def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
 
 def test_spark_submit_runs_a_job_file(tmp_path):
     from reki_core.config import load_config
-    from reki_core.spark import class_archive, submit_java_options
+    from reki_core.spark import submit_java_options
     from reki_core.storage.lake import Lake
 
     cfg = _make_cfg(tmp_path)
@@ -85,10 +85,8 @@ def test_spark_submit_runs_a_job_file(tmp_path):
     # spark-submit finds SPARK_HOME through the `python3` on PATH: the venv's, as the DAG task sets it.
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "REKI__SCENARIO": "books",
            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": str(venv_bin / "python")}
-    # The DAG's driver options; -Xshare:on makes the JVM fail rather than quietly skip the class archive.
-    project_cfg = load_config(PROJECT_ROOT / "conf/reki.yaml", environ={})
-    assert class_archive(project_cfg).is_file(), "`make setup` (reki setup) builds the class archive"
-    java_options = f"{submit_java_options(project_cfg)} -Xshare:on"
+    # The README's driver options (log configuration and JIT settings) for a job submitted by hand.
+    java_options = submit_java_options(load_config(PROJECT_ROOT / "conf/reki.yaml", environ={}))
     cmd = [str(PROJECT_ROOT / ".venv/bin/spark-submit"), "--master", "local[1]",
            "--conf", f"spark.driver.extraJavaOptions={java_options}", str(PROJECT_ROOT / "spark_jobs/items.py"),
            "--lake", cfg.lake_uri, "--dt", days[-1].isoformat()]

@@ -1,6 +1,6 @@
 """The driver JVM options of spark-submitted jobs and the class archive behind them (`reki_core.spark`).
 
-The archive's real build runs in `make setup`; `tests/spark/test_jobs_on_lake.py` submits a job that must map it.
+The archive is opt-in (`spark.class_archive`); its real build and a submit that maps it run in `bench/spark_prep.py`.
 """
 
 import subprocess
@@ -16,7 +16,7 @@ def _cfg(tmp_path, **env):
 
 
 def test_archive_is_used_only_once_built_and_while_enabled(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, REKI__SPARK__CLASS_ARCHIVE="true")
     before = spark_module.submit_java_options(cfg)
     assert "SharedArchiveFile" not in before  # nothing built yet: the JVM loads its classes itself
     assert before.startswith(cfg.spark.driver_java_options)
