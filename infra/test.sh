@@ -26,23 +26,29 @@ if [ $# -gt 0 ]; then
   exit $?
 fi
 
-# The whole suite. The backfill suite (its own SeaweedFS, Airflow home and scheduler; about 17 min here,
-# mostly one DAG run after another) runs beside the others, which share nothing with it.
-backfill_log="$REKI_HOME/.reki/logs/test-backfill.log"
-mkdir -p "$(dirname "$backfill_log")"
-echo "==> the backfill suite runs alongside the others; its output: $backfill_log (printed at the end)"
-"${PYTEST[@]}" -m backfill tests >"$backfill_log" 2>&1 &
-backfill_pid=$!
-# The backfill suite is the longer one (one DAG run after another): the others yield the CPU to it.
-nice -n 10 "${PYTEST[@]}" -m "not backfill" tests &
+# The whole suite in two lanes of about equal length, which share nothing: the backfill suite (its own SeaweedFS,
+# Airflow home and scheduler; one DAG run after another) then the cluster profile's smoke run (its own PostgreSQL,
+# Redis, Celery workers and Spark standalone) in one; everything else in the other.
+side_log="$REKI_HOME/.reki/logs/test-backfill.log"
+mkdir -p "$(dirname "$side_log")"
+echo "==> the backfill suite and the cluster smoke run go alongside the others; their output: $side_log (printed at the end)"
+side_lane() {
+  "${PYTEST[@]}" -m backfill tests; check $? "-m backfill"; local backfill_rc=$?
+  "${PYTEST[@]}" -m cluster_smoke tests; check $? "-m cluster_smoke"; local smoke_rc=$?
+  echo "==> backfill suite exit $backfill_rc, cluster smoke run exit $smoke_rc"
+  [ "$backfill_rc" -eq 0 ] && [ "$smoke_rc" -eq 0 ]
+}
+side_lane >"$side_log" 2>&1 &
+side_pid=$!
+"${PYTEST[@]}" -m "not backfill and not cluster_smoke" tests &
 main_pid=$!
 # A stopped run (Ctrl-C, a CI timeout) still tears both down: tests/conftest.py turns SIGTERM into an interrupt.
-trap 'kill -TERM $main_pid $backfill_pid 2>/dev/null' INT TERM
+trap 'pkill -TERM -P $side_pid 2>/dev/null; kill -TERM $main_pid $side_pid 2>/dev/null' INT TERM
 wait $main_pid
 rc=$?
-wait $backfill_pid
-backfill_rc=$?
-echo "==> backfill suite (-m backfill), exit $backfill_rc:"
-cat "$backfill_log"
-check $rc "-m 'not backfill'" || exit $?
-check $backfill_rc "-m backfill"
+wait $side_pid
+side_rc=$?
+echo "==> backfill suite and cluster smoke run (-m backfill; -m cluster_smoke), exit $side_rc:"
+cat "$side_log"
+check $rc "-m 'not backfill and not cluster_smoke'" || exit $?
+exit "$side_rc"

@@ -64,12 +64,9 @@ def test_jobs_write_the_same_partitions_on_a_classic_session_and_on_connect(spar
     shutil.copytree(classic_root / "lake", connect_root / "lake")
     # A full build, then two daily runs (the second one's state comes from a daily run).
     cfg = load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=_env(classic_root, window))
-    import time; t0 = time.time()
     on_classic = [run_jobs(spark, jobs_named(JOBS), cfg, Lake(cfg.lake_uri), day) for day in days[-3:]]
-    t1 = time.time()
     on_connect = client("run", spark_connect, _env(connect_root, window), jobs=JOBS,
                         days=[d.isoformat() for d in days[-3:]])["results"]
-    print("TIMING", t1 - t0, time.time() - t1)
     for a, b in zip(on_classic, on_connect):
         assert a.keys() == b.keys()
         for step in a:
