@@ -23,14 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reki_core.airflow_api import AirflowApi, states_of  # noqa: E402
 from reki_core.config import PROJECT_ROOT  # noqa: E402
 from reki_core.localstack import free_port_block  # noqa: E402
 
@@ -38,38 +37,6 @@ DAG_ID = "reki_daily_refresh"
 # The integration tests' small but real settings (fewer tokens and epochs), one extraction shard a day.
 FAST = {"REKI__LLM__SAMPLING__MAX_TOKENS": "12", "REKI__MODEL__MAX_EPOCHS": "2", "REKI__LLM__SHARD_SIZE": "100000",
         "REKI__MODEL__AUC_TOLERANCE_VS_BASELINE": "1.0"}
-
-
-class Api:
-    """Airflow's REST API with the admin's token (the calls the UI makes)."""
-
-    def __init__(self, base: str, password_file: Path):
-        self.base = base
-        deadline = time.monotonic() + 120
-        while not password_file.is_file() and time.monotonic() < deadline:
-            time.sleep(1)
-        body = json.dumps({"username": "admin", "password": json.loads(password_file.read_text())["admin"]}).encode()
-        req = urllib.request.Request(f"{base}/auth/token", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-        self.token = json.load(urllib.request.urlopen(req, timeout=30))["access_token"]
-
-    def call(self, method: str, path: str, body: dict | None = None):
-        req = urllib.request.Request(f"{self.base}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"})
-        return json.load(urllib.request.urlopen(req, timeout=60))
-
-    def unpause(self) -> None:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                self.call("GET", f"/api/v2/dags/{DAG_ID}")
-                break
-            except urllib.error.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
-        self.call("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
 
 
 def _sh(env: dict[str, str], command: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -90,6 +57,9 @@ def _base_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"  # the api-server's generated admin password
+
+
 class Embedded:
     name = "embedded"
 
@@ -102,9 +72,9 @@ class Embedded:
                          "REKI_PIDS_DIR": str(tmp / "pids"), "REKI_LOGS_DIR": str(tmp / "logs")})
         self.port, self.home = base + 13, tmp / "airflow"
 
-    def start(self) -> Api:
+    def start(self) -> AirflowApi:
         _sh(self.env, "reki stack up && bash infra/airflow.sh start")
-        return Api(f"http://127.0.0.1:{self.port}", self.home / "simple_auth_manager_passwords.json.generated")
+        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.port}", self.home / PASSWORD_FILE)
 
     def backfill(self, start: dt.date, end: dt.date) -> None:
         _sh(self.env, f"bash infra/backfill.sh {start} {end} --reprocess-behavior none")  # SQLite's retry
@@ -128,9 +98,9 @@ class Cluster:
             "REKI__OBJECT_STORE__ENDPOINT_URL": f"http://127.0.0.1:{base + 10}"})
         self.port, self.home = base + 2, tmp / "state" / "cluster" / "airflow"
 
-    def start(self) -> Api:
+    def start(self) -> AirflowApi:
         _sh(self.env, "python -m reki_core.cluster up")
-        return Api(f"http://127.0.0.1:{self.port}", self.home / "simple_auth_manager_passwords.json.generated")
+        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.port}", self.home / PASSWORD_FILE)
 
     def backfill(self, start: dt.date, end: dt.date) -> None:
         _sh(self.env, "source infra/cluster/env.sh && airflow backfill create --dag-id reki_daily_refresh "
@@ -149,23 +119,16 @@ def run_profile(profile, days: list[dt.date], tmp: Path) -> dict:
     api = profile.start()
     started_s = time.perf_counter() - t0
     try:
-        api.unpause()
+        api.unpause(DAG_ID)
         t0 = time.perf_counter()
         profile.backfill(days[0], days[-1])
-        deadline = time.monotonic() + 5400
-        while time.monotonic() < deadline:
-            runs = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
-            states = {r["data_interval_start"][:10]: r for r in runs if r.get("data_interval_start")}
-            wanted = [states.get(d.isoformat(), {}).get("state") for d in days]
-            if all(s == "success" for s in wanted) or "failed" in wanted:
-                break
-            time.sleep(3)
+        runs = api.wait_for_days(DAG_ID, days, timeout_s=5400, interval_s=3)
         wall_s = time.perf_counter() - t0
-        if not all(s == "success" for s in wanted):
-            raise RuntimeError(f"{profile.name}: the backfill did not succeed: {dict(zip(days, wanted))}")
+        if not all(s == "success" for s in states_of(runs).values()):
+            raise RuntimeError(f"{profile.name}: the backfill did not succeed: {states_of(runs)}")
         waits, by_task, run_s = [], {}, {}
         for day in days:
-            run = states[day.isoformat()]
+            run = runs[day]
             run_s[day.isoformat()] = round((_time(run["end_date"]) - _time(run["start_date"])).total_seconds(), 1)
             tis = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run['dag_run_id']}/taskInstances?limit=200")
             for ti in tis["task_instances"]:

@@ -6,18 +6,17 @@ in `make test`."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from reki_core.airflow_api import AirflowApi
 from reki_core.config import PROJECT_ROOT
 from tests.conftest import free_port_block
 from tests.integration.test_daily_dag import FAST
@@ -95,23 +94,9 @@ class ClusterStack:
 
         return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=self.env)
 
-    def api(self):
-        from tests.integration.test_backfill import Api
-
+    def api(self) -> AirflowApi:
         password_file = self.state / "cluster" / "airflow" / "simple_auth_manager_passwords.json.generated"
-        return Api(f"http://127.0.0.1:{self.api_port}", json.loads(password_file.read_text())["admin"])
-
-    def unpause(self, api) -> None:
-        deadline = time.monotonic() + 300
-        while True:  # the DAG must be parsed and serialized by the dag-processor first
-            try:
-                api.call("GET", f"/api/v2/dags/{DAG_ID}")
-                break
-            except urllib.error.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
-        assert api.call("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})["is_paused"] is False
+        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.api_port}", password_file)
 
 
 def cluster_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -162,7 +147,7 @@ def cluster(ml100k_dir):
     stack = start_cluster(tmp, REKI__LLM__ENGINE__BATCH_SIZE="4")
     try:
         api = stack.api()
-        stack.unpause(api)
+        assert api.unpause(DAG_ID)
         yield stack, api
     finally:
         stack.down()

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from reki_core.airflow_api import states_of
 from reki_core.config import PROJECT_ROOT
 from reki_core.storage.lake import Lake
 from tests.cluster.conftest import DAG_ID, ClusterStack, failed_logs, task_instances, trigger_day, wait_run
@@ -118,22 +119,15 @@ def test_cli_backfill_over_seven_days(cluster):
     """`airflow backfill create` directly (PostgreSQL: no retry around it); D0 already ran, the other six days run
     in order."""
     stack, api = cluster
-    wait_for(lambda: all(b.get("completed_at") for b in api.call("GET", f"/api/v2/backfills?dag_id={DAG_ID}")["backfills"]),
-             300, "earlier backfills to be marked completed", interval=5)
+    api.wait_backfills_completed(DAG_ID)
     created = stack.sh(f"airflow backfill create --dag-id {DAG_ID} --from-date {DAYS[0]} --to-date {DAYS[-1]} "
                        "--max-active-runs 1 --reprocess-behavior none")
     assert created.returncode == 0, created.stdout + created.stderr
-    deadline = time.monotonic() + 3000
-    while time.monotonic() < deadline:
-        runs = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
-        states = {r["data_interval_start"][:10]: r for r in runs if r.get("data_interval_start")}
-        wanted = [states.get(d.isoformat(), {}).get("state") for d in DAYS]
-        if all(s == "success" for s in wanted) or "failed" in wanted:
-            break
-        time.sleep(10)
-    assert all(s == "success" for s in wanted), (dict(zip(DAYS, wanted)), stack.sh(
+    runs = api.wait_for_days(DAG_ID, DAYS, timeout_s=3000)
+    states = states_of(runs)
+    assert all(s == "success" for s in states.values()), (states, stack.sh(
         f"tail -60 {stack.state}/logs/cluster-scheduler.log", cluster_env=False).stdout)
-    assert {states[d.isoformat()]["run_type"] for d in DAYS[1:]} == {"backfill"}
+    assert {runs[d]["run_type"] for d in DAYS[1:]} == {"backfill"}
     lake = Lake(str(stack.lake))
     for day in DAYS:
         assert lake.read_json(f"_runs/dt={day}/publish.json")["success"] is True, day

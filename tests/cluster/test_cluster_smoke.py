@@ -13,8 +13,8 @@ import psutil
 import pytest
 
 from reki_core.storage.lake import Lake
-from tests.cluster.conftest import (ClusterStack, cluster_env, failed_logs, start_cluster, task_instances, trigger_day,
-                                    wait_run)
+from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, start_cluster, task_instances,
+                                    trigger_day, wait_run)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster_smoke, pytest.mark.timeout(2400)]
 
@@ -57,7 +57,7 @@ def test_daily_dag_through_celery_on_spark_standalone_then_stop(cluster_dir_fact
         api = stack.api()
         health = api.call("GET", "/api/v2/monitor/health")
         assert health["metadatabase"]["status"] == "healthy", health
-        stack.unpause(api)
+        assert api.unpause(DAG_ID)
         run_id = trigger_day(api, DAY)
         state = wait_run(api, run_id)
         assert state == "success", failed_logs(stack, api, run_id)

@@ -10,12 +10,11 @@ import json
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pandas as pd
 import pytest
 
+from reki_core.airflow_api import AirflowApi, states_of
 from reki_core.config import PROJECT_ROOT
 from reki_core.localstack import secrets_dir
 from reki_core.storage.lake import Lake
@@ -55,28 +54,6 @@ def _sh(env, *args, timeout=600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-class Api:
-    def __init__(self, base: str, password: str):
-        self.base = base
-        req = urllib.request.Request(f"{base}/auth/token", method="POST",
-                                     data=json.dumps({"username": "admin", "password": password}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        self.token = json.load(urllib.request.urlopen(req, timeout=30))["access_token"]
-
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(f"{self.base}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {self.token}"})
-        for attempt in range(5):
-            try:
-                return json.load(urllib.request.urlopen(req, timeout=60))
-            except urllib.error.HTTPError as exc:
-                if exc.code != 503 or attempt == 4:  # 503: metadata DB busy; Airflow rolled the call back
-                    raise
-                time.sleep(5 * (attempt + 1))
-
-
 @pytest.fixture(scope="module")
 def seaweed(tmp_path_factory):
     """This suite's own object store: its newer dates would otherwise stay `latest` for the suites after it."""
@@ -105,47 +82,17 @@ def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
     started = _sh(env, "bash infra/airflow.sh start", timeout=900)
     assert started.returncode == 0, started.stdout + started.stderr
     password = json.loads((tmp / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
-    api = Api(f"http://127.0.0.1:{port}", password)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # backfills need the DAG parsed and serialized by the dag-processor
-        try:
-            api.call("GET", f"/api/v2/dags/{DAG_ID}")
-            break
-        except urllib.error.HTTPError:
-            time.sleep(5)
+    api = AirflowApi(f"http://127.0.0.1:{port}", password)
     # Backfill runs start only for an unpaused DAG (as in the UI); the replay's end_date keeps the
     # scheduler from adding a run for today's interval.
-    assert api.call("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})["is_paused"] is False
+    assert api.unpause(DAG_ID)
     yield tmp, env, api
     _sh(env, "bash infra/airflow.sh stop")
     connect.close()  # stops the Connect server (the generator's finally)
 
 
-def _wait_for_runs(api: Api, days: list[dt.date], timeout_s: float) -> dict[dt.date, str]:
-    deadline = time.monotonic() + timeout_s
-    states: dict[dt.date, str] = {}
-    while time.monotonic() < deadline:
-        runs = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
-        states = {dt.date.fromisoformat(r["data_interval_start"][:10]): r["state"] for r in runs
-                  if r.get("data_interval_start")}
-        wanted = {d: states.get(d) for d in days}
-        if any(s == "failed" for s in wanted.values()):
-            break
-        if all(s == "success" for s in wanted.values()):
-            break
-        time.sleep(10)
-    return {d: states.get(d) for d in days}
-
-
-def _wait_for_backfills_completed(api: Api, timeout_s: float = 300) -> None:
-    """The scheduler marks a backfill completed a loop after its last run: only then may the next one start."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        backfills = api.call("GET", f"/api/v2/backfills?dag_id={DAG_ID}")["backfills"]
-        if all(b.get("completed_at") for b in backfills):
-            return
-        time.sleep(5)
-    raise AssertionError(f"backfills still active after {timeout_s} s: {backfills}")
+def _wait_for_runs(api: AirflowApi, days: list[dt.date], timeout_s: float) -> dict[dt.date, str]:
+    return states_of(api.wait_for_days(DAG_ID, days, timeout_s))
 
 
 def _scheduler_pid(tmp) -> int | None:
@@ -231,7 +178,7 @@ def test_rest_api_backfill_reprocesses_a_date_without_changes_and_latest_stays_n
     lake = Lake(str(tmp / "lake"))
     before = _outputs(lake, day)
     version_before = lake.read_json(f"_runs/dt={day}/publish.json")["version"]
-    _wait_for_backfills_completed(api)
+    api.wait_backfills_completed(DAG_ID)
     created = api.call("POST", "/api/v2/backfills", {
         "dag_id": DAG_ID, "from_date": f"{day}T00:00:00Z", "to_date": f"{day}T00:00:00Z",
         "max_active_runs": 1, "reprocess_behavior": "completed", "run_backwards": False})
