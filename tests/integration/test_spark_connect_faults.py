@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 def world(tmp_path):
     """A synthetic lake big enough that the feature jobs take a while, and a Connect server of this test's own."""
     cfg = make_config(tmp_path, scenario="books", REKI__SPARK__SHUFFLE_PARTITIONS="2")
-    data = synthetic.generate(60_000, n_users=800, n_items=600, days=20, seed=3, start=dt.date(2024, 3, 1))
+    data = synthetic.generate(30_000, n_users=800, n_items=600, days=20, seed=3, start=dt.date(2024, 3, 1))
     days = synthetic.write_raw_lake(Lake(cfg.lake_uri), data.interactions, data.users, data.items)
     server = serve_spark_connect(tmp_path)
     connect = next(server)
