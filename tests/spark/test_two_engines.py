@@ -56,10 +56,11 @@ def _without_timings(payload: dict) -> dict:
     return {k: v for k, v in payload.items() if k not in ("seconds", "started_at", "finished_at", "duration_s")}
 
 
-# The window changes only user_history and ctr_samples: the clusters job (its three fits the slowest) runs once.
-@pytest.mark.parametrize("window, jobs", [("earliest", JOBS), ("recent", JOBS[:3])])
+# The window changes only user_history and ctr_samples: the clusters job (its three fits the slowest) runs once,
+# and without it the three days have its three partitions fewer to compare.
+@pytest.mark.parametrize("window, jobs, least_compared", [("earliest", JOBS, 15), ("recent", JOBS[:3], 12)])
 def test_jobs_write_the_same_partitions_on_a_classic_session_and_on_connect(spark, spark_connect, tmp_path, window,
-                                                                            jobs):
+                                                                            jobs, least_compared):
     classic_root, connect_root = tmp_path / "classic", tmp_path / "connect"
     data = synthetic.generate(1500, n_users=30, n_items=50, days=4, seed=11, start=dt.date(2024, 5, 1))
     days = synthetic.write_raw_lake(Lake(str(classic_root / "lake")), data.interactions, data.users, data.items)
@@ -89,7 +90,7 @@ def test_jobs_write_the_same_partitions_on_a_classic_session_and_on_connect(spar
             assert _manifest_without_file_names(connect_lake, dataset, day) == \
                 _manifest_without_file_names(classic_lake, dataset, day), (dataset, day)
             compared += 1
-    assert compared >= 3 * (len(jobs) + 1) and rows > 1500, (compared, rows)  # every job's datasets, each day
+    assert compared >= least_compared and rows > 1500, (compared, rows)
 
 
 def test_a_released_session_leaves_nothing_for_the_next_try(spark_connect):
