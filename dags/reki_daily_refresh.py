@@ -6,11 +6,11 @@ import datetime as dt
 from pathlib import Path
 
 from airflow.sdk import dag, task
-from airflow.timetables.interval import CronDataIntervalTimetable
 
 from reki_airflow.assets import AUGMENTED_VECTORS
 from reki_airflow.runtime import default_args, gpu_task, load_pipeline_config, run_gate, run_id, s3_credentials, task_setup
 from reki_airflow.spark_connect import SparkConnectJobs
+from reki_airflow.timetables import DailyIntervals
 from spark_jobs.features import FEATURE_JOBS
 
 CFG = load_pipeline_config()
@@ -18,7 +18,8 @@ CFG = load_pipeline_config()
 DOC = """
 ### REKI daily refresh
 
-One run per day; `dt` = the data interval's start (UTC), never the wall clock.
+One run per day; `dt` = the data interval's start (UTC), never the wall clock. A manual run at
+logical date D (midnight UTC) processes D, as the scheduled and backfill runs of D do.
 
 1. **land** the day's deliveries from `incoming/` into `raw/` (on an empty lake: all history up to
    `dt`); **raw_gate** validates them (Great Expectations).
@@ -61,7 +62,7 @@ REPLAY_END = (None if CFG.scenario.source.kind == "files"
 
 @dag(
     dag_id="reki_daily_refresh",
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),  # real day-long intervals
+    schedule=DailyIntervals(),  # day-long intervals; a manual run at midnight D processes D
     start_date=dt.datetime.combine(CFG.scenario.source.start_date, dt.time(), tzinfo=dt.UTC),
     end_date=REPLAY_END,
     catchup=False,

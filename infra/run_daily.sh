@@ -4,12 +4,10 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 DT="${1:-${REKI_RUN_DATE:-$(python -c 'from reki_core.config import load_config; print(load_config().run_date)')}}"
-# The DAG's dt is its data interval start; a manual run at D+1 covers the interval [D, D+1).
-LOGICAL=$(python -c "import datetime,sys; print(datetime.date.fromisoformat(sys.argv[1]) + datetime.timedelta(days=1))" "$DT")
 LOG="$REKI_HOME/.reki/logs/daily-$DT.log"; mkdir -p "$(dirname "$LOG")"
 echo "==> reki_daily_refresh for dt=$DT through Airflow (log: $LOG)"
 start=$(date +%s)
-if ! airflow dags test reki_daily_refresh "$LOGICAL" > "$LOG" 2>&1; then
+if ! airflow dags test reki_daily_refresh "$DT" > "$LOG" 2>&1; then
   echo "ERROR: the DAG run failed; last lines of $LOG:"; { grep -E "ERROR|Error|error|Traceback|failed" "$LOG" || tail -25 "$LOG"; } | tail -25
   reki summary --dt "$DT" || true
   exit 1

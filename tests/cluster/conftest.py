@@ -155,8 +155,8 @@ def cluster(ml100k_dir):
 
 
 def trigger_day(api, day: dt.date) -> str:
-    """A manual run of `day` (logical date D+1: its data interval is [D, D+1)); returns its run id."""
-    logical = (day + dt.timedelta(days=1)).isoformat()
+    """A manual run of `day` (logical date D: the same run key as D's backfill run); returns its run id."""
+    logical = day.isoformat()
     run = api.call("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
                    {"logical_date": f"{logical}T00:00:00Z", "dag_run_id": f"cluster_{day}_{time.time_ns()}"})
     return run["dag_run_id"]

@@ -65,6 +65,32 @@ def test_daily_refresh_schedule_has_real_intervals(dagbag):
     assert dag.catchup is False and dag.max_active_runs == 1
 
 
+def test_a_manual_run_at_midnight_is_that_day_s_run(dagbag):
+    """One run key per day: a manual run of D (logical date D) is what D's scheduled and backfill runs process, so
+    a backfill with reprocess "none" skips it and one with "completed" re-runs it; a run triggered "now" processes
+    the last complete day."""
+    import pendulum
+    from airflow.timetables.base import DataInterval, TimeRestriction
+
+    timetable = dagbag.dags["reki_daily_refresh"].timetable
+    day = pendulum.datetime(1997, 9, 23, tz="UTC")
+    scheduled = timetable.next_dagrun_info(last_automated_data_interval=DataInterval(day.subtract(days=1), day),
+                                           restriction=TimeRestriction(earliest=None, latest=None, catchup=True))
+    assert scheduled.logical_date == day
+    assert timetable.infer_manual_data_interval(run_after=day) == scheduled.data_interval == DataInterval(day, day.add(days=1))
+    assert timetable.infer_manual_data_interval(run_after=day.add(hours=7)) == DataInterval(day.subtract(days=1), day)
+
+
+def test_the_daily_timetable_is_registered_for_the_scheduler(dagbag):
+    """The scheduler and api-server rebuild the timetable from the serialized DAG: only a plugin's timetable can be."""
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+
+    timetable = dagbag.dags["reki_daily_refresh"].timetable
+    restored = decode_timetable(encode_timetable(timetable))
+    assert type(restored) is type(timetable) and restored.serialize() == timetable.serialize()
+
+
 # What the scheduler must not import each time it parses a DAG file: these belong inside tasks.
 HEAVY_MODULES = ("pyspark", "torch", "transformers", "vllm", "great_expectations", "pandas", "pyarrow", "numpy", "sklearn")
 

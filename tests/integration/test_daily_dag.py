@@ -42,8 +42,8 @@ def dag_env(tmp, seaweed, spark_connect) -> dict[str, str]:
 
 
 def run_dag(env: dict[str, str], day: dt.date) -> subprocess.CompletedProcess:
-    logical = (day + dt.timedelta(days=1)).isoformat()  # the run at D+1 covers the interval [D, D+1)
-    return subprocess.run([str(PROJECT_ROOT / ".venv/bin/airflow"), "dags", "test", "reki_daily_refresh", logical],
+    # A manual run at midnight D processes D (reki_airflow.timetables).
+    return subprocess.run([str(PROJECT_ROOT / ".venv/bin/airflow"), "dags", "test", "reki_daily_refresh", day.isoformat()],
                           env=env, capture_output=True, text=True, timeout=1800, cwd=PROJECT_ROOT)
 
 
