@@ -61,10 +61,14 @@ class AirflowApi:
                 time.sleep(3)
         return self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})["is_paused"] is False
 
+    def runs(self, dag_id: str) -> list[dict]:
+        """The DAG's runs (up to 100), as the API lists them."""
+        return self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
+
     def runs_by_day(self, dag_id: str) -> dict[dt.date, dict]:
         """The DAG's runs keyed by the first day of their data interval (the day a daily run processes)."""
-        runs = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?limit=100")["dag_runs"]
-        return {dt.date.fromisoformat(r["data_interval_start"][:10]): r for r in runs if r.get("data_interval_start")}
+        return {dt.date.fromisoformat(r["data_interval_start"][:10]): r for r in self.runs(dag_id)
+                if r.get("data_interval_start")}
 
     def wait_for_days(self, dag_id: str, days: list[dt.date], timeout_s: float,
                       interval_s: float = 10) -> dict[dt.date, dict | None]:

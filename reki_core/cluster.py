@@ -338,29 +338,41 @@ def check_ports(cfg: Config) -> None:
                                    f"(`make stop` stops the embedded stack) or set {setting} ({env_name})")
 
 
+def _until_it_answers(connect, not_up: type[Exception] | tuple, where: str, log: Path, timeout_s: float,
+                      interval_s: float):
+    """`connect()`'s result once the service answers; `connect` raises ClusterError itself for a wrong password,
+    which no wait mends."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return connect()
+        except not_up as exc:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{where} did not answer in {timeout_s:.0f} s: {str(exc).strip()}; see {log}") from None
+            time.sleep(interval_s)
+
+
 def check_postgres(cfg: Config, timeout_s: float = 60) -> None:
     """PostgreSQL answers and accepts the generated password; the Airflow database exists."""
     import psycopg2
 
     s = ensure_cluster_secrets(cfg)
     where = f"PostgreSQL at 127.0.0.1:{cfg.cluster.postgres_port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def connect():
         try:
-            conn = psycopg2.connect(host="127.0.0.1", port=cfg.cluster.postgres_port, user=DB_USER,
+            return psycopg2.connect(host="127.0.0.1", port=cfg.cluster.postgres_port, user=DB_USER,
                                     password=s["postgres_password"], dbname="postgres", connect_timeout=5)
-            break
         except psycopg2.OperationalError as exc:
-            text = str(exc).strip()
-            if "password authentication failed" in text:
+            if "password authentication failed" in str(exc):
                 raise ClusterError(
-                    f"{where} rejected the password in {secrets_file(cfg)}: {text}. Put back the postgres_password "
-                    f"its data folder {cluster_dir(cfg) / 'postgres'} was initialised with, or remove that folder "
-                    f"(Airflow's metadata is lost) so `make cluster` initialises it again") from None
-            if time.monotonic() > deadline:
-                raise ClusterError(f"{where} did not answer in {timeout_s:.0f} s: {text}; see "
-                                   f"{logs_dir(cfg) / 'cluster-postgres.log'}") from None
-            time.sleep(1)
+                    f"{where} rejected the password in {secrets_file(cfg)}: {str(exc).strip()}. Put back the "
+                    f"postgres_password its data folder {cluster_dir(cfg) / 'postgres'} was initialised with, or "
+                    f"remove that folder (Airflow's metadata is lost) so `make cluster` initialises it again") from None
+            raise
+
+    conn = _until_it_answers(connect, psycopg2.OperationalError, where, logs_dir(cfg) / "cluster-postgres.log",
+                             timeout_s, interval_s=1)
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
@@ -375,22 +387,18 @@ def check_redis(cfg: Config, timeout_s: float = 30) -> None:
 
     s = ensure_cluster_secrets(cfg)
     where = f"Redis (the Celery broker) at 127.0.0.1:{cfg.cluster.redis_port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def ping():
         try:
-            redis.Redis(host="127.0.0.1", port=cfg.cluster.redis_port, password=s["redis_password"],
-                        socket_timeout=5).ping()
-            return
-        except redis.AuthenticationError as exc:
+            return redis.Redis(host="127.0.0.1", port=cfg.cluster.redis_port, password=s["redis_password"],
+                               socket_timeout=5).ping()
+        except redis.AuthenticationError as exc:  # a ConnectionError too: caught before the wait sees it
             raise ClusterError(
                 f"{where} rejected the redis_password in {secrets_file(cfg)}: {exc}. Put back the password that "
                 f"{cluster_dir(cfg) / 'redis.conf'} requires (requirepass), or remove that file so `make cluster` "
                 f"writes it again with the password in {secrets_file(cfg)}") from None
-        except redis.ConnectionError as exc:
-            if time.monotonic() > deadline:
-                raise ClusterError(f"{where} did not answer in {timeout_s:.0f} s: {exc}; see "
-                                   f"{logs_dir(cfg) / 'cluster-redis.log'}") from None
-            time.sleep(0.5)
+
+    _until_it_answers(ping, redis.ConnectionError, where, logs_dir(cfg) / "cluster-redis.log", timeout_s, interval_s=0.5)
 
 
 # ------------------------------------------------------------------ first start: data folders

@@ -59,3 +59,34 @@ def test_environment_is_postgres_and_celery_with_the_configured_queues(tmp_path)
     gpu = commands["gpu-worker"]
     assert gpu[gpu.index("--queues") + 1] == "cuda" and gpu[gpu.index("--concurrency") + 1] == "1"
     assert commands["spark-connect"][commands["spark-connect"].index("--master") + 1] == "spark://127.0.0.1:7077"
+
+
+def test_a_service_is_waited_for_until_it_answers_but_a_wrong_password_stops_at_once(tmp_path):
+    import pytest
+
+    answers = iter([ConnectionError("refused"), ConnectionError("refused"), "up"])
+
+    def connect():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    log = tmp_path / "svc.log"
+    assert cluster._until_it_answers(connect, ConnectionError, "svc", log, timeout_s=5, interval_s=0) == "up"
+
+    def refused():
+        raise ConnectionError("refused")
+
+    with pytest.raises(cluster.ClusterError, match=rf"svc did not answer in 0 s: refused; see {log}"):
+        cluster._until_it_answers(refused, ConnectionError, "svc", log, timeout_s=0, interval_s=0)
+
+    calls = []
+
+    def wrong_password():
+        calls.append(1)
+        raise cluster.ClusterError("svc rejected the password")
+
+    with pytest.raises(cluster.ClusterError, match="rejected"):
+        cluster._until_it_answers(wrong_password, ConnectionError, "svc", log, timeout_s=5, interval_s=0)
+    assert len(calls) == 1

@@ -127,7 +127,7 @@ def test_cli_backfill_over_seven_days(cluster):
     states = states_of(runs)
     if not all(s == "success" for s in states.values()):  # pytest.fail: an assert's long message would be cut
         every_run = [(r["run_id"], r["run_type"], r["state"], r.get("data_interval_start"))
-                     for r in api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]]
+                     for r in api.runs(DAG_ID)]
         pytest.fail(f"days: {states}\nruns: {every_run}\nscheduler log:\n" + stack.sh(
             f"tail -60 {stack.state}/logs/cluster-scheduler.log", cluster_env=False).stdout)
     assert {runs[d]["run_type"] for d in DAYS[1:]} == {"backfill"}

@@ -133,7 +133,7 @@ def test_cli_backfill_over_seven_days(airflow_stack):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     states = _wait_for_runs(api, CLI_DAYS, timeout_s=5400)
     assert all(s == "success" for s in states.values()), (states, _sh(env, f"tail -50 {tmp}/logs/airflow-scheduler.log").stdout)
-    runs = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"]
+    runs = api.runs(DAG_ID)
     assert {r["run_type"] for r in runs} == {"backfill"}, [(r["run_id"], r["run_type"]) for r in runs]
     lake = Lake(str(tmp / "lake"))
     for day in CLI_DAYS:
