@@ -184,7 +184,10 @@ def test_task_failure_alerts_every_channel_after_last_retry(tmp_path, http_recei
         **{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "REKI__"))},
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),
+        # As infra/env.sh: reki_airflow from PYTHONPATH, Airflow's plugins folder empty (it would import every file
+        # of plugins/ under its bare name, and register the reki plugin a second time beside its entry point).
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(tmp_path / "airflow-plugins"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
         "REKI__PATHS__STATE_DIR": str(tmp_path / "state"),
         "REKI__ALERTS__EMAIL_TO": json.dumps(EMAIL_TO),
