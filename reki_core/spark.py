@@ -53,9 +53,10 @@ def engine_conf(cfg: Config) -> dict[str, str]:
     }
 
 
-def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSession":
+def get_spark(cfg: Config, app_name: str, master: str | None = None, java_options: str = "") -> "SparkSession":
     """A classic in-process SparkSession for `app_name`: master from `cfg.spark.master` unless spark-submit already
-    set one. The DAG never uses one: its feature tasks are Connect clients (`connect_session`)."""
+    set one; `java_options` for the JVM it starts (none when spark-submit started it). The DAG never uses one: its
+    feature tasks are Connect clients (`connect_session`)."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     # Python workers (the clusters job's grouped split) run this interpreter, with its numpy and pyarrow.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -68,6 +69,8 @@ def get_spark(cfg: Config, app_name: str, master: str | None = None) -> "SparkSe
     if master or not submitted_master:
         builder = builder.master(master or cfg.spark.master)
     builder = builder.config("spark.driver.memory", cfg.spark.driver_memory)
+    if java_options:
+        builder = builder.config("spark.driver.extraJavaOptions", java_options)
     for key, value in {**engine_conf(cfg), **session_conf(cfg)}.items():
         builder = builder.config(key, value)
     return builder.getOrCreate()

@@ -132,10 +132,12 @@ class ConnectServer:
 
 
 def serve_spark_connect(state: Path, master: str = "local[1]", **env: str) -> Iterator[ConnectServer]:
-    """A real Spark Connect server on a free loopback port, its own token, state under `state`; stopped at the end."""
+    """A real Spark Connect server on a free loopback port, its own token, state under `state`; stopped at the end.
+    It lives minutes, not days: the short-lived jobs' JVM options (tier-1 JIT, serial GC), not the warm server's."""
     url = f"sc://localhost:{free_port_block(1)}"
+    short_lived = make_config(state).spark.driver_java_options
     cfg = make_config(state, REKI__SPARK__CONNECT_URL=url, REKI__SPARK__SHUFFLE_PARTITIONS="2",
-                      REKI__SPARK__DRIVER_MEMORY="1g", **env)
+                      REKI__SPARK__DRIVER_MEMORY="1g", **{"REKI__SPARK__CONNECT_JAVA_OPTIONS": short_lived, **env})
     server = SparkConnectServer(cfg, master=master)
     server.start()
     try:

@@ -16,7 +16,8 @@ def spark():
     module, so the Spark tests start theirs with their own settings)."""
     from reki_core.spark import get_spark
 
-    session = get_spark(make_config(Path("/nonexistent"), **FAST_SETTINGS), "reki-integration", master="local[1]")
+    cfg = make_config(Path("/nonexistent"), **FAST_SETTINGS)
+    session = get_spark(cfg, "reki-integration", master="local[1]", java_options=cfg.spark.driver_java_options)
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()

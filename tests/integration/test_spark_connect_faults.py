@@ -24,20 +24,26 @@ from reki_core.runlog import read_steps
 from reki_core.storage.lake import Lake
 from spark_jobs.common import jobs_named, run_jobs
 from spark_jobs.features import FEATURE_JOBS
-from tests.conftest import make_config, serve_spark_connect
+from reki_core.localstack import SparkConnectServer, ensure_connect_token, free_port_block
+from tests.conftest import ConnectServer, make_config, serve_spark_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
 @pytest.fixture
-def world(tmp_path):
-    """A synthetic lake big enough that the feature jobs take a while, and a Connect server of this test's own."""
+def lake_world(tmp_path):
+    """A synthetic lake big enough that the feature jobs take a while."""
     cfg = make_config(tmp_path, scenario="books", REKI__SPARK__SHUFFLE_PARTITIONS="2")
     data = synthetic.generate(30_000, n_users=800, n_items=600, days=20, seed=3, start=dt.date(2024, 3, 1))
     days = synthetic.write_raw_lake(Lake(cfg.lake_uri), data.interactions, data.users, data.items)
+    return cfg, days[-1]
+
+
+@pytest.fixture
+def world(lake_world, tmp_path):
+    """The lake, and a Connect server of this test's own."""
     server = serve_spark_connect(tmp_path)
-    connect = next(server)
-    yield cfg, days[-1], connect
+    yield *lake_world, next(server)
     server.close()
 
 
@@ -53,9 +59,12 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
-def test_server_down_when_the_task_starts_fails_at_once_naming_the_url(world):
-    cfg, day, connect = world
-    connect.server.stop()
+def test_server_down_when_the_task_starts_fails_at_once_naming_the_url(lake_world, tmp_path):
+    cfg, day = lake_world
+    # A server that is not there: its URL and token, and nothing listening on its port.
+    url = f"sc://localhost:{free_port_block(1)}"
+    down = SparkConnectServer(make_config(tmp_path, REKI__SPARK__CONNECT_URL=url))
+    connect = ConnectServer(url, ensure_connect_token(tmp_path / "state"), down)
     started = time.monotonic()
     code, out = _finish(_features(cfg, day, connect), timeout=120)
     assert code != 0 and time.monotonic() - started < 60

@@ -15,7 +15,8 @@ def spark():
     from reki_core.spark import get_spark
 
     cfg = load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ={"REKI__SPARK__SHUFFLE_PARTITIONS": "2"})
-    session = get_spark(cfg, "reki-tests", master="local[1]")
+    # Short-lived, as a spark-submitted job: the same tier-1 JIT and serial GC (conf/reki.yaml says why).
+    session = get_spark(cfg, "reki-tests", master="local[1]", java_options=cfg.spark.driver_java_options)
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()

@@ -18,14 +18,15 @@ from reki_core.storage.lake import Lake, as_date
 
 
 def run(args: dict) -> dict:
-    """The feature jobs `args["jobs"]` for each of `args["days"]` on one Connect session, as the DAG's task runs them."""
+    """The feature jobs `args["jobs"][i]` for each day `args["days"][i]` on one Connect session, as the DAG's task runs
+    them."""
     from spark_jobs.common import jobs_named, run_jobs
 
     cfg = load_config()
     results = []
     with connect_client(cfg, args["url"], task_session_id(), tag="tests") as spark:
-        for day in args["days"]:
-            results.append(run_jobs(spark, jobs_named(args["jobs"]), cfg, Lake(cfg.lake_uri), as_date(day)))
+        for day, jobs in zip(args["days"], args["jobs"], strict=True):
+            results.append(run_jobs(spark, jobs_named(jobs), cfg, Lake(cfg.lake_uri), as_date(day)))
     return {"results": results}
 
 
