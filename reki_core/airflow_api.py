@@ -16,6 +16,14 @@ from pathlib import Path
 DONE = ("success", "failed")
 
 
+class AirflowApiError(RuntimeError):
+    """A call Airflow refused: the method, path, status and Airflow's own reason (its `detail`)."""
+
+    def __init__(self, method: str, path: str, code: int, detail: str):
+        super().__init__(f"Airflow refused {method} {path}: HTTP {code}: {detail}")
+        self.code = code
+
+
 class AirflowApi:
     def __init__(self, base: str, password: str, username: str = "admin"):
         self.base = base.rstrip("/")
@@ -39,14 +47,16 @@ class AirflowApi:
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {self.token}"})
-        for attempt in range(4):
+        attempt = 0
+        while True:
             try:
                 return json.load(urllib.request.urlopen(req, timeout=60))
             except urllib.error.HTTPError as exc:
-                if exc.code != 503:  # 503: a busy metadata DB; Airflow rolled the call back, so the call may repeat
-                    raise
-                time.sleep(5 * (attempt + 1))
-        return json.load(urllib.request.urlopen(req, timeout=60))
+                attempt += 1
+                # 503: a busy metadata DB; Airflow rolled the call back, so the call may repeat
+                if exc.code != 503 or attempt == 5:
+                    raise AirflowApiError(method, path, exc.code, exc.read().decode(errors="replace")[:2000]) from exc
+                time.sleep(5 * attempt)
 
     def unpause(self, dag_id: str, wait_s: float = 300) -> bool:
         """Unpause `dag_id` once the dag-processor has parsed and serialized it (backfills run only unpaused)."""
@@ -55,7 +65,7 @@ class AirflowApi:
             try:
                 self.call("GET", f"/api/v2/dags/{dag_id}")
                 break
-            except urllib.error.HTTPError:
+            except AirflowApiError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(3)

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from reki_core import airflow_api
-from reki_core.airflow_api import AirflowApi, states_of
+from reki_core.airflow_api import AirflowApi, AirflowApiError, states_of
 
 
 class FakeAirflow(BaseHTTPRequestHandler):
@@ -69,7 +69,7 @@ def test_a_busy_database_is_retried_and_other_errors_are_not(api):
     FakeAirflow.runs = [_run("2024-01-01", "success")]
     assert api.runs_by_day("d") == {dt.date(2024, 1, 1): FakeAirflow.runs[0]}
     assert len(FakeAirflow.calls) == 3 and all(auth == "Bearer tok" for _, _, auth in FakeAirflow.calls)
-    with pytest.raises(urllib.error.HTTPError) as err:
+    with pytest.raises(AirflowApiError, match="GET /api/v2/dags/missing: HTTP 404: .*not found") as err:
         api.call("GET", "/api/v2/dags/missing")
     assert err.value.code == 404 and len(FakeAirflow.calls) == 4
 
