@@ -20,11 +20,11 @@ from pyspark.testing import assertDataFrameEqual
 
 from reki_core.config import PROJECT_ROOT
 from reki_core.datasets import synthetic
+from reki_core.localstack import SparkConnectServer, ensure_connect_token, free_port_block
 from reki_core.runlog import read_steps
 from reki_core.storage.lake import Lake
 from spark_jobs.common import jobs_named, run_jobs
 from spark_jobs.features import FEATURE_JOBS
-from reki_core.localstack import SparkConnectServer, ensure_connect_token, free_port_block
 from tests.conftest import ConnectServer, make_config, serve_spark_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
