@@ -48,9 +48,10 @@ def _print_json(payload) -> None:
 @main.command()
 @click.pass_context
 def setup(ctx: click.Context) -> None:
-    """Obtain MovieLens-100K, generate local credentials, build the smoke model and the JVM class archive
-    of spark-submitted jobs (idempotent)."""
+    """Obtain MovieLens-100K and SmolLM2-135M-Instruct, generate local credentials, build the smoke model and
+    the JVM class archive of spark-submitted jobs (idempotent)."""
     from reki_core.datasets import movielens
+    from reki_core.llm.instruct_model import ensure_instruct_model
     from reki_core.llm.smoke_model import ensure_smoke_model
     from reki_core.localstack import ensure_connect_token, ensure_credentials
     from reki_core.spark import ensure_class_archive
@@ -62,8 +63,13 @@ def setup(ctx: click.Context) -> None:
     ensure_credentials(cfg.state_dir)
     ensure_connect_token(cfg.state_dir)
     console.print(f"[green]credentials[/] (S3 identities, Spark Connect token) in {cfg.state_dir / 'secrets'} (mode 0600)")
-    path = ensure_smoke_model(cfg.resolve(cfg.llm.engine.model_path))
+    # Its own folder, whichever model llm.engine.model_path names: tests and plumbing runs configure it.
+    path = ensure_smoke_model(cfg.resolve(cfg.paths.models_dir) / "smoke-lm")
     console.print(f"[green]smoke model[/] in {path} (meaningless text: proves the plumbing only)")
+    t = time.perf_counter()
+    path = ensure_instruct_model(cfg.resolve(cfg.paths.models_dir), cfg.state_dir / "downloads",
+                                 report=lambda line: console.print(f"  {line}"))
+    console.print(f"[green]SmolLM2-135M-Instruct[/] (Apache-2.0) in {path} ({time.perf_counter() - t:.1f}s)")
     if cfg.spark.class_archive:
         t = time.perf_counter()
         try:

