@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 STATE := .reki
-WITH_ENV := source infra/env.sh &&
+# umask 077: what the stack writes under .reki/ (logs, databases, data, generated files) is its owner's alone.
+WITH_ENV := umask 077 && source infra/env.sh &&
 
 .PHONY: help run test test-faults test-backfill test-cluster bench setup airflow cluster stop clean prereqs
 

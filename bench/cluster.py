@@ -57,7 +57,8 @@ def _base_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-PASSWORD_FILE = "simple_auth_manager_passwords.json.generated"  # the api-server's generated admin password
+# The generated UI passwords (0600), written at set-up: the embedded profile's admin, the cluster profile's FAB users.
+EMBEDDED_PASSWORDS, CLUSTER_PASSWORDS = "airflow_passwords.json", "cluster_airflow_users.json"
 
 
 class Embedded:
@@ -70,11 +71,11 @@ class Embedded:
                          "REKI__SPARK__CONNECT_URL": f"sc://localhost:{base + 12}",
                          "AIRFLOW_HOME": str(tmp / "airflow"), "AIRFLOW__API__PORT": str(base + 13),
                          "REKI_PIDS_DIR": str(tmp / "pids"), "REKI_LOGS_DIR": str(tmp / "logs")})
-        self.port, self.home = base + 13, tmp / "airflow"
+        self.port, self.secrets = base + 13, tmp / "state" / "secrets"
 
     def start(self) -> AirflowApi:
         _sh(self.env, "reki stack up && bash infra/airflow.sh start")
-        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.port}", self.home / PASSWORD_FILE)
+        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.port}", self.secrets / EMBEDDED_PASSWORDS)
 
     def backfill(self, start: dt.date, end: dt.date) -> None:
         _sh(self.env, f"bash infra/backfill.sh {start} {end} --reprocess-behavior none")  # SQLite's retry
@@ -96,11 +97,11 @@ class Cluster:
             "REKI__CLUSTER__SPARK_WORKER_WEBUI_PORT": str(base + 5),
             "REKI__SPARK__CONNECT_URL": f"sc://localhost:{base + 6}",
             "REKI__OBJECT_STORE__ENDPOINT_URL": f"http://127.0.0.1:{base + 10}"})
-        self.port, self.home = base + 2, tmp / "state" / "cluster" / "airflow"
+        self.port, self.secrets = base + 2, tmp / "state" / "secrets"
 
     def start(self) -> AirflowApi:
         _sh(self.env, "python -m reki_core.cluster up")
-        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.port}", self.home / PASSWORD_FILE)
+        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.port}", self.secrets / CLUSTER_PASSWORDS)
 
     def backfill(self, start: dt.date, end: dt.date) -> None:
         _sh(self.env, "source infra/cluster/env.sh && airflow backfill create --dag-id reki_daily_refresh "

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Local Airflow (SQLite, LocalExecutor): init | start | stop | status. Components run as separate
 # processes bound to 127.0.0.1, each restarted when it exits, with PIDs (of the process groups) in .reki/pids/.
+# The embedded profile keeps Airflow's simple auth manager: one user, `admin`, on loopback; its generated password is
+# in a 0600 file under .reki/secrets/ (`reki env` names it) and is never printed.
 set -euo pipefail
+umask 077  # every log, database and file the components write is their owner's alone
 source "$(dirname "$0")/env.sh"
 PIDS="${REKI_PIDS_DIR:-$REKI_HOME/.reki/pids}"; LOGS="${REKI_LOGS_DIR:-$REKI_HOME/.reki/logs}"
 COMPONENTS=(api-server scheduler dag-processor triggerer)
 export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"
+: "${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:?infra/env.sh sets it (reki env): run make setup first}"
 
 init() {
   mkdir -p "$AIRFLOW_HOME" "$PIDS" "$LOGS"
+  # What an earlier version left readable to others (the SQLite database, logs) becomes its owner's alone.
+  chmod 700 "$AIRFLOW_HOME" "$LOGS"
+  find "$AIRFLOW_HOME" "$LOGS" -perm /077 -exec chmod go-rwx {} + 2>/dev/null || true
+  rm -f "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"  # an old default file held the password in clear
   if [ ! -f "$AIRFLOW_HOME/.migrated" ] || [ "$AIRFLOW_HOME/.migrated" -ot "$REKI_HOME/requirements.txt" ]; then
     echo "==> initialising the Airflow metadata database (SQLite) in $AIRFLOW_HOME"
     airflow db migrate > "$LOGS/airflow-migrate.log" 2>&1 || { tail -20 "$LOGS/airflow-migrate.log"; exit 1; }
@@ -42,7 +50,9 @@ start() {
     # Supervised like a systemd unit with Restart=always: the scheduler exits on an unhandled error (e.g. a
     # run deleted under it by a rolled-back backfill create); it comes back in seconds and resumes its runs.
     # The scheduler starts with the tasks' libraries imported (reki_airflow/scheduler.py): tasks fork from it.
+    # No log server (Airflow binds it to every interface): the api-server reads the task logs from the files here.
     cmd=(airflow "$c"); if [ "$c" = scheduler ]; then cmd=(python -m reki_airflow.scheduler); fi
+    case "$c" in scheduler|triggerer) cmd+=(--skip-serve-logs) ;; esac
     setsid bash -c 'while :; do "${@:2}"; echo "[reki] airflow $1 exited with $?; restarting in 5 s" >&2; sleep 5; done' \
       supervise "$c" "${cmd[@]}" > "$LOGS/airflow-$c.log" 2>&1 < /dev/null &
     echo "$! $(start_ticks $!)" > "$PIDS/airflow-$c.pid"
@@ -54,9 +64,7 @@ start() {
       fi
     fi
   done
-  pw_file="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
-  for _ in $(seq 1 20); do [ -f "$pw_file" ] && break; sleep 0.5; done
-  echo "Airflow UI: $AIRFLOW__API__BASE_URL  user: admin  password: $(python -c "import json,sys; print(json.load(open(sys.argv[1]))['admin'])" "$pw_file" 2>/dev/null || echo "see $pw_file")"
+  echo "Airflow UI: $AIRFLOW__API__BASE_URL  user: admin  password: in $AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"
   echo "Logs in $LOGS; stop with: make stop"
 }
 

@@ -23,13 +23,17 @@ export AIRFLOW__API__PORT="${AIRFLOW__API__PORT:-8080}"
 export AIRFLOW__API__BASE_URL="http://127.0.0.1:$AIRFLOW__API__PORT"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://127.0.0.1:$AIRFLOW__API__PORT/execution/"
 export AIRFLOW__LOGGING__LOGGING_LEVEL=INFO
+# Task logs are their owner's alone (Airflow's defaults are group-writable and world-readable).
+export AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS=0o700
+export AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS=0o600
 export GX_ANALYTICS_ENABLED=false
 export SPARK_LOCAL_IP=127.0.0.1
 export PYSPARK_PYTHON="$ROOT/.venv/bin/python"
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
-# Local credentials (writer identity, Spark Connect token) and their Airflow connections, from .reki/secrets (0600).
+# Local credentials (writer identity, Spark Connect token) and their Airflow connections, from .reki/secrets (0600);
+# a consumer's shell then runs `eval "$(reki env --role reader)"`, which swaps them for the read-only identity.
 if [ -x "$ROOT/.venv/bin/reki" ]; then
   eval "$("$ROOT/.venv/bin/reki" env)"
 fi

@@ -33,14 +33,15 @@ class AirflowApi:
         self.token = json.load(urllib.request.urlopen(req, timeout=30))["access_token"]
 
     @classmethod
-    def with_password_file(cls, base: str, password_file: Path, wait_s: float = 120) -> "AirflowApi":
-        """The simple auth manager's generated admin password: the api-server writes the file on its first start."""
+    def with_password_file(cls, base: str, password_file: Path, wait_s: float = 120, user: str = "admin") -> "AirflowApi":
+        """Signed in as `user` with its generated password from `password_file` (`{user: password}`, 0600, written at
+        set-up), waiting `wait_s` for the file."""
         deadline = time.monotonic() + wait_s
         while not password_file.is_file():
             if time.monotonic() > deadline:
-                raise FileNotFoundError(f"{password_file}: the api-server wrote no password file in {wait_s:.0f} s")
+                raise FileNotFoundError(f"{password_file}: no password file in {wait_s:.0f} s")
             time.sleep(1)
-        return cls(base, json.loads(password_file.read_text())["admin"])
+        return cls(base, json.loads(password_file.read_text())[user], username=user)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         req = urllib.request.Request(f"{self.base}{path}", method=method,

@@ -134,33 +134,25 @@ def stack_status(ctx: click.Context) -> None:
 @click.pass_context
 def env_exports(ctx: click.Context, role: str) -> None:
     """Print shell exports for the local credentials (AWS_* and Airflow's aws_default connection; for the
-    writer, also the Spark Connect token and Airflow's Spark Connect connection)."""
-    from reki_core.localstack import CONNECT_TOKEN_ENV, ensure_connect_token, ensure_credentials
+    writer, also the Spark Connect token, Airflow's Spark Connect connection and where the Airflow UI's password
+    file is). The reader's lines unset the writer's: a consumer's shell holds the read-only identity alone."""
+    from reki_core.localstack import (CONNECT_TOKEN_ENV, credential_environment, ensure_airflow_passwords,
+                                      ensure_connect_token)
     from reki_core.spark import connect_endpoint
 
     cfg = _config(ctx)
-    creds = ensure_credentials(cfg.state_dir)[role]
-    conn = {
-        "conn_type": "aws",
-        "login": creds.access_key,
-        "password": creds.secret_key,
-        "extra": {"endpoint_url": cfg.object_store.endpoint_url, "region_name": cfg.object_store.region},
-    }
-    exports = {
-        "AWS_ACCESS_KEY_ID": creds.access_key,
-        "AWS_SECRET_ACCESS_KEY": creds.secret_key,
-        "AWS_ENDPOINT_URL": cfg.object_store.endpoint_url,
-        "AWS_DEFAULT_REGION": cfg.object_store.region,
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn),
-    }
+    exports = credential_environment(cfg, role)
+    writer_only = [CONNECT_TOKEN_ENV, f"AIRFLOW_CONN_{cfg.spark.connect_conn_id.upper()}",
+                   "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
     if role == "writer":  # consumers only read vectors: no Spark for them
         token = ensure_connect_token(cfg.state_dir)
         host, port = connect_endpoint(cfg.spark.connect_url)
         spark_conn = {"conn_type": "spark_connect", "host": host, "port": port, "password": token}
-        exports[CONNECT_TOKEN_ENV] = token
-        exports[f"AIRFLOW_CONN_{cfg.spark.connect_conn_id.upper()}"] = json.dumps(spark_conn)
+        exports.update(zip(writer_only, [token, json.dumps(spark_conn), str(ensure_airflow_passwords(cfg.state_dir))]))
     for key, value in exports.items():
         click.echo(f"export {key}={shlex.quote(value)}")
+    for key in writer_only if role == "reader" else []:
+        click.echo(f"unset {key}")
 
 
 # ------------------------------------------------------------------ pipeline steps

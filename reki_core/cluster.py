@@ -4,8 +4,14 @@ program of one supervisord.
 
 State lives in `<state_dir>/cluster/` (PostgreSQL's data folder, Redis's, the Airflow home, supervisord's config,
 socket and PID), logs in `<state_dir>/logs/cluster-<service>.log`, generated credentials in
-`<state_dir>/secrets/cluster.json` (0600). Secrets reach the services through supervisord's environment, never
-their command lines (which `ps` shows).
+`<state_dir>/secrets/cluster.json` (0600). Each program holds only its own secrets: supervisord and the programs
+without secrets (PostgreSQL, Redis, SeaweedFS: each reads its password or identities from its own 0600 file) start
+from an environment with none; the others start through `python -m reki_core.cluster exec NAME`, which reads their
+secrets from the 0600 files and execs the program with them in its environment (never on a command line, which `ps`
+shows): Airflow's components get Airflow's, the Celery workers also the tasks' (the S3 writer identity, the Connect
+token), the Connect server its token. Spark's master, worker, Connect server and executors authenticate to each other
+with a generated secret (`spark.authenticate`). The UI and REST API sign in through the FAB auth manager: an admin,
+an operator (trigger, backfill) and a viewer, their generated passwords in `<state_dir>/secrets/cluster_airflow_users.json`.
 
     python -m reki_core.cluster up | down | status | env      (`make cluster`, `make stop`, `source infra/cluster/env.sh`)
 """
@@ -26,7 +32,8 @@ from pathlib import Path
 
 from reki_core.config import PROJECT_ROOT, Config
 from reki_core.localstack import (CONNECT_TOKEN_ENV, SeaweedFS, SparkConnectServer, _write_private,
-                                  ensure_connect_token, ensure_credentials, secrets_dir, service_ports)
+                                  credential_environment, ensure_airflow_passwords, ensure_connect_token,
+                                  ensure_credentials, secrets_dir, service_ports)
 
 SERVICE_NAMES: tuple[str, ...] = ("postgres", "redis", "seaweedfs", "spark-master", "spark-worker", "spark-connect",
                                   "api-server", "scheduler", "dag-processor", "triggerer", "worker", "gpu-worker")
@@ -36,6 +43,16 @@ AIRFLOW_SERVICES = SERVICE_NAMES[6:]
 DB_USER = DB_NAME = "airflow"
 OS_USER = "reki"  # PostgreSQL refuses to run as root: as root, its server runs as this system user
 INSTALL_HINT = "install it with `bash infra/cluster/install.sh` (apt: postgresql, redis-server)"
+# Programs started through `exec` (their secrets added to their environment); the others hold none.
+WITH_SECRETS = ("spark-connect", *AIRFLOW_SERVICES)
+TASK_RUNNERS = ("worker", "gpu-worker")
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+# The UI's users and their FAB roles: Op may trigger runs and backfills, Viewer only reads.
+UI_USERS = {"admin": "Admin", "operator": "Op", "viewer": "Viewer"}
+# What supervisord (so every program) keeps of the caller's environment: nothing secret.
+KEPT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "JAVA_HOME", "VIRTUAL_ENV",
+            "PYTHONPATH", "REKI_HOME", "REKI_CONFIG", "GX_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+            "TOKENIZERS_PARALLELISM", "SPARK_LOCAL_IP", "PYSPARK_PYTHON")
 
 
 class ClusterError(RuntimeError):
@@ -62,16 +79,37 @@ def secrets_file(cfg: Config) -> Path:
 
 
 def ensure_cluster_secrets(cfg: Config) -> dict[str, str]:
-    """The profile's generated credentials (once): database, broker, supervisord's socket, Airflow's keys."""
-    path = secrets_file(cfg)
-    if not path.is_file():
-        from cryptography.fernet import Fernet  # an Airflow dependency
+    """The profile's generated credentials (each once): database, broker, supervisord's socket, Airflow's keys,
+    Spark's shared secret."""
+    from cryptography.fernet import Fernet  # an Airflow dependency
 
-        _write_private(path, {
-            "postgres_password": secrets.token_hex(24), "redis_password": secrets.token_hex(24),
-            "supervisor_password": secrets.token_hex(16), "fernet_key": Fernet.generate_key().decode(),
-            "jwt_secret": secrets.token_urlsafe(32), "api_secret_key": secrets.token_urlsafe(32)})
-    return json.loads(path.read_text())
+    path = secrets_file(cfg)
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    generators = {
+        "postgres_password": lambda: secrets.token_hex(24), "redis_password": lambda: secrets.token_hex(24),
+        "supervisor_password": lambda: secrets.token_hex(16), "fernet_key": lambda: Fernet.generate_key().decode(),
+        "jwt_secret": lambda: secrets.token_urlsafe(32), "api_secret_key": lambda: secrets.token_urlsafe(32),
+        "spark_auth_secret": lambda: secrets.token_hex(32)}
+    missing = {key: make() for key, make in generators.items() if key not in current}
+    if missing:
+        _write_private(path, {**current, **missing})
+    return {**current, **missing}
+
+
+def ui_users_file(cfg: Config) -> Path:
+    """The UI users' generated passwords, `{user: password}` (0600)."""
+    return ensure_airflow_passwords(cfg.state_dir, tuple(UI_USERS), name="cluster_airflow_users.json")
+
+
+def spark_properties_file(cfg: Config) -> Path:
+    """`spark.authenticate` and its generated secret (0600), read by the master, the worker and the Connect server
+    (`--properties-file`): the secret stays off every command line; the worker hands it to executors in their
+    environment, and a worker or driver without it is refused."""
+    path = secrets_dir(cfg.state_dir) / "cluster_spark.conf"
+    body = f"spark.authenticate=true\nspark.authenticate.secret={ensure_cluster_secrets(cfg)['spark_auth_secret']}\n"
+    if not path.is_file() or path.read_text() != body:
+        _write_private_text(path, body)
+    return path
 
 
 def master_url(cfg: Config) -> str:
@@ -148,11 +186,14 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
         "redis": [redis_server(), str(data / "redis.conf"), "--port", str(c.redis_port), "--bind", "127.0.0.1"],
         "seaweedfs": SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket).command(),
         "spark-master": [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                         "--port", str(c.spark_master_port), "--webui-port", str(c.spark_master_webui_port)],
+                         "--port", str(c.spark_master_port), "--webui-port", str(c.spark_master_webui_port),
+                         "--properties-file", str(spark_properties_file(cfg))],
         "spark-worker": [spark_class, "org.apache.spark.deploy.worker.Worker", master_url(cfg), "--host", "127.0.0.1",
                          "--cores", str(c.spark_worker_cores), "--memory", c.spark_worker_memory,
-                         "--webui-port", str(c.spark_worker_webui_port), "--work-dir", str(data / "spark-work")],
-        "spark-connect": SparkConnectServer(cfg, master=master_url(cfg)).command(),
+                         "--webui-port", str(c.spark_worker_webui_port), "--work-dir", str(data / "spark-work"),
+                         "--properties-file", str(spark_properties_file(cfg))],
+        "spark-connect": SparkConnectServer(cfg, master=master_url(cfg),
+                                            properties_file=spark_properties_file(cfg)).command(),
         "api-server": [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(c.api_port), "--workers", "1"],
         "scheduler": [*airflow, "scheduler"],
         "dag-processor": [*airflow, "dag-processor"],
@@ -166,24 +207,64 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
     }
 
 
-def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of every service and of Airflow's CLI on this profile (secrets included: it is passed to
-    supervisord and exported by `env`, never written to a config file)."""
-    s = ensure_cluster_secrets(cfg)
+SPARK_ENV = ("SPARK_HOME", "SPARK_LOCAL_IP", "PYSPARK_PYTHON", "PATH", "SPARK_NO_DAEMONIZE", "SPARK_LOG_DIR",
+             "SPARK_PID_DIR")
+
+
+def spark_environment(cfg: Config) -> dict[str, str]:
+    """Spark's variables (its home, loopback, this venv's Python, no daemonizing) for the master, the worker, the
+    Connect server and the Connect clients: nothing secret."""
+    server_env = SparkConnectServer(cfg, master=master_url(cfg)).environment(token="")
+    return {key: server_env[key] for key in SPARK_ENV}
+
+
+def supervisord_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """What supervisord, and so every program, starts with: the caller's environment without any secret."""
+    base = dict(os.environ if base is None else base)
+    return {k: v for k, v in base.items() if k in KEPT_ENV or k.startswith(("LC_", "REKI__"))}
+
+
+def task_environment(cfg: Config) -> dict[str, str]:
+    """What the tasks (on the Celery workers) need besides Airflow's settings: the S3 writer identity, the Connect
+    token and its Airflow connection, and the LLM endpoint's API key where `make cluster` was given one."""
+    from reki_core.spark import connect_endpoint
+
     token = ensure_connect_token(cfg.state_dir)
+    host, port = connect_endpoint(cfg.spark.connect_url)
+    env = credential_environment(cfg, "writer")
+    env.update({CONNECT_TOKEN_ENV: token, "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT": json.dumps(
+        {"conn_type": "spark_connect", "host": host, "port": port, "password": token})})
+    extra = task_secrets_file(cfg)
+    return {**env, **(json.loads(extra.read_text()) if extra.is_file() else {})}
+
+
+def task_secrets_file(cfg: Config) -> Path:
+    return secrets_dir(cfg.state_dir) / "cluster_task_env.json"
+
+
+def program_environment(cfg: Config, name: str, base: dict[str, str]) -> dict[str, str]:
+    """The environment `exec` starts program `name` with: `base` (supervisord's, no secrets) and its own secrets."""
+    if name == "spark-connect":
+        return {**base, **spark_environment(cfg), CONNECT_TOKEN_ENV: ensure_connect_token(cfg.state_dir)}
+    if name not in AIRFLOW_SERVICES:
+        raise ClusterError(f"{name} holds no secrets: supervisord starts it directly")
+    env = airflow_environment(cfg, base)
+    return {**env, **task_environment(cfg)} if name in TASK_RUNNERS else env
+
+
+def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Airflow's settings and secrets on this profile: the environment of its components (`exec`) and of Airflow's
+    CLI (`env`), never written to a config file."""
+    s = ensure_cluster_secrets(cfg)
     c = cfg.cluster
     home = airflow_home(cfg)
     api = f"http://127.0.0.1:{c.api_port}"
-    from reki_core.spark import connect_endpoint
 
     env = dict(os.environ if base is None else base)
-    # The Connect server's own variables (Spark home, loopback, this venv's Python, no daemonizing), for the
-    # master and worker too (`environment` starts from os.environ: only what it adds or changes).
-    server_env = SparkConnectServer(cfg, master=master_url(cfg)).environment(token)
-    env.update({k: v for k, v in server_env.items() if os.environ.get(k) != v})
-    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC"):
-        env.pop(key, None)  # the embedded SQLite's busy timeout: no such argument for PostgreSQL
-    connect_host, connect_port = connect_endpoint(cfg.spark.connect_url)
+    env.update(spark_environment(cfg))
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"):
+        env.pop(key, None)  # the embedded profile's: SQLite's busy timeout, the simple auth manager's passwords
     env.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
@@ -193,7 +274,9 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
         "AIRFLOW__CORE__FERNET_KEY": s["fernet_key"],
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__AUTH_MANAGER": FAB_AUTH_MANAGER,
+        "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o700",
+        "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url(cfg, s["postgres_password"]),
         "AIRFLOW__CELERY__BROKER_URL": broker_url(cfg, s["redis_password"]),
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url(cfg, s["postgres_password"]),
@@ -213,9 +296,6 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
         "REKI__SPARK__MASTER": master_url(cfg),
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "spark://127.0.0.1",
                                                   "port": c.spark_master_port}),
-        "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT": json.dumps({"conn_type": "spark_connect", "host": connect_host,
-                                                          "port": connect_port, "password": token}),
-        CONNECT_TOKEN_ENV: token,
     })
     return env
 
@@ -237,16 +317,19 @@ def supervisord_conf(cfg: Config) -> str:
         "[unix_http_server]", f"file={d / 'supervisor.sock'}", "chmod=0700",
         "username=reki", f"password={s['supervisor_password']}", "",
         "[supervisord]", f"logfile={logs / 'cluster-supervisord.log'}", f"pidfile={d / 'supervisord.pid'}",
-        f"childlogdir={logs}", f"directory={PROJECT_ROOT}", "logfile_maxbytes=20MB", "user=" + _whoami(), "",
+        f"childlogdir={logs}", f"directory={PROJECT_ROOT}", "logfile_maxbytes=20MB", "user=" + _whoami(),
+        "umask=077", "",
         "[rpcinterface:supervisor]", "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "",
         "[supervisorctl]", f"serverurl=unix://{d / 'supervisor.sock'}", "username=reki",
         f"password={s['supervisor_password']}", "",
     ]
+    spark_env = ",".join(f'{k}="{_quote(v)}"' for k, v in spark_environment(cfg).items())
     for priority, name in enumerate(SERVICE_NAMES, start=1):
         infra = name in INFRA_SERVICES
+        command = [sys.executable, "-m", "reki_core.cluster", "exec", name] if name in WITH_SECRETS else commands[name]
         lines += [
-            f"[program:{name}]", f"command={_quote(shlex.join(commands[name]))}", f"priority={priority * 10}",
+            f"[program:{name}]", f"command={_quote(shlex.join(command))}", f"priority={priority * 10}",
             f"autostart={'true' if infra else 'false'}", "autorestart=true", "startsecs=3", "startretries=20",
             "stopasgroup=true", "killasgroup=true", "stopwaitsecs=30",
             # PostgreSQL's fast shutdown; SIGTERM is its "smart" one, which waits for every client to leave.
@@ -256,6 +339,8 @@ def supervisord_conf(cfg: Config) -> str:
         ]
         if name == "postgres" and os.geteuid() == 0:
             lines.append(f"user={OS_USER}")
+        if name in ("spark-master", "spark-worker"):
+            lines.append(f"environment={spark_env}")
         lines.append("")
     return "\n".join(lines)
 
@@ -512,7 +597,7 @@ def up(cfg: Config, echo=print) -> None:
 
 
 def _up(cfg: Config, echo) -> None:
-    env = airflow_environment(cfg)
+    env = airflow_environment(cfg, supervisord_environment())
     d = cluster_dir(cfg)
     for sub in (d, logs_dir(cfg), airflow_home(cfg), d / "spark-work"):
         sub.mkdir(parents=True, exist_ok=True)
@@ -525,9 +610,11 @@ def _up(cfg: Config, echo) -> None:
         (cfg.state_dir / "seaweedfs" / "data").mkdir(parents=True, exist_ok=True)
         init_postgres(cfg)
         init_redis(cfg)
+        _keep_task_secrets(cfg)
         _write_private_text(conf, supervisord_conf(cfg))
         echo(f"==> supervisord ({conf}): postgres, redis, seaweedfs, spark master/worker, spark connect")
-        proc = subprocess.run([_venv_bin("supervisord"), "-c", str(conf)], env=env, capture_output=True, text=True)
+        proc = subprocess.run([_venv_bin("supervisord"), "-c", str(conf)], env=supervisord_environment(),
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise ClusterError(f"supervisord did not start: {proc.stdout}{proc.stderr}; see "
                                f"{logs_dir(cfg) / 'cluster-supervisord.log'}")
@@ -549,6 +636,12 @@ def _up(cfg: Config, echo) -> None:
         migrated.touch()
     if "gpu" not in _airflow(cfg, env, "pools", "list", "-o", "plain").stdout:
         _airflow(cfg, env, "pools", "set", "gpu", "1", "LLM extraction (GPU) workers")
+    users = ui_users_file(cfg)
+    # Passwords from the 0600 file, never a command line; FAB stores their hashes.
+    proc = subprocess.run([sys.executable, "-m", "reki_airflow.fab_users", str(users)], env=env, capture_output=True,
+                          text=True, cwd=PROJECT_ROOT, timeout=300)
+    if proc.returncode != 0:
+        raise ClusterError(f"creating the UI users (FAB) failed: {(proc.stdout + proc.stderr)[-3000:]}")
     supervisorctl(cfg, "start", "api-server")
     _wait(f"the Airflow api-server on 127.0.0.1:{cfg.cluster.api_port}", lambda: api_healthy(cfg), 180,
           logs_dir(cfg) / "cluster-api-server.log")
@@ -559,12 +652,27 @@ def _up(cfg: Config, echo) -> None:
 
     _wait(f"the Spark Connect server {cfg.spark.connect_url}", lambda: _listening(connect_endpoint(cfg.spark.connect_url)[1]),
           180, logs_dir(cfg) / "cluster-spark-connect.log")
-    pw_file = airflow_home(cfg) / "simple_auth_manager_passwords.json.generated"
-    _wait("the admin password file", pw_file.is_file, 30, logs_dir(cfg) / "cluster-api-server.log")
     echo(status(cfg))
-    echo(f"Airflow UI: http://127.0.0.1:{cfg.cluster.api_port}  user: admin  password: in {pw_file}")
+    echo(f"Airflow UI: http://127.0.0.1:{cfg.cluster.api_port}  users: {', '.join(UI_USERS)} "
+         f"({', '.join(UI_USERS.values())}); passwords in {users}")
     echo(f"Spark master UI: http://127.0.0.1:{cfg.cluster.spark_master_webui_port}  ({master_url(cfg)})")
     echo("CLI against this profile: source infra/env.sh && source infra/cluster/env.sh; stop with: make stop")
+
+
+def _keep_task_secrets(cfg: Config) -> None:
+    """The LLM endpoint's API key, when the shell running `make cluster` has it, for the tasks alone (0600)."""
+    name = cfg.llm.engine.api_key_env
+    path = task_secrets_file(cfg)
+    if os.environ.get(name):
+        _write_private(path, {name: os.environ[name]})
+    else:
+        path.unlink(missing_ok=True)
+
+
+def exec_program(cfg: Config, name: str) -> None:
+    """Replace this process by program `name`, its secrets (read from the 0600 files) in its environment."""
+    argv = service_commands(cfg)[name]
+    os.execve(argv[0], argv, program_environment(cfg, name, dict(os.environ)))
 
 
 def down(cfg: Config, echo=print) -> bool:
@@ -613,8 +721,11 @@ def main(argv: list[str] | None = None) -> int:
             print(status(cfg))
         elif command == "env":
             print(env_exports(cfg))
+        elif command == "exec" and len(args) == 2 and args[1] in WITH_SECRETS:
+            exec_program(cfg, args[1])
         else:
-            print(f"usage: python -m reki_core.cluster up|down|status|env (not {command!r})", file=sys.stderr)
+            print(f"usage: python -m reki_core.cluster up|down|status|env|exec PROGRAM (not {' '.join(args)!r})",
+                  file=sys.stderr)
             return 2
     except ClusterError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)

@@ -77,6 +77,27 @@ def ensure_credentials(state_dir: Path) -> dict[str, S3Credentials]:
     return {role: S3Credentials(**values) for role, values in creds.items()}
 
 
+def credential_environment(cfg, role: str) -> dict[str, str]:
+    """The S3 identity `role` as environment variables: AWS_* and Airflow's aws_default connection."""
+    creds = ensure_credentials(cfg.state_dir)[role]
+    conn = {"conn_type": "aws", "login": creds.access_key, "password": creds.secret_key,
+            "extra": {"endpoint_url": cfg.object_store.endpoint_url, "region_name": cfg.object_store.region}}
+    return {"AWS_ACCESS_KEY_ID": creds.access_key, "AWS_SECRET_ACCESS_KEY": creds.secret_key,
+            "AWS_ENDPOINT_URL": cfg.object_store.endpoint_url, "AWS_DEFAULT_REGION": cfg.object_store.region,
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(conn)}
+
+
+def ensure_airflow_passwords(state_dir: Path, users: tuple[str, ...] = ("admin",),
+                             name: str = "airflow_passwords.json") -> Path:
+    """The Airflow UI users' generated passwords, `{user: password}` (0600): Airflow's simple auth manager reads this
+    file (`[core] simple_auth_manager_passwords_file`) and, finding every user in it, never prints one."""
+    path = secrets_dir(state_dir) / name
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    wanted = {user: current.get(user) or secrets.token_urlsafe(18) for user in users}
+    _write_private(path, {**current, **wanted})
+    return path
+
+
 CONNECT_TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"  # read by the Connect server and by PySpark's client
 
 
@@ -175,10 +196,13 @@ class LocalService:
     def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start `cmd` in a process group of its own, output appended to the log, PID recorded."""
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
+        self.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Owner-only: the log, and whatever the server writes (umask), e.g. SeaweedFS's data and Spark's scratch.
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=env)
+                                    start_new_session=True, env=env, umask=0o077)
         self._proc = proc
         self.pid_file.write_text(f"{proc.pid} {process_start(proc.pid) or ''}".strip())
         return proc
@@ -279,20 +303,24 @@ class SparkConnectServer(LocalService):
 
     name = "spark-connect"
 
-    def __init__(self, cfg, master: str | None = None, connect_url: str | None = None):
+    def __init__(self, cfg, master: str | None = None, connect_url: str | None = None,
+                 properties_file: Path | None = None):
         from reki_core.spark import connect_endpoint
 
         host, port = connect_endpoint(connect_url or cfg.spark.connect_url)
         super().__init__(cfg.state_dir, "127.0.0.1" if host == "localhost" else host, port)
         self.cfg = cfg
         self.master = master or cfg.spark.master
+        # Settings that must stay off the command line (a standalone cluster's spark.authenticate.secret): a 0600 file.
+        self.properties_file = properties_file
 
     def command(self) -> list[str]:
         from reki_core.spark import server_conf, spark_home
 
         settings = [arg for key, value in server_conf(self.cfg, self.host, self.port).items() for arg in ("--conf", f"{key}={value}")]
+        private = ["--properties-file", str(self.properties_file)] if self.properties_file else []
         return [str(spark_home() / "sbin" / "start-connect-server.sh"), "--wait", "--master", self.master,
-                "--driver-memory", self.cfg.spark.driver_memory, *settings]
+                "--driver-memory", self.cfg.spark.driver_memory, *private, *settings]
 
     def environment(self, token: str) -> dict[str, str]:
         """The server's environment: the token (never on its command line, which `ps` shows), loopback, and this

@@ -50,6 +50,8 @@ def engine_conf(cfg: Config) -> dict[str, str]:
         "spark.default.parallelism": str(cfg.spark.shuffle_partitions),
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
+        # What Spark writes to the lake is its owner's alone (Hadoop's own umask, 022, ignores the process's).
+        "spark.hadoop.fs.permissions.umask-mode": "077",
     }
 
 

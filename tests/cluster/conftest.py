@@ -94,9 +94,10 @@ class ClusterStack:
 
         return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=self.env)
 
-    def api(self) -> AirflowApi:
-        password_file = self.state / "cluster" / "airflow" / "simple_auth_manager_passwords.json.generated"
-        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.api_port}", password_file)
+    def api(self, user: str = "admin") -> AirflowApi:
+        """A REST client signed in as `user` (FAB: admin, operator or viewer), its password from the 0600 file."""
+        password_file = self.state / "secrets" / "cluster_airflow_users.json"
+        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.api_port}", password_file, user=user)
 
 
 def cluster_env(tmp: Path, **extra: str) -> dict[str, str]:

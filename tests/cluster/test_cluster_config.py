@@ -4,6 +4,7 @@ the credentials file."""
 from __future__ import annotations
 
 import configparser
+import json
 import stat
 
 from reki_core import cluster
@@ -25,7 +26,11 @@ def test_supervisord_runs_every_service_restarted_and_stopped_with_its_group(tmp
         # Airflow's programs wait for the migrated database; the infrastructure starts with supervisord.
         assert section["autostart"] == ("false" if name in cluster.AIRFLOW_SERVICES else "true")
     assert conf["program:postgres"]["stopsignal"] == "INT"  # fast shutdown, not "smart" (waits for every client)
-    assert "%%h" in conf["program:worker"]["command"]  # Celery's %h, escaped from supervisord's expansion
+    # The programs with secrets start through `exec` (their secrets added to their own environment only).
+    for name in cluster.WITH_SECRETS:
+        assert conf[f"program:{name}"]["command"].endswith(f"-m reki_core.cluster exec {name}"), name
+    assert "%h" in cluster.service_commands(cfg)["worker"][-2]  # Celery's %h, reaching Celery unexpanded
+    assert conf["supervisord"]["umask"] == "077"
     assert conf["unix_http_server"]["file"].startswith(str(cfg.state_dir / "cluster"))
 
 
@@ -33,10 +38,58 @@ def test_no_secret_on_any_command_line(tmp_path):
     cfg = make_config(tmp_path)
     secrets = cluster.ensure_cluster_secrets(cfg)
     command_lines = " ".join(" ".join(argv) for argv in cluster.service_commands(cfg).values())
-    for key in ("postgres_password", "redis_password", "fernet_key", "jwt_secret", "api_secret_key"):
+    for key in ("postgres_password", "redis_password", "fernet_key", "jwt_secret", "api_secret_key", "spark_auth_secret"):
         assert secrets[key] not in command_lines, key
     mode = stat.S_IMODE(cluster.secrets_file(cfg).stat().st_mode)
     assert mode == 0o600
+
+
+def test_each_program_gets_only_its_own_secrets_and_supervisord_none(tmp_path):
+    cfg = make_config(tmp_path)
+    s = cluster.ensure_cluster_secrets(cfg)
+    writer_secret = cluster.ensure_credentials(cfg.state_dir)["writer"].secret_key
+    token = cluster.ensure_connect_token(cfg.state_dir)
+    caller = {"PATH": "/usr/bin", "HOME": "/root", "REKI__PATHS__STATE_DIR": str(cfg.state_dir),
+              "AWS_SECRET_ACCESS_KEY": writer_secret, "SPARK_CONNECT_AUTHENTICATE_TOKEN": token,
+              "AIRFLOW_CONN_AWS_DEFAULT": "{}", "AIRFLOW__CORE__FERNET_KEY": s["fernet_key"], "REKI_LLM_API_KEY": "k" * 20}
+    base = cluster.supervisord_environment(caller)
+    assert base == {"PATH": "/usr/bin", "HOME": "/root", "REKI__PATHS__STATE_DIR": str(cfg.state_dir)}
+    airflow_secrets = [s[k] for k in ("fernet_key", "jwt_secret", "api_secret_key", "postgres_password", "redis_password")]
+
+    def holds(env, value):
+        return any(value in v for v in env.values())
+
+    for name in cluster.AIRFLOW_SERVICES:
+        env = cluster.program_environment(cfg, name, base)
+        assert all(holds(env, v) for v in airflow_secrets), name
+        assert holds(env, writer_secret) == holds(env, token) == (name in cluster.TASK_RUNNERS), name
+        assert not holds(env, s["spark_auth_secret"]) and not holds(env, s["supervisor_password"]), name
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"] == cluster.FAB_AUTH_MANAGER
+    connect = cluster.program_environment(cfg, "spark-connect", base)
+    assert connect["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == token
+    assert not any(holds(connect, v) for v in [*airflow_secrets, writer_secret, s["spark_auth_secret"]])
+    import pytest
+
+    with pytest.raises(cluster.ClusterError, match="holds no secrets"):
+        cluster.program_environment(cfg, "redis", base)
+    # supervisord's config: no program environment with a secret; its own socket password is its only one (0600).
+    body = cluster.supervisord_conf(cfg)
+    assert not any(v in body for v in [*airflow_secrets, writer_secret, token, s["spark_auth_secret"]])
+
+
+def test_spark_authenticates_with_a_secret_kept_in_a_private_file(tmp_path):
+    cfg = make_config(tmp_path)
+    path = cluster.spark_properties_file(cfg)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    props = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    assert props == {"spark.authenticate": "true",
+                     "spark.authenticate.secret": cluster.ensure_cluster_secrets(cfg)["spark_auth_secret"]}
+    commands = cluster.service_commands(cfg)
+    for name in ("spark-master", "spark-worker", "spark-connect"):
+        argv = commands[name]
+        assert argv[argv.index("--properties-file") + 1] == str(path), name
+    users = cluster.ui_users_file(cfg)
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600 and set(json.loads(users.read_text())) == set(cluster.UI_USERS)
 
 
 def test_environment_is_postgres_and_celery_with_the_configured_queues(tmp_path):

@@ -1,18 +1,29 @@
 """The cluster profile's smoke run (in `make test`): start it, run the daily DAG for one date through the Celery
 workers (extraction on the gpu queue's worker, Spark on the standalone master), publish, stop, and nothing is left
-running. Also the preflight: a port already taken stops `make cluster` before anything starts."""
+running. On the running profile, its security as an attacker with a shell on the machine would probe it: sign-in
+roles through the REST API, Spark refusing a worker without the secret, every process's environment and command
+line against the allow-list of secrets, listening sockets, logs and generated files. Also the preflight: a port
+already taken stops `make cluster` before anything starts."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import socket
+import urllib.error
 import urllib.request
+
+import os
+import subprocess
+import time
 
 import psutil
 import pytest
 
+from reki_core.airflow_api import AirflowApiError
 from reki_core.storage.lake import Lake
+from tests.security_checks import (generated_secrets, listening_beyond_loopback, open_to_others, secrets_held,
+                                   secrets_in_files, with_children)
 from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, start_cluster, task_instances,
                                     trigger_day, wait_run)
 
@@ -32,6 +43,98 @@ def _cluster_processes(state) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+AIRFLOW_SECRETS = {f"cluster.json.{k}" for k in ("fernet_key", "jwt_secret", "api_secret_key", "postgres_password",
+                                                  "redis_password")}
+TASK_SECRETS = {"s3_credentials.json.writer.secret_key", "s3_identities.json.identities[0].credentials[0].secretKey",
+                "spark_connect.json.token"}
+SPARK_SECRET = {"cluster.json.spark_auth_secret", "cluster_spark.conf:spark.authenticate.secret"}
+# The generated secrets each program may hold in its environment. Any other program (supervisord, PostgreSQL, Redis,
+# SeaweedFS, the Spark master, a program added later) may hold none: a new one is checked by this list as it stands.
+ALLOWED_SECRETS = {
+    **{name: AIRFLOW_SECRETS for name in ("api-server", "scheduler", "dag-processor", "triggerer")},
+    **{name: AIRFLOW_SECRETS | TASK_SECRETS for name in ("worker", "gpu-worker")},
+    "spark-connect": {"spark_connect.json.token"},
+    "spark-worker": SPARK_SECRET,  # handed by the worker to its executors, in their environment
+}
+
+
+def _programs(stack) -> dict[str, list[psutil.Process]]:
+    """Each supervisord program's processes (with their children, e.g. Spark's executors, Celery's task processes),
+    and supervisord itself."""
+    from reki_core import cluster
+
+    cfg = stack.config()
+    programs = {name: with_children([pid]) for name in cluster.SERVICE_NAMES if (pid := cluster.program_pid(cfg, name))}
+    programs["supervisord"] = [psutil.Process(cluster.supervisord_pid(cfg))]
+    return programs
+
+
+def _check_roles_through_the_rest_api(stack) -> None:
+    """FAB: the operator may trigger and backfill, the viewer only reads, a request without a token is refused."""
+    viewer, operator = stack.api("viewer"), stack.api("operator")
+    assert viewer.call("GET", f"/api/v2/dags/{DAG_ID}")["dag_id"] == DAG_ID
+    backfill = {"dag_id": DAG_ID, "from_date": "1997-09-20T00:00:00Z", "to_date": "1997-09-21T00:00:00Z"}
+    assert operator.call("POST", "/api/v2/backfills/dry_run", backfill)["total_entries"] == 2
+    for method, path, body in (("POST", "/api/v2/backfills/dry_run", backfill), ("POST", "/api/v2/backfills", backfill),
+                               ("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": "1997-09-20T00:00:00Z"})):
+        with pytest.raises(AirflowApiError) as refused:
+            viewer.call(method, path, body)
+        assert refused.value.code == 403, (path, str(refused.value))
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"http://127.0.0.1:{stack.api_port}/api/v2/dags", timeout=10)
+    assert anonymous.value.code in (401, 403)
+
+
+def _check_spark_refuses_a_worker_without_the_secret(stack) -> None:
+    from reki_core import cluster
+
+    cfg = stack.config()
+    master_json = f"http://127.0.0.1:{cfg.cluster.spark_master_webui_port}/json/"
+    log = stack.tmp / "rogue-worker.log"
+    argv = cluster.service_commands(cfg)["spark-worker"]
+    argv = argv[:argv.index("--properties-file")] + ["--webui-port", "0", "--work-dir", str(stack.tmp / "rogue-work")]
+    env = {**cluster.supervisord_environment(stack.env), **cluster.spark_environment(cfg)}
+    with log.open("wb") as out:
+        rogue = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "Failed to connect to master" not in log.read_text(errors="replace"):
+            time.sleep(2)
+        workers = json.load(urllib.request.urlopen(master_json, timeout=10))["workers"]
+    finally:
+        os.killpg(rogue.pid, 9)
+        rogue.wait()
+    text = log.read_text(errors="replace")
+    assert "Failed to connect to master" in text, text[-3000:]
+    assert len(workers) == 1, workers  # only the profile's own worker registered
+
+
+def _check_secrets_stay_where_they_belong(stack) -> None:
+    secrets = generated_secrets(stack.state)
+    assert AIRFLOW_SECRETS | TASK_SECRETS | SPARK_SECRET <= set(secrets), sorted(secrets)
+    programs = _programs(stack)
+    held, on_command_lines = [], []
+    for name, procs in programs.items():
+        for proc in procs:
+            in_env, in_argv = secrets_held(proc, secrets)
+            held += [f"{name} pid {proc.pid}: {s}" for s in sorted(in_env - ALLOWED_SECRETS.get(name, set()))]
+            on_command_lines += [f"{name} pid {proc.pid}: {s}" for s in sorted(in_argv)]
+    assert held == [], held
+    assert on_command_lines == [], on_command_lines
+    # Every process of the profile is one program's (nothing escapes the allow-list).
+    seen = {p.pid for procs in programs.values() for p in procs}
+    strays = [p for p in _cluster_processes(stack.state) if p.pid not in seen and p.ppid() not in seen]
+    assert strays == [], [(p.pid, p.info["cmdline"][:3]) for p in strays]
+    assert listening_beyond_loopback([p for procs in programs.values() for p in procs]) == []
+    # Logs, Airflow's home, PostgreSQL's and Redis's data, the lake: no generated secret, owner-only. Redis's and
+    # supervisord's configs hold their own password (Redis has no other way; supervisord's socket), owner-only.
+    configs = [stack.state / "cluster" / "redis.conf", stack.state / "cluster" / "supervisord.conf"]
+    roots = [stack.state / "logs", stack.state / "cluster", stack.lake]
+    assert secrets_in_files(roots, secrets, skip=configs) == []
+    assert open_to_others([*roots, stack.state / "secrets"]) == []
+    assert {oct(c.stat().st_mode & 0o777) for c in configs} == {"0o600"}
 
 
 def test_a_taken_port_stops_make_cluster_naming_it_and_the_setting(tmp_path):
@@ -58,7 +161,8 @@ def test_daily_dag_through_celery_on_spark_standalone_then_stop(cluster_dir_fact
         health = api.call("GET", "/api/v2/monitor/health")
         assert health["metadatabase"]["status"] == "healthy", health
         assert api.unpause(DAG_ID)
-        run_id = trigger_day(api, DAY)
+        _check_roles_through_the_rest_api(stack)
+        run_id = trigger_day(stack.api("operator"), DAY)  # the operator's run
         state = wait_run(api, run_id)
         assert state == "success", failed_logs(stack, api, run_id)
 
@@ -83,6 +187,8 @@ def test_daily_dag_through_celery_on_spark_standalone_then_stop(cluster_dir_fact
         lake = Lake(str(stack.lake))
         assert lake.read_json(f"_runs/dt={DAY}/publish.json")["success"] is True
         assert not list((stack.state / "cluster" / "airflow").glob("*.db")), "no SQLite on the cluster profile"
+        _check_secrets_stay_where_they_belong(stack)
+        _check_spark_refuses_a_worker_without_the_secret(stack)
     finally:
         stopped = stack.down()
     assert stopped.returncode == 0, stopped.stderr

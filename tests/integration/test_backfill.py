@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import stat
 import subprocess
 import time
 
@@ -81,7 +82,10 @@ def airflow_stack(tmp_path_factory, seaweed, ml100k_dir):
     creds_file.chmod(0o600)
     started = _sh(env, "bash infra/airflow.sh start", timeout=900)
     assert started.returncode == 0, started.stdout + started.stderr
-    password = json.loads((tmp / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
+    # The admin password: generated into the state's secrets (0600) before the api-server starts, never printed.
+    password = json.loads((secrets_dir(tmp / "state") / "airflow_passwords.json").read_text())["admin"]
+    assert password not in started.stdout + started.stderr
+    assert "airflow_passwords.json" in started.stdout, started.stdout
     api = AirflowApi(f"http://127.0.0.1:{port}", password)
     # Backfill runs start only for an unpaused DAG (as in the UI); the replay's end_date keeps the
     # scheduler from adding a run for today's interval.
@@ -196,3 +200,34 @@ def test_rest_api_backfill_reprocesses_a_date_without_changes_and_latest_stays_n
     latest, _ = read_latest(ObjectStore(resolve_s3_access(cfg, access_key=seaweed.reader_key,
                                                           secret_key=seaweed.reader_secret)), cfg.scenario.name)
     assert latest["dt"] == CLI_DAYS[-1].isoformat()
+
+
+def test_no_secret_in_logs_or_generated_files_which_are_private_and_nothing_listens_beyond_loopback(airflow_stack):
+    """After the DAG runs above, as an attacker with a shell on the machine would look: the embedded stack's logs,
+    Airflow home (its SQLite database, task logs), state and lake hold no generated secret and are their owner's
+    alone; no process of the stack (the Airflow components and their children, the Connect server) listens on
+    anything but loopback, and Airflow's log servers do not run at all."""
+    from tests.security_checks import (generated_secrets, listening_beyond_loopback, listening_ports, open_to_others,
+                                       secrets_in_files, with_children)
+
+    tmp, env, api = airflow_stack
+    state = tmp / "state"
+    password_file = secrets_dir(state) / "airflow_passwords.json"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(secrets_dir(state).stat().st_mode) == 0o700
+    assert not (tmp / "airflow" / "simple_auth_manager_passwords.json.generated").exists()
+    secrets = generated_secrets(state)
+    assert {"airflow_passwords.json.admin", "spark_connect.json.token", "s3_credentials.json.writer.secret_key"} <= set(secrets)
+    roots = [tmp / "logs", tmp / "airflow", tmp / "pids", state, tmp / "lake"]
+    assert secrets_in_files(roots, secrets, skip=[secrets_dir(state)]) == []
+    assert open_to_others(roots) == []
+
+    supervisors = [int((tmp / "pids" / f"airflow-{c}.pid").read_text().split()[0])
+                   for c in ("api-server", "scheduler", "dag-processor", "triggerer")]
+    connect = int((state / "pids" / "spark-connect.pid").read_text().split()[0])
+    procs = with_children([*supervisors, connect])
+    assert len(procs) >= 6, [p.pid for p in procs]
+    assert listening_beyond_loopback(procs) == []
+    ports = listening_ports(procs)
+    assert int(env["AIRFLOW__API__PORT"]) in ports
+    assert not ports & {8793, 8794}, f"a log server listens: {sorted(ports)}"

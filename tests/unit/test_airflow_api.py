@@ -89,6 +89,6 @@ def test_a_wrong_password_is_refused(api):
 
 def test_a_missing_password_file_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(airflow_api.time, "sleep", lambda s: None)
-    missing = tmp_path / "simple_auth_manager_passwords.json.generated"
+    missing = tmp_path / "airflow_passwords.json"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         AirflowApi.with_password_file("http://127.0.0.1:1", missing, wait_s=0)

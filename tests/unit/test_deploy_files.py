@@ -228,15 +228,18 @@ def key_facts(name: str, argv: list[str]) -> dict:
         return {"program": prog, "subcommand": argv[1], "s3.port": flags.get("s3.port"), "bucket": flags.get("bucket"),
                 "credentials enforced": bool(flags.get("s3.config")), "admin.ui": flags.get("admin.ui"),
                 "webdav": flags.get("webdav")}
+    # spark.authenticate and its secret come from a properties file, never from --conf (the command line).
+    authenticated = option(argv, "--properties-file") is not None and not any(
+        k.startswith("spark.authenticate") for k in spark_confs(argv))
     if name == "spark-master":
-        return {"program": prog, "class": argv[1], "port": option(argv, "--port", "-p")}
+        return {"program": prog, "class": argv[1], "port": option(argv, "--port", "-p"), "authenticated": authenticated}
     if name == "spark-worker":
         master = urlparse(argv[2])
-        return {"program": prog, "class": argv[1], "master": (master.scheme, master.port)}
+        return {"program": prog, "class": argv[1], "master": (master.scheme, master.port), "authenticated": authenticated}
     if name == "spark-connect":
         master = urlparse(option(argv, "--master"))
         return {"program": prog, "foreground": "--wait" in argv, "master": (master.scheme, master.port),
-                "grpc port": spark_confs(argv).get("spark.connect.grpc.binding.port")}
+                "grpc port": spark_confs(argv).get("spark.connect.grpc.binding.port"), "authenticated": authenticated}
     if name in ("worker", "gpu-worker"):
         facts = {"program": prog, "subcommand": argv[1:3], "queues": option(argv, "--queues", "-q")}
         if name == "gpu-worker":
@@ -272,7 +275,9 @@ def profile_commands(cfg):
 
 @pytest.fixture(scope="module")
 def profile_env(cfg):
-    return cluster.airflow_environment(cfg, base={})
+    """What a Celery worker of the profile holds: Airflow's settings and the tasks' credentials (compose gives every
+    Airflow container the same environment)."""
+    return {**cluster.airflow_environment(cfg, base={}), **cluster.task_environment(cfg)}
 
 
 @pytest.fixture(scope="module")
@@ -452,7 +457,7 @@ def test_compose_has_the_profiles_airflow_settings(services, profile_env, cfg):
     profile_keys = {k for k in profile_env if k.startswith("AIRFLOW__")} - set(LOCAL_ONLY)
     missing = sorted(k for k in profile_keys if k not in env and k not in image_env)
     assert not missing, f"set by make cluster, missing from compose and the image: {missing}"
-    for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__OPERATORS__DEFAULT_QUEUE", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+    for key in ("AIRFLOW__CORE__EXECUTOR", "AIRFLOW__OPERATORS__DEFAULT_QUEUE", "AIRFLOW__CORE__AUTH_MANAGER",
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT", "AIRFLOW__CELERY__WORKER_CONCURRENCY",
                 "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS", "AIRFLOW__CELERY__TASK_PUBLISH_MAX_RETRIES"):
         assert env[key] == profile_env[key], key
@@ -712,7 +717,12 @@ def test_helm_values_take_everything_from_secrets_and_the_image(values):
     assert values["config"]["core"]["dags_folder"] == env_of(dockerfile(DOCKERFILE))["AIRFLOW__CORE__DAGS_FOLDER"]
     assert values["images"]["airflow"]["repository"].endswith("/reki-airflow")
     assert "secretRef" in values["extraEnvFrom"]
-    assert values["createUserJob"]["enabled"] is False  # FAB's command; the simple auth manager has no such user
+    # FAB with its users created from a Secret, by reki_airflow.fab_users, never `airflow users create -p ...`.
+    assert values["config"]["core"]["auth_manager"] == cluster.FAB_AUTH_MANAGER
+    job = values["createUserJob"]
+    assert job["enabled"] is True and job["args"] == ["python", "-m", "reki_airflow.fab_users", "--from-env"]
+    assert {e["name"] for e in job["env"]} == {f"AIRFLOW_UI_{u.upper()}_PASSWORD" for u in cluster.UI_USERS}
+    assert all("secretKeyRef" in e["valueFrom"] for e in job["env"])
 
 
 def test_helm_spark_connect_matches_the_profile_and_the_values(values, connect_k8s, profile_commands, cfg):
