@@ -2,6 +2,7 @@
 # Run reki_daily_refresh for one date through real Airflow (`airflow dags test`), then print the summary.
 # Usage: infra/run_daily.sh [YYYY-MM-DD]   (default: run_date in conf/reki.yaml)
 set -euo pipefail
+umask 077  # the run's log and what the tasks write are their owner's alone
 source "$(dirname "$0")/env.sh"
 DT="${1:-${REKI_RUN_DATE:-$(python -c 'from reki_core.config import load_config; print(load_config().run_date)')}}"
 LOG="$REKI_HOME/.reki/logs/daily-$DT.log"; mkdir -p "$(dirname "$LOG")"
