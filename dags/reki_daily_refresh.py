@@ -28,9 +28,10 @@ logical date D (midnight UTC) processes D, as the scheduled and backfill runs of
    (point-in-time knowledge join) on one Connect session of its own; **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
    mode is collective; **feature_gate**.
 3. **prompts** (factorization prompting) and **prompts_gate**.
-4. **plan_shards** then one mapped **extract** task per shard (pool `gpu`, as every task that may use
-   CUDA: encode, train_if_no_model, augment and the weekly training): only prompts whose hash
-   has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
+4. **plan_shards** then one mapped **extract** task per shard, clients of the warm LLM servers (pool
+   `llm.client_pool`, `llm.max_active_shards` at a time; with an in-process engine, pool `gpu` as every
+   task that may use CUDA: encode, train_if_no_model, augment and the weekly training): only prompts whose
+   hash has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
 5. **encode** knowledge texts (cached by text hash); **train_if_no_model** registers a first adaptor
    when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
    adaptor to every user and item vector; **vectors_gate** checks every entity has one finite vector.
@@ -48,6 +49,9 @@ DEFAULT_ARGS = default_args(CFG, retries=2, retry_delay=dt.timedelta(seconds=20)
 GATE = {"retries": 0}
 # Every task that may pick CUDA: the gpu pool, and the gpu queue on the cluster profile's Celery workers.
 GPU = gpu_task(CFG)
+# Extraction shards: clients of the LLM servers (openai backend) need no GPU slot, in-process engines hold one.
+EXTRACT = ({"pool": CFG.llm.client_pool} if CFG.llm.backend == "openai" else GPU) | {
+    "max_active_tis_per_dagrun": CFG.llm.max_active_shards}
 
 
 def spark_jobs(task_id: str, *jobs: str) -> SparkConnectJobs:
@@ -123,7 +127,7 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return plan(cfg, day)
 
-    @task(**GPU, max_active_tis_per_dagrun=2)
+    @task(**EXTRACT)
     def extract(shard: dict, **context) -> dict:
         from reki_core.llm.runner import run_shard_in_process_or_venv
 

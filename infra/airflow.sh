@@ -25,6 +25,8 @@ init() {
   # Every task that may use CUDA (LLM shards, encoding, training, the adaptor) runs in this pool
   # (its size = concurrent GPU workers).
   airflow pools list -o plain 2>/dev/null | grep -q '^gpu' || airflow pools set gpu 1 "LLM extraction (GPU) workers" > /dev/null
+  # Extraction shards that are clients of an LLM server (llm.backend: openai) hold no GPU: their own pool, sized in config.
+  airflow pools set $(python -c 'from reki_core.config import load_config; c = load_config().llm; print(c.client_pool, c.client_pool_slots)') "LLM server clients (llm.client_pool)" > /dev/null
 }
 
 # A PID file holds the supervisor's PID (= its process group) and when it started (/proc/PID/stat field 22):

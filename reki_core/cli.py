@@ -83,23 +83,27 @@ def setup(ctx: click.Context) -> None:
 
 @main.group()
 def stack() -> None:
-    """The local stack: SeaweedFS (credentials enforced) and the Spark Connect server (token enforced), on loopback."""
+    """The local stack on loopback: SeaweedFS (credentials enforced), the Spark Connect server (token enforced) and
+    the warm LLM server (llm.server)."""
 
 
 def _services(cfg: Config) -> list:
-    from reki_core.localstack import SeaweedFS, SparkConnectServer
+    from reki_core.localstack import LLMServer, SeaweedFS, SparkConnectServer
 
-    return [SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket), SparkConnectServer(cfg)]
+    services = [SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket), SparkConnectServer(cfg)]
+    return services + ([LLMServer(cfg)] if cfg.llm.server.enabled else [])
 
 
 def _endpoint(cfg: Config, service) -> str:
+    if service.name == "llm-server":
+        return f"{service.url} ({cfg.llm.engine.model_id})"
     return cfg.object_store.endpoint_url if service.name == "seaweedfs" else f"{cfg.spark.connect_url} (master {service.master})"
 
 
 @stack.command("up")
 @click.pass_context
 def stack_up(ctx: click.Context) -> None:
-    """Start SeaweedFS and the Spark Connect server (each a no-op when already running)."""
+    """Start SeaweedFS, the Spark Connect server and the LLM server (each a no-op when already running)."""
     cfg = _config(ctx)
     for service in _services(cfg):
         was_running = service.running()

@@ -636,6 +636,7 @@ def _up(cfg: Config, echo) -> None:
         migrated.touch()
     if "gpu" not in _airflow(cfg, env, "pools", "list", "-o", "plain").stdout:
         _airflow(cfg, env, "pools", "set", "gpu", "1", "LLM extraction (GPU) workers")
+    _airflow(cfg, env, "pools", "set", cfg.llm.client_pool, str(cfg.llm.client_pool_slots), "LLM server clients (llm.client_pool)")
     users = ui_users_file(cfg)
     # Passwords from the 0600 file, never a command line; FAB stores their hashes.
     proc = subprocess.run([sys.executable, "-m", "reki_airflow.fab_users", str(users)], env=env, capture_output=True,

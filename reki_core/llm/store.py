@@ -16,10 +16,44 @@ STORE_DATASET = "knowledge/store"
 
 
 def sampling_version(cfg: Config) -> str:
-    """A short id of everything that changes an answer for the same prompt and model: backend and sampling."""
-    payload = {"backend": cfg.llm.backend, **cfg.llm.sampling.model_dump()}
+    """A short id of everything besides `model_id` that shapes an answer to the same prompt (the answer key):
+    the engine (backend), how it runs the weights (dtype, quantisation), the weights' fingerprint, the chat
+    template and the sampling settings. Changing any of them re-asks every prompt; nothing stale is reused."""
+    engine = cfg.llm.engine
+    payload = {"backend": cfg.llm.backend, **cfg.llm.sampling.model_dump(), "dtype": engine.dtype,
+               "quantization": engine.quantization, "weights": weights_fingerprint(cfg) or "",
+               "chat_template": chat_template_fingerprint(cfg)}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"s-{digest[:12]}"
+
+
+def weights_fingerprint(cfg: Config) -> str | None:
+    """The configured LLM's weights: `llm.engine.weights_fingerprint` where declared (a remote fleet, whose
+    weights are not here), else the fingerprint of the local `model_path` folder (every byte; a file is read
+    again only when it changes), else None (a hosted model known by its id alone)."""
+    from reki_core.fingerprint import folder_fingerprint
+
+    if cfg.llm.engine.weights_fingerprint:
+        return cfg.llm.engine.weights_fingerprint
+    folder = cfg.resolve(cfg.llm.engine.model_path)
+    if not folder.is_dir():
+        return None
+    return folder_fingerprint(folder, cfg.state_dir / "cache" / "llm-weights-files.json")
+
+
+def chat_template_fingerprint(cfg: Config) -> str:
+    """sha256 of the local model folder's chat template (the server applies it to every prompt), or "" without
+    one; a remote fleet's template is covered by its declared weights fingerprint."""
+    folder = cfg.resolve(cfg.llm.engine.model_path)
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        text = template.read_text()
+    elif (folder / "tokenizer_config.json").is_file():
+        text = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template") or ""
+        text = text if isinstance(text, str) else json.dumps(text, sort_keys=True)
+    else:
+        return ""
+    return hashlib.sha256(text.encode()).hexdigest()[:16] if text else ""
 
 
 def store_files(lake: Lake, model_id: str | None = None, sampling_version: str | None = None) -> list[str]:
@@ -89,33 +123,32 @@ class ModelIdentityError(RuntimeError):
 
 
 def check_model_weights(cfg: Config, lake: Lake) -> str | None:
-    """The fingerprint of the configured LLM's weights, checked against the one recorded for its `model_id`.
+    """The fingerprint of the configured LLM's weights (`weights_fingerprint`), checked against the one
+    recorded for its `model_id`.
 
-    Answers are cached under `model_id`, so new weights under an old id would silently reuse the old
-    answers: the first plan of an id records its weights' fingerprint (`folder_fingerprint`, every byte;
-    files are read again only when they change), and a later plan whose weights differ stops, naming both.
-    None where the weights are not a local folder (an OpenAI-compatible API, a hub id): the id is all there
-    is to go by.
+    Outputs, the model card and the manifest name the model by `model_id`, so new weights under an old id would
+    make them lie: the first plan of an id records its weights' fingerprint, and a later plan whose weights
+    differ stops, naming both. None where the weights are neither a local folder nor declared (a hosted model):
+    the id is all there is to go by.
     """
     import datetime as dt
 
-    from reki_core.fingerprint import folder_fingerprint
-
-    folder = cfg.resolve(cfg.llm.engine.model_path)
-    if cfg.llm.backend == "openai" or not folder.is_dir():
+    fingerprint = weights_fingerprint(cfg)
+    if fingerprint is None:
         return None
-    fingerprint = folder_fingerprint(folder, cfg.state_dir / "cache" / "llm-weights-files.json")
+    folder = cfg.resolve(cfg.llm.engine.model_path)
+    source = "llm.engine.weights_fingerprint" if cfg.llm.engine.weights_fingerprint else str(folder)
     model_id = cfg.llm.engine.model_id
     relpath = f"{_model_id_folder(model_id)}/{WEIGHTS_RECORD}"
     record = lake.read_json(relpath)
     if record is None:
-        lake.write_json(relpath, {"model_id": model_id, "fingerprint": fingerprint, "model_path": str(folder),
+        lake.write_json(relpath, {"model_id": model_id, "fingerprint": fingerprint, "model_path": source,
                                   "recorded_at": dt.datetime.now(dt.UTC).isoformat()})
     elif record["fingerprint"] != fingerprint:
         raise ModelIdentityError(
             f"llm.engine.model_id {model_id!r} already names other weights: answers were cached under it for "
             f"{record['model_path']} (fingerprint {record['fingerprint'][:12]}, recorded {record['recorded_at']}), "
-            f"but {folder} now has fingerprint {fingerprint[:12]}. Give these weights a model_id of their own "
+            f"but {source} now has fingerprint {fingerprint[:12]}. Give these weights a model_id of their own "
             f"(the knowledge cache is keyed by it), or put the old weights back ({lake.uri_of(lake.dataset_path(relpath))}).")
     return fingerprint
 

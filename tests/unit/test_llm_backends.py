@@ -193,25 +193,48 @@ def test_vllm_backend_without_vllm_names_the_gpu_venv(tmp_path, monkeypatch):
         make_backend(cfg)
 
 
-# ---------------------------------------------------------------- OpenAI-compatible endpoint, real local server
+# ---------------------------------------------------------------- OpenAI-compatible servers, real local HTTP servers
 
 
 class _ChatServer(ThreadingHTTPServer):
+    """A scripted OpenAI-compatible server: /v1/models lists `models`; a chat prompt found in `script` gets those
+    statuses (or "hang": no answer for 5 s; "garbage": a 200 that is not a chat completion) before a 200."""
+
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, models=("/srv/models/served",)):
         super().__init__(("127.0.0.1", 0), _ChatHandler)
-        self.script: dict[str, list[int]] = {}  # prompt -> status codes to answer before a 200
+        self.models = list(models)
+        self.script: dict[str, list] = {}
         self.seen: list[dict] = []
         self.auth: list[str | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
 
 class _ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+    def _send(self, status: int, data: bytes, content_type: str = "application/json", headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path != "/v1/models":
+            return self._send(404, b"{}")
+        models = [{"id": m, "object": "model", "created": 0, "owned_by": "x"} for m in self.server.models]
+        self._send(200, json.dumps({"object": "list", "data": models}).encode())
 
     def do_POST(self):
         server: _ChatServer = self.server
@@ -224,51 +247,45 @@ class _ChatHandler(BaseHTTPRequestHandler):
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             codes = server.script.get(prompt, [])
             status = codes.pop(0) if codes else 200
-        time.sleep(0.05)  # long enough for concurrent requests to overlap
+        time.sleep(5 if status == "hang" else 0.05)  # 0.05: long enough for concurrent requests to overlap
         with server.lock:
             server.in_flight -= 1
-        if self.path != "/v1/chat/completions":
-            status = 404
-        if status != 200:
-            self.send_response(status)
-            if status == 429:
-                self.send_header("Retry-After", "0")
-            self.end_headers()
-            self.wfile.write(b'{"error": "busy"}')
-            return
+        if status == "garbage":
+            return self._send(200, b"<html>502 Bad Gateway</html>", "text/html")
+        if status not in (200, "hang"):
+            return self._send(status, b'{"error": {"message": "busy"}}', headers=[("Retry-After", "0.1")] * (status == 429))
         finish = "length" if "long" in prompt else "stop"
-        payload = {"id": "x", "object": "chat.completion", "model": body["model"],
+        payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f" re: {prompt} "},
                                 "finish_reason": finish}],
                    "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3, "total_tokens": 0}}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._send(200, json.dumps(payload).encode())
+
+
+def _serve(server: _ChatServer):
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
 
 
 @pytest.fixture
 def chat_server():
-    server = _ChatServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = _serve(_ChatServer())
     yield server
     server.shutdown()
     server.server_close()
 
 
-def _openai_config(tmp_path, server, **env):
+def _openai_config(tmp_path, *servers, **env):
     settings = {"REKI__LLM__BACKEND": "openai", "REKI__LLM__IS_SMOKE_MODEL": "false",
-                "REKI__LLM__ENGINE__BASE_URL": f"http://127.0.0.1:{server.server_address[1]}/v1",
-                "REKI__LLM__ENGINE__MODEL_ID": "served-model", "REKI__LLM__ENGINE__API_KEY_ENV": "REKI_TEST_LLM_KEY",
-                "REKI__LLM__ENGINE__RETRY_BACKOFF_S": "0.01", "REKI__LLM__ENGINE__MAX_RETRIES": "2",
-                "REKI__LLM__ENGINE__MAX_CONCURRENCY": "3"}
+                "REKI__LLM__ENGINE__BASE_URLS": "[" + ", ".join(s.url for s in servers) + "]",
+                "REKI__LLM__ENGINE__MODEL_ID": "reki-model", "REKI__LLM__ENGINE__API_KEY_ENV": "REKI_TEST_LLM_KEY",
+                "REKI__LLM__ENGINE__MAX_RETRIES": "2", "REKI__LLM__ENGINE__MAX_CONCURRENCY": "3"}
     return tiny_config(tmp_path, **{**settings, **env})
 
 
-def test_openai_backend_keeps_order_bounds_concurrency_and_sends_the_key(tmp_path, chat_server, monkeypatch):
+def test_openai_backend_keeps_order_bounds_concurrency_sends_the_key_and_the_served_model(tmp_path, chat_server,
+                                                                                          monkeypatch):
     monkeypatch.setenv("REKI_TEST_LLM_KEY", "secret-123")
     backend = make_backend(_openai_config(tmp_path, chat_server))
     assert isinstance(backend, OpenAIBackend)
@@ -280,11 +297,49 @@ def test_openai_backend_keeps_order_bounds_concurrency_and_sends_the_key(tmp_pat
     assert (results[1].prompt_tokens, results[1].completion_tokens) == (2, 3)
     assert 1 < chat_server.max_in_flight <= 3
     assert set(chat_server.auth) == {"Bearer secret-123"}
-    sent = chat_server.seen[0]
-    assert (sent["model"], sent["max_tokens"], sent["temperature"], sent["seed"]) == ("served-model", 6, 0.0, 0)
+    sent = next(b for b in chat_server.seen if b["messages"][0]["content"] == "prompt 0")
+    # A server pinned to one model (transformers serve FOLDER) is sent the name its /v1/models gives.
+    assert (sent["model"], sent["max_tokens"], sent["temperature"], sent["seed"]) == ("/srv/models/served", 6, 0.0, 0)
+    assert sent["messages"] == [{"role": "user", "content": "prompt 0"}]  # the server applies the chat template
 
 
-def test_openai_backend_retries_429_then_succeeds(tmp_path, chat_server):
+def test_openai_backend_spreads_a_shard_over_every_server_starting_at_its_own(tmp_path):
+    servers = [_serve(_ChatServer(models=["reki-model", "other"])) for _ in range(2)]
+    try:
+        cfg = _openai_config(tmp_path, *servers)
+        results = make_backend(cfg, shard_id=1).generate([GenerationRequest(f"h{i}", f"p{i}") for i in range(5)])
+        assert all(r.finish_reason == "stop" for r in results)
+        # round robin from server 1: p0, p2, p4 there, p1, p3 on server 0; the configured id is served by name
+        assert sorted(b["messages"][0]["content"] for b in servers[1].seen) == ["p0", "p2", "p4"]
+        assert sorted(b["messages"][0]["content"] for b in servers[0].seen) == ["p1", "p3"]
+        assert {b["model"] for s in servers for b in s.seen} == {"reki-model"}
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+def test_openai_backend_refuses_a_server_that_serves_other_models(tmp_path):
+    server = _serve(_ChatServer(models=["a", "b"]))
+    try:
+        with pytest.raises(RuntimeError, match=r"serves \['a', 'b'\], not llm.engine.model_id 'reki-model'"):
+            make_backend(_openai_config(tmp_path, server))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_openai_backend_names_an_unreachable_server(tmp_path, chat_server):
+    url = chat_server.url
+    chat_server.shutdown()
+    chat_server.server_close()
+    cfg = tiny_config(tmp_path, REKI__LLM__BACKEND="openai", REKI__LLM__ENGINE__BASE_URLS=f"[{url}]",
+                      REKI__LLM__ENGINE__MAX_RETRIES="0")
+    with pytest.raises(RuntimeError, match=f"LLM server {url}/ did not list its models.*APIConnectionError"):
+        make_backend(cfg)
+
+
+def test_openai_backend_honours_retry_after_on_429_then_succeeds(tmp_path, chat_server):
     chat_server.script["flaky"] = [429, 503]
     backend = make_backend(_openai_config(tmp_path, chat_server))
     [result] = backend.generate([GenerationRequest("h", "flaky")])
@@ -296,25 +351,37 @@ def test_openai_backend_records_failure_when_500s_exhaust_retries(tmp_path, chat
     chat_server.script["broken"] = [500, 500, 500, 500]
     backend = make_backend(_openai_config(tmp_path, chat_server))
     results = backend.generate([GenerationRequest("bad", "broken"), GenerationRequest("good", "fine")])
-    assert results[0].finish_reason == "error" and "gave up after 3 attempts" in results[0].error
+    assert results[0].finish_reason == "error" and results[0].error.startswith(chat_server.url)
     assert "HTTP 500" in results[0].error
     assert results[1].finish_reason == "stop"
     assert sum(b["messages"][0]["content"] == "broken" for b in chat_server.seen) == 3  # 1 try + 2 retries
 
 
-def test_openai_backend_does_not_retry_client_errors(tmp_path, chat_server):
+def test_openai_backend_does_not_retry_a_refused_key_and_never_shows_it(tmp_path, chat_server, monkeypatch):
+    monkeypatch.setenv("REKI_TEST_LLM_KEY", "secret-123")
     chat_server.script["denied"] = [401]
     backend = make_backend(_openai_config(tmp_path, chat_server))
     [result] = backend.generate([GenerationRequest("h", "denied")])
-    assert result.finish_reason == "error" and "REKI_TEST_LLM_KEY" in result.error
+    assert result.finish_reason == "error" and "REKI_TEST_LLM_KEY" in result.error and "secret-123" not in result.error
     assert len(chat_server.seen) == 1
 
 
-def test_openai_backend_times_out_and_records_it(tmp_path, chat_server):
-    backend = make_backend(_openai_config(tmp_path, chat_server, REKI__LLM__ENGINE__TIMEOUT_S="0.01",
+def test_openai_backend_gives_up_on_a_hung_server_within_its_timeout(tmp_path, chat_server):
+    chat_server.script["slow"] = ["hang", "hang"]
+    backend = make_backend(_openai_config(tmp_path, chat_server, REKI__LLM__ENGINE__TIMEOUT_S="0.3",
                                           REKI__LLM__ENGINE__MAX_RETRIES="1"))
+    started = time.perf_counter()
     [result] = backend.generate([GenerationRequest("h", "slow")])
-    assert result.finish_reason == "error" and "Timeout" in result.error
+    assert result.finish_reason == "error" and "no answer within llm.engine.timeout_s (0.3s)" in result.error
+    assert time.perf_counter() - started < 4  # two tries of 0.3 s and one backoff, not the server's 5 s
+
+
+def test_openai_backend_names_a_garbage_answer(tmp_path, chat_server):
+    chat_server.script["junk"] = ["garbage"]
+    backend = make_backend(_openai_config(tmp_path, chat_server, REKI__LLM__ENGINE__MAX_RETRIES="0"))
+    [result, fine] = backend.generate([GenerationRequest("h", "junk"), GenerationRequest("g", "fine")])
+    assert result.finish_reason == "error" and "malformed chat-completions response" in result.error
+    assert fine.finish_reason == "stop"
 
 
 def test_measure_tokens_per_s_warms_up_on_the_same_requests_and_counts_completion_tokens(smoke_backend, monkeypatch):
