@@ -14,8 +14,8 @@ export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="admin:admin"
 init() {
   mkdir -p "$AIRFLOW_HOME" "$PIDS" "$LOGS"
   # What an earlier version left readable to others (the SQLite database, logs) becomes its owner's alone.
-  chmod 700 "$AIRFLOW_HOME" "$LOGS"
-  find "$AIRFLOW_HOME" "$LOGS" -perm /077 -exec chmod go-rwx {} + 2>/dev/null || true
+  chmod 700 "$AIRFLOW_HOME" "$PIDS" "$LOGS"
+  find "$AIRFLOW_HOME" "$PIDS" "$LOGS" -perm /077 -exec chmod go-rwx {} + 2>/dev/null || true
   rm -f "$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"  # an old default file held the password in clear
   if [ ! -f "$AIRFLOW_HOME/.migrated" ] || [ "$AIRFLOW_HOME/.migrated" -ot "$REKI_HOME/requirements.txt" ]; then
     echo "==> initialising the Airflow metadata database (SQLite) in $AIRFLOW_HOME"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole suite: unit, spark, dags, integration (real SeaweedFS, Airflow, Spark). GPU tests skip without CUDA.
 set -uo pipefail
+umask 077  # as `make`: the stacks the tests start write owner-only files (the security checks assert it)
 source "$(dirname "$0")/env.sh"
 cd "$REKI_HOME"
 # Tests bring their own object store and credentials: never the ones `make run` exported.

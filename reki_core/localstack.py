@@ -196,8 +196,8 @@ class LocalService:
 
     def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start `cmd` in a process group of its own, output appended to the log, PID recorded."""
-        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        self.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.pid_file.parent, self.log_file.parent):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Owner-only: the log, and whatever the server writes (umask), e.g. SeaweedFS's data and Spark's scratch.
         fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)

@@ -90,7 +90,8 @@ def with_children(pids: Iterable[int]) -> list[psutil.Process]:
 
 
 def listening_beyond_loopback(procs: Iterable[psutil.Process]) -> list[str]:
-    """'pid (name) ip:port' of every listening TCP socket, or bound UDP socket, that is not on a loopback address."""
+    """'pid (name) ip:port' of every listening TCP socket that is not on a loopback address (none of the stacks'
+    servers speaks UDP; a resolver's short-lived UDP socket is no server)."""
     found = []
     for proc in procs:
         try:
@@ -99,8 +100,7 @@ def listening_beyond_loopback(procs: Iterable[psutil.Process]) -> list[str]:
         except psutil.Error:
             continue
         for conn in conns:
-            listening = conn.status == psutil.CONN_LISTEN or (conn.type == 2 and not conn.raddr)  # SOCK_DGRAM
-            if listening and not ipaddress.ip_address(conn.laddr.ip).is_loopback:
+            if conn.status == psutil.CONN_LISTEN and not ipaddress.ip_address(conn.laddr.ip).is_loopback:
                 found.append(f"{proc.pid} ({name}) {conn.laddr.ip}:{conn.laddr.port}")
     return found
 

@@ -82,3 +82,50 @@ def test_a_local_service_writes_owner_only_files_and_log(tmp_path):
     for path in (service.log_file, tmp_path / "written"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(service.log_file.parent.stat().st_mode) == 0o700
+
+
+def test_the_security_checks_find_what_they_look_for(tmp_path):
+    """The detectors the integration suites run (tests/security_checks.py), on known cases."""
+    import socket
+
+    import psutil
+
+    from tests.security_checks import (generated_secrets, listening_beyond_loopback, open_to_others, secrets_held,
+                                       secrets_in_files)
+
+    state = tmp_path / "state"
+    ensure_credentials(state)
+    token = ensure_connect_token(state)
+    secrets = generated_secrets(state)
+    assert secrets["spark_connect.json.token"] == token and "s3_credentials.json.writer.secret_key" in secrets
+    assert not any(name.endswith("access_key") for name in secrets)  # key ids are names, not secrets
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    (logs / "clean.log").write_text("nothing here")
+    (logs / "leak.log").write_text(f"token={token}")
+    for path in logs.iterdir():
+        path.chmod(0o600)
+    assert secrets_in_files([logs], secrets) == [f"{logs / 'leak.log'}: spark_connect.json.token"]
+    assert secrets_in_files([logs], secrets, skip=[logs / "leak.log"]) == []
+    assert open_to_others([logs]) == []
+    (logs / "clean.log").chmod(0o644)
+    logs.chmod(0o755)
+    assert sorted(open_to_others([logs])) == [f"{logs} 0o755", f"{logs / 'clean.log'} 0o644"]
+    with socket.socket() as anywhere, socket.socket() as loopback:
+        anywhere.bind(("0.0.0.0", 0))
+        anywhere.listen()
+        loopback.bind(("127.0.0.1", 0))
+        loopback.listen()
+        found = listening_beyond_loopback([psutil.Process()])
+        assert found == [f"{os.getpid()} ({psutil.Process().name()}) 0.0.0.0:{anywhere.getsockname()[1]}"]
+    import subprocess
+
+    holder = subprocess.Popen(["sleep", "30"], env={"PATH": os.environ["PATH"], "PROBE": token})
+    shower = subprocess.Popen(["sh", "-c", "sleep 30", "sh", token], env={"PATH": os.environ["PATH"]})
+    try:
+        assert secrets_held(psutil.Process(holder.pid), secrets) == ({"spark_connect.json.token"}, set())
+        assert secrets_held(psutil.Process(shower.pid), secrets) == (set(), {"spark_connect.json.token"})
+    finally:
+        for proc in (holder, shower):
+            proc.kill()
+            proc.wait()
