@@ -273,3 +273,67 @@ def test_new_weights_under_an_old_model_id_stop_the_plan_instead_of_reusing_its_
 
     (weights / "model.safetensors").write_bytes(bytes(range(256)) * 16384)  # the old weights back
     assert runner.plan_shards(cfg, DAY) == []  # their answers are still good
+
+
+# ---------------------------------------------------------------- the answer key and a broken server
+
+
+@pytest.mark.parametrize("change", [
+    {"REKI__LLM__BACKEND": "openai"},  # another engine
+    {"REKI__LLM__ENGINE__DTYPE": "bfloat16"},
+    {"REKI__LLM__ENGINE__QUANTIZATION": "bnb-8bit"},
+    {"REKI__LLM__SAMPLING__MAX_TOKENS": "7"},
+    {"REKI__LLM__ENGINE__WEIGHTS_FINGERPRINT": "sha256-of-the-fleet-s-weights"},  # a remote fleet's declared weights
+])
+def test_anything_that_shapes_an_answer_changes_the_answer_key(tmp_path, change):
+    assert sampling_version(tiny_config(tmp_path)) != sampling_version(tiny_config(tmp_path, **change))
+
+
+def test_a_changed_chat_template_changes_the_answer_key(tmp_path):
+    weights = tmp_path / "llm"
+    weights.mkdir()
+    (weights / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    cfg = tiny_config(tmp_path, REKI__LLM__ENGINE__MODEL_PATH=str(weights))
+    before = sampling_version(cfg)
+    (weights / "chat_template.jinja").write_text("<|user|>{{ messages[0]['content'] }}<|assistant|>")
+    assert sampling_version(cfg) != before
+
+
+def test_a_hung_server_fails_the_shard_clearly_within_its_timeout(tmp_path):
+    import time
+
+    from test_llm_backends import _ChatServer, _serve
+
+    server = _serve(_ChatServer())
+    try:
+        cfg = tiny_config(tmp_path, REKI__LLM__BACKEND="openai", REKI__LLM__ENGINE__BASE_URLS=f"[{server.url}]",
+                          REKI__LLM__ENGINE__TIMEOUT_S="0.3", REKI__LLM__ENGINE__MAX_RETRIES="0",
+                          REKI__LLM__ENGINE__BATCH_SIZE="2", REKI__LLM__SHARD_SIZE="20")
+        prompts = write_prompts(Lake(cfg.lake_uri), DAY, individual_prompts(6, 4))
+        server.script = {t: ["hang"] for t in prompts["text"]}  # it lists its model, then answers nothing
+        runner.plan_shards(cfg, DAY)
+        started = time.perf_counter()
+        with pytest.raises(runner.ShardFailedError, match=r"2 of 2 prompts failed \(stopped after 2 of 10: it could "
+                           r"no longer succeed\).*first reason: .*no answer within llm.engine.timeout_s"):
+            runner.run_shard(cfg, DAY, 0)
+        assert time.perf_counter() - started < 4  # one batch's timeout, not all five batches'
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_answering_garbage_fails_the_shard_naming_it(tmp_path):
+    from test_llm_backends import _ChatServer, _serve
+
+    server = _serve(_ChatServer())
+    try:
+        cfg = tiny_config(tmp_path, REKI__LLM__BACKEND="openai", REKI__LLM__ENGINE__BASE_URLS=f"[{server.url}]",
+                          REKI__LLM__ENGINE__MAX_RETRIES="0", REKI__LLM__SHARD_SIZE="20")
+        prompts = write_prompts(Lake(cfg.lake_uri), DAY, individual_prompts(3, 2))
+        server.script = {t: ["garbage"] for t in prompts["text"]}
+        runner.plan_shards(cfg, DAY)
+        with pytest.raises(runner.ShardFailedError, match=r"malformed chat-completions response"):
+            runner.run_shard(cfg, DAY, 0)  # the shard's own backend, from config
+    finally:
+        server.shutdown()
+        server.server_close()
