@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -53,6 +54,7 @@ UI_USERS = {"admin": "Admin", "operator": "Op", "viewer": "Viewer"}
 KEPT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "JAVA_HOME", "VIRTUAL_ENV",
             "PYTHONPATH", "REKI_HOME", "REKI_CONFIG", "GX_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
             "TOKENIZERS_PARALLELISM", "SPARK_LOCAL_IP", "PYSPARK_PYTHON")
+SECRET_SETTING = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|FERNET|JWT|_KEY$|_CONN|BROKER_URL|RESULT_BACKEND")
 
 
 class ClusterError(RuntimeError):
@@ -219,9 +221,11 @@ def spark_environment(cfg: Config) -> dict[str, str]:
 
 
 def supervisord_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """What supervisord, and so every program, starts with: the caller's environment without any secret."""
+    """What supervisord, and so every program, starts with: the caller's environment without any secret (its
+    Airflow settings, e.g. infra/env.sh's parallelism, kept unless their name says they may hold one)."""
     base = dict(os.environ if base is None else base)
-    return {k: v for k, v in base.items() if k in KEPT_ENV or k.startswith(("LC_", "REKI__"))}
+    return {k: v for k, v in base.items() if k in KEPT_ENV or k.startswith(("LC_", "REKI__"))
+            or (k.startswith("AIRFLOW__") and not SECRET_SETTING.search(k))}
 
 
 def task_environment(cfg: Config) -> dict[str, str]:

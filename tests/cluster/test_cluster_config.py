@@ -51,9 +51,11 @@ def test_each_program_gets_only_its_own_secrets_and_supervisord_none(tmp_path):
     token = cluster.ensure_connect_token(cfg.state_dir)
     caller = {"PATH": "/usr/bin", "HOME": "/root", "REKI__PATHS__STATE_DIR": str(cfg.state_dir),
               "AWS_SECRET_ACCESS_KEY": writer_secret, "SPARK_CONNECT_AUTHENTICATE_TOKEN": token,
-              "AIRFLOW_CONN_AWS_DEFAULT": "{}", "AIRFLOW__CORE__FERNET_KEY": s["fernet_key"], "REKI_LLM_API_KEY": "k" * 20}
+              "AIRFLOW_CONN_AWS_DEFAULT": "{}", "AIRFLOW__CORE__FERNET_KEY": s["fernet_key"], "REKI_LLM_API_KEY": "k" * 20,
+              "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "postgresql://u:pw@h/db", "AIRFLOW__CORE__PARALLELISM": "4"}
     base = cluster.supervisord_environment(caller)
-    assert base == {"PATH": "/usr/bin", "HOME": "/root", "REKI__PATHS__STATE_DIR": str(cfg.state_dir)}
+    assert base == {"PATH": "/usr/bin", "HOME": "/root", "REKI__PATHS__STATE_DIR": str(cfg.state_dir),
+                    "AIRFLOW__CORE__PARALLELISM": "4"}
     airflow_secrets = [s[k] for k in ("fernet_key", "jwt_secret", "api_secret_key", "postgres_password", "redis_password")]
 
     def holds(env, value):
