@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from reki_core.config import PROJECT_ROOT, Config
-from reki_core.localstack import (CONNECT_TOKEN_ENV, SeaweedFS, SparkConnectServer, _write_private,
+from reki_core.localstack import (CONNECT_TOKEN_ENV, LLMServer, SeaweedFS, SparkConnectServer, _write_private,
                                   credential_environment, ensure_airflow_passwords, ensure_connect_token,
                                   ensure_credentials, secrets_dir, service_ports)
 
@@ -41,6 +41,14 @@ SERVICE_NAMES: tuple[str, ...] = ("postgres", "redis", "seaweedfs", "spark-maste
 # Started with supervisord, in this order (priority); the Airflow programs start once the metadata DB is migrated.
 INFRA_SERVICES = SERVICE_NAMES[:6]
 AIRFLOW_SERVICES = SERVICE_NAMES[6:]
+# The warm LLM server (`llm.server.enabled`): started with the infrastructure, before Airflow's programs.
+LLM_SERVER = "llm-server"
+
+
+def program_names(cfg: Config) -> tuple[str, ...]:
+    """supervisord's programs in start order: SERVICE_NAMES, the LLM server after the Connect server when enabled."""
+    llm = (LLM_SERVER,) if cfg.llm.server.enabled else ()
+    return INFRA_SERVICES + llm + AIRFLOW_SERVICES
 DB_USER = DB_NAME = "airflow"
 OS_USER = "reki"  # PostgreSQL refuses to run as root: as root, its server runs as this system user
 INSTALL_HINT = "install it with `bash infra/cluster/install.sh` (apt: postgresql, redis-server)"
@@ -167,6 +175,7 @@ def service_ports_of(cfg: Config) -> dict[str, list[tuple[int, str]]]:
         "spark-worker": [(c.spark_worker_webui_port, "cluster.spark_worker_webui_port")],
         "spark-connect": [(connect_endpoint(cfg.spark.connect_url)[1], "spark.connect_url")],
         "api-server": [(c.api_port, "cluster.api_port")],
+        **({LLM_SERVER: [(cfg.llm.server.port, "llm.server.port")]} if cfg.llm.server.enabled else {}),
     }
 
 
@@ -206,6 +215,7 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
                    "--celery-hostname", f"{c.default_queue}@%h", "--skip-serve-logs"],
         "gpu-worker": [gpu_worker_python(cfg), "-m", "airflow", "celery", "worker", "--queues", c.gpu_queue,
                        "--concurrency", "1", "--celery-hostname", f"{c.gpu_queue}@%h", "--skip-serve-logs"],
+        LLM_SERVER: LLMServer(cfg).command(),
     }
 
 
@@ -329,8 +339,8 @@ def supervisord_conf(cfg: Config) -> str:
         f"password={s['supervisor_password']}", "",
     ]
     spark_env = ",".join(f'{k}="{_quote(v)}"' for k, v in spark_environment(cfg).items())
-    for priority, name in enumerate(SERVICE_NAMES, start=1):
-        infra = name in INFRA_SERVICES
+    for priority, name in enumerate(program_names(cfg), start=1):
+        infra = name in INFRA_SERVICES or name == LLM_SERVER
         command = [sys.executable, "-m", "reki_core.cluster", "exec", name] if name in WITH_SECRETS else commands[name]
         lines += [
             f"[program:{name}]", f"command={_quote(shlex.join(command))}", f"priority={priority * 10}",
@@ -625,7 +635,7 @@ def _up(cfg: Config, echo) -> None:
         _wait("supervisord", lambda: supervisord_pid(cfg) is not None and (d / "supervisor.sock").exists(), 30,
               logs_dir(cfg) / "cluster-supervisord.log")
     else:
-        supervisorctl(cfg, "start", *INFRA_SERVICES)
+        supervisorctl(cfg, "start", *INFRA_SERVICES, *((LLM_SERVER,) if cfg.llm.server.enabled else ()))
     check_postgres(cfg)
     check_redis(cfg)
     seaweed = SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket)
@@ -657,6 +667,9 @@ def _up(cfg: Config, echo) -> None:
 
     _wait(f"the Spark Connect server {cfg.spark.connect_url}", lambda: _listening(connect_endpoint(cfg.spark.connect_url)[1]),
           180, logs_dir(cfg) / "cluster-spark-connect.log")
+    if cfg.llm.server.enabled:
+        _wait(f"the LLM server on {LLMServer(cfg).url}", LLMServer(cfg).ready, cfg.llm.server.start_timeout_s,
+              logs_dir(cfg) / f"cluster-{LLM_SERVER}.log")
     echo(status(cfg))
     echo(f"Airflow UI: http://127.0.0.1:{cfg.cluster.api_port}  users: {', '.join(UI_USERS)} "
          f"({', '.join(UI_USERS.values())}); passwords in {users}")
