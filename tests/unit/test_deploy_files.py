@@ -332,7 +332,7 @@ def test_parsers_on_known_inputs():
 
 
 def test_compose_services_are_the_profile_services(services):
-    assert set(services) - ONE_SHOT == set(cluster.SERVICE_NAMES)
+    assert set(services) - ONE_SHOT == set(cluster.SERVICE_NAMES) | {cluster.LLM_SERVER}
     assert {name for name, s in services.items() if s.get("restart") == "no"} == ONE_SHOT
 
 
@@ -419,7 +419,7 @@ def test_gpu_worker_reserves_an_nvidia_gpu_in_the_gpu_image(services):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and int(d.get("count", 1)) >= 1 for d in devices)
     assert Path(gpu["build"]["dockerfile"]).name == "Dockerfile.gpu"
     assert GPU_ENGINE_PYTHON in COMPOSE_FILE.read_text()  # how to run the shards in its vLLM venv
-    for name in set(services) - {"gpu-worker"}:
+    for name in set(services) - {"gpu-worker", cluster.LLM_SERVER}:
         assert "deploy" not in services[name], f"{name} reserves devices"
 
 
@@ -755,3 +755,25 @@ def test_validators_pass():
     verdicts = [line for line in proc.stdout.splitlines() if re.match(r"^(ok|FAIL|skip) ", line)]
     assert proc.returncode == 0 and not [v for v in verdicts if v.startswith("FAIL")], proc.stdout + proc.stderr
     assert sum(v.startswith("ok") for v in verdicts) >= 5, proc.stdout
+
+
+def test_the_llm_server_is_vllm_serve_on_a_gpu_and_the_shards_are_its_clients(services):
+    """Production serves the model with `vllm serve` (make cluster runs `transformers serve` on CPU): the model folder
+    `reki setup` builds, under the configured model id, its key from the environment; shards send to it."""
+    from reki_core.config import load_config
+
+    cfg = load_config(environ={})  # conf/reki.yaml itself, not the tests' smoke model
+    server = services[cluster.LLM_SERVER]
+    argv = server["command"]
+    assert argv[:3] == ["/opt/reki-gpu/bin/vllm", "serve", f"/opt/reki/{cfg.llm.engine.model_path}"]
+    assert option(argv, "--served-model-name") == cfg.llm.engine.model_id and option(argv, "--port") == "8000"
+    assert not any("key" in a.lower() for a in argv), "the API key never goes on a command line"
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]  # before interpolation: the required variable
+    assert raw[cluster.LLM_SERVER]["environment"]["VLLM_API_KEY"].startswith("${REKI_LLM_API_KEY:?")
+    assert raw["worker"]["environment"]["REKI_LLM_API_KEY"].startswith("${REKI_LLM_API_KEY:?")
+    devices = server["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert "127.0.0.1:8000/health" in " ".join(server["healthcheck"]["test"])
+    env = services["worker"]["environment"]
+    assert env["REKI__LLM__BACKEND"] == "openai" and env["REKI__LLM__SERVER__ENABLED"] == "false"
+    assert env["REKI__LLM__ENGINE__BASE_URLS"] == "[http://llm-server:8000/v1]"
