@@ -611,6 +611,7 @@ def up(cfg: Config, echo=print) -> None:
 
 
 def _up(cfg: Config, echo) -> None:
+    os.umask(0o077)  # folders, supervisord's own log and everything its programs write: owner-only, whoever calls
     env = airflow_environment(cfg, supervisord_environment())
     d = cluster_dir(cfg)
     for sub in (d, logs_dir(cfg), airflow_home(cfg), d / "spark-work"):
