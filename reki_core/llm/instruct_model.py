@@ -131,6 +131,8 @@ def _convert(gguf_dir: Path, gguf_file: str, out_dir: Path) -> int:
     plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
+    if hasattr(plain.config, "quantization_config"):  # the saved weights are plain bf16, not GGUF
+        del plain.config.quantization_config
     plain.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return sum(p.numel() for p in plain.parameters())
