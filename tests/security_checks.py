@@ -100,7 +100,9 @@ def listening_beyond_loopback(procs: Iterable[psutil.Process]) -> list[str]:
         except psutil.Error:
             continue
         for conn in conns:
-            if conn.status == psutil.CONN_LISTEN and not ipaddress.ip_address(conn.laddr.ip).is_loopback:
+            address = ipaddress.ip_address(conn.laddr.ip)
+            address = getattr(address, "ipv4_mapped", None) or address  # Java's ::ffff:127.0.0.1 is loopback
+            if conn.status == psutil.CONN_LISTEN and not address.is_loopback:
                 found.append(f"{proc.pid} ({name}) {conn.laddr.ip}:{conn.laddr.port}")
     return found
 
