@@ -25,6 +25,7 @@ import secrets
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -617,6 +618,8 @@ def _up(cfg: Config, echo) -> None:
     for sub in (d, logs_dir(cfg), airflow_home(cfg), d / "spark-work"):
         sub.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o711)  # PostgreSQL's user must reach its data folder inside; what is secret in here is 0600
+    if os.geteuid() == 0:  # ... and pass through the state folder above it (umask 077 made it 0700): x, never r
+        os.chmod(cfg.state_dir, stat.S_IMODE(cfg.state_dir.stat().st_mode) | 0o011)
     conf, _ = _supervisor_files(cfg)
     if supervisord_pid(cfg) is None:
         check_installed()

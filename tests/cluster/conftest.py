@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -121,6 +122,8 @@ def cluster_tmp(name: str) -> Path:
     PostgreSQL runs as a system user that must reach its data folder."""
     root = PROJECT_ROOT / ".reki" / "cluster-tests"
     root.mkdir(parents=True, exist_ok=True)
+    for folder in (root.parent, root):  # PostgreSQL's user passes through (umask 077 made them 0700), never lists
+        folder.chmod(stat.S_IMODE(folder.stat().st_mode) | 0o011)
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     path.chmod(0o711)
     return path

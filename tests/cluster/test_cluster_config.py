@@ -145,3 +145,20 @@ def test_a_service_is_waited_for_until_it_answers_but_a_wrong_password_stops_at_
     with pytest.raises(cluster.ClusterError, match="rejected"):
         cluster._until_it_answers(wrong_password, ConnectionError, "svc", log, timeout_s=5, interval_s=0)
     assert len(calls) == 1
+
+
+def test_exec_starts_the_program_with_its_own_secrets(tmp_path, monkeypatch):
+    cfg = make_config(tmp_path)
+    calls = []
+    monkeypatch.setattr(cluster.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    monkeypatch.setattr(cluster.os, "environ", {"PATH": "/usr/bin", "REKI__PATHS__STATE_DIR": str(cfg.state_dir)})
+    for name in ("worker", "scheduler", "spark-connect"):
+        cluster.exec_program(cfg, name)
+    token = cluster.ensure_connect_token(cfg.state_dir)
+    (worker, scheduler, connect) = calls
+    assert worker[1] == cluster.service_commands(cfg)["worker"] and worker[0] == worker[1][0]
+    assert worker[2]["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == token and "AWS_SECRET_ACCESS_KEY" in worker[2]
+    assert "SPARK_CONNECT_AUTHENTICATE_TOKEN" not in scheduler[2] and "AWS_SECRET_ACCESS_KEY" not in scheduler[2]
+    assert scheduler[2]["AIRFLOW__CORE__FERNET_KEY"] == cluster.ensure_cluster_secrets(cfg)["fernet_key"]
+    assert connect[2]["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == token and "AIRFLOW__CORE__FERNET_KEY" not in connect[2]
+    assert "--properties-file" in connect[1]
