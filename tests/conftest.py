@@ -33,6 +33,7 @@ SMOKE_LLM = {
     "REKI__LLM__SERVER__ENABLED": "false",
     "REKI__QUALITY__LLM_SEMANTIC_ACTION": "warn",  # the smoke model's text is meaningless
     "REKI__QUALITY__LLM_MAX_TRUNCATED_SHARE": "1.0",  # and it never stops on its own
+    "REKI__QUALITY__LLM_MIN_ANSWER_CHARS": "1",  # the tests' few answer tokens
     "REKI__SCENARIO_OVERRIDES": "{}",  # the scenario's own extraction mode (conf/reki.yaml picks collective)
 }
 for _key, _value in SMOKE_LLM.items():
