@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from llm_test_helpers import DAY, ScriptedBackend, individual_prompts, tiny_config, write_prompts
 
+from reki_core.config import load_config
 from reki_core.llm import runner
 from reki_core.quality.answers import validate_answers
 from reki_core.quality.gx import GateError
@@ -103,3 +107,52 @@ def test_semantic_checks_only_warn_in_the_smoke_profile_and_the_summary_shows_it
     summary = runner.extraction_summary(cfg, DAY)
     assert summary["gate_success"] is True and len(summary["gate_warnings"]) == 2
     assert any("is_duplicate" in w for w in summary["gate_warnings"])
+
+
+# ---------------------------------------------------------------- calibrated on SmolLM2-135M-Instruct's measured answers
+
+# Answers SmolLM2-135M-Instruct gave through the warm server to group prompts of `make run`'s day (conf/reki.yaml's
+# settings), with their finish reasons: the gate's thresholds in conf/reki.yaml were set on them.
+MEASURED = json.loads((Path(__file__).parent / "data" / "smollm2_answers.json").read_text())
+
+
+def _measured_day(tmp_path, answers, finish=None):
+    """conf/reki.yaml's real-model gates (not the smoke profile's), over a day whose store holds `answers`."""
+    from llm_test_helpers import prompt_row
+
+    from reki_core.llm.store import sampling_version, write_store_shard
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, REKI__QUALITY__LLM_SEMANTIC_ACTION="fail", REKI__QUALITY__LLM_MAX_TRUNCATED_SHARE=str(
+        load_config(environ={}).quality.llm_max_truncated_share), REKI__QUALITY__LLM_MIN_ANSWER_CHARS=str(
+        load_config(environ={}).quality.llm_min_answer_chars))
+    lake = Lake(cfg.lake_uri)
+    rows = [prompt_row(m["kind"], f"g{i}", m["prompt"]) for i, m in enumerate(MEASURED)]
+    prompts = write_prompts(lake, DAY, rows)
+    sv = sampling_version(cfg)
+    write_store_shard(lake, cfg.llm.engine.model_id, sv, "measured", [
+        {"prompt_hash": h, "model_id": cfg.llm.engine.model_id, "sampling_version": sv, "text": text,
+         "prompt_tokens": 100, "completion_tokens": 50, "finish_reason": finish or m["finish_reason"],
+         "created_dt": DAY, "truncated_prompt": False}
+        for h, m, text in zip(prompts["prompt_hash"], MEASURED, answers)])
+    return cfg
+
+
+def test_a_healthy_day_of_measured_smollm2_answers_passes_the_strict_gates(tmp_path):
+    cfg = _measured_day(tmp_path, [m["text"] for m in MEASURED])
+    result = validate_answers(cfg, DAY)
+    assert result.success and not result.warnings and result.rows == len(MEASURED)
+
+
+@pytest.mark.parametrize("broken,column", [
+    ("repeated", "is_duplicate"),  # a server stuck on one answer
+    ("empty", "answer_text"),  # a server answering nothing but an end-of-turn token
+    ("looping", "cut_at_max_tokens"),  # a server whose model never stops (a wrong chat template)
+])
+def test_a_broken_server_fails_the_gate_with_a_clear_message(tmp_path, broken, column):
+    texts = {"repeated": [MEASURED[0]["text"]] * len(MEASURED), "empty": ["."] * len(MEASURED),
+             "looping": [m["text"] for m in MEASURED]}[broken]
+    cfg = _measured_day(tmp_path, texts, finish="length" if broken == "looping" else None)
+    with pytest.raises(GateError, match=column) as excinfo:
+        validate_answers(cfg, DAY)
+    assert column in {c for _, c in _failed_checks(excinfo)}
