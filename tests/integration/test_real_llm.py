@@ -38,7 +38,7 @@ REAL_LLM = {
 
 
 def real_config(root, server: LLMServer, **env: str) -> Config:
-    return make_config(root, **REAL_LLM, REKI__LLM__ENGINE__BASE_URLS=f"[{server.url}]", **env)
+    return make_config(root, **{**REAL_LLM, "REKI__LLM__ENGINE__BASE_URLS": f"[{server.url}]", **env})
 
 
 @pytest.fixture(scope="module")
