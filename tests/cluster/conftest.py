@@ -19,7 +19,7 @@ import pytest
 
 from reki_core.airflow_api import AirflowApi
 from reki_core.config import PROJECT_ROOT
-from tests.conftest import free_port_block
+from tests.conftest import SMOKE_LLM, free_port_block
 from tests.integration.test_daily_dag import FAST
 
 DAG_ID = "reki_daily_refresh"
@@ -103,6 +103,7 @@ class ClusterStack:
 
 def cluster_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "AWS_", "REKI__"))}
+    env.update(SMOKE_LLM)  # a plumbing run: the smoke model in-process (the REKI__ filter above dropped it)
     env.update(FAST)
     env["REKI__LLM__SHARD_SIZE"] = "100000"  # one extraction shard per day (the fault test sets its own)
     env.update(cluster_settings(tmp))
