@@ -5,7 +5,7 @@
 #   - docker-compose v1 (Debian's 1.29.2) the same way, when it is installed;
 #   - the Compose Specification's JSON schema (check-jsonschema's vendored copy);
 #   - hadolint on both Dockerfiles;
-#   - kubernetes-validate --strict on helm/spark-connect.yaml.
+#   - kubernetes-validate --strict on helm/spark-connect.yaml and helm/llm-server.yaml.
 # Not here (docs/deploy.md): building the images (needs a daemon), rendering the Airflow chart (helm and the chart
 # cannot be installed from the package registries), anything on a GPU.
 # The tools go into a venv of their own under .reki/tools/ (installed with pip when missing), never into .venv.
@@ -60,4 +60,5 @@ fi
 run "compose-spec schema" "$TOOLS/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$COMPOSE_FILE"
 run "hadolint Dockerfile Dockerfile.gpu" "$TOOLS/bin/hadolint" "$DEPLOY/Dockerfile" "$DEPLOY/Dockerfile.gpu"
 run "kubernetes-validate helm/spark-connect.yaml" "$TOOLS/bin/kubernetes-validate" --strict --quiet "$DEPLOY/helm/spark-connect.yaml"
+run "kubernetes-validate helm/llm-server.yaml" "$TOOLS/bin/kubernetes-validate" --strict --quiet "$DEPLOY/helm/llm-server.yaml"
 exit $failed

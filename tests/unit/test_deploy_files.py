@@ -777,3 +777,18 @@ def test_the_llm_server_is_vllm_serve_on_a_gpu_and_the_shards_are_its_clients(se
     env = services["worker"]["environment"]
     assert env["REKI__LLM__BACKEND"] == "openai" and env["REKI__LLM__SERVER__ENABLED"] == "false"
     assert env["REKI__LLM__ENGINE__BASE_URLS"] == "[http://llm-server:8000/v1]"
+
+
+def test_helm_shards_reach_the_gpu_sets_vllm_through_the_llm_server_service(values, cfg):
+    """The base URL the shards call names the reki-llm-server Service, whose selector picks the gpu set's pods and
+    whose port is their vLLM container's."""
+    service = yaml.safe_load((DEPLOY / "helm" / "llm-server.yaml").read_text())
+    env = {e["name"]: e.get("value") for e in values["env"]}
+    url = urlparse(yaml.safe_load(env["REKI__LLM__ENGINE__BASE_URLS"])[0])
+    assert url.hostname == service["metadata"]["name"] and url.port == service["spec"]["ports"][0]["port"]
+    gpu = next(s for s in values["workers"]["celery"]["sets"] if s["queue"] == cfg.cluster.gpu_queue)
+    assert service["spec"]["selector"].items() <= gpu["labels"].items()
+    vllm = next(c for c in gpu["extraContainers"] if c["name"] == "llm-server")
+    target = service["spec"]["ports"][0]["targetPort"]
+    assert any(p["name"] == target for p in vllm["ports"])
+    assert option(vllm["command"], "--port") == str(url.port)
