@@ -3,25 +3,27 @@ the warm server -> bench/results/llm_serving.json.
 
 The same fixed prompts (the first `--prompts` MovieLens-100K item prompts, rendered by the scenario's item
 template: at least 500) are written as one day's prompts partition and cut into shards as the DAG cuts them
-(`plan_shards`: llm.shard_size; each shard answered in batches of llm.engine.batch_size). Three arms, each on
-its own lake (its own answer key), all with the real model (llm.engine.model_path) and greedy decoding:
+(`plan_shards`: llm.shard_size; each shard answered in batches of llm.engine.batch_size). Each arm has its own
+lake (its own answer key); all run the real model (llm.engine.model_path) with greedy decoding:
 
 - `engine_per_shard`: the transformers backend in a fresh process per shard (`llm.engine.python`: the DAG's
   `run_shard_in_process_or_venv` -> `python -m reki_core.llm.extract_shard`), one shard at a time, as the
   `gpu` pool with one slot ran them. Per shard: process wall = load (interpreter, imports, weights) + generate.
-- `server_one_shard_at_a_time`: the warm server (`reki_core.localstack.LLMServer`, `transformers serve
-  --continuous-batching`, started once before the arm and not counted), shards as clients one after another.
-- `server_concurrent_shards`: the same server, every shard a concurrent client (`llm.max_active_shards`).
+- for each server program of `--servers` (`servers.<program>` in the JSON; the first names `server_speedup`):
+  llama.cpp's `llama-server` of the GGUF (the stack's default) and `transformers serve --continuous-batching`
+  of the safetensors, each started once (`reki_core.localstack.LLMServer`; timed apart, not in the arms), then
+  - `one_shard_at_a_time`: shards as its clients one after another;
+  - `concurrent_shards`: every shard a concurrent client (`llm.max_active_shards`).
 
 `server_speedup` = engine_per_shard wall / server_concurrent_shards wall, and its exact factorisation:
   load  = engine_per_shard wall / its generate time        (what loading an engine per shard costs)
-  engine = engine_per_shard generate time / server one-shard-at-a-time wall   (continuous batching vs static batches)
+  engine = engine_per_shard generate time / server one-shard-at-a-time wall   (the server's engine and batching)
   across_shards = server one-at-a-time wall / server concurrent wall          (batching requests of several shards)
 Memory bandwidth: a numpy copy of a 512 MiB array (read + write) gives this machine's bytes/s; a decode step
 reads every weight once, so one sequence is bounded by bandwidth / weight bytes steps/s, a batch of B by B x
 that in tokens/s; the JSON shows the arithmetic. The 8B-on-one-GPU extrapolation uses published figures (cited).
 
-Usage: python bench/llm_serving.py [--prompts 512] [--max-tokens 48]
+Usage: python bench/llm_serving.py [--prompts 512] [--max-tokens 48] [--servers llama.cpp,transformers]
 """
 
 from __future__ import annotations
@@ -123,11 +125,11 @@ def engine_per_shard(root: Path, n: int, max_tokens: int) -> dict:
             "finish_reasons": finish_reasons(cfg)}
 
 
-def server_arm(root: Path, n: int, max_tokens: int, url: str, concurrent: bool) -> dict:
+def server_arm(root: Path, n: int, max_tokens: int, url: str, concurrent: bool, program: str) -> dict:
     """Shards as clients of the warm server: one after another, or all at once (threads, as parallel tasks)."""
     from reki_core.llm.runner import plan_shards, run_shard
 
-    cfg = config_of(arm_environment(root, max_tokens, REKI__LLM__BACKEND="openai",
+    cfg = config_of(arm_environment(root, max_tokens, REKI__LLM__BACKEND="openai", REKI__LLM__SERVER__PROGRAM=program,
                                     REKI__LLM__ENGINE__BASE_URLS=f"[{url}]"))
     write_item_prompts(cfg, n)
     shards = plan_shards(cfg, DAY)
@@ -170,20 +172,34 @@ def memory_bandwidth_bytes_per_s() -> dict:
             "seconds": round(best, 4), "bytes_per_s": round(moved / best)}
 
 
-def bandwidth_bound(cfg: Config, bandwidth: float, batch: int, measured_tokens_per_s: float) -> dict:
-    """Tokens/s that weight traffic alone allows at `batch` sequences per decode step, and the measured share."""
+def weights_served(cfg: Config, program: str) -> dict:
+    """Parameters and the bytes a decode step reads: the GGUF (llama.cpp serves it as it is, Q4_1 here) or the
+    safetensors dequantised to llm.engine.dtype (transformers)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(cfg.resolve(cfg.llm.engine.model_path))
+    from reki_core.llm.instruct_model import gguf_path
+
+    folder = cfg.resolve(cfg.llm.engine.model_path)
+    config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):  # counts parameters without allocating them
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-    weight_bytes = params * 4  # served in float32 (llm.engine.dtype)
+    if program == "llama.cpp":
+        gguf = gguf_path(folder)
+        return {"model_type": config.model_type, "parameters": params, "form": f"GGUF {gguf.name}",
+                "weight_bytes": gguf.stat().st_size}
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.llm.engine.dtype]
+    return {"model_type": config.model_type, "parameters": params, "form": cfg.llm.engine.dtype,
+            "weight_bytes": params * size}
+
+
+def bandwidth_bound(weights: dict, bandwidth: float, batch: int, measured_tokens_per_s: float) -> dict:
+    """Tokens/s that weight traffic alone allows at `batch` sequences per decode step, and the measured share."""
+    weight_bytes = weights["weight_bytes"]
     steps_per_s = bandwidth / weight_bytes
     bound = steps_per_s * batch
     return {
-        "model_type": config.model_type, "parameters": params, "dtype": "float32", "weight_bytes": weight_bytes,
-        "bandwidth_bytes_per_s": bandwidth,
+        **weights, "bandwidth_bytes_per_s": bandwidth,
         "decode_steps_per_s_bound": round(steps_per_s, 2),
         "arithmetic": f"{bandwidth:.3g} B/s / {weight_bytes:.3g} B = {steps_per_s:.1f} decode steps/s (each reads every "
                       f"weight once); x {batch} sequences per step = {bound:.0f} tokens/s at most",
@@ -231,14 +247,38 @@ def extrapolate_8b(n_shards: int, prompts: int, max_tokens: int) -> dict:
     }
 
 
+def server_arms(root: Path, program: str, prompts: int, max_tokens: int) -> dict:
+    """One warm server (`llm.server.program` = program), started once (timed apart), then both client arms."""
+    from reki_core.localstack import LLMServer, free_port_block
+
+    cfg = config_of(arm_environment(root / "server", max_tokens, REKI__LLM__SERVER__PROGRAM=program))
+    server = LLMServer(cfg, port=free_port_block(1))
+    t = time.perf_counter()
+    server.start()
+    start_s = time.perf_counter() - t
+    try:
+        print(f"==> {program} server, shards one at a time", flush=True)
+        sequential = server_arm(root / "sequential", prompts, max_tokens, server.url, False, program)
+        print(json.dumps({"wall_s": sequential["wall_s"]}), flush=True)
+        print(f"==> {program} server, shards concurrent", flush=True)
+        concurrent = server_arm(root / "concurrent", prompts, max_tokens, server.url, True, program)
+        print(json.dumps({"wall_s": concurrent["wall_s"]}), flush=True)
+    finally:
+        server.stop()
+    return {"program": program, "command": server.command()[1:], "start_s_once": round(start_s, 2),
+            "one_shard_at_a_time": sequential, "concurrent_shards": concurrent, "_cfg": cfg}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--servers", default="llama.cpp,transformers",
+                        help="server programs to measure; the first is the one server_speedup names")
     args = parser.parse_args(argv)
     if args.prompts < 500:
         parser.error("--prompts: the benchmark compares at least 500 prompts")
-    from reki_core.localstack import LLMServer, free_port_block
+    programs = args.servers.split(",")
 
     started = time.perf_counter()
     load = os.getloadavg()
@@ -247,23 +287,24 @@ def main(argv: list[str] | None = None) -> int:
         print("==> engine per shard (fresh process each, one at a time)", flush=True)
         baseline = engine_per_shard(tmp / "engine-per-shard", args.prompts, args.max_tokens)
         print(json.dumps({k: baseline[k] for k in ("wall_s", "generate_s", "load_s")}), flush=True)
-        server_cfg = config_of(arm_environment(tmp / "server", args.max_tokens))
-        server = LLMServer(server_cfg, port=free_port_block(1))
-        t = time.perf_counter()
-        server.start()
-        server_start_s = time.perf_counter() - t
-        try:
-            print("==> warm server, shards one at a time", flush=True)
-            sequential = server_arm(tmp / "server-sequential", args.prompts, args.max_tokens, server.url, False)
-            print(json.dumps({"wall_s": sequential["wall_s"]}), flush=True)
-            print("==> warm server, shards concurrent", flush=True)
-            concurrent = server_arm(tmp / "server-concurrent", args.prompts, args.max_tokens, server.url, True)
-            print(json.dumps({"wall_s": concurrent["wall_s"]}), flush=True)
-        finally:
-            server.stop()
-    cfg = server_cfg
+        servers = {p: server_arms(tmp / p, p, args.prompts, args.max_tokens) for p in programs}
     bandwidth = memory_bandwidth_bytes_per_s()
-    speedup = baseline["wall_s"] / concurrent["wall_s"]
+    engine_tokens_per_s = round(baseline["completion_tokens"] / baseline["generate_s"], 2)
+    for program, arm in servers.items():
+        cfg = arm.pop("_cfg")
+        sequential, concurrent = arm["one_shard_at_a_time"], arm["concurrent_shards"]
+        arm["server_speedup"] = round(baseline["wall_s"] / concurrent["wall_s"], 3)
+        arm["breakdown"] = {
+            "load": round(baseline["wall_s"] / baseline["generate_s"], 3),
+            "engine": round(baseline["generate_s"] / sequential["wall_s"], 3),
+            "across_shards": round(sequential["wall_s"] / concurrent["wall_s"], 3),
+            "product": "load x engine x across_shards = server_speedup",
+        }
+        arm["bandwidth_bound"] = bandwidth_bound(weights_served(cfg, program), bandwidth["bytes_per_s"],
+                                                 min(concurrent["requests_in_flight"],
+                                                     cfg.llm.server.parallel if program == "llama.cpp" else 10**9),
+                                                 concurrent["tokens_per_s"])
+    chosen = servers[programs[0]]
     payload = {
         "benchmark": "llm_serving", "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model_id": cfg.llm.engine.model_id, "is_smoke_model": False, "device": "cpu",
@@ -271,29 +312,23 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": args.prompts, "prompt_kind": "item (scenario item template, ML-100K items by id)",
         "shard_size": cfg.llm.shard_size, "batch_size": cfg.llm.engine.batch_size,
         "max_concurrency_per_shard": cfg.llm.engine.max_concurrency, "max_tokens": args.max_tokens,
-        "max_tokens_why": "chosen so the three arms fit about 25 minutes on 2 CPU cores",
+        "max_tokens_why": "chosen so every arm fits about 25 minutes on 2 CPU cores",
         "engine_per_shard": baseline,
-        "server_start_s_once": round(server_start_s, 2),
-        "server_one_shard_at_a_time": sequential,
-        "server_concurrent_shards": concurrent,
-        "server_speedup": round(speedup, 3), "server_speedup_target": 1.5,
-        "breakdown": {
-            "load": round(baseline["wall_s"] / baseline["generate_s"], 3),
-            "engine": round(baseline["generate_s"] / sequential["wall_s"], 3),
-            "across_shards": round(sequential["wall_s"] / concurrent["wall_s"], 3),
-            "product": "load x engine x across_shards = server_speedup",
-        },
+        "server_program": programs[0],
+        "server_speedup": chosen["server_speedup"], "server_speedup_target": 1.5,
+        "breakdown": chosen["breakdown"],
+        "servers": servers,
         "memory_bandwidth": bandwidth,
-        "bandwidth_bound_server": bandwidth_bound(cfg, bandwidth["bytes_per_s"], concurrent["requests_in_flight"],
-                                                  concurrent["tokens_per_s"]),
-        "bandwidth_bound_engine_per_shard": bandwidth_bound(cfg, bandwidth["bytes_per_s"], cfg.llm.engine.batch_size,
-                                                            round(baseline["completion_tokens"] / baseline["generate_s"], 2)),
+        "bandwidth_bound_engine_per_shard": bandwidth_bound(weights_served(cfg, "transformers"), bandwidth["bytes_per_s"],
+                                                            cfg.llm.engine.batch_size, engine_tokens_per_s),
         "extrapolated_8b_one_gpu": extrapolate_8b(len(baseline["per_shard"]), args.prompts, args.max_tokens),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    print(json.dumps({k: payload[k] for k in ("server_speedup", "breakdown", "total_seconds")}, indent=2))
+    print(json.dumps({"server_speedup": {p: a["server_speedup"] for p, a in servers.items()},
+                      "breakdown": {p: a["breakdown"] for p, a in servers.items()},
+                      "total_seconds": payload["total_seconds"]}, indent=2))
     print(f"wrote {RESULTS}")
     return 0
 

@@ -48,10 +48,11 @@ def _print_json(payload) -> None:
 @main.command()
 @click.pass_context
 def setup(ctx: click.Context) -> None:
-    """Obtain MovieLens-100K and SmolLM2-135M-Instruct, generate local credentials, build the smoke model and
-    the JVM class archive of spark-submitted jobs (idempotent)."""
+    """Obtain MovieLens-100K and SmolLM2-135M-Instruct, generate local credentials, build the smoke model,
+    llama.cpp's server (once per machine) and the JVM class archive of spark-submitted jobs (idempotent)."""
     from reki_core.datasets import movielens
     from reki_core.llm.instruct_model import ensure_instruct_model
+    from reki_core.llm.llama_cpp_server import ensure_llama_server
     from reki_core.llm.smoke_model import ensure_smoke_model
     from reki_core.localstack import ensure_connect_token, ensure_credentials
     from reki_core.spark import ensure_class_archive
@@ -70,6 +71,10 @@ def setup(ctx: click.Context) -> None:
     path = ensure_instruct_model(cfg.resolve(cfg.paths.models_dir), cfg.state_dir / "downloads",
                                  report=lambda line: console.print(f"  {line}"))
     console.print(f"[green]SmolLM2-135M-Instruct[/] (Apache-2.0) in {path} ({time.perf_counter() - t:.1f}s)")
+    if cfg.llm.server.program == "llama.cpp":
+        t = time.perf_counter()
+        binary = ensure_llama_server(cfg.state_dir / "downloads", report=lambda line: console.print(f"  {line}"))
+        console.print(f"[green]llama-server[/] (llama.cpp, MIT) {binary} ({time.perf_counter() - t:.1f}s)")
     if cfg.spark.class_archive:
         t = time.perf_counter()
         try:

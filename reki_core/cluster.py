@@ -356,6 +356,9 @@ def supervisord_conf(cfg: Config) -> str:
             lines.append(f"user={OS_USER}")
         if name in ("spark-master", "spark-worker"):
             lines.append(f"environment={spark_env}")
+        if name == LLM_SERVER:
+            llm_env = ",".join(f'{k}="{_quote(v)}"' for k, v in LLMServer(cfg).settings_environment().items())
+            lines.append(f"environment={llm_env}")
         lines.append("")
     return "\n".join(lines)
 

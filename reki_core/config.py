@@ -190,11 +190,18 @@ class LLMSamplingConfig(_Strict):
 
 
 class LLMServerConfig(_Strict):
-    """The local stack's warm OpenAI-compatible server (`reki stack up`): `transformers serve` of
-    `llm.engine.model_path`, loaded once, on 127.0.0.1 only."""
+    """The local stack's warm OpenAI-compatible server (`reki stack up`) of `llm.engine.model_path`, loaded once,
+    on 127.0.0.1 only: llama.cpp's `llama-server` of the folder's GGUF (built by `reki setup`), or
+    `transformers serve` of its safetensors (bench/llm_serving.py measures both)."""
 
     enabled: bool = True
+    program: Literal["llama.cpp", "transformers"] = "llama.cpp"
     port: int = 8090
+    # llama.cpp: sequences decoded together (its slots), each with llm.engine.max_model_len tokens of context.
+    parallel: int = Field(8, ge=1)
+    # llama.cpp: decoding threads (0: one per core of the machine).
+    threads: int = Field(0, ge=0)
+    # transformers serve only: its device, continuous batching and the KV cache below.
     device: str = "cpu"
     continuous_batching: bool = True
     # KV cache of continuous batching, in blocks of 256 tokens: unset, it takes most of the machine's free memory.

@@ -2,7 +2,7 @@
 
 - `transformers`: Hugging Face causal LM on CPU or GPU, batched with left padding (the embedded default).
 - `vllm`: thin adapter over vLLM's offline `LLM.generate`; runs only in the GPU venv (requirements-gpu.txt).
-- `openai`: OpenAI-compatible chat-completions servers (the local stack's warm `transformers serve`,
+- `openai`: OpenAI-compatible chat-completions servers (the local stack's warm llama.cpp server,
   a `vllm serve` fleet, a hosted API) through the `openai` client: bounded concurrency per shard, requests
   spread over the configured servers, the client's retries (429/5xx, network errors, Retry-After) and timeouts.
 
@@ -322,7 +322,8 @@ def served_model(client, wanted: str) -> str:
 
 
 class OpenAIBackend(Backend):
-    """Chat completions against OpenAI-compatible servers (`transformers serve`, `vllm serve`, a hosted API).
+    """Chat completions against OpenAI-compatible servers (`llama-server`, `transformers serve`, `vllm serve`, a
+    hosted API).
 
     The server applies the model's chat template and batches concurrent requests (from this shard and every
     other one). A shard keeps `engine.max_concurrency` requests in flight, spread round robin over `base_urls`

