@@ -216,7 +216,8 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
                    "--celery-hostname", f"{c.default_queue}@%h", "--skip-serve-logs"],
         "gpu-worker": [gpu_worker_python(cfg), "-m", "airflow", "celery", "worker", "--queues", c.gpu_queue,
                        "--concurrency", "1", "--celery-hostname", f"{c.gpu_queue}@%h", "--skip-serve-logs"],
-        LLM_SERVER: LLMServer(cfg).command(),
+        # Its command needs the served model's files: only built when the profile runs the server.
+        **({LLM_SERVER: LLMServer(cfg).command()} if cfg.llm.server.enabled else {}),
     }
 
 
