@@ -139,7 +139,8 @@ class LakeConfig(_Strict):
     # The catalog database. "" = the embedded profile's own SQLite file, `<state_dir>/catalog/iceberg.sqlite` (never
     # Airflow's); the cluster profile sets a PostgreSQL database of its own (reki_core/cluster.py).
     catalog_uri: str = ""
-    # A dead or refusing store fails a task in seconds: s3a's and pyarrow's attempts and timeouts, capped.
+    # A dead or refusing store fails a task in seconds: s3a's attempts, and s3a's and pyarrow's timeouts (pyarrow makes
+    # its default 3 attempts).
     s3_attempts: int = Field(2, ge=1)
     s3_connect_timeout_s: float = Field(3.0, gt=0)
     s3_request_timeout_s: float = Field(30.0, gt=0)

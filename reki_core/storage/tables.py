@@ -120,8 +120,10 @@ def catalog_secret_conf(cfg: Config) -> dict[str, str]:
 
 
 def lake_access(cfg: Config, *, access_key: str | None = None, secret_key: str | None = None) -> S3Access:
-    """An identity on the lake bucket: the given keys, else AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
-    return resolve_s3_access(cfg, access_key=access_key, secret_key=secret_key, bucket=cfg.lake.bucket)
+    """An identity on the lake bucket: the given keys, else AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. The endpoint is
+    the config's, as Spark's s3a uses (not AWS_ENDPOINT_URL: both ends must reach the same store)."""
+    return resolve_s3_access(cfg, endpoint_url=cfg.object_store.endpoint_url, access_key=access_key,
+                             secret_key=secret_key, bucket=cfg.lake.bucket)
 
 
 def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
@@ -171,11 +173,12 @@ class LakeTables:
         except OSError as exc:
             raise self._explain(exc, "loading", name) from exc
 
-    def read(self, name: str, row_filter: str = "True", snapshot_id: int | None = None) -> pa.Table:
-        """The table's rows (as of `snapshot_id`, default the current snapshot) matching `row_filter`."""
+    def read(self, name: str, row_filter: str | None = None, snapshot_id: int | None = None) -> pa.Table:
+        """The table's rows (as of `snapshot_id`, default the current snapshot), those matching `row_filter` if given
+        (pyiceberg's expression syntax, e.g. "dt = '1997-09-23'")."""
         table = self.load(name)
         try:
-            return table.scan(row_filter=row_filter, snapshot_id=snapshot_id).to_arrow()
+            return table.scan(**({"row_filter": row_filter} if row_filter else {}), snapshot_id=snapshot_id).to_arrow()
         except OSError as exc:
             raise self._explain(exc, "reading", name) from exc
 

@@ -65,3 +65,11 @@ def test_an_unsupported_catalog_database_is_named(tmp_path):
     cfg = make_config(tmp_path, REKI__LAKE__CATALOG_URI="jdbc:mysql://db/x")
     with pytest.raises(ValueError, match="lake.catalog_uri 'jdbc:mysql://db/x'"):
         tables.sqlalchemy_uri(cfg)
+
+
+def test_pyiceberg_reaches_the_store_spark_does(cfg, monkeypatch):
+    """The config's endpoint for both ends, whatever AWS_ENDPOINT_URL another identity's shell exports."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    access = tables.lake_access(cfg, access_key="AKID", secret_key="s")
+    assert access.endpoint_url == cfg.object_store.endpoint_url == "http://127.0.0.1:8333"
+    assert access.bucket == "reki-lake"
