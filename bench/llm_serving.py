@@ -290,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         servers = {p: server_arms(tmp / p, p, args.prompts, args.max_tokens) for p in programs}
     bandwidth = memory_bandwidth_bytes_per_s()
     engine_tokens_per_s = round(baseline["completion_tokens"] / baseline["generate_s"], 2)
+    configs = {program: arm.pop("_cfg") for program, arm in servers.items()}
+    cfg = configs[programs[0]]  # the named server's settings for the payload below
     for program, arm in servers.items():
-        cfg = arm.pop("_cfg")
         sequential, concurrent = arm["one_shard_at_a_time"], arm["concurrent_shards"]
         arm["server_speedup"] = round(baseline["wall_s"] / concurrent["wall_s"], 3)
         arm["breakdown"] = {
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "across_shards": round(sequential["wall_s"] / concurrent["wall_s"], 3),
             "product": "load x engine x across_shards = server_speedup",
         }
-        arm["bandwidth_bound"] = bandwidth_bound(weights_served(cfg, program), bandwidth["bytes_per_s"],
+        arm["bandwidth_bound"] = bandwidth_bound(weights_served(configs[program], program), bandwidth["bytes_per_s"],
                                                  min(concurrent["requests_in_flight"],
                                                      cfg.llm.server.parallel if program == "llama.cpp" else 10**9),
                                                  concurrent["tokens_per_s"])

@@ -29,7 +29,7 @@ def folder_fingerprint(folder: Path, cache_file: Path | None = None) -> str:
         st = path.stat()
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         entry = known.get(str(path))
-        file_hash = entry["sha256"] if entry and entry["stamp"] == stamp else _file_sha256(path)
+        file_hash = entry["sha256"] if entry and entry["stamp"] == stamp else file_sha256(path)
         seen[str(path)] = {"stamp": stamp, "sha256": file_hash}
         digest.update(f"{path.relative_to(folder)}\0{st.st_size}\0{file_hash}\0".encode())
     if cache_file is not None and seen != {k: v for k, v in known.items() if k in seen}:
@@ -40,7 +40,8 @@ def folder_fingerprint(folder: Path, cache_file: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of one file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -422,9 +422,10 @@ class LLMServer(LocalService):
         if not (self.model_path / "config.json").is_file():
             raise FileNotFoundError(f"llm.engine.model_path {self.model_path} holds no model: run `reki setup` "
                                     f"(it builds SmolLM2-135M-Instruct there)")
-        if self.cfg.llm.server.program == "llama.cpp" and not Path(self.command()[0]).is_file():
-            raise FileNotFoundError(f"llm.server.program is llama.cpp but {self.command()[0]} is not built: run "
+        command = self.command()
+        if self.cfg.llm.server.program == "llama.cpp" and not Path(command[0]).is_file():
+            raise FileNotFoundError(f"llm.server.program is llama.cpp but {command[0]} is not built: run "
                                     f"`reki setup` (it builds llama-server once per machine)")
         self._check_port_free("llm.server.port")
-        proc = self._spawn(self.command(), self.environment())
+        proc = self._spawn(command, self.environment())
         self._wait_ready(proc, self.ready, timeout_s or self.cfg.llm.server.start_timeout_s)

@@ -12,7 +12,6 @@ installed: its own server answers one request at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -24,6 +23,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from reki_core.fingerprint import file_sha256
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 LLAMA_CPP_SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
@@ -83,13 +84,10 @@ def download_sdist(download_dir: Path, report: Callable[[str], None] = print) ->
         result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         if result.returncode != 0 or not sdist.is_file():
             raise LlamaServerBuildError(f"could not download {LLAMA_CPP_SDIST} with pip: {result.stderr.strip()[-500:]}")
-    digest = hashlib.sha256()
-    with sdist.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != LLAMA_CPP_SDIST_SHA256:
+    actual = file_sha256(sdist)
+    if actual != LLAMA_CPP_SDIST_SHA256:
         sdist.unlink()
-        raise LlamaServerBuildError(f"{sdist}: sha256 {digest.hexdigest()}, expected {LLAMA_CPP_SDIST_SHA256}; "
+        raise LlamaServerBuildError(f"{sdist}: sha256 {actual}, expected {LLAMA_CPP_SDIST_SHA256}; "
                                     "the download is corrupt or the release changed: retry")
     return sdist
 

@@ -18,7 +18,8 @@ STORE_DATASET = "knowledge/store"
 def sampling_version(cfg: Config) -> str:
     """A short id of everything besides `model_id` that shapes an answer to the same prompt (the answer key):
     the engine (backend, and the local server's program), how it runs the weights (dtype, quantisation), the
-    weights' fingerprint, the chat template and the sampling settings. Changing any of them re-asks every prompt; nothing stale is reused."""
+    weights' fingerprint, the chat template and the sampling settings. Changing any of them re-asks every prompt;
+    nothing stale is reused."""
     engine = cfg.llm.engine
     payload = {"backend": cfg.llm.backend, **cfg.llm.sampling.model_dump(), "dtype": engine.dtype,
                "quantization": engine.quantization, "weights": weights_fingerprint(cfg) or "",

@@ -35,8 +35,8 @@ def test_with_a_cache_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
     weights = _model(tmp_path / "m")
     cache = tmp_path / "state" / "files.json"
     reads = []
-    real = fingerprint._file_sha256
-    monkeypatch.setattr(fingerprint, "_file_sha256", lambda path: reads.append(path.name) or real(path))
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: reads.append(path.name) or real(path))
     first = folder_fingerprint(tmp_path / "m", cache)
     assert sorted(reads) == ["config.json", weights.name]
     reads.clear()
