@@ -249,6 +249,9 @@ class LocalService:
         return True
 
 
+MAX_VOLUMES = 500  # the local server's volume slots: far above what the tests' per-test buckets use
+
+
 class SeaweedFS(LocalService):
     """Start/stop one SeaweedFS `mini` server whose data and PID live under `<state>/seaweedfs`."""
 
@@ -269,6 +272,9 @@ class SeaweedFS(LocalService):
             f"-s3.port={self.port}",
             *[f"-{flag}={port}" for flag, port in service_ports(self.port).items()],
             # Only S3 is needed: the other front ends stay off (the admin UI would have no auth).
+            # Volumes are sparse files; left at 0, the cap is free disk / volume size, and on a nearly full
+            # disk a few buckets (one collection each) exhaust it and every PUT fails with InternalError.
+            f"-volume.max={MAX_VOLUMES}",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={secrets_dir(self.state_dir) / 's3_identities.json'}",
         ]
