@@ -30,7 +30,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	@# The Spark provider pulls pyspark-client, which overwrites pyspark's files: put pyspark back.
-	$(VENV)/bin/pip install --quiet --force-reinstall --no-deps pyspark==4.3.0
+	$(VENV)/bin/pip install --quiet --force-reinstall --no-deps pyspark==4.1.4
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -288,7 +288,7 @@ def main() -> int:
         os.environ[CONNECT_TOKEN_ENV] = ensure_connect_token(books.state_dir)
         result: dict = {
             "machine": f"{psutil.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
-            "engine": "Spark Connect server (sbin/start-connect-server.sh), local[2]; a new client session per timed run",
+            "engine": "Spark Connect server (spark-submit --class ...SparkConnectServer), local[2]; a new client session per timed run",
             "driver_memory": books.spark.driver_memory, "shuffle_partitions": books.spark.shuffle_partitions,
             "measured_at": dt.datetime.now(dt.UTC).isoformat(),
             "load_average_1m": {"start": round(os.getloadavg()[0], 2)},

@@ -48,9 +48,11 @@ def _print_json(payload) -> None:
 @main.command()
 @click.pass_context
 def setup(ctx: click.Context) -> None:
-    """Obtain MovieLens-100K and SmolLM2-135M-Instruct, generate local credentials, build the smoke model,
-    llama.cpp's server (once per machine) and the JVM class archive of spark-submitted jobs (idempotent)."""
+    """Obtain MovieLens-100K and SmolLM2-135M-Instruct, generate local credentials, fetch Spark's pinned connector
+    jars into the jar cache, build the smoke model, llama.cpp's server (once per machine) and the JVM class archive
+    of spark-submitted jobs (idempotent)."""
     from reki_core.datasets import movielens
+    from reki_core.jars import LOCK_FILE, cache_dir, ensure_jars
     from reki_core.llm.instruct_model import ensure_instruct_model
     from reki_core.llm.llama_cpp_server import ensure_llama_server
     from reki_core.llm.smoke_model import ensure_smoke_model
@@ -63,6 +65,10 @@ def setup(ctx: click.Context) -> None:
     console.print(f"[green]MovieLens-100K[/] ready in {folder} ({time.perf_counter() - t:.1f}s)")
     ensure_credentials(cfg.state_dir)
     ensure_connect_token(cfg.state_dir)
+    t = time.perf_counter()
+    jars = ensure_jars(report=lambda line: console.print(f"  {line}"))
+    console.print(f"[green]Spark connector jars[/] ({len(jars)}, sha256-verified against {LOCK_FILE.name}) in "
+                  f"{cache_dir()} ({time.perf_counter() - t:.1f}s)")
     console.print(f"[green]credentials[/] (S3 identities, Spark Connect token) in {cfg.state_dir / 'secrets'} (mode 0600)")
     # Its own folder, whichever model llm.engine.model_path names: tests and plumbing runs configure it.
     path = ensure_smoke_model(cfg.resolve(cfg.paths.models_dir) / "smoke-lm")
@@ -95,7 +101,8 @@ def stack() -> None:
 def _services(cfg: Config) -> list:
     from reki_core.localstack import LLMServer, SeaweedFS, SparkConnectServer
 
-    services = [SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket), SparkConnectServer(cfg)]
+    services = [SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket, cfg.lake.bucket),
+                SparkConnectServer(cfg)]
     return services + ([LLMServer(cfg)] if cfg.llm.server.enabled else [])
 
 

@@ -51,6 +51,9 @@ def program_names(cfg: Config) -> tuple[str, ...]:
     llm = (LLM_SERVER,) if cfg.llm.server.enabled else ()
     return INFRA_SERVICES + llm + AIRFLOW_SERVICES
 DB_USER = DB_NAME = "airflow"
+# The lake's Iceberg JDBC catalog: a database of its own beside Airflow's, on the same server, with its own login
+# (the Connect server holds this one, never Airflow's).
+CATALOG_DB_NAME = CATALOG_DB_USER = "reki_iceberg"
 OS_USER = "reki"  # PostgreSQL refuses to run as root: as root, its server runs as this system user
 INSTALL_HINT = "install it with `bash infra/cluster/install.sh` (apt: postgresql, redis-server)"
 # Programs started through `exec` (their secrets added to their environment); the others hold none.
@@ -100,7 +103,7 @@ def ensure_cluster_secrets(cfg: Config) -> dict[str, str]:
         "postgres_password": lambda: secrets.token_hex(24), "redis_password": lambda: secrets.token_hex(24),
         "supervisor_password": lambda: secrets.token_hex(16), "fernet_key": lambda: Fernet.generate_key().decode(),
         "jwt_secret": lambda: secrets.token_urlsafe(32), "api_secret_key": lambda: secrets.token_urlsafe(32),
-        "spark_auth_secret": lambda: secrets.token_hex(32)}
+        "spark_auth_secret": lambda: secrets.token_hex(32), "catalog_password": lambda: secrets.token_hex(24)}
     missing = {key: make() for key, make in generators.items() if key not in current}
     if missing:
         _write_private(path, {**current, **missing})
@@ -118,9 +121,31 @@ def spark_properties_file(cfg: Config) -> Path:
     environment, and a worker or driver without it is refused."""
     path = secrets_dir(cfg.state_dir) / "cluster_spark.conf"
     body = f"spark.authenticate=true\nspark.authenticate.secret={ensure_cluster_secrets(cfg)['spark_auth_secret']}\n"
+    # The lake catalog's database login (the Connect server's JdbcCatalog), off the command line too.
+    prefix = f"spark.sql.catalog.{cfg.lake.catalog}.jdbc"
+    body += f"{prefix}.user={CATALOG_DB_USER}\n{prefix}.password={ensure_cluster_secrets(cfg)['catalog_password']}\n"
     if not path.is_file() or path.read_text() != body:
         _write_private_text(path, body)
     return path
+
+
+def catalog_uri(cfg: Config) -> str:
+    return f"jdbc:postgresql://127.0.0.1:{cfg.cluster.postgres_port}/{CATALOG_DB_NAME}"
+
+
+def with_cluster_catalog(cfg: Config) -> Config:
+    """`cfg` with the lake's catalog in this profile's PostgreSQL (unless lake.catalog_uri names another)."""
+    if cfg.lake.catalog_uri:
+        return cfg
+    return cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"catalog_uri": catalog_uri(cfg)})})
+
+
+def catalog_environment(cfg: Config) -> dict[str, str]:
+    """What a task needs to reach the lake's catalog here (pyiceberg): its URI and the database login."""
+    from reki_core.storage.tables import CATALOG_PASSWORD_ENV, CATALOG_USER_ENV
+
+    return {"REKI__LAKE__CATALOG_URI": with_cluster_catalog(cfg).lake.catalog_uri, CATALOG_USER_ENV: CATALOG_DB_USER,
+            CATALOG_PASSWORD_ENV: ensure_cluster_secrets(cfg)["catalog_password"]}
 
 
 def master_url(cfg: Config) -> str:
@@ -188,6 +213,7 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
     """Each service's argv, as `make cluster` starts it (under supervisord, in SERVICE_NAMES order)."""
     from reki_core.spark import spark_home
 
+    cfg = with_cluster_catalog(cfg)
     c = cfg.cluster
     data = cluster_dir(cfg)
     spark_class = str(spark_home() / "bin" / "spark-class")
@@ -247,7 +273,7 @@ def task_environment(cfg: Config) -> dict[str, str]:
 
     token = ensure_connect_token(cfg.state_dir)
     host, port = connect_endpoint(cfg.spark.connect_url)
-    env = credential_environment(cfg, "writer")
+    env = {**credential_environment(cfg, "writer"), **catalog_environment(cfg)}
     env.update({CONNECT_TOKEN_ENV: token, "AIRFLOW_CONN_SPARK_CONNECT_DEFAULT": json.dumps(
         {"conn_type": "spark_connect", "host": host, "port": port, "password": token})})
     extra = task_secrets_file(cfg)
@@ -261,7 +287,9 @@ def task_secrets_file(cfg: Config) -> Path:
 def program_environment(cfg: Config, name: str, base: dict[str, str]) -> dict[str, str]:
     """The environment `exec` starts program `name` with: `base` (supervisord's, no secrets) and its own secrets."""
     if name == "spark-connect":
-        return {**base, **spark_environment(cfg), CONNECT_TOKEN_ENV: ensure_connect_token(cfg.state_dir)}
+        # The writer identity for s3a (the lake's tables), in its environment as the token is.
+        writer = {k: v for k, v in credential_environment(cfg, "writer").items() if k.startswith("AWS_")}
+        return {**base, **spark_environment(cfg), **writer, CONNECT_TOKEN_ENV: ensure_connect_token(cfg.state_dir)}
     if name not in AIRFLOW_SERVICES:
         raise ClusterError(f"{name} holds no secrets: supervisord starts it directly")
     env = airflow_environment(cfg, base)
@@ -482,6 +510,13 @@ def check_postgres(cfg: Config, timeout_s: float = 60) -> None:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
         if cur.fetchone() is None:
             cur.execute(f"CREATE DATABASE {DB_NAME}")
+        # The lake's Iceberg catalog, apart from Airflow's metadata, owned by its own login.
+        cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (CATALOG_DB_USER,))
+        verb = "ALTER" if cur.fetchone() else "CREATE"
+        cur.execute(f"{verb} ROLE {CATALOG_DB_USER} LOGIN PASSWORD %s", (s["catalog_password"],))
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (CATALOG_DB_NAME,))
+        if cur.fetchone() is None:
+            cur.execute(f"CREATE DATABASE {CATALOG_DB_NAME} OWNER {CATALOG_DB_USER}")
     conn.close()
 
 
@@ -646,7 +681,7 @@ def _up(cfg: Config, echo) -> None:
         supervisorctl(cfg, "start", *INFRA_SERVICES, *((LLM_SERVER,) if cfg.llm.server.enabled else ()))
     check_postgres(cfg)
     check_redis(cfg)
-    seaweed = SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket)
+    seaweed = SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket, cfg.lake.bucket)
     _wait(f"SeaweedFS on {cfg.object_store.endpoint_url}", lambda: _listening(seaweed.port) and seaweed._bucket_ready(),
           90, logs_dir(cfg) / "cluster-seaweedfs.log")
     migrated = airflow_home(cfg) / ".migrated"

@@ -128,6 +128,24 @@ class ObjectStoreConfig(_Strict):
     pinned_versions: list[str] = []
 
 
+class LakeConfig(_Strict):
+    """The lake on object storage: Iceberg tables in their own bucket on `object_store.endpoint_url`, written by the
+    writer identity through s3a://, read by the reader identity, tracked by an Iceberg JDBC catalog
+    (reki_core/storage/tables.py). The stages still use `paths.lake_uri` until each dataset is ported."""
+
+    bucket: str = "reki-lake"  # not object_store.bucket: the published vectors stay apart
+    warehouse_prefix: str = "warehouse"
+    catalog: str = "lake"  # Spark's `spark.sql.catalog.<catalog>` and pyiceberg's catalog name (the JDBC rows' key)
+    # The catalog database. "" = the embedded profile's own SQLite file, `<state_dir>/catalog/iceberg.sqlite` (never
+    # Airflow's); the cluster profile sets a PostgreSQL database of its own (reki_core/cluster.py).
+    catalog_uri: str = ""
+    # A dead or refusing store fails a task in seconds: s3a's attempts, and s3a's and pyarrow's timeouts (pyarrow makes
+    # its default 3 attempts).
+    s3_attempts: int = Field(2, ge=1)
+    s3_connect_timeout_s: float = Field(3.0, gt=0)
+    s3_request_timeout_s: float = Field(30.0, gt=0)
+
+
 class SparkConfig(_Strict):
     # The master of the Spark Connect server (`reki stack up`) and of spark-submitted jobs.
     master: str = "local[2]"
@@ -321,6 +339,7 @@ class Config(_Strict):
     run_date: dt.date
     paths: PathsConfig = PathsConfig()
     object_store: ObjectStoreConfig = ObjectStoreConfig()
+    lake: LakeConfig = LakeConfig()
     spark: SparkConfig = SparkConfig()
     llm: LLMConfig = LLMConfig()
     encoding: EncodingConfig = EncodingConfig()

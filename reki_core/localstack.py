@@ -100,7 +100,8 @@ def ensure_airflow_passwords(state_dir: Path, users: tuple[str, ...] = ("admin",
     return path
 
 
-CONNECT_TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"  # read by the Connect server and by PySpark's client
+CONNECT_TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+CONNECT_SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"  # read by the Connect server and by PySpark's client
 
 
 def ensure_connect_token(state_dir: Path) -> str:
@@ -257,11 +258,13 @@ class SeaweedFS(LocalService):
 
     name = "seaweedfs"
 
-    def __init__(self, state_dir: Path, endpoint_url: str, bucket: str):
+    def __init__(self, state_dir: Path, endpoint_url: str, bucket: str, lake_bucket: str | None = None):
         url = urlparse(endpoint_url)
         super().__init__(state_dir, url.hostname or "127.0.0.1", url.port or 8333)
         self.home = state_dir / "seaweedfs"
         self.bucket = bucket
+        # The lake's Iceberg tables (lake.bucket), created beside the published bucket at start.
+        self.buckets = (bucket, lake_bucket) if lake_bucket and lake_bucket != bucket else (bucket,)
 
     def command(self) -> list[str]:
         return [
@@ -293,20 +296,20 @@ class SeaweedFS(LocalService):
 
         creds = ensure_credentials(self.state_dir)["writer"]
         client = make_s3_client(f"http://{self.host}:{self.port}", creds.access_key, creds.secret_key)
-        try:
-            client.head_bucket(Bucket=self.bucket)
-            return True
-        except Exception:
+        for bucket in self.buckets:
             try:
-                client.create_bucket(Bucket=self.bucket)
-                return True
+                client.head_bucket(Bucket=bucket)
             except Exception:
-                return False
+                try:
+                    client.create_bucket(Bucket=bucket)
+                except Exception:
+                    return False
+        return True
 
 
 class SparkConnectServer(LocalService):
-    """The long-lived Spark Connect server (`sbin/start-connect-server.sh --wait` from the pyspark install, in
-    the foreground so its process group is ours) on `cfg.spark.connect_url`'s port, bound to 127.0.0.1, running
+    """The long-lived Spark Connect server (`bin/spark-submit --class ...SparkConnectServer` from the pyspark install,
+    in the foreground so its process group is ours) on `cfg.spark.connect_url`'s port, bound to 127.0.0.1, running
     on `master` (`cfg.spark.master` unless given: `local[2]` here, `spark://...` on a standalone cluster)."""
 
     name = "spark-connect"
@@ -327,8 +330,10 @@ class SparkConnectServer(LocalService):
 
         settings = [arg for key, value in server_conf(self.cfg, self.host, self.port).items() for arg in ("--conf", f"{key}={value}")]
         private = ["--properties-file", str(self.properties_file)] if self.properties_file else []
-        return [str(spark_home() / "sbin" / "start-connect-server.sh"), "--wait", "--master", self.master,
-                "--driver-memory", self.cfg.spark.driver_memory, *private, *settings]
+        # spark-submit of the server's class, in the foreground: what sbin/start-connect-server.sh runs, which the
+        # pyspark 4.1 package no longer ships.
+        return [str(spark_home() / "bin" / "spark-submit"), "--class", CONNECT_SERVER_CLASS, "--name", "Spark Connect server",
+                "--master", self.master, "--driver-memory", self.cfg.spark.driver_memory, *private, *settings]
 
     def environment(self, token: str) -> dict[str, str]:
         """The server's environment: the token (never on its command line, which `ps` shows), loopback, and this
@@ -336,7 +341,10 @@ class SparkConnectServer(LocalService):
         from reki_core.spark import spark_home
 
         venv_bin = Path(sys.executable).parent
-        return {**os.environ, CONNECT_TOKEN_ENV: token, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+        # s3a (the lake's Iceberg tables) writes as this stack's writer identity, read from the environment.
+        writer = ensure_credentials(self.state_dir)["writer"]
+        return {**os.environ, CONNECT_TOKEN_ENV: token, "AWS_ACCESS_KEY_ID": writer.access_key,
+                "AWS_SECRET_ACCESS_KEY": writer.secret_key, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
                 "SPARK_HOME": str(spark_home()), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
                 "SPARK_NO_DAEMONIZE": "1", "SPARK_LOG_DIR": str(self.log_file.parent),
                 "SPARK_PID_DIR": str(self.pid_file.parent)}

@@ -45,8 +45,12 @@ def session_conf(cfg: Config) -> dict[str, str]:
 
 
 def engine_conf(cfg: Config) -> dict[str, str]:
-    """Settings fixed when the driver starts (a classic session's, or the Connect server's)."""
+    """Settings fixed when the driver starts (a classic session's, or the Connect server's), with the lake's Iceberg
+    catalog (`lake.catalog`: pinned jars, extensions, s3a; reki_core/storage/tables.py)."""
+    from reki_core.storage.tables import spark_catalog_conf
+
     return {
+        **spark_catalog_conf(cfg),
         "spark.default.parallelism": str(cfg.spark.shuffle_partitions),
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",

@@ -40,7 +40,7 @@ for _key, _value in SMOKE_LLM.items():
     os.environ.setdefault(_key, _value)
 
 def _shim_pandas_on_spark() -> None:
-    """pyspark 4.3's pandas-on-Spark does not import under pandas 3, and `assertDataFrameEqual` imports it
+    """pyspark 4.1's pandas-on-Spark does not import under pandas 3, and `assertDataFrameEqual` imports it
     unconditionally (it only uses it for pandas inputs). Stand in placeholders so Spark-frame comparisons run."""
     try:
         import pyspark.pandas  # noqa: F401
@@ -121,10 +121,11 @@ class S3Server:
     server: SeaweedFS
 
 
-def serve_seaweed(state: Path) -> Iterator[S3Server]:
-    """A real SeaweedFS on a free loopback port, credentials enforced, state under `state`; stopped at the end."""
+def serve_seaweed(state: Path, lake_bucket: str | None = None) -> Iterator[S3Server]:
+    """A real SeaweedFS on a free loopback port, credentials enforced, state under `state` (and `lake_bucket` for the
+    lake's tables, as `reki stack up` creates lake.bucket); stopped at the end."""
     endpoint = f"http://127.0.0.1:{free_port_block()}"
-    server = SeaweedFS(state, endpoint, "reki-test")
+    server = SeaweedFS(state, endpoint, "reki-test", lake_bucket)
     server.start()
     creds = ensure_credentials(state)
     yield S3Server(endpoint, "reki-test", creds["writer"].access_key, creds["writer"].secret_key,

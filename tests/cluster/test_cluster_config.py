@@ -69,7 +69,9 @@ def test_each_program_gets_only_its_own_secrets_and_supervisord_none(tmp_path):
         assert env["AIRFLOW__CORE__AUTH_MANAGER"] == cluster.FAB_AUTH_MANAGER
     connect = cluster.program_environment(cfg, "spark-connect", base)
     assert connect["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == token
-    assert not any(holds(connect, v) for v in [*airflow_secrets, writer_secret, s["spark_auth_secret"]])
+    # The Connect server writes the lake's tables through s3a: the writer identity, in its environment.
+    assert connect["AWS_SECRET_ACCESS_KEY"] == writer_secret
+    assert not any(holds(connect, v) for v in [*airflow_secrets, s["spark_auth_secret"], s["catalog_password"]])
     import pytest
 
     with pytest.raises(cluster.ClusterError, match="holds no secrets"):
@@ -84,9 +86,15 @@ def test_spark_authenticates_with_a_secret_kept_in_a_private_file(tmp_path):
     path = cluster.spark_properties_file(cfg)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     props = dict(line.split("=", 1) for line in path.read_text().splitlines())
-    assert props == {"spark.authenticate": "true",
-                     "spark.authenticate.secret": cluster.ensure_cluster_secrets(cfg)["spark_auth_secret"]}
+    s = cluster.ensure_cluster_secrets(cfg)
+    assert props == {"spark.authenticate": "true", "spark.authenticate.secret": s["spark_auth_secret"],
+                     # The lake catalog's own PostgreSQL login (not Airflow's), off the command line.
+                     "spark.sql.catalog.lake.jdbc.user": cluster.CATALOG_DB_USER,
+                     "spark.sql.catalog.lake.jdbc.password": s["catalog_password"]}
     commands = cluster.service_commands(cfg)
+    connect = commands["spark-connect"]
+    assert f"spark.sql.catalog.lake.uri={cluster.catalog_uri(cfg)}" in connect
+    assert not any(s["catalog_password"] in arg or s["postgres_password"] in arg for arg in connect)
     for name in ("spark-master", "spark-worker", "spark-connect"):
         argv = commands[name]
         assert argv[argv.index("--properties-file") + 1] == str(path), name

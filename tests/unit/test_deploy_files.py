@@ -238,7 +238,7 @@ def key_facts(name: str, argv: list[str]) -> dict:
         return {"program": prog, "class": argv[1], "master": (master.scheme, master.port), "authenticated": authenticated}
     if name == "spark-connect":
         master = urlparse(option(argv, "--master"))
-        return {"program": prog, "foreground": "--wait" in argv, "master": (master.scheme, master.port),
+        return {"program": prog, "class": option(argv, "--class"), "master": (master.scheme, master.port),
                 "grpc port": spark_confs(argv).get("spark.connect.grpc.binding.port"), "authenticated": authenticated}
     if name in ("worker", "gpu-worker"):
         facts = {"program": prog, "subcommand": argv[1:3], "queues": option(argv, "--queues", "-q")}

@@ -1,0 +1,75 @@
+"""The lake's table settings, built in one place (reki_core/storage/tables.py) for Spark and for pyiceberg."""
+
+from __future__ import annotations
+
+import pytest
+
+from reki_core.storage import tables
+from tests.conftest import make_config
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return make_config(tmp_path, REKI__OBJECT_STORE__ENDPOINT_URL="http://127.0.0.1:8333",
+                       REKI__LAKE__BUCKET="reki-lake")
+
+
+def _catalog_conf(cfg, monkeypatch):
+    import reki_core.jars
+
+    monkeypatch.setattr(reki_core.jars, "spark_jar_conf", lambda: {"spark.driver.extraClassPath": "/cache/a.jar"})
+    return tables.spark_catalog_conf(cfg)
+
+
+def test_spark_catalog_is_iceberg_over_jdbc_in_its_own_sqlite_file(cfg, monkeypatch, tmp_path):
+    conf = _catalog_conf(cfg, monkeypatch)
+    assert conf["spark.sql.catalog.lake"] == "org.apache.iceberg.spark.SparkCatalog"
+    assert conf["spark.sql.catalog.lake.catalog-impl"] == "org.apache.iceberg.jdbc.JdbcCatalog"
+    assert conf["spark.sql.catalog.lake.uri"] == f"jdbc:sqlite:{tmp_path / 'state/catalog/iceberg.sqlite'}"
+    assert (tmp_path / "state/catalog").is_dir()  # sqlite-jdbc creates the file, not its folder
+    assert conf["spark.sql.catalog.lake.warehouse"] == "s3a://reki-lake/warehouse"
+    assert conf["spark.sql.extensions"] == tables.ICEBERG_EXTENSIONS
+    assert "airflow" not in conf["spark.sql.catalog.lake.uri"]
+
+
+def test_s3a_is_path_style_capped_and_takes_credentials_from_the_environment(cfg, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDWRITER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
+    conf = _catalog_conf(cfg, monkeypatch)
+    assert conf["spark.hadoop.fs.s3a.endpoint"] == "http://127.0.0.1:8333"
+    assert conf["spark.hadoop.fs.s3a.path.style.access"] == "true"
+    assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "false"
+    assert conf["spark.hadoop.fs.s3a.aws.credentials.provider"].endswith("EnvironmentVariableCredentialsProvider")
+    assert conf["spark.hadoop.fs.s3a.attempts.maximum"] == conf["spark.hadoop.fs.s3a.retry.limit"] == "2"
+    assert conf["spark.hadoop.fs.s3a.connection.establish.timeout"] == "3000"
+    # Settings reach command lines (--conf): no credential among them.
+    assert not any("AKIDWRITER" in v or "very-secret" in v for v in conf.values())
+    assert not any("access.key" in k or "secret" in k for k in conf)
+
+
+def test_pyiceberg_uses_the_same_database(cfg, tmp_path):
+    assert tables.sqlalchemy_uri(cfg) == f"sqlite:///{tmp_path / 'state/catalog/iceberg.sqlite'}"
+
+
+def test_the_cluster_catalog_is_postgresql_with_the_login_from_the_environment(tmp_path, monkeypatch):
+    cfg = make_config(tmp_path, REKI__LAKE__CATALOG_URI="jdbc:postgresql://127.0.0.1:5433/reki_iceberg")
+    monkeypatch.setenv(tables.CATALOG_USER_ENV, "airflow")
+    monkeypatch.setenv(tables.CATALOG_PASSWORD_ENV, "pw")
+    assert tables.jdbc_uri(cfg) == "jdbc:postgresql://127.0.0.1:5433/reki_iceberg"
+    assert tables.sqlalchemy_uri(cfg) == "postgresql+psycopg2://airflow:pw@127.0.0.1:5433/reki_iceberg"
+    assert tables.catalog_secret_conf(cfg) == {"spark.sql.catalog.lake.jdbc.user": "airflow",
+                                               "spark.sql.catalog.lake.jdbc.password": "pw"}
+
+
+def test_an_unsupported_catalog_database_is_named(tmp_path):
+    cfg = make_config(tmp_path, REKI__LAKE__CATALOG_URI="jdbc:mysql://db/x")
+    with pytest.raises(ValueError, match="lake.catalog_uri 'jdbc:mysql://db/x'"):
+        tables.sqlalchemy_uri(cfg)
+
+
+def test_pyiceberg_reaches_the_store_spark_does(cfg, monkeypatch):
+    """The config's endpoint for both ends, whatever AWS_ENDPOINT_URL another identity's shell exports."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    access = tables.lake_access(cfg, access_key="AKID", secret_key="s")
+    assert access.endpoint_url == cfg.object_store.endpoint_url == "http://127.0.0.1:8333"
+    assert access.bucket == "reki-lake"
