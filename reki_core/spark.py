@@ -59,11 +59,18 @@ def engine_conf(cfg: Config) -> dict[str, str]:
     }
 
 
+# What pyspark sets in os.environ once this process opened a Connect session; left there, every later classic
+# session of the process (a test run, a benchmark) fails with CONNECT_URL_NOT_SET.
+CONNECT_MODE_FLAGS = ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE")
+
+
 def get_spark(cfg: Config, app_name: str, master: str | None = None, java_options: str = "") -> "SparkSession":
     """A classic in-process SparkSession for `app_name`: master from `cfg.spark.master` unless spark-submit already
     set one; `java_options` for the JVM it starts (none when spark-submit started it). The DAG never uses one: its
     feature tasks are Connect clients (`connect_session`)."""
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    for flag in CONNECT_MODE_FLAGS:  # a classic session is asked for, whatever an earlier Connect session left
+        os.environ.pop(flag, None)
     # Python workers (the clusters job's grouped split) run this interpreter, with its numpy and pyarrow.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from pyspark import SparkConf
@@ -253,8 +260,8 @@ def spark_submit(cfg: Config, application: Path, args: list[str], conf: dict[str
     # spark-submit finds pyspark's SPARK_HOME through the `python3` on PATH.
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": sys.executable,
            "SPARK_LOCAL_IP": "127.0.0.1"}
-    for remote_mode in ("SPARK_CONNECT_MODE_ENABLED", "SPARK_REMOTE"):  # set once this process opened a Connect session
-        env.pop(remote_mode, None)
+    for flag in CONNECT_MODE_FLAGS:
+        env.pop(flag, None)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
 
 
