@@ -128,6 +128,18 @@ class ObjectStoreConfig(_Strict):
     pinned_versions: list[str] = []
 
 
+class LakeMaintenanceConfig(_Strict):
+    """The lake's table maintenance (reki_core/storage/maintenance.py, dags/reki_lake_maintenance.py)."""
+
+    schedule: str = "30 4 * * *"  # cron, UTC: after the daily refresh has published
+    snapshot_retention_days: float = Field(7.0, ge=0)  # how far back time travel reaches
+    retain_last: int = Field(3, ge=1)  # snapshots kept whatever their age
+    # Only files this old can be orphans: younger ones may belong to a write in flight. Iceberg refuses under 24 h.
+    orphan_age_hours: float = Field(72.0, ge=24)
+    target_file_mb: int = Field(128, ge=1)  # compaction's target file size
+    min_input_files: int = Field(5, ge=2)  # a partition is compacted once it holds this many small files
+
+
 class LakeConfig(_Strict):
     """The lake on object storage: Iceberg tables in their own bucket on `object_store.endpoint_url`, written by the
     writer identity through s3a://, read by the reader identity, tracked by an Iceberg JDBC catalog
@@ -144,6 +156,7 @@ class LakeConfig(_Strict):
     s3_attempts: int = Field(2, ge=1)
     s3_connect_timeout_s: float = Field(3.0, gt=0)
     s3_request_timeout_s: float = Field(30.0, gt=0)
+    maintenance: LakeMaintenanceConfig = LakeMaintenanceConfig()
 
 
 class SparkConfig(_Strict):

@@ -123,3 +123,14 @@ def test_feature_tasks_are_spark_connect_clients(dagbag):
     assert spark_tasks["spark_clusters"].jobs == ["clusters"]
     assert {t.conn_id for t in spark_tasks.values()} == {load_config().spark.connect_conn_id}
     assert not [t.task_id for d in dagbag.dags.values() for t in d.tasks if "SparkSubmit" in type(t).__name__]
+
+
+def test_lake_maintenance_runs_on_the_configured_schedule(dagbag):
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+    from reki_core.config import load_config
+
+    dag = dagbag.dags["reki_lake_maintenance"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.timetable._expression == load_config().lake.maintenance.schedule
+    assert [t.task_id for t in dag.tasks] == ["maintain_tables"] and dag.max_active_runs == 1

@@ -26,7 +26,10 @@ def lake_stack(tmp_path_factory):
     s3 = next(seaweed_run)
     try:
         env = {"REKI__OBJECT_STORE__ENDPOINT_URL": s3.endpoint_url, "REKI__LAKE__BUCKET": LAKE_BUCKET}
-        connect_run = serve_spark_connect(root, **env)
+        # -Dspark.testing: Iceberg's own switch that lets remove_orphan_files take files seconds old (it refuses an
+        # age under 24 h otherwise, and a session cannot set it); only this module's server has it.
+        java_options = make_config(root).spark.driver_java_options + " -Dspark.testing=true"
+        connect_run = serve_spark_connect(root, REKI__SPARK__CONNECT_JAVA_OPTIONS=java_options, **env)
         connect = next(connect_run)
         try:
             yield root, s3, connect, make_config(root, REKI__SPARK__CONNECT_URL=connect.url, **env)
@@ -107,3 +110,53 @@ def test_spark_writes_days_and_the_reader_sees_them(lake_stack, monkeypatch):
     message = str(failure.value)
     assert f"s3://{LAKE_BUCKET}" in message and f"identity '{s3.reader_key}'" in message, message
     assert "not-the-secret" not in message
+
+
+def test_maintenance_compacts_expires_and_removes_orphans(lake_stack, monkeypatch):
+    """Each of the three steps really happens: six one-file commits become one file, the five snapshots before the
+    compaction expire with their files, and a file no snapshot references is deleted; the rows stay the same."""
+    import datetime as dtm
+
+    from reki_core.spark import connect_client
+    from reki_core.storage.maintenance import lake_table_names, maintain_lake_via_connect, maintain_table
+    from reki_core.storage.object_store import make_s3_client
+
+    root, s3, connect, cfg = lake_stack
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
+    name = f"{cfg.lake.catalog}.features.maintenance_probe"
+    prefix = f"{cfg.lake.warehouse_prefix}/features/maintenance_probe/"
+    client = make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
+    orphan = f"{prefix}data/dt={D1}/00000-0-orphan-of-a-killed-write.parquet"
+    with connect_client(cfg) as spark:
+        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
+        spark.sql(f"CREATE TABLE {name} (user_id BIGINT, n_events INT, dt DATE) USING iceberg PARTITIONED BY (dt)")
+        rows = [(i, i * 10, D1) for i in range(6)]
+        for row in rows:  # a commit per row: six small files in one partition
+            spark.createDataFrame([row], "user_id BIGINT, n_events INT, dt DATE").coalesce(1).writeTo(name).append()
+        files_before = {r["file_path"] for r in spark.sql(f"SELECT file_path FROM {name}.files").collect()}
+        assert len(files_before) == 6 and spark.sql(f"SELECT * FROM {name}.snapshots").count() == 6
+        client.put_object(Bucket=LAKE_BUCKET, Key=orphan, Body=b"bytes no snapshot references")
+
+        policy = cfg.lake.maintenance.model_copy(update={
+            "snapshot_retention_days": 0, "retain_last": 1, "orphan_age_hours": 0, "min_input_files": 2})
+        now = dtm.datetime.now(dtm.UTC) + dtm.timedelta(seconds=2)
+        result = maintain_table(spark, cfg.lake.catalog, "features.maintenance_probe", policy, now)
+
+        files_after = {r["file_path"] for r in spark.sql(f"SELECT file_path FROM {name}.files").collect()}
+        snapshots_after = spark.sql(f"SELECT operation FROM {name}.snapshots").collect()
+        assert sorted(tuple(r) for r in spark.table(name).collect()) == sorted(rows)
+        assert "features.maintenance_probe" in lake_table_names(spark, cfg.lake.catalog)
+    assert (result["rewritten_data_files"], result["added_data_files"]) == (6, 1), result
+    assert len(files_after) == 1 and not files_after & files_before
+    assert [r["operation"] for r in snapshots_after] == ["replace"], snapshots_after
+    assert result["expired_snapshots_files"]["deleted_data_files_count"] == 6, result
+    assert [p.endswith(orphan) for p in result["removed_orphan_files"]] == [True], result
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=LAKE_BUCKET, Prefix=prefix).get("Contents", [])}
+    assert orphan not in keys
+    assert not any(path.split(f"{LAKE_BUCKET}/", 1)[1] in keys for path in files_before)  # expired files deleted
+
+    # The DAG's task, with the config's retention (72 h orphans, 7 days of snapshots): every table is visited and
+    # nothing young is touched.
+    summary = maintain_lake_via_connect(cfg, connect.url, dtm.datetime.now(dtm.UTC), log=lambda line: None)
+    assert {t["table"] for t in summary["tables"]} >= {"features.maintenance_probe", "features.daily_probe"}
+    assert summary["removed_orphan_files"] == 0

@@ -73,3 +73,12 @@ def test_pyiceberg_reaches_the_store_spark_does(cfg, monkeypatch):
     access = tables.lake_access(cfg, access_key="AKID", secret_key="s")
     assert access.endpoint_url == cfg.object_store.endpoint_url == "http://127.0.0.1:8333"
     assert access.bucket == "reki-lake"
+
+
+def test_an_orphan_age_under_a_day_is_refused_naming_the_setting(tmp_path):
+    # Iceberg's procedure refuses it too, but only at night, in the maintenance DAG: the config says so at load.
+    from reki_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lake.maintenance.orphan_age_hours"):
+        make_config(tmp_path, REKI__LAKE__MAINTENANCE__ORPHAN_AGE_HOURS="1")
+    assert make_config(tmp_path).lake.maintenance.orphan_age_hours >= 24
