@@ -160,3 +160,110 @@ def test_maintenance_compacts_expires_and_removes_orphans(lake_stack, monkeypatc
     summary = maintain_lake_via_connect(cfg, connect.url, dtm.datetime.now(dtm.UTC), log=lambda line: None)
     assert {t["table"] for t in summary["tables"]} >= {"features.maintenance_probe", "features.daily_probe"}
     assert summary["removed_orphan_files"] == 0
+
+
+@pytest.mark.faults
+def test_backfill_and_daily_run_commit_to_one_table_at_once(lake_stack, monkeypatch):
+    """Two writers (a backfill of D1, the daily run of D2) replace their own day of one table at the same time, three
+    times each: the catalog's compare-and-set serialises the commits, Iceberg retries the loser, both days end
+    complete with their last rows."""
+    import threading
+
+    from reki_core.spark import connect_client
+
+    root, s3, connect, cfg = lake_stack
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
+    name = f"{cfg.lake.catalog}.features.concurrent_probe"
+    schema = "user_id BIGINT, n_events INT, dt DATE"
+    with connect_client(cfg) as spark:
+        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
+        spark.sql(f"CREATE TABLE {name} ({schema}) USING iceberg PARTITIONED BY (dt)")
+    failures: list[BaseException] = []
+
+    def writer(day: dt.date) -> None:
+        try:
+            with connect_client(cfg) as spark:
+                for attempt in range(3):
+                    rows = [(u, attempt, day) for u in range(50)]
+                    spark.createDataFrame(rows, schema).writeTo(name).overwritePartitions()
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(day,)) for day in (D1, D2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    with connect_client(cfg) as spark:
+        by_day = {r["dt"]: (r["n"], r["attempts"]) for r in spark.sql(
+            f"SELECT dt, count(*) AS n, collect_set(n_events) AS attempts FROM {name} GROUP BY dt").collect()}
+        commits = spark.sql(f"SELECT * FROM {name}.snapshots").count()
+    assert by_day == {D1: (50, [2]), D2: (50, [2])}, by_day
+    assert commits == 6
+
+
+@pytest.mark.faults
+def test_store_killed_during_a_write_keeps_the_previous_snapshot(lake_stack, monkeypatch):
+    """SeaweedFS dies (SIGKILL) once the write's first data file is in the bucket: the write fails within seconds
+    (capped s3a retries), the table still reads its previous snapshot after the store is back, and the retry
+    completes. What the dead write left is an orphan, which maintenance removes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from reki_core.spark import connect_client
+    from reki_core.storage.maintenance import maintain_table
+    from reki_core.storage.object_store import make_s3_client
+
+    root, s3, connect, cfg = lake_stack
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
+    name = f"{cfg.lake.catalog}.features.killed_store_probe"
+    prefix = f"{cfg.lake.warehouse_prefix}/features/killed_store_probe/data/dt={D2}/"
+    client = make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
+    day2 = f"SELECT id AS user_id, CAST(id % 7 AS INT) AS n_events, DATE'{D2}' AS dt FROM range(400000)"
+    with connect_client(cfg) as spark:
+        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
+        spark.sql(f"CREATE TABLE {name} (user_id BIGINT, n_events INT, dt DATE) USING iceberg PARTITIONED BY (dt)")
+        spark.sql(f"SELECT id AS user_id, 1 AS n_events, DATE'{D1}' AS dt FROM range(10)").writeTo(name).append()
+        before = spark.sql(f"SELECT snapshot_id FROM {name}.snapshots").first()["snapshot_id"]
+
+    outcome: dict = {}
+
+    def write_day2() -> None:
+        try:
+            with connect_client(cfg) as spark:  # forty files, one per task, one task at a time (local[1])
+                spark.sql(day2).repartition(40).writeTo(name).overwritePartitions()
+            outcome["result"] = "committed"
+        except Exception as exc:
+            outcome["result"], outcome["error"] = "failed", exc
+        outcome["ended"] = time.monotonic()
+
+    writing = threading.Thread(target=write_day2)
+    writing.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not client.list_objects_v2(Bucket=LAKE_BUCKET, Prefix=prefix).get("KeyCount"):
+        time.sleep(0.05)
+    os.killpg(s3.server.pid(), signal.SIGKILL)
+    killed = time.monotonic()
+    writing.join(timeout=300)
+    try:
+        assert outcome.get("result") == "failed", outcome
+        assert outcome["ended"] - killed < 120, "a dead store must fail the write in seconds, not minutes"
+    finally:
+        s3.server.start()  # the same data folder: the store comes back with what it held
+    with connect_client(cfg) as spark:
+        spark.sql(f"REFRESH TABLE {name}")
+        assert spark.sql(f"SELECT snapshot_id FROM {name}.snapshots").collect()[-1]["snapshot_id"] == before
+        assert spark.table(name).count() == 10
+        left = {f"s3a://{LAKE_BUCKET}/{o['Key']}" for o in
+                client.list_objects_v2(Bucket=LAKE_BUCKET, Prefix=prefix).get("Contents", [])}
+        assert left, "the dead write left no file: the store was killed after the write ended"
+        spark.sql(day2).repartition(4).writeTo(name).overwritePartitions()  # the retry
+        assert spark.table(name).where(f"dt = DATE'{D2}'").count() == 400000
+        policy = cfg.lake.maintenance.model_copy(update={"orphan_age_hours": 0, "min_input_files": 100})
+        removed = maintain_table(spark, cfg.lake.catalog, "features.killed_store_probe", policy,
+                                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))["removed_orphan_files"]
+        assert left <= set(removed), (left, removed)
+        assert spark.table(name).count() == 400010
