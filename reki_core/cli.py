@@ -171,6 +171,46 @@ def env_exports(ctx: click.Context, role: str) -> None:
         click.echo(f"unset {key}")
 
 
+@main.group()
+def lake() -> None:
+    """The lake's Iceberg tables on a deployed Spark Connect server (infra/deploy/): its Spark settings, its bucket."""
+
+
+@lake.command("spark-conf")
+@click.option("--append", "path", required=True, type=click.Path(dir_okay=False),
+              help="The Spark properties file (--properties-file) to append to; created owner-only.")
+@click.pass_context
+def lake_spark_conf(ctx: click.Context, path: str) -> None:
+    """Append the lake's catalog settings (jars, Iceberg catalog, s3a) and the catalog's login (REKI_CATALOG_DB_USER /
+    REKI_CATALOG_DB_PASSWORD) to a Spark properties file: the settings stay off the Connect server's command line."""
+    from pathlib import Path
+
+    from reki_core.jars import JarError
+    from reki_core.storage.tables import append_spark_properties
+
+    try:
+        keys = append_spark_properties(_config(ctx), Path(path))
+    except (JarError, PermissionError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{len(keys)} lake settings appended to {path}")  # the keys only: the file holds a password
+
+
+@lake.command("bucket")
+@click.pass_context
+def lake_bucket(ctx: click.Context) -> None:
+    """Create the lake bucket (lake.bucket) when it does not exist, as the identity in AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY (the writer's)."""
+    from reki_core.storage.s3_access import ObjectStoreError
+    from reki_core.storage.tables import ensure_lake_bucket, lake_access
+
+    cfg = _config(ctx)
+    try:
+        ensure_lake_bucket(cfg, lake_access(cfg))
+    except ObjectStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"lake bucket s3://{cfg.lake.bucket} at {cfg.object_store.endpoint_url}: present")
+
+
 # ------------------------------------------------------------------ pipeline steps
 
 

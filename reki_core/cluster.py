@@ -9,7 +9,8 @@ without secrets (PostgreSQL, Redis, SeaweedFS: each reads its password or identi
 from an environment with none; the others start through `python -m reki_core.cluster exec NAME`, which reads their
 secrets from the 0600 files and execs the program with them in its environment (never on a command line, which `ps`
 shows): Airflow's components get Airflow's, the Celery workers also the tasks' (the S3 writer identity, the Connect
-token), the Connect server its token. Spark's master, worker, Connect server and executors authenticate to each other
+token), the Connect server its token and the writer identity, the Spark worker the writer identity (its executors
+inherit it: they write the lake's table files through s3a). Spark's master, worker, Connect server and executors authenticate to each other
 with a generated secret (`spark.authenticate`). The UI and REST API sign in through the FAB auth manager: an admin,
 an operator (trigger, backfill) and a viewer, their generated passwords in `<state_dir>/secrets/cluster_airflow_users.json`.
 
@@ -57,7 +58,7 @@ CATALOG_DB_NAME = CATALOG_DB_USER = "reki_iceberg"
 OS_USER = "reki"  # PostgreSQL refuses to run as root: as root, its server runs as this system user
 INSTALL_HINT = "install it with `bash infra/cluster/install.sh` (apt: postgresql, redis-server)"
 # Programs started through `exec` (their secrets added to their environment); the others hold none.
-WITH_SECRETS = ("spark-connect", *AIRFLOW_SERVICES)
+WITH_SECRETS = ("spark-worker", "spark-connect", *AIRFLOW_SERVICES)
 TASK_RUNNERS = ("worker", "gpu-worker")
 FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 # The UI's users and their FAB roles: Op may trigger runs and backfills, Viewer only reads.
@@ -284,12 +285,22 @@ def task_secrets_file(cfg: Config) -> Path:
     return secrets_dir(cfg.state_dir) / "cluster_task_env.json"
 
 
+def s3_writer_environment(cfg: Config) -> dict[str, str]:
+    """The writer identity as the AWS SDK reads it (s3a's EnvironmentVariableCredentialsProvider): AWS_* only."""
+    return {k: v for k, v in credential_environment(cfg, "writer").items() if k.startswith("AWS_")}
+
+
 def program_environment(cfg: Config, name: str, base: dict[str, str]) -> dict[str, str]:
     """The environment `exec` starts program `name` with: `base` (supervisord's, no secrets) and its own secrets."""
+    if name == "spark-worker":
+        # The executors it launches inherit its environment (Spark's worker starts them with it, adding only the
+        # application's spark.executorEnv): the writer identity for s3a reaches them there, never through the
+        # application's description, which the worker's web UI shows.
+        return {**base, **spark_environment(cfg), **s3_writer_environment(cfg)}
     if name == "spark-connect":
         # The writer identity for s3a (the lake's tables), in its environment as the token is.
-        writer = {k: v for k, v in credential_environment(cfg, "writer").items() if k.startswith("AWS_")}
-        return {**base, **spark_environment(cfg), **writer, CONNECT_TOKEN_ENV: ensure_connect_token(cfg.state_dir)}
+        return {**base, **spark_environment(cfg), **s3_writer_environment(cfg),
+                CONNECT_TOKEN_ENV: ensure_connect_token(cfg.state_dir)}
     if name not in AIRFLOW_SERVICES:
         raise ClusterError(f"{name} holds no secrets: supervisord starts it directly")
     env = airflow_environment(cfg, base)

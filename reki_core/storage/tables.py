@@ -6,6 +6,8 @@ One place builds both ends from the config:
   store path-style with capped retries, credentials from the JVM's environment (AWS_ACCESS_KEY_ID /
   AWS_SECRET_ACCESS_KEY: never a `--conf`, which a command line and Spark's UI show), and the pinned jars. The
   Connect server and classic sessions start with it (reki_core/spark.py).
+- `append_spark_properties`: the same settings (and the catalog's login) into an owner-only Spark properties file: how
+  the deployed Connect servers (infra/deploy/: compose, Kubernetes) start with them (`reki lake spark-conf`).
 - `python_catalog` / `LakeTables`: pyiceberg's SqlCatalog on the same database and warehouse for Python tasks, with
   an identity of the caller's choice (a consumer's read-only one), its S3 errors explained (identity and bucket).
 
@@ -117,6 +119,30 @@ def catalog_secret_conf(cfg: Config) -> dict[str, str]:
         return {}
     prefix = f"spark.sql.catalog.{cfg.lake.catalog}.jdbc"
     return {f"{prefix}.user": user, f"{prefix}.password": password or ""}
+
+
+def properties_lines(conf: dict[str, str]) -> str:
+    """Spark settings as a properties file's `key=value` lines (java.util.Properties: a backslash escapes)."""
+    lines = []
+    for key, value in conf.items():
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"Spark setting {key}: a value with a line break cannot go into a properties file")
+        lines.append(f"{key}={value.replace(chr(92), 2 * chr(92))}\n")
+    return "".join(lines)
+
+
+def append_spark_properties(cfg: Config, path: Path) -> list[str]:
+    """Append the lake's catalog settings (`spark_catalog_conf`) and the catalog's login (`catalog_secret_conf`, from
+    the environment) to the Spark properties file `path` (`--properties-file`), creating it owner-only: how a deployed
+    Connect server gets them without a `--conf` on its command line. Refuses a file others may read. Returns the keys
+    written (never the values)."""
+    conf = {**spark_catalog_conf(cfg), **catalog_secret_conf(cfg)}
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as out:
+        if os.fstat(out.fileno()).st_mode & 0o077:
+            raise PermissionError(f"{path}: the Spark properties file gets the catalog's login: it must be readable by "
+                                  f"its owner alone (chmod 600, or write it under umask 077)")
+        out.write(properties_lines(conf))
+    return list(conf)
 
 
 def lake_access(cfg: Config, *, access_key: str | None = None, secret_key: str | None = None) -> S3Access:

@@ -72,6 +72,14 @@ def test_each_program_gets_only_its_own_secrets_and_supervisord_none(tmp_path):
     # The Connect server writes the lake's tables through s3a: the writer identity, in its environment.
     assert connect["AWS_SECRET_ACCESS_KEY"] == writer_secret
     assert not any(holds(connect, v) for v in [*airflow_secrets, s["spark_auth_secret"], s["catalog_password"]])
+    # The standalone worker's executors write the tables' data files through s3a: they inherit the worker's
+    # environment, so the worker holds the writer identity, and nothing else secret.
+    worker = cluster.program_environment(cfg, "spark-worker", base)
+    assert (worker["AWS_ACCESS_KEY_ID"], worker["AWS_SECRET_ACCESS_KEY"]) == \
+        (connect["AWS_ACCESS_KEY_ID"], connect["AWS_SECRET_ACCESS_KEY"])
+    assert not any(holds(worker, v) for v in [*airflow_secrets, token, s["spark_auth_secret"], s["catalog_password"],
+                                              s["supervisor_password"]])
+    assert worker["SPARK_HOME"] == cluster.spark_environment(cfg)["SPARK_HOME"]
     import pytest
 
     with pytest.raises(cluster.ClusterError, match="holds no secrets"):
@@ -160,13 +168,22 @@ def test_exec_starts_the_program_with_its_own_secrets(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cluster.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
     monkeypatch.setattr(cluster.os, "environ", {"PATH": "/usr/bin", "REKI__PATHS__STATE_DIR": str(cfg.state_dir)})
-    for name in ("worker", "scheduler", "spark-connect"):
+    for name in ("worker", "scheduler", "spark-connect", "spark-worker"):
         cluster.exec_program(cfg, name)
     token = cluster.ensure_connect_token(cfg.state_dir)
-    (worker, scheduler, connect) = calls
+    (worker, scheduler, connect, spark_worker) = calls
     assert worker[1] == cluster.service_commands(cfg)["worker"] and worker[0] == worker[1][0]
     assert worker[2]["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == token and "AWS_SECRET_ACCESS_KEY" in worker[2]
     assert "SPARK_CONNECT_AUTHENTICATE_TOKEN" not in scheduler[2] and "AWS_SECRET_ACCESS_KEY" not in scheduler[2]
     assert scheduler[2]["AIRFLOW__CORE__FERNET_KEY"] == cluster.ensure_cluster_secrets(cfg)["fernet_key"]
     assert connect[2]["SPARK_CONNECT_AUTHENTICATE_TOKEN"] == token and "AIRFLOW__CORE__FERNET_KEY" not in connect[2]
     assert "--properties-file" in connect[1]
+    # The Spark worker: its own command (spark.authenticate from the 0600 file) with the writer identity in its
+    # environment alone, which the executors it launches inherit; none of it on its command line.
+    writer = cluster.ensure_credentials(cfg.state_dir)["writer"]
+    assert spark_worker[1] == cluster.service_commands(cfg)["spark-worker"] and spark_worker[0] == spark_worker[1][0]
+    assert spark_worker[2]["AWS_ACCESS_KEY_ID"] == writer.access_key
+    assert spark_worker[2]["AWS_SECRET_ACCESS_KEY"] == writer.secret_key
+    assert "SPARK_CONNECT_AUTHENTICATE_TOKEN" not in spark_worker[2] and "AIRFLOW__CORE__FERNET_KEY" not in spark_worker[2]
+    assert not any(writer.secret_key in arg for arg in spark_worker[1])
+    assert not any(k.startswith("spark.executorEnv") for arg in spark_worker[1] for k in [arg.split("=", 1)[0]])

@@ -57,7 +57,9 @@ ALLOWED_SECRETS = {
     **{name: AIRFLOW_SECRETS for name in ("api-server", "scheduler", "dag-processor", "triggerer")},
     **{name: AIRFLOW_SECRETS | TASK_SECRETS for name in ("worker", "gpu-worker")},
     "spark-connect": {"spark_connect.json.token"} | WRITER_SECRET,  # s3a writes the lake's tables as the writer
-    "spark-worker": SPARK_SECRET,  # handed by the worker to its executors, in their environment
+    # Handed by the worker to its executors, in their environment; the executors also inherit the writer identity
+    # from the worker's (they write the lake's table files through s3a).
+    "spark-worker": SPARK_SECRET | WRITER_SECRET,
 }
 
 

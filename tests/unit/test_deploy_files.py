@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import stat
 import subprocess
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
@@ -225,7 +226,8 @@ def key_facts(name: str, argv: list[str]) -> dict:
         return {"program": prog}
     if name == "seaweedfs":
         flags = weed_flags(argv)
-        return {"program": prog, "subcommand": argv[1], "s3.port": flags.get("s3.port"), "bucket": flags.get("bucket"),
+        return {"program": prog, "subcommand": argv[1], "s3.port": flags.get("s3.port"),
+                "published bucket": (flags.get("bucket") or "").split(",")[0],
                 "credentials enforced": bool(flags.get("s3.config")), "admin.ui": flags.get("admin.ui"),
                 "webdav": flags.get("webdav")}
     # spark.authenticate and its secret come from a properties file, never from --conf (the command line).
@@ -387,7 +389,8 @@ def test_commands_serve_the_configured_queues_and_ports(services, cfg):
     assert spark_confs(argv["spark-connect"])["spark.connect.grpc.binding.port"] == str(connect_endpoint(cfg.spark.connect_url)[1])
     flags = weed_flags(argv["seaweedfs"])
     assert flags["s3.port"] == str(urlparse(cfg.object_store.endpoint_url).port)
-    assert flags["bucket"] == cfg.object_store.bucket
+    # The published vectors' bucket and the lake's tables' bucket, both created at start.
+    assert flags["bucket"].split(",") == [cfg.object_store.bucket, cfg.lake.bucket]
     # Redis is password-protected: its config (requirepass) comes from its script.
     assert "requirepass $REDIS_PASSWORD" in services["redis"]["command"][2]
 
@@ -730,7 +733,8 @@ def test_helm_spark_connect_matches_the_profile_and_the_values(values, connect_k
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     argv = canonical(container["command"])
     env = {e["name"]: e for e in container["env"]}
-    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)].get("value", "x"), w) for w in argv]
+    # Kubernetes' $(VAR) or the script's $VAR: the container's variable.
+    argv = [re.sub(r"\$\((\w+)\)|\$(\w+)", lambda m: env[m.group(1) or m.group(2)].get("value", "x"), w) for w in argv]
     assert key_facts("spark-connect", argv) == key_facts("spark-connect", canonical(profile_commands["spark-connect"]))
     port = int(spark_confs(argv)["spark.connect.grpc.binding.port"])
     assert port == connect_endpoint(cfg.spark.connect_url)[1] == service["spec"]["ports"][0]["port"]
@@ -743,6 +747,175 @@ def test_helm_spark_connect_matches_the_profile_and_the_values(values, connect_k
     # The same state claim for the Airflow pods and the driver.
     assert values["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
+
+
+# ------------------------------------------------------------------ the lake's catalog on the Connect servers
+
+# Settings without which the Connect server has no lake: the pinned jars on both class paths, Iceberg's extensions,
+# the catalog (implementation, database, warehouse) and s3a's endpoint. Their values come from
+# reki_core.storage.tables (`reki lake spark-conf`), never from a copy in the deployment files.
+LAKE_KEYS = ("spark.driver.extraClassPath", "spark.executor.extraClassPath", "spark.sql.extensions",
+             "spark.sql.catalog.lake", "spark.sql.catalog.lake.catalog-impl", "spark.sql.catalog.lake.uri",
+             "spark.sql.catalog.lake.warehouse", "spark.hadoop.fs.s3a.endpoint",
+             "spark.hadoop.fs.s3a.aws.credentials.provider")
+# Variables that hold a secret the Connect server's start script may read, never put on its command line.
+CONNECT_SECRETS = ("SPARK_AUTH_SECRET", "SPARK_CONNECT_AUTHENTICATE_TOKEN", "AWS_SECRET_ACCESS_KEY",
+                   "REKI_CATALOG_DB_PASSWORD")
+
+
+def lake_setup_problems(script: str) -> list[str]:
+    """What keeps a Connect server's start script (bash) from starting its driver with the lake: `reki lake
+    spark-conf` must append to the very properties file spark-submit reads, after that file was started afresh
+    (a restarted container keeps its /tmp), under `set -e` and `umask 077`; no lake setting or secret on argv."""
+    lines = [line.strip() for line in script.splitlines()]
+    argv = exec_line(script)
+    properties = option(argv, "--properties-file")
+    problems = []
+    if not any(re.match(r"set -\w*e", line) for line in lines):
+        problems.append("no `set -e`: a failed `reki lake spark-conf` would start a driver without the lake")
+    if "umask 077" not in lines:
+        problems.append("no `umask 077`: the properties file holds secrets")
+    appends = [i for i, line in enumerate(lines) if line.startswith("reki lake spark-conf")]
+    fresh = [i for i, line in enumerate(lines) if re.search(rf"[^>]>\s*{re.escape(str(properties))}$", line)]
+    if not appends:
+        problems.append("`reki lake spark-conf` is not run")
+    else:
+        target = option(shlex.split(lines[appends[0]]), "--append")
+        if target != properties:
+            problems.append(f"the lake settings go to {target}, spark-submit reads {properties}")
+        if not fresh or fresh[0] > appends[0]:
+            problems.append(f"{properties} is not written afresh (>) before the lake settings are appended")
+    on_argv = [k for k in spark_confs(argv) if k in LAKE_KEYS or k.startswith(("spark.sql.catalog", "spark.hadoop.fs.s3a"))]
+    if on_argv:
+        problems.append(f"lake settings on the command line (they would override the file): {on_argv}")
+    exec_text = next(line for line in lines if line.startswith("exec "))
+    problems += [f"${name} on the command line" for name in CONNECT_SECRETS if f"${name}" in exec_text.replace("$$", "$")]
+    return problems
+
+
+def test_the_lake_setup_checker_finds_a_lost_catalog():
+    good = ("set -eu\numask 077\nprintf 'a=b\\n' > /tmp/s.conf\nreki lake spark-conf --append /tmp/s.conf\n"
+            "exec spark-submit --class C --properties-file /tmp/s.conf --conf spark.ui.enabled=false")
+    assert lake_setup_problems(good) == []
+    broken = {
+        "not run": good.replace("reki lake spark-conf --append /tmp/s.conf\n", ""),
+        "go to /tmp/other": good.replace("--append /tmp/s.conf", "--append /tmp/other.conf"),
+        "not written afresh": good.replace("> /tmp/s.conf", ">> /tmp/s.conf"),
+        "set -e": good.replace("set -eu\n", ""),
+        "umask": good.replace("umask 077\n", ""),
+        "on the command line (they": good + " --conf spark.sql.catalog.lake.uri=jdbc:sqlite:/x",
+        "$AWS_SECRET_ACCESS_KEY on the command line": good + " --conf spark.x=$AWS_SECRET_ACCESS_KEY",
+    }
+    for what, script in broken.items():
+        assert any(what in p for p in lake_setup_problems(script)), (what, lake_setup_problems(script))
+
+
+def generated_lake_conf(container_env: dict[str, str], tmp_path, monkeypatch) -> dict[str, str]:
+    """The properties `reki lake spark-conf` appends in a container with `container_env` (its REKI__ settings and
+    catalog login over conf/reki.yaml), the jars where the image bakes them (REKI_JAR_CACHE of the Dockerfile)."""
+    from reki_core import jars
+    from reki_core.storage import tables
+
+    image_cache = Path(env_of(dockerfile(DOCKERFILE))[jars.CACHE_ENV])
+    monkeypatch.setattr(jars, "jar_paths", lambda: [image_cache / j.relative_path for j in jars.pinned_jars()[0]])
+    for name in (tables.CATALOG_USER_ENV, tables.CATALOG_PASSWORD_ENV):
+        monkeypatch.delenv(name, raising=False)
+        if name in container_env:
+            monkeypatch.setenv(name, container_env[name])
+    settings = {k: v for k, v in container_env.items() if k.startswith("REKI__")}
+    cfg = load_config(environ={**settings, "REKI__PATHS__STATE_DIR": str(tmp_path / "state")})
+    path = tmp_path / "spark.conf"
+    keys = tables.append_spark_properties(cfg, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    props = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    assert list(props) == keys
+    return props
+
+
+def check_lake_conf(props: dict[str, str], endpoint: str, cfg) -> None:
+    """The generated settings name the deployment's store, the lake bucket and every pinned jar in the image."""
+    from reki_core import jars
+
+    missing = [k for k in LAKE_KEYS if not props.get(k)]
+    assert not missing, f"the Connect server would start without {missing}"
+    assert props["spark.sql.catalog.lake"] == "org.apache.iceberg.spark.SparkCatalog"
+    assert props["spark.sql.catalog.lake.catalog-impl"] == "org.apache.iceberg.jdbc.JdbcCatalog"
+    assert props["spark.sql.catalog.lake.warehouse"] == f"s3a://{cfg.lake.bucket}/{cfg.lake.warehouse_prefix}"
+    assert props["spark.hadoop.fs.s3a.endpoint"] == endpoint
+    image_cache = env_of(dockerfile(DOCKERFILE))[jars.CACHE_ENV]
+    expected = [f"{image_cache}/{j.relative_path}" for j in jars.pinned_jars()[0]]
+    for key in ("spark.driver.extraClassPath", "spark.executor.extraClassPath"):
+        assert props[key].split(":") == expected, key
+
+
+def test_the_image_bakes_the_pinned_jars_where_the_connect_server_reads_them():
+    ins = dockerfile(DOCKERFILE)
+    cache = env_of(ins).get("REKI_JAR_CACHE")
+    assert cache and cache.startswith("/opt/reki/"), "the image sets REKI_JAR_CACHE"
+    baked = [i for i, (kw, args) in enumerate(ins) if kw == "RUN" and "ensure_jars()" in args]
+    lock_copied = [i for i, (kw, args) in enumerate(ins) if kw == "COPY" and args.split()[-1] == "/opt/reki/conf"]
+    cache_set = [i for i, (kw, args) in enumerate(ins) if kw == "ENV" and "REKI_JAR_CACHE=" in args]
+    assert baked and lock_copied and cache_set and lock_copied[0] < baked[0] and cache_set[0] < baked[0]
+
+
+def test_compose_connect_server_starts_with_the_lake(services, cfg, tmp_path, monkeypatch):
+    connect = services["spark-connect"]
+    script = connect["command"][2]
+    assert lake_setup_problems(script) == []
+    env = connect["environment"]
+    # s3a's identity is the writer's (from .env), in the environment of the driver and of the worker whose
+    # executors write the table files; the endpoint is the one the Airflow containers use.
+    for name in ("spark-connect", "spark-worker"):
+        service_env = services[name]["environment"]
+        assert service_env["AWS_ACCESS_KEY_ID"] == sentinel("REKI_S3_WRITER_ACCESS_KEY"), name
+        assert service_env["AWS_SECRET_ACCESS_KEY"] == sentinel("REKI_S3_WRITER_SECRET_KEY"), name
+    assert env["REKI__OBJECT_STORE__ENDPOINT_URL"] == airflow_env(services)["REKI__OBJECT_STORE__ENDPOINT_URL"]
+    # The catalog: a SQLite file on a volume the Connect server alone mounts, its folder a mount point of the image.
+    uri = env["REKI__LAKE__CATALOG_URI"]
+    assert uri.startswith("jdbc:sqlite:/")
+    folder = str(PurePosixPath(uri.removeprefix("jdbc:sqlite:")).parent)
+    volume = next(m.split(":")[0] for m in connect["volumes"] if m.split(":")[1] == folder)
+    assert volume in load_compose()["volumes"]
+    assert [n for n, s in services.items() if any(m.startswith(f"{volume}:") for m in s.get("volumes", []))] == ["spark-connect"]
+    assert any(f" {folder} " in f" {r} " for r in instruction_args(dockerfile(DOCKERFILE), "RUN") if "mkdir" in r)
+    props = generated_lake_conf(env, tmp_path, monkeypatch)
+    check_lake_conf(props, "http://seaweedfs:8333", cfg)
+    assert props["spark.sql.catalog.lake.uri"] == uri
+    # The lake bucket is one SeaweedFS creates at start; the tables' bucket is not the published one.
+    buckets = weed_flags(compose_argv(services["seaweedfs"]))["bucket"].split(",")
+    assert cfg.lake.bucket in buckets and cfg.lake.bucket != cfg.object_store.bucket
+    assert {"seaweedfs", "spark-master", "spark-worker"} <= set(connect["depends_on"])
+
+
+def test_helm_connect_server_starts_with_the_lake(values, connect_k8s, cfg, tmp_path, monkeypatch):
+    container = connect_k8s["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    script = container["command"][-1]
+    assert container["command"][-3:-1] == ["bash", "-c"] and lake_setup_problems(script) == []
+    # The lake bucket is created (when missing) before the driver starts, as the writer.
+    lines = [line.strip() for line in script.splitlines()]
+    assert "reki lake bucket" in lines and lines.index("reki lake bucket") < next(
+        i for i, line in enumerate(lines) if line.startswith("exec "))
+    # spark.authenticate still comes from its Secret, copied into the file spark-submit reads.
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "spark-auth")["mountPath"]
+    assert f"cat {mount}/spark-auth.conf > {option(exec_line(script), '--properties-file')}" in lines
+    env = {e["name"]: e for e in container["env"]}
+    # Every credential from a Secret; the catalog database's password leaves the environment once written.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "REKI_CATALOG_DB_USER", "REKI_CATALOG_DB_PASSWORD"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == \
+        env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"]
+    assert "unset REKI_CATALOG_DB_PASSWORD" in lines
+    airflow = {e["name"]: e.get("value") for e in values["env"]}
+    assert env["REKI__OBJECT_STORE__ENDPOINT_URL"]["value"] == airflow["REKI__OBJECT_STORE__ENDPOINT_URL"]
+    uri = env["REKI__LAKE__CATALOG_URI"]["value"]
+    assert uri.startswith("jdbc:postgresql://") and not uri.endswith("/airflow"), "a database of its own"
+    container_env = {name: e.get("value", sentinel(name)) for name, e in env.items()}
+    props = generated_lake_conf(container_env, tmp_path, monkeypatch)
+    check_lake_conf(props, airflow["REKI__OBJECT_STORE__ENDPOINT_URL"], cfg)
+    assert props["spark.sql.catalog.lake.uri"] == uri
+    assert props["spark.sql.catalog.lake.jdbc.user"] == sentinel("REKI_CATALOG_DB_USER")
+    assert props["spark.sql.catalog.lake.jdbc.password"] == sentinel("REKI_CATALOG_DB_PASSWORD")
+    assert not any(sentinel("AWS_SECRET_ACCESS_KEY") in v for v in props.values()), "s3a reads it from the environment"
 
 
 # ------------------------------------------------------------------ the real validators

@@ -82,3 +82,68 @@ def test_an_orphan_age_under_a_day_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(ConfigError, match="lake.maintenance.orphan_age_hours"):
         make_config(tmp_path, REKI__LAKE__MAINTENANCE__ORPHAN_AGE_HOURS="1")
     assert make_config(tmp_path).lake.maintenance.orphan_age_hours >= 24
+
+
+# ------------------------------------------------------------------ the deployed Connect servers' properties file
+
+
+def test_the_settings_and_the_login_are_appended_to_an_owner_only_properties_file(tmp_path, monkeypatch):
+    """`reki lake spark-conf`: after the spark.authenticate lines already there, the catalog's settings and login;
+    a file others may read is refused before anything is written into it."""
+    import stat
+
+    from click.testing import CliRunner
+
+    from reki_core.cli import main
+
+    monkeypatch.setenv("REKI__PATHS__STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("REKI__LAKE__CATALOG_URI", "jdbc:postgresql://db:5432/reki_iceberg")
+    monkeypatch.setenv(tables.CATALOG_USER_ENV, "reki_iceberg")
+    monkeypatch.setenv(tables.CATALOG_PASSWORD_ENV, "catalog-pw")
+    import reki_core.jars
+
+    monkeypatch.setattr(reki_core.jars, "spark_jar_conf",
+                        lambda: {"spark.driver.extraClassPath": "/opt/reki/jars/a.jar:/opt/reki/jars/b.jar"})
+    path = tmp_path / "spark.conf"
+    path.write_text("spark.authenticate=true\n")
+    path.chmod(0o600)
+    result = CliRunner().invoke(main, ["lake", "spark-conf", "--append", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "catalog-pw" not in result.output and str(path) in result.output
+    lines = path.read_text().splitlines()
+    assert lines[0] == "spark.authenticate=true"
+    props = dict(line.split("=", 1) for line in lines)
+    assert props["spark.sql.catalog.lake.uri"] == "jdbc:postgresql://db:5432/reki_iceberg"
+    assert props["spark.sql.catalog.lake.jdbc.password"] == "catalog-pw"
+    assert props["spark.driver.extraClassPath"] == "/opt/reki/jars/a.jar:/opt/reki/jars/b.jar"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    fresh = tmp_path / "new.conf"  # created owner-only, whatever the umask
+    tables.append_spark_properties(make_config(tmp_path), fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+    assert "spark.sql.catalog.lake=org.apache.iceberg.spark.SparkCatalog" in fresh.read_text().splitlines()
+
+    readable = tmp_path / "readable.conf"
+    readable.write_text("spark.authenticate=true\n")
+    readable.chmod(0o644)
+    result = CliRunner().invoke(main, ["lake", "spark-conf", "--append", str(readable)])
+    assert result.exit_code != 0 and "readable by its owner alone" in result.output
+    assert readable.read_text() == "spark.authenticate=true\n"
+
+
+def test_properties_lines_escape_backslashes_and_refuse_line_breaks():
+    assert tables.properties_lines({"a.b": r"C:\x", "c": "d=e"}) == "a.b=C:\\\\x\nc=d=e\n"
+    with pytest.raises(ValueError, match="Spark setting k"):
+        tables.properties_lines({"k": "one\nspark.other=two"})
+
+
+def test_the_lake_bucket_command_names_the_missing_identity(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from reki_core.cli import main
+
+    monkeypatch.setenv("REKI__PATHS__STATE_DIR", str(tmp_path / "state"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(main, ["lake", "bucket"])
+    assert result.exit_code != 0 and "AWS_ACCESS_KEY_ID" in result.output
