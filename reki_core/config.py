@@ -58,10 +58,11 @@ class PromptTemplatesConfig(_Strict):
         "Analyse this user's preferences on {item_noun} considering {factors}. "
         "Explain your analysis from the rating history above."
     )
-    # {item}, {domain}, {item_noun}, {factors}
+    # {item}, {domain}, {item_noun}, {factors}. The item comes last: every item prompt then shares all the words
+    # before it, which a warm server's prefix cache computes once (llama.cpp here, vLLM's prefix caching on a GPU).
     item: str = (
-        "{guard}\nIntroduce the {domain} {item} and describe its attributes, "
-        "including but not limited to {factors}."
+        "{guard}\nIntroduce a {domain} and describe its attributes, "
+        "including but not limited to {factors}.\nThe {domain}: {item}."
     )
     # {titles}, {domain}, {item_noun}, {factors}
     item_group: str = (
