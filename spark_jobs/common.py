@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import DAY_PROPERTY, Lake, as_date
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -134,6 +135,17 @@ def run_as_jobs(jobs: list[Job], argv: list[str] | None, description: str) -> in
     return 0
 
 
+def table_of(spark: SparkSession, lake: Lake, dataset: str) -> str:
+    """The dataset's table name in Spark, with the lake's catalog registered on this session (runtime settings)."""
+    for key, value in lake.spark_catalog_conf().items():
+        spark.conf.set(key, value)
+    return f"{lake.catalog_name}.{lake.table_name(dataset)}"
+
+
+def spark_of(df: DataFrame) -> SparkSession:
+    return df.sparkSession
+
+
 def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
     """The newest partition of `dataset` strictly before `day` (a re-run of `day` never reads itself)."""
     days = [d for d in lake.partitions(dataset) if d < day]
@@ -142,8 +154,10 @@ def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
 
 def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date) -> DataFrame:
     if not lake.has_partition(dataset, day):
-        raise FileNotFoundError(f"lake partition missing: {lake.uri_of(lake.partition_path(dataset, day))}")
-    return read_parquet(spark, [lake.local_path(f"{dataset}/dt={day.isoformat()}")])
+        raise FileNotFoundError(f"lake partition missing: {lake.describe(dataset, day)}")
+    if not lake.is_table(dataset):
+        return read_parquet(spark, [lake.local_path(f"{dataset}/dt={day.isoformat()}")])
+    return spark.table(table_of(spark, lake, dataset)).where(F.col("dt") == F.lit(day)).drop("dt")
 
 
 def read_parquet(spark: SparkSession, folders: list[Path]) -> DataFrame:
@@ -161,14 +175,33 @@ def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date 
     days = [d for d in lake.partitions("raw/interactions") if d <= upto and (since_exclusive is None or d > since_exclusive)]
     if not days:
         return spark.createDataFrame([], INTERACTIONS_SCHEMA)
-    df = read_parquet(spark, [lake.local_path(f"raw/interactions/dt={d.isoformat()}") for d in days])
+    df = spark.table(table_of(spark, lake, "raw/interactions")).where(F.col("dt") <= F.lit(upto))
+    if since_exclusive is not None:
+        df = df.where(F.col("dt") > F.lit(since_exclusive))
     return df.select(
         df.user_id.cast("string"), df.item_id.cast("string"), df.rating.cast("int"), df.ts.cast("long")
     )
 
 
 def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date) -> str:
-    """Replace `dataset/dt=day` with `df`: Spark writes aside, then the folder is swapped in whole."""
+    """Replace day `day` of `dataset` with `df`: one Iceberg commit (dynamic overwrite of that day), then the day is
+    recorded (a table property; without it an empty day would look unwritten). A crash between the two leaves the
+    day unrecorded, so the next run redoes it."""
+    if lake.is_table(dataset):
+        name = table_of(spark_of(df), lake, dataset)
+        rows = df.withColumn("dt", F.lit(day).cast("date"))
+        if not spark_of(df).catalog.tableExists(name):
+            lake.catalog.create_namespace_if_not_exists(lake.table_name(dataset).split(".")[0])
+            try:  # never createOrReplace: a table another writer just created keeps its rows
+                # From the schema alone: an action on `rows` would spend the job's observed metrics.
+                spark_of(df).createDataFrame([], rows.schema).writeTo(name).using("iceberg").partitionedBy(F.col("dt")).tableProperty(
+                    "write.spark.accept-any-schema", "true").create()
+            except Exception as exc:
+                if "already exists" not in str(exc).lower():
+                    raise
+        rows.writeTo(name).option("mergeSchema", "true").overwritePartitions()
+        spark_of(df).sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = 'written')")
+        return f"{name}/dt={day.isoformat()}"
     staging = f"{lake.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
     df.write.mode("overwrite").parquet(staging)
     final = lake.partition_path(dataset, day)

@@ -1,8 +1,15 @@
-"""The lake: date-partitioned Parquet datasets under `lake_uri` (a folder here, s3:// in production).
+"""The lake: date-partitioned datasets, and small documents and stores beside them, under `lake_uri`.
 
-Layout: `<lake>/<dataset>/dt=YYYY-MM-DD/part-*.parquet` (partition column not stored in files, so
-Spark's partition discovery reads the same folders). Writes replace a whole partition atomically:
-readers see the old partition or the new one, never a mix.
+A dataset `<namespace>/<name>` (e.g. `raw/interactions`) is the Apache Iceberg table `<namespace>.<name>`, partitioned
+by `dt`, in the lake's own catalog: `<lake>/_catalog/iceberg.sqlite` and the warehouse `<lake>/_tables` (docs/design.md,
+"port each dataset": the warehouse moves to the object store next). Python reads and writes it through pyiceberg;
+Spark through the same catalog, registered on its session (`spark_table`). Writing day D replaces D's rows in one
+commit, which also records that D was written (an empty day has no data file to show it): readers see the old day or
+the new one, never a mix, and a re-run of D replaces exactly D.
+
+`FOLDER_DATASETS` are still Parquet folders, `<lake>/<dataset>/dt=YYYY-MM-DD/` (the user-bucketed feature datasets,
+rewritten copy-on-write by spark_jobs/buckets.py, and the extraction failures that concurrent shards write file by
+file), until their own port. Documents (`write_json`) and the stores use the folder too.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import datetime as dt
 import json
 import re
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _PARTITION_RE = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+# Still folders of Parquet files (see the module's docstring).
+FOLDER_DATASETS = frozenset({"features/user_history", "features/knowledge_versions", "features/ctr_samples",
+                             "knowledge/failures"})
+DAY_PROPERTY = "reki.dt."  # + YYYY-MM-DD: a table property set in the commit that wrote that day
+CATALOG_DIR, WAREHOUSE_DIR = "_catalog", "_tables"
 
 
 def as_date(value: str | dt.date | dt.datetime) -> dt.date:
@@ -31,12 +44,164 @@ def as_date(value: str | dt.date | dt.datetime) -> dt.date:
     return dt.date.fromisoformat(str(value)[:10])
 
 
+def table_identifier(dataset: str) -> tuple[str, str]:
+    """`raw/interactions` -> ("raw", "interactions"); a dataset without a namespace (`prompts`) is in `main`."""
+    parts = dataset.strip("/").split("/")
+    if len(parts) == 1:
+        return "main", parts[0]
+    if len(parts) != 2:
+        raise ValueError(f"dataset {dataset!r}: expected <namespace>/<name>")
+    return parts[0], parts[1]
+
+
+def iceberg_ready(table: pa.Table) -> pa.Table:
+    """`table` with the Arrow types Iceberg lacks cast to ones it has: all-null columns (pandas' empty object
+    columns) to string, unsigned to signed integers, dictionaries decoded, nanosecond timestamps to microseconds."""
+    fields, columns = [], []
+    for field, column in zip(table.schema, table.columns):
+        kind = field.type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if pa.types.is_null(kind):
+            kind = pa.string()
+        elif pa.types.is_unsigned_integer(kind):
+            kind = pa.int64()
+        elif pa.types.is_timestamp(kind) and kind.unit == "ns":
+            kind = pa.timestamp("us", tz=kind.tz)
+        elif pa.types.is_large_string(kind):
+            kind = pa.string()
+        fields.append(pa.field(field.name, kind, nullable=True))
+        columns.append(column if kind == column.type else column.cast(kind, safe=False))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
 class Lake:
     """Date-partitioned datasets under one root URI."""
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self._catalog = None
+
+    # ------------------------------------------------------------ tables
+    @property
+    def catalog_name(self) -> str:
+        """A name of this lake's catalog, the same in every process (a Spark session caches catalogs by name)."""
+        import hashlib
+
+        return "lake_" + hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+
+    def _catalog_file(self) -> Path:
+        return self.local_path(CATALOG_DIR) / "iceberg.sqlite"
+
+    def _warehouse(self) -> str:
+        return self.local_path(WAREHOUSE_DIR).as_uri()
+
+    @property
+    def catalog(self):
+        """pyiceberg's SQL catalog of this lake (created with the folder on first use)."""
+        if self._catalog is None:
+            from pyiceberg.catalog.sql import SqlCatalog
+
+            self._catalog_file().parent.mkdir(parents=True, exist_ok=True)
+            self._catalog = SqlCatalog(self.catalog_name, uri=f"sqlite:///{self._catalog_file()}",
+                                       warehouse=self._warehouse())
+        return self._catalog
+
+    def spark_catalog_conf(self) -> dict[str, str]:
+        """The settings that register this lake's catalog on a Spark session (runtime settings: the warm Connect
+        server serves every lake); the same database and warehouse as `catalog`."""
+        self.catalog  # noqa: B018 - pyiceberg creates the database first, in the schema both sides read
+        prefix = f"spark.sql.catalog.{self.catalog_name}"
+        return {prefix: "org.apache.iceberg.spark.SparkCatalog",
+                f"{prefix}.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
+                f"{prefix}.uri": f"jdbc:sqlite:{self._catalog_file()}",
+                f"{prefix}.jdbc.schema-version": "V1",
+                f"{prefix}.warehouse": self._warehouse()}
+
+    def is_table(self, dataset: str) -> bool:
+        return dataset not in FOLDER_DATASETS
+
+    def table_name(self, dataset: str) -> str:
+        namespace, name = table_identifier(dataset)
+        return f"{namespace}.{name}"
+
+    def load_table(self, dataset: str):
+        """The dataset's Iceberg table, or None before its first write."""
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            return self.catalog.load_table(self.table_name(dataset))
+        except NoSuchTableError:
+            return None
+
+    def _table_days(self, dataset: str) -> list[dt.date]:
+        table = self.load_table(dataset)
+        if table is None:
+            return []
+        return sorted(dt.date.fromisoformat(key.removeprefix(DAY_PROPERTY)) for key in table.properties
+                      if key.startswith(DAY_PROPERTY))
+
+    def _write_table_day(self, table: pa.Table, dataset: str, day: dt.date) -> str:
+        from pyiceberg.expressions import EqualTo
+        from pyiceberg.partitioning import PartitionField, PartitionSpec
+        from pyiceberg.transforms import IdentityTransform
+
+        data = iceberg_ready(table)
+        if "dt" in data.column_names:
+            data = data.drop_columns(["dt"])
+        data = data.append_column(pa.field("dt", pa.date32()), pa.array([day] * data.num_rows, pa.date32()))
+        existing = self.load_table(dataset)
+        if existing is None:
+            namespace, _ = table_identifier(dataset)
+            self.catalog.create_namespace_if_not_exists(namespace)
+            from pyiceberg.catalog import Catalog
+            from pyiceberg.schema import assign_fresh_schema_ids
+
+            schema = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(data.schema))
+            spec = PartitionSpec(PartitionField(source_id=schema.find_field("dt").field_id, field_id=1000,
+                                                transform=IdentityTransform(), name="dt"))
+            existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=schema,
+                                                               partition_spec=spec)
+        with warnings.catch_warnings(), existing.transaction() as tx:
+            warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
+            with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
+                update.union_by_name(data.schema)
+            tx.overwrite(data, overwrite_filter=EqualTo("dt", day.isoformat()))
+            tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": "written"})
+        return f"{existing.location()}/data/dt={day.isoformat()}"
+
+    def _read_table(self, dataset: str, row_filter, columns: list[str] | None, with_dt: bool) -> pd.DataFrame:
+        table = self.load_table(dataset)
+        if table is None:
+            return pd.DataFrame(columns=(columns or []) + (["dt"] if with_dt else []))
+        wanted = ("*",) if columns is None else tuple(dict.fromkeys([*columns, *(["dt"] if with_dt else [])]))
+        data = table.scan(row_filter=row_filter, selected_fields=wanted).to_arrow()
+        if not with_dt and "dt" in data.column_names:
+            data = data.drop_columns(["dt"])
+        return data.to_pandas()
+
+    def delete_partition(self, dataset: str, day: str | dt.date) -> None:
+        """Remove day D of `dataset` (its rows and its record), if written."""
+        day = as_date(day)
+        if not self.is_table(dataset):
+            if self.fs.exists(self.partition_path(dataset, day)):
+                self.fs.rm(self.partition_path(dataset, day), recursive=True)
+            return
+        from pyiceberg.expressions import EqualTo
+
+        table = self.load_table(dataset)
+        if table is None or f"{DAY_PROPERTY}{day.isoformat()}" not in table.properties:
+            return
+        with table.transaction() as tx:
+            tx.delete(EqualTo("dt", day.isoformat()))
+            tx.remove_properties(f"{DAY_PROPERTY}{day.isoformat()}")
+
+    def describe(self, dataset: str, day: str | dt.date | None = None) -> str:
+        """How messages name a dataset (and a day of it)."""
+        where = (f"table {self.table_name(dataset)} of {self.uri}" if self.is_table(dataset)
+                 else self.uri_of(self.dataset_path(dataset)))
+        return where if day is None else f"{where}, dt={as_date(day).isoformat()}"
 
     # ------------------------------------------------------------ paths
     def dataset_path(self, dataset: str) -> str:
@@ -53,6 +218,8 @@ class Lake:
     # ------------------------------------------------------------ listing
     def partitions(self, dataset: str) -> list[dt.date]:
         """Dates that have a complete partition, oldest first."""
+        if self.is_table(dataset):
+            return self._table_days(dataset)
         base = self.dataset_path(dataset)
         if not self.fs.exists(base):
             return []
@@ -64,6 +231,8 @@ class Lake:
         return sorted(days)
 
     def has_partition(self, dataset: str, day: str | dt.date) -> bool:
+        if self.is_table(dataset):
+            return as_date(day) in self._table_days(dataset)
         return self.fs.exists(self.partition_path(dataset, day))
 
     def latest_partition(self, dataset: str, upto: str | dt.date | None = None) -> dt.date | None:
@@ -76,6 +245,8 @@ class Lake:
     def write_partition(self, df: pd.DataFrame | pa.Table, dataset: str, day: str | dt.date) -> str:
         """Replace one partition with `df` (atomic on a local folder: write aside, then swap)."""
         table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+        if self.is_table(dataset):
+            return self._write_table_day(table, dataset, as_date(day))
         final = self.partition_path(dataset, day)
         staging = f"{self.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
         self.fs.makedirs(staging, exist_ok=True)
@@ -105,6 +276,12 @@ class Lake:
             self.fs.rm(old, recursive=True)
 
     def read_partition(self, dataset: str, day: str | dt.date, columns: list[str] | None = None) -> pd.DataFrame:
+        if self.is_table(dataset):
+            from pyiceberg.expressions import EqualTo
+
+            if not self.has_partition(dataset, day):
+                raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+            return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False)
         path = self.partition_path(dataset, day)
         if not self.fs.exists(path):
             raise FileNotFoundError(f"lake partition missing: {self.uri_of(path)}")
@@ -114,6 +291,14 @@ class Lake:
         self, dataset: str, upto: str | dt.date, since: str | dt.date | None = None, columns: list[str] | None = None
     ) -> pd.DataFrame:
         """All partitions with since <= dt <= upto, with a `dt` column added."""
+        if self.is_table(dataset):
+            from pyiceberg.expressions import And, GreaterThanOrEqual, LessThanOrEqual
+
+            row_filter = LessThanOrEqual("dt", as_date(upto).isoformat())
+            if since is not None:
+                row_filter = And(row_filter, GreaterThanOrEqual("dt", as_date(since).isoformat()))
+            frame = self._read_table(dataset, row_filter, columns, with_dt=True)
+            return frame.sort_values("dt", kind="stable", ignore_index=True)  # oldest day first, as folders read
         frames = []
         for day in self.partitions(dataset):
             if day > as_date(upto) or (since is not None and day < as_date(since)):
@@ -162,3 +347,4 @@ class Lake:
         if protocol != "file":
             raise ValueError(f"lake {self.uri} is not a local folder")
         return Path(self.root) / relpath
+
