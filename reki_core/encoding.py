@@ -220,7 +220,7 @@ def encode_knowledge(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | Non
     lake = Lake(cfg.lake_uri)
     with timed_step(lake, day, "encode_knowledge") as record:
         assigned = lake.read_partition(ASSIGNED, day)
-        where = lake.uri_of(lake.partition_path(ASSIGNED, day))
+        where = lake.describe(ASSIGNED, day)
         _validate_assigned(assigned, _known_entities(lake, day), where)
         encoder = encoder or TextEncoder.from_config(cfg)
         cache = EmbeddingCache(lake, encoder.encoder_id)

@@ -166,8 +166,8 @@ def _land_interactions(cfg: Config, lake: Lake, day: dt.date) -> dict:
     if len(rejected):
         rejected["_reason"] = reasons[reasons != ""]
         lake.write_partition(rejected.astype({c: "string" for c in ("user_id", "item_id")}), REJECTED, day)
-    elif lake.has_partition(REJECTED, day):  # a re-run after the fix leaves no stale rejects
-        lake.fs.rm(lake.partition_path(REJECTED, day), recursive=True)
+    else:  # a re-run after the fix leaves no stale rejects
+        lake.delete_partition(REJECTED, day)
     good = schema.normalise_interactions(df[reasons == ""])
     lake.write_partition(good, RAW["interactions"], day)
     return {"rows": len(good), "rejected": len(rejected), "files": files, "duplicate_deliveries": duplicates,

@@ -260,8 +260,7 @@ def groups_needed(cfg: Config, lake: Lake, day: dt.date) -> bool:
 
 def skip_groups(lake: Lake, day: dt.date, mode: str) -> dict:
     """No groups for day D in `mode`: removes any groups partition an earlier run of D left; returns the step record."""
-    if lake.has_partition("features/clusters", day):
-        lake.fs.rm(lake.partition_path("features/clusters", day), recursive=True)
+    lake.delete_partition("features/clusters", day)
     return {"skipped": True, "mode": mode, "reason": "individual extraction needs no groups"}
 
 
@@ -510,7 +509,7 @@ def load_inputs(cfg: Config, lake: Lake, day: str | dt.date, mode: str | None = 
     if mode == "collective":
         if not lake.has_partition("features/clusters", day):
             raise PromptError(
-                f"collective extraction needs {lake.uri_of(lake.partition_path('features/clusters', day))}, "
+                f"collective extraction needs {lake.describe('features/clusters', day)}, "
                 "which is missing (run the clustering job first)"
             )
         inputs.clusters = lake.read_partition("features/clusters", day)

@@ -74,7 +74,7 @@ def read_buckets(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
 def _manifest(lake: Lake, dataset: str, day: dt.date) -> dict:
     manifest = read_manifest(lake, dataset, day)
     if manifest is None:
-        raise FileNotFoundError(f"{lake.uri_of(lake.partition_path(dataset, day))}: no {MANIFEST}")
+        raise FileNotFoundError(f"{lake.describe(dataset, day)}: no {MANIFEST}")
     return manifest
 
 

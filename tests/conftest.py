@@ -80,6 +80,24 @@ def pytest_configure(config):
     logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
+def copy_lake(source: str | Path, dest: str | Path, dirs_exist_ok: bool = False) -> Lake:
+    """A copy of a test lake's folder whose Iceberg catalog answers to the copy's name (its rows are keyed by the
+    catalog's name). Table metadata names absolute paths: the copy reads the source's files, so the source must
+    outlive it, and what the copy commits lands beside them without the source's catalog ever seeing it."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(source, dest, dirs_exist_ok=dirs_exist_ok)
+    old, new = Lake(str(source)), Lake(str(dest))
+    database = Path(dest) / "_catalog" / "iceberg.sqlite"
+    if database.exists():
+        with sqlite3.connect(database) as db:
+            for table in ("iceberg_tables", "iceberg_namespace_properties"):
+                db.execute(f"UPDATE {table} SET catalog_name = ? WHERE catalog_name = ?",
+                           (new.catalog_name, old.catalog_name))
+    return new
+
+
 def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Config:
     """The project config with lake and state moved under tmp_path (the data cache stays shared)."""
     environ = {

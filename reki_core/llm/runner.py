@@ -85,7 +85,7 @@ def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None
     prompts = lake.read_partition(PROMPTS, day)
     missing = {"prompt_hash", "entity_kind", "entity_id", "text"} - set(prompts.columns)
     if missing:
-        raise ValueError(f"{lake.uri_of(lake.partition_path(PROMPTS, day))}: missing columns {sorted(missing)}")
+        raise ValueError(f"{lake.describe(PROMPTS, day)}: missing columns {sorted(missing)}")
     if "ask_llm" in prompts.columns:
         # The prompt stage already resolved the mode: it flags the rows the LLM answers.
         chosen = prompts[prompts["ask_llm"].astype(bool)]
@@ -95,7 +95,7 @@ def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None
     kinds = INDIVIDUAL_KINDS if mode == "individual" else GROUP_KINDS
     chosen = prompts[prompts["entity_kind"].isin(kinds)]
     if chosen.empty and not prompts.empty:
-        raise ValueError(f"{lake.uri_of(lake.partition_path(PROMPTS, day))}: extraction mode '{mode}' needs prompts "
+        raise ValueError(f"{lake.describe(PROMPTS, day)}: extraction mode '{mode}' needs prompts "
                          f"of kind {list(kinds)}, found only {sorted(prompts['entity_kind'].unique())}")
     # Entities with the same prompt share one call.
     return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True), mode
@@ -193,7 +193,7 @@ def read_plan(cfg: Config, day: str | dt.date) -> dict[str, Any]:
     plan = lake.read_json(f"{PLAN}/dt={_day(day)}/_plan.json")
     if plan is None:
         raise FileNotFoundError(f"no extraction plan for dt={_day(day)} under "
-                                f"{lake.uri_of(lake.partition_path(PLAN, day))}: run plan_shards first")
+                                f"{lake.describe(PLAN, day)}: run plan_shards first")
     return plan
 
 

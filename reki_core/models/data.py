@@ -115,7 +115,7 @@ class KnowledgeIndex:
         day = as_date(day)
         today = lake.read_partition(KNOWLEDGE_VECTORS, day)
         if today.empty:
-            raise AssemblyError(f"{lake.uri_of(lake.partition_path(KNOWLEDGE_VECTORS, day))}: no knowledge vectors")
+            raise AssemblyError(f"{lake.describe(KNOWLEDGE_VECTORS, day)}: no knowledge vectors")
         encoder_ids = today["encoder_id"].unique().tolist()
         if len(encoder_ids) != 1:
             raise AssemblyError(f"{KNOWLEDGE_VECTORS} dt={day}: column encoder_id mixes encoders {encoder_ids}")

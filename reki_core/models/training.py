@@ -44,7 +44,7 @@ class TrainedModel:
 def load_samples(lake: Lake, day: dt.date) -> dict[str, pd.DataFrame]:
     """The CTR samples of D by split; each split must hold both labels."""
     samples = lake.read_partition(CTR_SAMPLES, day)
-    where = lake.uri_of(lake.partition_path(CTR_SAMPLES, day))
+    where = lake.describe(CTR_SAMPLES, day)
     check_samples(samples, where)
     splits = {s: samples[samples["split"] == s].reset_index(drop=True) for s in SPLITS}
     for name, part in splits.items():

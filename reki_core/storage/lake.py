@@ -64,6 +64,8 @@ def iceberg_ready(table: pa.Table) -> pa.Table:
             kind = kind.value_type
         if pa.types.is_null(kind):
             kind = pa.string()
+        elif pa.types.is_list(kind) and pa.types.is_null(kind.value_type):
+            kind = pa.list_(pa.float64())  # every value missing (NaN reads as null): the lake's lists are numbers
         elif pa.types.is_unsigned_integer(kind):
             kind = pa.int64()
         elif pa.types.is_timestamp(kind) and kind.unit == "ns":
@@ -143,15 +145,16 @@ class Lake:
                       if key.startswith(DAY_PROPERTY))
 
     def _write_table_day(self, table: pa.Table, dataset: str, day: dt.date) -> str:
+        existing = self.load_table(dataset)
         from pyiceberg.expressions import EqualTo
         from pyiceberg.partitioning import PartitionField, PartitionSpec
         from pyiceberg.transforms import IdentityTransform
 
-        data = iceberg_ready(table)
-        if "dt" in data.column_names:
-            data = data.drop_columns(["dt"])
+        data = table.drop_columns(["dt"]) if "dt" in table.column_names else table
+        if existing is not None:
+            data = self._aligned(data, existing, dataset)  # before iceberg_ready: the table's types win
+        data = iceberg_ready(data)
         data = data.append_column(pa.field("dt", pa.date32()), pa.array([day] * data.num_rows, pa.date32()))
-        existing = self.load_table(dataset)
         if existing is None:
             namespace, _ = table_identifier(dataset)
             self.catalog.create_namespace_if_not_exists(namespace)
@@ -198,10 +201,27 @@ class Lake:
             tx.remove_properties(f"{DAY_PROPERTY}{day.isoformat()}")
 
     def describe(self, dataset: str, day: str | dt.date | None = None) -> str:
-        """How messages name a dataset (and a day of it)."""
-        where = (f"table {self.table_name(dataset)} of {self.uri}" if self.is_table(dataset)
-                 else self.uri_of(self.dataset_path(dataset)))
-        return where if day is None else f"{where}, dt={as_date(day).isoformat()}"
+        """How messages name a dataset (and a day of it): `raw/items/dt=D (table raw.items of <lake>)`."""
+        if not self.is_table(dataset):
+            return self.uri_of(self.dataset_path(dataset) if day is None else self.partition_path(dataset, day))
+        where = dataset if day is None else f"{dataset}/dt={as_date(day).isoformat()}"
+        return f"{where} (table {self.table_name(dataset)} of {self.uri})"
+
+    def _aligned(self, data: pa.Table, table, dataset: str) -> pa.Table:
+        """`data` with each column the table already has cast to the table's type (a day's frame may carry an int
+        column as float, say, when it had a gap): a type the values do not fit fails, naming the column."""
+        current = table.schema().as_arrow()
+        for index, name in enumerate(data.column_names):
+            if name not in current.names:
+                continue
+            want = current.field(name).type
+            if data.schema.field(name).type != want:
+                try:
+                    data = data.set_column(index, pa.field(name, want), data.column(name).cast(want))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise ValueError(f"{self.describe(dataset)}: column {name!r} is {data.schema.field(name).type}, "
+                                     f"the table holds {want}: {exc}") from exc
+        return data
 
     # ------------------------------------------------------------ paths
     def dataset_path(self, dataset: str) -> str:

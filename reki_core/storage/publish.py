@@ -433,7 +433,7 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
 
     lake = Lake(cfg.lake_uri)
     if not lake.has_partition("vectors/augmented", day):
-        raise PublishError(f"{lake.uri_of(lake.partition_path('vectors/augmented', day))}: no augmented vectors "
+        raise PublishError(f"{lake.describe('vectors/augmented', day)}: no augmented vectors "
                            f"for {as_date(day)}; the encoding/model step has not written them")
     vectors = lake.read_partition("vectors/augmented", day).drop(columns=["dt"], errors="ignore")
     if "model_version" not in vectors.columns:

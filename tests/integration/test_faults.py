@@ -31,7 +31,7 @@ import pytest
 from reki_core.config import PROJECT_ROOT, Config
 from reki_core.storage.lake import Lake
 from reki_core.storage.object_store import make_s3_client
-from tests.conftest import make_config
+from tests.conftest import copy_lake, make_config
 from tests.integration.pipeline_driver import FAST_SETTINGS, StageFailed, publish_day, run_day
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -99,7 +99,7 @@ class World:
 def _make_world(root: Path, baseline_lake: Path, seaweed) -> World:
     bucket = f"faults-{uuid.uuid4().hex[:10]}"
     make_s3_client(seaweed.endpoint_url, seaweed.writer_key, seaweed.writer_secret).create_bucket(Bucket=bucket)
-    shutil.copytree(baseline_lake, root / "lake", dirs_exist_ok=True)
+    copy_lake(baseline_lake, root / "lake", dirs_exist_ok=True)
     env = {**FAST_SETTINGS, "REKI__OBJECT_STORE__ENDPOINT_URL": seaweed.endpoint_url,
            "REKI__OBJECT_STORE__BUCKET": bucket}
     cfg = make_config(root, **env)

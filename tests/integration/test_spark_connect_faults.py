@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from reki_core.runlog import read_steps
 from reki_core.storage.lake import Lake
 from spark_jobs.common import jobs_named, run_jobs
 from spark_jobs.features import FEATURE_JOBS
-from tests.conftest import ConnectServer, make_config, serve_spark_connect
+from tests.conftest import ConnectServer, copy_lake, make_config, serve_spark_connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -77,7 +76,7 @@ def test_server_killed_mid_task_fails_clearly_and_the_retry_succeeds(world, spar
     cfg, day, connect = world
     lake = Lake(cfg.lake_uri)
     reference = tmp_path / "reference"
-    shutil.copytree(cfg.lake_uri, reference / "lake")
+    copy_lake(cfg.lake_uri, reference / "lake")
     proc = _features(cfg, day, connect)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # kill the server once `items` is done, while `user_history` runs

@@ -7,11 +7,12 @@ import ast
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import copy_lake
 from pyspark.testing import assertDataFrameEqual
 
 from reki_core.config import PROJECT_ROOT, load_config
@@ -64,7 +65,7 @@ def test_jobs_write_the_same_partitions_on_a_classic_session_and_on_connect(spar
     classic_root, connect_root = tmp_path / "classic", tmp_path / "connect"
     data = synthetic.generate(1500, n_users=30, n_items=50, days=4, seed=11, start=dt.date(2024, 5, 1))
     days = synthetic.write_raw_lake(Lake(str(classic_root / "lake")), data.interactions, data.users, data.items)
-    shutil.copytree(classic_root / "lake", connect_root / "lake")
+    copy_lake(classic_root / "lake", connect_root / "lake")
     # A full build, then two daily runs (the second one's state comes from a daily run).
     cfg = load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=_env(classic_root, window))
     jobs_by_day = [[job for job in jobs if job != "clusters"]] * 2 + [jobs]

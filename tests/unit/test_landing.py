@@ -266,21 +266,17 @@ def test_movielens_initial_load_then_daily(cfg, ml100k_dir):
     assert len(users) >= result["users"]
 
 
-def test_a_swap_that_fails_half_way_puts_the_previous_partition_back(tmp_path, monkeypatch):
-    """The new folder cannot be moved in (after the old one was moved aside): the old one returns."""
+def test_a_write_whose_commit_fails_leaves_the_previous_day(tmp_path, monkeypatch):
+    """The new day's files are written but its catalog commit fails: readers still see the previous rows."""
     lake = Lake(str(tmp_path / "lake"))
     lake.write_partition(good_interactions(), "raw/interactions", DAY)
     before = lake.read_partition("raw/interactions", DAY)
-    real_mv = lake.fs.mv
 
-    def mv(src, dst, **kwargs):
-        if "_staging-" in src:
-            raise OSError("simulated failure moving the new partition in")
-        return real_mv(src, dst, **kwargs)
+    def commit_table(*args, **kwargs):
+        raise OSError("simulated failure committing the new day")
 
-    monkeypatch.setattr(lake.fs, "mv", mv)
+    monkeypatch.setattr(lake.catalog, "commit_table", commit_table)
     with pytest.raises(OSError, match="simulated failure"):
         lake.write_partition(good_interactions(2), "raw/interactions", DAY)
-    pd.testing.assert_frame_equal(lake.read_partition("raw/interactions", DAY), before)
-    left = [p.rsplit("/", 1)[-1] for p in lake.fs.ls(lake.dataset_path("raw/interactions"), detail=False)]
-    assert left == [f"dt={DAY.isoformat()}"], "neither the old nor the new folder may be left beside it"
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(Lake(str(tmp_path / "lake")).read_partition("raw/interactions", DAY), before)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,7 @@ from reki_core.models.data import AssemblyError, KnowledgeIndex, assemble
 from reki_core.models.training import (AUGMENTED_VECTORS, CTR_SAMPLES, apply_adaptor, has_current_model, load_model,
                                        train_model, training_day)
 from reki_core.storage.lake import Lake
-from tests.conftest import make_config
+from tests.conftest import copy_lake, make_config
 
 torch.set_num_threads(1)
 DAY = "1998-02-01"
@@ -123,11 +122,10 @@ def test_stored_augmented_vectors_give_the_same_predictions_as_the_online_adapto
 
 def test_a_rerun_keeps_the_model_that_wrote_its_date_after_a_newer_one_is_registered(trained, tmp_path):
     cfg, lake, card = trained
-    shutil.copytree(cfg.lake_uri, tmp_path / "lake")  # its own registry: the new version must not leak
+    copy_lake(cfg.lake_uri, tmp_path / "lake")  # its own registry: the new version must not leak
     cfg = make_config(tmp_path, **TINY, REKI__PATHS__LAKE_URI=str(tmp_path / "lake"))
     lake = Lake(cfg.lake_uri)
-    if lake.has_partition(AUGMENTED_VECTORS, DAY):
-        lake.fs.rm(lake.partition_path(AUGMENTED_VECTORS, DAY), recursive=True)
+    lake.delete_partition(AUGMENTED_VECTORS, DAY)
     first = apply_adaptor(cfg, DAY)
     assert (first["model_version"], first["model_chosen"]) == (card["version"], "current")
     written = lake.read_partition(AUGMENTED_VECTORS, DAY)
@@ -139,7 +137,7 @@ def test_a_rerun_keeps_the_model_that_wrote_its_date_after_a_newer_one_is_regist
     assert (rerun["model_version"], rerun["model_chosen"]) == (card["version"], "as_before")
     pd.testing.assert_frame_equal(lake.read_partition(AUGMENTED_VECTORS, DAY), written)
 
-    lake.fs.rm(lake.partition_path(AUGMENTED_VECTORS, DAY), recursive=True)  # a first run of D takes the newest
+    lake.delete_partition(AUGMENTED_VECTORS, DAY)  # a first run of D takes the newest
     assert apply_adaptor(cfg, DAY)["model_version"] == newer["version"]
 
 
