@@ -243,7 +243,11 @@ def submit_java_options(cfg: Config) -> str:
 
 def submit_conf(cfg: Config) -> dict[str, str]:
     """The `--conf` settings of a spark-submitted job (a user's, the benchmark's cold-JVM comparison)."""
-    conf = {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), "spark.sql.session.timeZone": "UTC"}
+    from reki_core.jars import spark_jar_conf
+
+    # The connector jars go on the class path at the JVM's start: a session's settings come too late for them.
+    conf = {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions), "spark.sql.session.timeZone": "UTC",
+            **spark_jar_conf()}
     java_options = submit_java_options(cfg)
     return {**conf, "spark.driver.extraJavaOptions": java_options} if java_options else conf
 

@@ -119,6 +119,8 @@ class Lake:
                 f"{prefix}.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
                 f"{prefix}.uri": f"jdbc:sqlite:{self._catalog_file()}",
                 f"{prefix}.jdbc.schema-version": "V1",
+                # Every read loads the table's current metadata: pyiceberg and other sessions commit too.
+                f"{prefix}.cache-enabled": "false",
                 f"{prefix}.warehouse": self._warehouse()}
 
     def is_table(self, dataset: str) -> bool:

@@ -108,6 +108,8 @@ def spark_catalog_conf(cfg: Config) -> dict[str, str]:
         f"{prefix}.uri": jdbc_uri(cfg),
         f"{prefix}.warehouse": warehouse_uri(cfg),
         f"{prefix}.io-impl": "org.apache.iceberg.hadoop.HadoopFileIO",  # s3a, one S3 client and retry policy
+        # The warm server outlives every task: each read loads the table's current metadata, never a cached one.
+        f"{prefix}.cache-enabled": "false",
         **s3a_conf(cfg),
     }
 

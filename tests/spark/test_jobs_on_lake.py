@@ -87,7 +87,10 @@ def test_spark_submit_runs_a_job_file(tmp_path):
            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYSPARK_PYTHON": str(venv_bin / "python")}
     # The README's driver options (log configuration and JIT settings) for a job submitted by hand.
     java_options = submit_java_options(load_config(PROJECT_ROOT / "conf/reki.yaml", environ={}))
-    cmd = [str(PROJECT_ROOT / ".venv/bin/spark-submit"), "--master", "local[1]",
+    from reki_core.jars import spark_jar_conf
+
+    jars = [arg for key, value in spark_jar_conf().items() for arg in ("--conf", f"{key}={value}")]  # Iceberg's
+    cmd = [str(PROJECT_ROOT / ".venv/bin/spark-submit"), "--master", "local[1]", *jars,
            "--conf", f"spark.driver.extraJavaOptions={java_options}", str(PROJECT_ROOT / "spark_jobs/items.py"),
            "--lake", cfg.lake_uri, "--dt", days[-1].isoformat()]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

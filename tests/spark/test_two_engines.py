@@ -12,14 +12,14 @@ import sys
 
 import pytest
 
-from tests.conftest import copy_lake
 from pyspark.testing import assertDataFrameEqual
 
 from reki_core.config import PROJECT_ROOT, load_config
 from reki_core.datasets import synthetic
 from reki_core.storage.lake import Lake
 from spark_jobs import buckets
-from spark_jobs.common import jobs_named, run_jobs
+from spark_jobs.common import jobs_named, read_partition, run_jobs
+from tests.conftest import copy_lake
 
 JOBS = ["items", "user_history", "ctr_samples", "clusters"]
 DATASETS = ("features/items", "features/items_undescribed", "features/user_history", "features/knowledge_versions",
@@ -85,9 +85,8 @@ def test_jobs_write_the_same_partitions_on_a_classic_session_and_on_connect(spar
             if not classic_lake.has_partition(dataset, day):
                 assert not connect_lake.has_partition(dataset, day), (dataset, day)
                 continue
-            folder = f"{dataset}/dt={day.isoformat()}"
-            expected = spark.read.parquet(str(classic_lake.local_path(folder)))
-            actual = spark.read.parquet(str(connect_lake.local_path(folder)))
+            expected = read_partition(spark, classic_lake, dataset, day)
+            actual = read_partition(spark, connect_lake, dataset, day)
             assertDataFrameEqual(actual, expected, checkRowOrder=False)
             rows += expected.count()
             assert _manifest_without_file_names(connect_lake, dataset, day) == \
