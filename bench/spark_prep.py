@@ -43,7 +43,7 @@ from reki_core.localstack import CONNECT_TOKEN_ENV, SparkConnectServer, ensure_c
 from reki_core.prompts import resolve_mode  # noqa: E402
 from reki_core.spark import class_archive, connect_client, ensure_class_archive, spark_submit, submit_conf, task_session_id  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
-from spark_jobs.common import jobs_named, read_parquet, run_jobs  # noqa: E402
+from spark_jobs.common import jobs_named, read_partition, run_jobs  # noqa: E402
 from spark_jobs.features import FEATURE_JOBS  # noqa: E402
 
 WARMUP_INTERACTIONS = 5_000
@@ -110,7 +110,6 @@ class Runner:
 
     def floor(self, cfg, lake: Lake, day: dt.date) -> dict:
         """The least a Spark action costs here, on a small partition (features/items): a count and a rewrite."""
-        folder = lake.local_path(f"features/items/dt={day.isoformat()}")
         out = str(lake.local_path("_floor"))
         with connect_client(cfg, self.url, task_session_id()) as spark:
             def best_of_3(action) -> float:
@@ -121,8 +120,11 @@ class Runner:
                     times.append(time.perf_counter() - t)
                 return round(min(times), 3)
 
-            return {"count": best_of_3(lambda: read_parquet(spark, [folder]).count()),
-                    "write": best_of_3(lambda: read_parquet(spark, [folder]).write.mode("overwrite").parquet(out))}
+            def items():
+                return read_partition(spark, lake, "features/items", day)
+
+            return {"count": best_of_3(lambda: items().count()),
+                    "write": best_of_3(lambda: items().write.mode("overwrite").parquet(out))}
 
 
 def full_vs_daily(runner: Runner, cfg, lake: Lake, days, jobs, full: dict | None = None, repeats: int = 1) -> dict:
@@ -133,9 +135,9 @@ def full_vs_daily(runner: Runner, cfg, lake: Lake, days, jobs, full: dict | None
     fulls, dailies = ([] if full is None else [full]), []
     for _ in range(repeats):
         if full is None:
-            shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+            lake.drop_namespace("features")
             fulls.append(runner.run(cfg, lake, day, jobs))
-        shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+        lake.drop_namespace("features")
         runner.run(cfg, lake, before, jobs)
         after_full = runner.run(cfg, lake, prev, jobs)
         dailies.append(runner.run(cfg, lake, day, jobs))
@@ -157,7 +159,7 @@ def quiet_day(runner: Runner, cfg, lake: Lake, days, jobs, full_s: float) -> dic
         lake.write_partition(empty, "raw/interactions", day)
         lake.write_partition(users, "raw/users", day)
         lake.write_partition(item_rows, "raw/items", day)
-    shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+    lake.drop_namespace("features")
     runner.run(cfg, lake, last, jobs)
     runner.run(cfg, lake, quiet[0], jobs)
     runs = [runner.run(cfg, lake, quiet[1], jobs) for _ in range(ML100K_REPEATS)]
@@ -185,9 +187,9 @@ def submitted_runs(cfg, lake: Lake, days) -> dict:
 
     fulls = []
     for _ in range(ML100K_REPEATS):
-        shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+        lake.drop_namespace("features")
         fulls.append(submit(day))
-    shutil.rmtree(lake.local_path("features"), ignore_errors=True)
+    lake.drop_namespace("features")
     submit(before)
     submit(prev)
     dailies = [submit(day) for _ in range(ML100K_REPEATS)]  # a re-run reads the previous day's state again

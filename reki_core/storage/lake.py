@@ -3,7 +3,7 @@
 A dataset `<namespace>/<name>` (e.g. `raw/interactions`) is the Apache Iceberg table `<namespace>.<name>`, partitioned
 by `dt`, in the lake's own catalog: `<lake>/_catalog/iceberg.sqlite` and the warehouse `<lake>/_tables` (docs/design.md,
 "port each dataset": the warehouse moves to the object store next). Python reads and writes it through pyiceberg;
-Spark through the same catalog, registered on its session (`spark_table`). Writing day D replaces D's rows in one
+Spark through the same catalog, registered on its session (`spark_catalog_conf`; spark_jobs/common.py `table_of`). Writing day D replaces D's rows in one
 commit, which also records that D was written (an empty day has no data file to show it): readers see the old day or
 the new one, never a mix, and a re-run of D replaces exactly D.
 
@@ -147,11 +147,13 @@ class Lake:
                       if key.startswith(DAY_PROPERTY))
 
     def _write_table_day(self, table: pa.Table, dataset: str, day: dt.date) -> str:
-        existing = self.load_table(dataset)
+        from pyiceberg.catalog import Catalog
         from pyiceberg.expressions import EqualTo
         from pyiceberg.partitioning import PartitionField, PartitionSpec
+        from pyiceberg.schema import assign_fresh_schema_ids
         from pyiceberg.transforms import IdentityTransform
 
+        existing = self.load_table(dataset)
         data = table.drop_columns(["dt"]) if "dt" in table.column_names else table
         if existing is not None:
             data = self._aligned(data, existing, dataset)  # before iceberg_ready: the table's types win
@@ -160,9 +162,6 @@ class Lake:
         if existing is None:
             namespace, _ = table_identifier(dataset)
             self.catalog.create_namespace_if_not_exists(namespace)
-            from pyiceberg.catalog import Catalog
-            from pyiceberg.schema import assign_fresh_schema_ids
-
             schema = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(data.schema))
             spec = PartitionSpec(PartitionField(source_id=schema.find_field("dt").field_id, field_id=1000,
                                                 transform=IdentityTransform(), name="dt"))
@@ -201,6 +200,23 @@ class Lake:
         with table.transaction() as tx:
             tx.delete(EqualTo("dt", day.isoformat()))
             tx.remove_properties(f"{DAY_PROPERTY}{day.isoformat()}")
+
+    def drop_namespace(self, namespace: str) -> None:
+        """Every dataset under `namespace/`, tables and folders, gone with its files (a benchmark's reset)."""
+        from pyiceberg.exceptions import NoSuchNamespaceError
+
+        try:
+            identifiers = self.catalog.list_tables(namespace)
+        except NoSuchNamespaceError:
+            identifiers = []
+        for identifier in identifiers:
+            location = self.catalog.load_table(identifier).location()
+            self.catalog.drop_table(identifier)
+            fs, path = fsspec.core.url_to_fs(location)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        if self.fs.exists(self.dataset_path(namespace)):
+            self.fs.rm(self.dataset_path(namespace), recursive=True)
 
     def describe(self, dataset: str, day: str | dt.date | None = None) -> str:
         """How messages name a dataset (and a day of it): `raw/items/dt=D (table raw.items of <lake>)`."""

@@ -469,14 +469,18 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
     files.update(extra_files or {})
 
     steps = read_steps(lake, day)
-    lineage = {}
+    lineage, snapshots = {}, {}
     for dataset in _LINEAGE_DATASETS:
         latest_day = lake.latest_partition(dataset, upto=day)
         if latest_day is not None:
             lineage[dataset] = latest_day.isoformat()
+        if lake.is_table(dataset) and (table := lake.load_table(dataset)) is not None:
+            # The version read: time travel to it (`snapshot_id`) finds these inputs again, whatever came after.
+            snapshots[dataset] = {"table": lake.table_name(dataset), "snapshot_id": table.current_snapshot().snapshot_id}
     metadata = {
         "gates": collect_gate_results(steps),
         "source_partitions": lineage,
+        "source_snapshots": snapshots,
         "metrics": metrics,
         "steps": [{k: s.get(k) for k in ("step", "started_at", "seconds") if k in s} for s in steps],
         "lake_uri": lake.uri,

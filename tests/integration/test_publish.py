@@ -312,6 +312,14 @@ def test_publish_from_lake_gathers_vectors_registry_files_and_gates(tmp_path, se
     assert sorted((g["step"], g["gate"]) for g in manifest["gates"]) == [("land", "raw_interactions"),
                                                                         ("quality_vectors", "augmented_vectors")]
     assert manifest["source_partitions"] == {"raw/interactions": "1998-03-30", "vectors/augmented": day}
+    # The snapshot each input table was read at: time travel to it finds the same rows after later commits.
+    snapshots = manifest["source_snapshots"]
+    assert set(snapshots) == {"raw/interactions", "vectors/augmented"}
+    augmented_at = lake.load_table("vectors/augmented").scan(snapshot_id=snapshots["vectors/augmented"]["snapshot_id"])
+    assert len(augmented_at.to_arrow()) == len(augmented)
+    lake.write_partition(augmented.iloc[:1], "vectors/augmented", day)  # a later re-run of D
+    assert len(lake.load_table("vectors/augmented").scan(
+        snapshot_id=snapshots["vectors/augmented"]["snapshot_id"]).to_arrow()) == len(augmented)
     assert manifest["run_report_files"] == ["run_report_1998-03-31.md"]
 
     from reki_core.serving.vector_store import VectorStore
