@@ -29,8 +29,10 @@ def test_archive_is_used_only_once_built_and_while_enabled(tmp_path):
     disabled = _cfg(tmp_path, REKI__SPARK__CLASS_ARCHIVE="false", REKI__SPARK__LOG_CONFIG="null")
     assert spark_module.submit_java_options(disabled) == cfg.spark.driver_java_options
     # What a spark-submitted job gets (README: running a job by hand): the options beside the session settings.
+    from reki_core.jars import spark_jar_conf
+
     assert spark_module.submit_conf(cfg) == {"spark.sql.shuffle.partitions": str(cfg.spark.shuffle_partitions),
-                                             "spark.sql.session.timeZone": "UTC",
+                                             "spark.sql.session.timeZone": "UTC", **spark_jar_conf(),
                                              "spark.driver.extraJavaOptions": spark_module.submit_java_options(cfg)}
 
 
