@@ -230,7 +230,7 @@ class LLMServerConfig(_Strict):
     program: Literal["llama.cpp", "transformers"] = "llama.cpp"
     port: int = 8090
     # llama.cpp: sequences decoded together (its slots), each with llm.engine.max_model_len tokens of context.
-    parallel: int = Field(16, ge=1)
+    parallel: int = Field(8, ge=1)
     # llama.cpp: decoding threads (0: one per core of the machine).
     threads: int = Field(0, ge=0)
     # transformers serve only: its device, continuous batching and the KV cache below.

@@ -15,6 +15,7 @@ file), until their own port. Documents (`write_json`) and the stores use the fol
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import re
 import uuid
@@ -167,12 +168,18 @@ class Lake:
                                                 transform=IdentityTransform(), name="dt"))
             existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=schema,
                                                                partition_spec=spec)
-        with warnings.catch_warnings(), existing.transaction() as tx:
-            warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
-            with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
-                update.union_by_name(data.schema)
-            tx.overwrite(data, overwrite_filter=EqualTo("dt", day.isoformat()))
-            tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": "written"})
+        try:
+            with warnings.catch_warnings(), existing.transaction() as tx:
+                warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
+                with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
+                    update.union_by_name(data.schema)
+                tx.overwrite(data, overwrite_filter=EqualTo("dt", day.isoformat()))
+                tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": "written"})
+        except Exception as exc:
+            if "disk is full" in str(exc):  # SQLite's word for it: the same OSError as a data file's full disk
+                raise OSError(errno.ENOSPC, f"No space left on device: committing {self.describe(dataset, day)} "
+                                            f"(the previous version stays)") from exc
+            raise
         return f"{existing.location()}/data/dt={day.isoformat()}"
 
     def _read_table(self, dataset: str, row_filter, columns: list[str] | None, with_dt: bool) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from reki_core.datasets import synthetic
 from reki_core.localstack import SparkConnectServer, ensure_connect_token, free_port_block
 from reki_core.runlog import read_steps
 from reki_core.storage.lake import Lake
-from spark_jobs.common import jobs_named, run_jobs
+from spark_jobs.common import jobs_named, read_partition, run_jobs
 from spark_jobs.features import FEATURE_JOBS
 from tests.conftest import ConnectServer, copy_lake, make_config, serve_spark_connect
 
@@ -103,6 +103,5 @@ def test_server_killed_mid_task_fails_clearly_and_the_retry_succeeds(world, spar
     ref_cfg = make_config(reference, scenario="books", REKI__SPARK__SHUFFLE_PARTITIONS="2")
     run_jobs(spark, jobs_named(FEATURE_JOBS), ref_cfg, Lake(ref_cfg.lake_uri), day)
     for dataset in ("features/items", "features/user_history", "features/knowledge_versions", "features/ctr_samples"):
-        folder = f"{dataset}/dt={day.isoformat()}"
-        assertDataFrameEqual(spark.read.parquet(str(lake.local_path(folder))),
-                             spark.read.parquet(str(Lake(ref_cfg.lake_uri).local_path(folder))), checkRowOrder=False)
+        assertDataFrameEqual(read_partition(spark, lake, dataset, day),
+                             read_partition(spark, Lake(ref_cfg.lake_uri), dataset, day), checkRowOrder=False)
