@@ -26,7 +26,7 @@ from pyspark.sql import types as T
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import DAY_PROPERTY, Lake, as_date
+from reki_core.storage.lake import DAY_PROPERTY, Lake, as_date, table_identifier
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -142,10 +142,6 @@ def table_of(spark: SparkSession, lake: Lake, dataset: str) -> str:
     return f"{lake.catalog_name}.{lake.table_name(dataset)}"
 
 
-def spark_of(df: DataFrame) -> SparkSession:
-    return df.sparkSession
-
-
 def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
     """The newest partition of `dataset` strictly before `day` (a re-run of `day` never reads itself)."""
     days = [d for d in lake.partitions(dataset) if d < day]
@@ -188,19 +184,20 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date) -> st
     recorded (a table property; without it an empty day would look unwritten). A crash between the two leaves the
     day unrecorded, so the next run redoes it."""
     if lake.is_table(dataset):
-        name = table_of(spark_of(df), lake, dataset)
+        spark = df.sparkSession
+        name = table_of(spark, lake, dataset)
         rows = df.withColumn("dt", F.lit(day).cast("date"))
-        if not spark_of(df).catalog.tableExists(name):
-            lake.catalog.create_namespace_if_not_exists(lake.table_name(dataset).split(".")[0])
+        if not spark.catalog.tableExists(name):
+            lake.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
             try:  # never createOrReplace: a table another writer just created keeps its rows
                 # From the schema alone: an action on `rows` would spend the job's observed metrics.
-                spark_of(df).createDataFrame([], rows.schema).writeTo(name).using("iceberg").partitionedBy(F.col("dt")).tableProperty(
-                    "write.spark.accept-any-schema", "true").create()
+                spark.createDataFrame([], rows.schema).writeTo(name).using("iceberg").partitionedBy(
+                    F.col("dt")).tableProperty("write.spark.accept-any-schema", "true").create()
             except Exception as exc:
                 if "already exists" not in str(exc).lower():
                     raise
         rows.writeTo(name).option("mergeSchema", "true").overwritePartitions()
-        spark_of(df).sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = 'written')")
+        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = 'written')")
         return f"{name}/dt={day.isoformat()}"
     staging = f"{lake.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
     df.write.mode("overwrite").parquet(staging)
