@@ -140,8 +140,9 @@ class Lake:
         except NoSuchTableError:
             return None
 
-    def _table_days(self, dataset: str) -> list[dt.date]:
-        table = self.load_table(dataset)
+    def _table_days(self, dataset: str, table=None) -> list[dt.date]:
+        """The days written, from the table's properties (`table` when the caller already loaded it)."""
+        table = table or self.load_table(dataset)
         if table is None:
             return []
         return sorted(dt.date.fromisoformat(key.removeprefix(DAY_PROPERTY)) for key in table.properties
@@ -182,8 +183,9 @@ class Lake:
             raise
         return f"{existing.location()}/data/dt={day.isoformat()}"
 
-    def _read_table(self, dataset: str, row_filter, columns: list[str] | None, with_dt: bool) -> pd.DataFrame:
-        table = self.load_table(dataset)
+    def _read_table(self, dataset: str, row_filter, columns: list[str] | None, with_dt: bool,
+                    table=None) -> pd.DataFrame:
+        table = table or self.load_table(dataset)
         if table is None:
             return pd.DataFrame(columns=(columns or []) + (["dt"] if with_dt else []))
         wanted = ("*",) if columns is None else tuple(dict.fromkeys([*columns, *(["dt"] if with_dt else [])]))
@@ -324,9 +326,11 @@ class Lake:
         if self.is_table(dataset):
             from pyiceberg.expressions import EqualTo
 
-            if not self.has_partition(dataset, day):
+            table = self.load_table(dataset)  # once: its properties say whether the day exists, then it is scanned
+            if as_date(day) not in self._table_days(dataset, table):
                 raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
-            return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False)
+            return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False,
+                                    table=table)
         path = self.partition_path(dataset, day)
         if not self.fs.exists(path):
             raise FileNotFoundError(f"lake partition missing: {self.uri_of(path)}")
