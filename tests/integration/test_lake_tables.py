@@ -39,6 +39,15 @@ def lake_stack(tmp_path_factory):
         s3.server.stop()  # also when the Connect server did not start
 
 
+SCHEMA = "user_id BIGINT, n_events INT, dt DATE"
+
+
+def _create_day_table(spark, cfg, name: str) -> None:
+    """A table of (user_id, n_events) partitioned by dt, in the lake catalog's `features` namespace."""
+    spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
+    spark.sql(f"CREATE TABLE {name} ({SCHEMA}) USING iceberg PARTITIONED BY (dt)")
+
+
 def _rows(frame) -> list[tuple]:
     return sorted((r["user_id"], r["n_events"], r["dt"]) for r in frame.collect())
 
@@ -51,14 +60,13 @@ def test_spark_writes_days_and_the_reader_sees_them(lake_stack, monkeypatch):
 
     root, s3, connect, cfg = lake_stack
     monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
-    schema = "user_id BIGINT, n_events INT, dt DATE"
+    schema = SCHEMA
     day1 = [(1, 3, D1), (2, 1, D1), (3, 7, D1)]
     day2_first = [(1, 2, D2), (4, 5, D2)]
     day2_rerun = [(1, 4, D2), (5, 1, D2), (6, 2, D2)]
     name = f"{cfg.lake.catalog}.{TABLE}"
     with connect_client(cfg) as spark:
-        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
-        spark.sql(f"CREATE TABLE {name} ({schema}) USING iceberg PARTITIONED BY (dt)")
+        _create_day_table(spark, cfg, name)
         spark.createDataFrame(day1, schema).writeTo(name).append()
         spark.createDataFrame(day2_first, schema).writeTo(name).append()
         # A re-run of D2 (twice: the second changes nothing) replaces D2's rows and only them.
@@ -128,11 +136,10 @@ def test_maintenance_compacts_expires_and_removes_orphans(lake_stack, monkeypatc
     client = make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
     orphan = f"{prefix}data/dt={D1}/00000-0-orphan-of-a-killed-write.parquet"
     with connect_client(cfg) as spark:
-        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
-        spark.sql(f"CREATE TABLE {name} (user_id BIGINT, n_events INT, dt DATE) USING iceberg PARTITIONED BY (dt)")
+        _create_day_table(spark, cfg, name)
         rows = [(i, i * 10, D1) for i in range(6)]
         for row in rows:  # a commit per row: six small files in one partition
-            spark.createDataFrame([row], "user_id BIGINT, n_events INT, dt DATE").coalesce(1).writeTo(name).append()
+            spark.createDataFrame([row], SCHEMA).coalesce(1).writeTo(name).append()
         files_before = {r["file_path"] for r in spark.sql(f"SELECT file_path FROM {name}.files").collect()}
         assert len(files_before) == 6 and spark.sql(f"SELECT * FROM {name}.snapshots").count() == 6
         client.put_object(Bucket=LAKE_BUCKET, Key=orphan, Body=b"bytes no snapshot references")
@@ -174,10 +181,9 @@ def test_backfill_and_daily_run_commit_to_one_table_at_once(lake_stack, monkeypa
     root, s3, connect, cfg = lake_stack
     monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
     name = f"{cfg.lake.catalog}.features.concurrent_probe"
-    schema = "user_id BIGINT, n_events INT, dt DATE"
+    schema = SCHEMA
     with connect_client(cfg) as spark:
-        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
-        spark.sql(f"CREATE TABLE {name} ({schema}) USING iceberg PARTITIONED BY (dt)")
+        _create_day_table(spark, cfg, name)
     failures: list[BaseException] = []
 
     def writer(day: dt.date) -> None:
@@ -224,8 +230,7 @@ def test_store_killed_during_a_write_keeps_the_previous_snapshot(lake_stack, mon
     client = make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
     day2 = f"SELECT id AS user_id, CAST(id % 7 AS INT) AS n_events, DATE'{D2}' AS dt FROM range(400000)"
     with connect_client(cfg) as spark:
-        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS {cfg.lake.catalog}.features")
-        spark.sql(f"CREATE TABLE {name} (user_id BIGINT, n_events INT, dt DATE) USING iceberg PARTITIONED BY (dt)")
+        _create_day_table(spark, cfg, name)
         spark.sql(f"SELECT id AS user_id, 1 AS n_events, DATE'{D1}' AS dt FROM range(10)").writeTo(name).append()
         before = spark.sql(f"SELECT snapshot_id FROM {name}.snapshots").first()["snapshot_id"]
 
