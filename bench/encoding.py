@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from reki_core.encoding import ASSIGNED, TextEncoder, encode_knowledge, text_hash
-    from reki_core.storage.lake import Lake
+    from reki_core.storage.lake import lake_of
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     with tempfile.TemporaryDirectory(prefix="reki-bench-encoding-") as tmp:
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The daily step itself: D fills the lake's embedding cache, D+1 records what it found there.
         encoded = {d.isoformat(): encode_knowledge(cfg, d, encoder=encoder) for d in (day, next_day)}
 
-        lake = Lake(cfg.lake_uri)
+        lake = lake_of(cfg)
         texts = {d: lake.read_partition(ASSIGNED, d) for d in (day, next_day)}
         before = {(k, str(e)): text_hash(t) for k, e, t in
                   zip(texts[day]["entity_kind"], texts[day]["entity_id"], texts[day]["encode_text"].astype(str))}

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
-from reki_core.storage.lake import Lake  # noqa: E402
+from reki_core.storage.lake import lake_of  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "llm_extraction.json"
 
@@ -61,7 +61,7 @@ def prepare_day(cfg: Config, day: dt.date, spark) -> dict:
     from reki_core.prompts import build_prompts
     from spark_jobs import clusters, items, user_history
 
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     land(cfg, day)
     items.run(spark, cfg, lake, day)
     user_history.run(spark, cfg, lake, day)
@@ -74,7 +74,7 @@ def incremental_breakdown(cfg: Config, day: dt.date) -> dict:
     """Why the prompts planned for `day` were sent: new users, users whose window advanced, new or changed items."""
     from reki_core.llm.runner import PLAN, PROMPTS
 
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     previous = lake.read_partition(PROMPTS, lake.latest_partition(PROMPTS, upto=day - dt.timedelta(days=1)))
     prompts = lake.read_partition(PROMPTS, day)
     sent = prompts[prompts["prompt_hash"].isin(lake.read_partition(PLAN, day)["prompt_hash"])]

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from reki_core.config import PROJECT_ROOT, Config, load_config  # noqa: E402
-from reki_core.storage.lake import Lake  # noqa: E402
+from reki_core.storage.lake import lake_of  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "llm_serving.json"
 DAY = dt.date(1998, 3, 31)
@@ -77,7 +77,7 @@ def write_item_prompts(cfg: Config, n: int) -> int:
                           "entity_id": items["item_id"].astype(str).tolist(), "text": texts,
                           "history_text": "", "prompt_hash": [prompt_hash(v, t) for t in texts],
                           "template_version": v, "as_of": 0, "ask_llm": True})
-    Lake(cfg.lake_uri).write_partition(frame, "prompts", DAY)
+    lake_of(cfg).write_partition(frame, "prompts", DAY)
     return frame["prompt_hash"].nunique()
 
 
@@ -91,7 +91,7 @@ def shard_totals(results: list[dict]) -> dict:
 def finish_reasons(cfg: Config) -> dict:
     from reki_core.llm.store import read_answers, sampling_version
 
-    answers = read_answers(Lake(cfg.lake_uri), cfg.llm.engine.model_id, sampling_version(cfg))
+    answers = read_answers(lake_of(cfg), cfg.llm.engine.model_id, sampling_version(cfg))
     counts = answers["finish_reason"].value_counts().to_dict()
     return {k: int(v) for k, v in counts.items()} | {"stop_share": round(counts.get("stop", 0) / max(1, len(answers)), 3)}
 

@@ -110,10 +110,10 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
     from reki_core.llm.runner import assign_knowledge, plan_shards, run_shard
     from reki_core.models.training import CTR_SAMPLES
     from reki_core.prompts import build_prompts
-    from reki_core.storage.lake import Lake
+    from reki_core.storage.lake import lake_of
 
     ensure_instruct_model(cfg.resolve(cfg.paths.models_dir), cfg.state_dir / "downloads")
-    source = Lake(cfg.lake_uri)
+    source = lake_of(cfg)
     day = source.latest_partition(CTR_SAMPLES, upto=cfg.run_date)
     if day is None or "://" in cfg.paths.lake_uri:
         sys.exit(f"bench/model_quality.py --prepare: needs a local lake with {CTR_SAMPLES} up to {cfg.run_date} "
@@ -128,7 +128,7 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
         shutil.copytree(others[0] if others else cfg.lake_uri, tmp,
                         ignore=shutil.ignore_patterns("knowledge", "knowledge_vectors", "prompts", "clusters"))
         tmp.rename(target)
-    lake = Lake(bench_cfg.lake_uri)
+    lake = lake_of(bench_cfg)
     if not lake.has_partition("prompts", day):
         if mode == "collective" and not lake.has_partition("features/clusters", day):
             from reki_core.spark import get_spark
@@ -160,10 +160,10 @@ def extraction_cost(cfg, mode: str, day) -> dict:
     """What the `mode` knowledge cost: LLM calls, tokens, generation time, and how answers ended."""
     from reki_core.llm.runner import _model_keys, extraction_prompts
     from reki_core.llm.store import read_answers
-    from reki_core.storage.lake import Lake
+    from reki_core.storage.lake import lake_of
 
     bench_cfg = real_llm_config(cfg, mode)
-    lake = Lake(bench_cfg.lake_uri)
+    lake = lake_of(bench_cfg)
     prompts, _ = extraction_prompts(bench_cfg, day, lake)
     answers = read_answers(lake, *_model_keys(bench_cfg), prompts["prompt_hash"].unique())
     shards = [json.loads(line) for line in (bench_lake_dir(cfg, mode).parent / f"shards-{mode}.jsonl").read_text().splitlines()]
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     from reki_core.encoding import KNOWLEDGE_VECTORS, TextEncoder
     from reki_core.models.data import KnowledgeIndex
     from reki_core.models.training import fit_and_evaluate, load_samples
-    from reki_core.storage.lake import Lake
+    from reki_core.storage.lake import lake_of
 
     torch.set_num_threads(args.threads)
     cfg = load_config()
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.max_epochs:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"max_epochs": args.max_epochs})})
-    lakes = {mode: Lake(str(bench_lake_dir(cfg, mode))) for mode in ("individual", "collective")}
+    lakes = {mode: lake_of(cfg, str(bench_lake_dir(cfg, mode))) for mode in ("individual", "collective")}
     for mode, mode_lake in lakes.items():  # extract what is missing (answers already in the store are reused)
         if mode_lake.latest_partition(KNOWLEDGE_VECTORS, upto=cfg.run_date) is None:
             prepare_real_knowledge(cfg, mode, max_shards=10**6)

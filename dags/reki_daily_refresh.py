@@ -94,10 +94,10 @@ def reki_daily_refresh():
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def needs_groups(**context) -> bool:
         from reki_core.prompts import groups_needed
-        from reki_core.storage.lake import Lake
+        from reki_core.storage.lake import lake_of
 
         cfg, day = task_setup(context)
-        return groups_needed(cfg, Lake(cfg.lake_uri), day)
+        return groups_needed(cfg, lake_of(cfg), day)
 
     @task(**GATE, trigger_rule="none_failed")
     def feature_gate(**context) -> dict:
@@ -184,11 +184,11 @@ def reki_daily_refresh():
     @task(outlets=[AUGMENTED_VECTORS])
     def publish(**context) -> dict:
         from reki_core.report import write_run_report
-        from reki_core.storage.lake import Lake
+        from reki_core.storage.lake import lake_of
         from reki_core.storage.publish import publish_from_lake
 
         cfg, day = task_setup(context)
-        lake = Lake(cfg.lake_uri)
+        lake = lake_of(cfg)
         report = write_run_report(lake, day, cfg.state_dir / "reports" / day.isoformat())
         result = publish_from_lake(cfg, day, run_id(context), **s3_credentials(),
                                    extra_files={Path(p).name: Path(p) for p in report.values()})

@@ -253,11 +253,11 @@ SUMMARY_FACTS = (
 def summary(ctx: click.Context, day: str | None) -> None:
     """Print what the run of a date did: each step's counts, gates and time."""
     from reki_core.runlog import read_steps
-    from reki_core.storage.lake import Lake
+    from reki_core.storage.lake import lake_of
 
     cfg = _config(ctx)
     day_ = _date(day, cfg)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     steps = read_steps(lake, day_)
     if not steps:
         raise click.ClickException(f"no run records for {day_} under {lake.uri}/_runs/")

@@ -157,6 +157,9 @@ class LakeConfig(_Strict):
     s3_attempts: int = Field(2, ge=1)
     s3_connect_timeout_s: float = Field(3.0, gt=0)
     s3_request_timeout_s: float = Field(30.0, gt=0)
+    # The stages' tables keep their files in this bucket (s3a://<bucket>/<warehouse_prefix>/<lake's catalog name>/),
+    # written as the writer identity of the environment; false = a `_tables` folder of the lake (a test's scratch lake).
+    tables_in_store: bool = True
     maintenance: LakeMaintenanceConfig = LakeMaintenanceConfig()
 
 

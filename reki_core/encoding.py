@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from reki_core.config import Config
 from reki_core.fingerprint import folder_fingerprint
 from reki_core.runlog import timed_step
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 BUNDLED_ENCODER = "all-MiniLM-L6-v2"
 ASSIGNED = "knowledge/assigned"
@@ -217,7 +217,7 @@ def encode_knowledge(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | Non
     Fails with `EncodingError` on empty texts, duplicate entities and entities unknown to the features.
     """
     day = as_date(dt_)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     with timed_step(lake, day, "encode_knowledge") as record:
         assigned = lake.read_partition(ASSIGNED, day)
         where = lake.describe(ASSIGNED, day)

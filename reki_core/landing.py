@@ -28,7 +28,7 @@ from reki_core.quality import raw as raw_suites
 from reki_core.quality.gx import raise_if_any_failed, run_suite
 from reki_core.quality.data_docs import keep_validations
 from reki_core.runlog import timed_step
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 RAW = {"interactions": "raw/interactions", "users": "raw/users", "items": "raw/items"}
 REJECTED = "raw/_rejected"
@@ -193,7 +193,7 @@ def _land_snapshot(lake: Lake, what: str, day: dt.date) -> int:
 def land(cfg: Config, day: str | dt.date) -> dict:
     """Land the deliveries for `day` (all history up to it on an empty lake); returns counts."""
     day = as_date(day)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     runs = f"{lake.root}/_runs/dt={day.isoformat()}"
     if lake.fs.exists(runs):  # landing starts every run of a date: its records describe this run only
         lake.fs.rm(runs, recursive=True)
@@ -235,7 +235,7 @@ def land(cfg: Config, day: str | dt.date) -> dict:
 def run_raw_gate(cfg: Config, day: str | dt.date) -> dict:
     """The raw gate: the full suites on the landed partitions of `day`; raises GateError on failure."""
     day = as_date(day)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     with timed_step(lake, day, "raw_gate") as record:
         inter = lake.read_partition(RAW["interactions"], day)
         results = [

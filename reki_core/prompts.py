@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from reki_core.config import Config
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 DATASET = "prompts"
 USER, ITEM = "user", "item"
@@ -523,7 +523,7 @@ def build_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None,
     from reki_core.llm.store import known_prompt_hashes, sampling_version
     from reki_core.runlog import timed_step
 
-    lake = lake or Lake(cfg.lake_uri)
+    lake = lake or lake_of(cfg)
     day = as_date(dt)
     with timed_step(lake, day, "prompts") as record:
         inputs, mode = load_inputs(cfg, lake, day)

@@ -26,7 +26,7 @@ from pyspark.sql import types as T
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import DAY_PROPERTY, Lake, as_date, table_identifier
+from reki_core.storage.lake import DAY_PROPERTY, Lake, as_date, lake_of, table_identifier
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None, description: str) -> JobArgs:
                         help="run as a client of this Spark Connect server (default: a classic session, as spark-submit)")
     ns = parser.parse_args(argv)
     cfg = load_config(ns.config)
-    lake = Lake(ns.lake or cfg.lake_uri)
+    lake = lake_of(cfg, ns.lake)
     lake.local_path()  # fails early, naming the lake, when it is not a local folder
     return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt), remote=ns.remote)
 

@@ -78,6 +78,9 @@ def pytest_configure(config):
     # py4j logs "Closing down clientserver connection" from a finaliser at interpreter exit, after pytest
     # has closed the stream its log capture writes to: a "--- Logging error ---" traceback in every CI log.
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    # Each test's scratch lake keeps its tables in its own folder (no store to start for a unit test); the processes
+    # a test starts (Airflow, spark-submit) inherit it. The lake on the store has its own tests (test_lake_on_store).
+    os.environ.setdefault("REKI__LAKE__TABLES_IN_STORE", "false")
 
 
 def copy_lake(source: str | Path, dest: str | Path, dirs_exist_ok: bool = False) -> Lake:
@@ -106,6 +109,7 @@ def make_config(tmp_path: Path, scenario: str = "movielens", **env: str) -> Conf
         "REKI__PATHS__LAKE_URI": str(tmp_path / "lake"),
         "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
         "REKI__SCENARIO": scenario,
+        "REKI__LAKE__TABLES_IN_STORE": os.environ["REKI__LAKE__TABLES_IN_STORE"],  # false (pytest_configure)
     }
     environ.update(env)
     return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=environ)

@@ -31,7 +31,7 @@ class SparkConnectJobs(BaseOperator):
 
         from reki_airflow.runtime import task_setup
         from reki_core.spark import connect_client, task_session_id
-        from reki_core.storage.lake import Lake
+        from reki_core.storage.lake import lake_of
         from spark_jobs.common import jobs_named, run_jobs
 
         cfg, day = task_setup(context)
@@ -43,7 +43,7 @@ class SparkConnectJobs(BaseOperator):
         with connect_client(cfg, url, session_id, self._tag) as spark:
             self._session = spark
             try:
-                return run_jobs(spark, jobs_named(self.jobs), cfg, Lake(cfg.lake_uri), day)
+                return run_jobs(spark, jobs_named(self.jobs), cfg, lake_of(cfg), day)
             finally:
                 self._session = None
 

@@ -36,7 +36,7 @@ from reki_core.llm.store import (
     write_store_shard,
 )
 from reki_core.runlog import read_steps, record_step
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def extraction_mode(cfg: Config, prompts: pd.DataFrame) -> str:
 
 def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> tuple[pd.DataFrame, str]:
     """The prompts of `dt` that go to the LLM in this scenario's mode (one row per prompt_hash), and the mode."""
-    lake = lake or Lake(cfg.lake_uri)
+    lake = lake or lake_of(cfg)
     prompts = lake.read_partition(PROMPTS, day)
     missing = {"prompt_hash", "entity_kind", "entity_id", "text"} - set(prompts.columns)
     if missing:
@@ -156,7 +156,7 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
 
     Returns one small dict per shard (`shard_id`, `n_prompts`, `plan_id`): the DAG maps a task over them.
     """
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     started = time.perf_counter()
     recovered = _recover_checkpoints(cfg, lake, day)
     prompts, mode = extraction_prompts(cfg, day, lake)
@@ -189,7 +189,7 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
 
 
 def read_plan(cfg: Config, day: str | dt.date) -> dict[str, Any]:
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     plan = lake.read_json(f"{PLAN}/dt={_day(day)}/_plan.json")
     if plan is None:
         raise FileNotFoundError(f"no extraction plan for dt={_day(day)} under "
@@ -225,7 +225,7 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     from reki_core.llm.backends import GenerationRequest
 
     started = time.perf_counter()
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     plan = read_plan(cfg, day)
     model_id, sv = _model_keys(cfg)
     if (plan["model_id"], plan["sampling_version"]) != (model_id, sv):
@@ -485,7 +485,7 @@ def assign_knowledge(cfg: Config, day: str | dt.date) -> dict[str, Any]:
     the latest earlier assignment; without one it is left out and counted.
     """
     started = time.perf_counter()
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     prompts = lake.read_partition(PROMPTS, day)
     _, mode = extraction_prompts(cfg, day, lake)
     model_id, sv = _model_keys(cfg)
@@ -565,7 +565,7 @@ def assign_knowledge(cfg: Config, day: str | dt.date) -> dict[str, Any]:
 
 def extraction_summary(cfg: Config, day: str | dt.date) -> dict[str, Any]:
     """Totals of the day's extraction (plan, shards, failures, answers gate); recorded as step `llm_extraction`."""
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     plan = read_plan(cfg, day)
     steps = {s["step"]: s for s in read_steps(lake, day)}
     shard_ids = {s["shard_id"] for s in plan["shards"]}

@@ -26,7 +26,7 @@ from reki_core.config import Config, ModelConfig
 from reki_core.models import registry
 from reki_core.models.data import AssemblyError, FeatureMap, KnowledgeIndex, assemble, build_feature_map, check_samples
 from reki_core.runlog import timed_step
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 CTR_SAMPLES = "features/ctr_samples"
 AUGMENTED_VECTORS = "vectors/augmented"
@@ -171,7 +171,7 @@ def _card_markdown(card: dict[str, Any]) -> str:
 def train_model(cfg: Config, dt_: str | dt.date, progress: bool = True) -> dict[str, Any]:
     """Train, gate and register a model version for D; returns the model card (plus `published: bool`)."""
     day = as_date(dt_)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     m = cfg.model
     with timed_step(lake, day, "train_model") as record:
         splits = load_samples(lake, day)
@@ -216,12 +216,12 @@ def train_model(cfg: Config, dt_: str | dt.date, progress: bool = True) -> dict[
 
 def has_current_model(cfg: Config) -> bool:
     """True once some version passed its gate (the daily DAG trains a first version when this is False)."""
-    return registry.current_version(Lake(cfg.lake_uri)) is not None
+    return registry.current_version(lake_of(cfg)) is not None
 
 
 def training_day(cfg: Config, interval_end: dt.date) -> dt.date:
     """The newest day with CTR samples before `interval_end` (exclusive): training never reads the future."""
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     day = lake.latest_partition(CTR_SAMPLES, upto=interval_end - dt.timedelta(days=1))
     if day is None:
         raise ValueError(f"no {lake.uri_of(lake.dataset_path(CTR_SAMPLES))} partition before {interval_end}: "
@@ -259,7 +259,7 @@ def apply_adaptor(cfg: Config, dt_: str | dt.date) -> dict[str, Any]:
     from reki_core.encoding import KNOWLEDGE_VECTORS
 
     day = as_date(dt_)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     with timed_step(lake, day, "apply_adaptor") as record:
         vectors = lake.read_partition(KNOWLEDGE_VECTORS, day)
         encoders = sorted(set(vectors["encoder_id"]))

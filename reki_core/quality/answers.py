@@ -21,7 +21,7 @@ from reki_core.config import Config
 from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateResult, run_suite, warn_only
 from reki_core.runlog import record_step
-from reki_core.storage.lake import Lake
+from reki_core.storage.lake import lake_of
 
 GATE = "llm_answers"
 
@@ -48,7 +48,7 @@ def answers_frame(cfg: Config, day: str | dt.date) -> pd.DataFrame:
     from reki_core.llm.runner import FAILURES, extraction_prompts
     from reki_core.llm.store import read_answers, sampling_version
 
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     prompts, _ = extraction_prompts(cfg, day, lake)
     answers = read_answers(lake, cfg.llm.engine.model_id, sampling_version(cfg), prompts["prompt_hash"])
     failed = set()
@@ -104,7 +104,7 @@ def answers_expectations(cfg: Config) -> list:
 
 def validate_answers(cfg: Config, day: str | dt.date, raise_on_failure: bool = True) -> GateResult:
     """Run the answers gate for `dt`, record it as step `llm_answers_gate`, raise `GateError` on failure."""
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     df = answers_frame(cfg, day)
     dataset = lake.uri_of(lake.dataset_path("knowledge/store")) + f" (prompts of dt={pd.Timestamp(day).date()})"
     if df.empty:

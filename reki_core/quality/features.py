@@ -21,7 +21,7 @@ from reki_core.prompts import resolve_mode
 from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateResult, offenders, raise_if_any_failed, run_suite
 from reki_core.runlog import record_step
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 CLUSTERINGS = ("item", "user_pos", "user_neg")
 
@@ -131,7 +131,7 @@ def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None)
     import great_expectations.expectations as gxe
 
     day = as_date(day)
-    lake = lake or Lake(cfg.lake_uri)
+    lake = lake or lake_of(cfg)
     items = lake.read_partition("features/items", day)
     history = lake.read_partition("features/user_history", day)
     results = [

@@ -18,7 +18,7 @@ import pandas as pd
 from reki_core.config import Config
 from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateResult, run_suite
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 GATE = "prompts"
 
@@ -92,7 +92,7 @@ def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> Ga
     """The gate on `prompts/dt=D/` against the day's features; raises `GateError` listing the failures."""
     from reki_core.prompts import DATASET, expected_prompt_keys, load_inputs, make_token_counter, token_budget
 
-    lake = lake or Lake(cfg.lake_uri)
+    lake = lake or lake_of(cfg)
     day = as_date(dt)
     prompts = lake.read_partition(DATASET, day)
     has_groups = prompts["entity_kind"].str.endswith("_group").any()

@@ -20,7 +20,7 @@ from reki_core.config import Config
 from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import offenders, run_suite
 from reki_core.runlog import record_step
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import Lake, as_date, lake_of
 
 AUGMENTED = "vectors/augmented"
 ASSIGNED = "knowledge/assigned"
@@ -48,7 +48,7 @@ def gate_vectors(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> d
     import great_expectations.expectations as gxe
 
     day = as_date(day)
-    lake = lake or Lake(cfg.lake_uri)
+    lake = lake or lake_of(cfg)
     frame = vectors_frame(lake.read_partition(AUGMENTED, day),
                           lake.read_partition("features/user_history", day, columns=["user_id"])["user_id"],
                           lake.read_partition("features/items", day, columns=["item_id"])["item_id"],

@@ -14,19 +14,25 @@ file), until their own port. Documents (`write_json`) and the stores use the fol
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import json
 import re
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from reki_core.config import Config
+    from reki_core.storage.s3_access import S3Access
 
 _PARTITION_RE = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 # Still folders of Parquet files (see the module's docstring).
@@ -78,12 +84,41 @@ def iceberg_ready(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-class Lake:
-    """Date-partitioned datasets under one root URI."""
+@dataclass(frozen=True)
+class TableStore:
+    """Where a lake's tables keep their files on the object store, and as whom (`lake_of` builds it from the config)."""
 
-    def __init__(self, uri: str):
+    warehouse: str                # s3a://bucket/prefix: each lake's tables go under <warehouse>/<catalog name>/
+    access: S3Access
+    connect_timeout_s: float = 3.0
+    request_timeout_s: float = 30.0
+
+    def pyiceberg_properties(self) -> dict[str, str]:
+        """pyiceberg's S3 FileIO settings: path-style like s3a, bounded like s3a (pyarrow makes 3 attempts)."""
+        return {"s3.endpoint": self.access.endpoint_url, "s3.access-key-id": self.access.access_key,
+                "s3.secret-access-key": self.access.secret_key, "s3.region": self.access.region,
+                "s3.force-virtual-addressing": "false", "s3.connect-timeout": str(self.connect_timeout_s),
+                "s3.request-timeout": str(self.request_timeout_s)}
+
+
+def lake_of(cfg: Config, uri: str | None = None) -> Lake:
+    """The configured lake (`paths.lake_uri`, or `uri`), its tables on the object store when `lake.tables_in_store`,
+    written as the environment's identity (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+    if not cfg.lake.tables_in_store:
+        return Lake(uri or cfg.lake_uri)
+    from reki_core.storage.tables import lake_access, warehouse_uri
+
+    return Lake(uri or cfg.lake_uri, TableStore(warehouse_uri(cfg), lake_access(cfg), cfg.lake.s3_connect_timeout_s,
+                                                cfg.lake.s3_request_timeout_s))
+
+
+class Lake:
+    """Date-partitioned datasets under one root URI; their tables' files in the lake folder, or in `store`."""
+
+    def __init__(self, uri: str, store: TableStore | None = None):
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.store = store
         self._catalog = None
 
     # ------------------------------------------------------------ tables
@@ -98,6 +133,8 @@ class Lake:
         return self.local_path(CATALOG_DIR) / "iceberg.sqlite"
 
     def _warehouse(self) -> str:
+        if self.store is not None:
+            return f"{self.store.warehouse.rstrip('/')}/{self.catalog_name}"
         return self.local_path(WAREHOUSE_DIR).as_uri()
 
     @property
@@ -108,7 +145,8 @@ class Lake:
 
             self._catalog_file().parent.mkdir(parents=True, exist_ok=True)
             self._catalog = SqlCatalog(self.catalog_name, uri=f"sqlite:///{self._catalog_file()}",
-                                       warehouse=self._warehouse())
+                                       warehouse=self._warehouse(),
+                                       **(self.store.pyiceberg_properties() if self.store else {}))
         return self._catalog
 
     def spark_catalog_conf(self) -> dict[str, str]:
@@ -122,7 +160,9 @@ class Lake:
                 f"{prefix}.jdbc.schema-version": "V1",
                 # Every read loads the table's current metadata: pyiceberg and other sessions commit too.
                 f"{prefix}.cache-enabled": "false",
-                f"{prefix}.warehouse": self._warehouse()}
+                f"{prefix}.warehouse": self._warehouse(),
+                # On the store: s3a (the session's settings and the server's identity: reki_core/storage/tables.py).
+                **({f"{prefix}.io-impl": "org.apache.iceberg.hadoop.HadoopFileIO"} if self.store else {})}
 
     def is_table(self, dataset: str) -> bool:
         return dataset not in FOLDER_DATASETS
@@ -136,9 +176,22 @@ class Lake:
         from pyiceberg.exceptions import NoSuchTableError
 
         try:
-            return self.catalog.load_table(self.table_name(dataset))
+            with self._store_errors("loading", dataset):
+                return self.catalog.load_table(self.table_name(dataset))
         except NoSuchTableError:
             return None
+
+    @contextlib.contextmanager
+    def _store_errors(self, operation: str, dataset: str, day: dt.date | None = None):
+        """The store's failures (a wrong identity, a dead store) named with the bucket and the identity."""
+        try:
+            yield
+        except OSError as exc:
+            if self.store is None or isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOSPC:
+                raise
+            from reki_core.storage.tables import table_store_error
+
+            raise table_store_error(exc, f"{operation} {self.describe(dataset, day)}", self.store.access) from exc
 
     def _table_days(self, dataset: str, table=None) -> list[dt.date]:
         """The days written, from the table's properties (`table` when the caller already loaded it)."""
@@ -167,10 +220,11 @@ class Lake:
             schema = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(data.schema))
             spec = PartitionSpec(PartitionField(source_id=schema.find_field("dt").field_id, field_id=1000,
                                                 transform=IdentityTransform(), name="dt"))
-            existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=schema,
-                                                               partition_spec=spec)
+            with self._store_errors("creating", dataset):
+                existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=schema,
+                                                                   partition_spec=spec)
         try:
-            with warnings.catch_warnings(), existing.transaction() as tx:
+            with self._store_errors("writing", dataset, day), warnings.catch_warnings(), existing.transaction() as tx:
                 warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
                 with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
                     update.union_by_name(data.schema)
@@ -189,7 +243,8 @@ class Lake:
         if table is None:
             return pd.DataFrame(columns=(columns or []) + (["dt"] if with_dt else []))
         wanted = ("*",) if columns is None else tuple(dict.fromkeys([*columns, *(["dt"] if with_dt else [])]))
-        data = table.scan(row_filter=row_filter, selected_fields=wanted).to_arrow()
+        with self._store_errors("reading", dataset):
+            data = table.scan(row_filter=row_filter, selected_fields=wanted).to_arrow()
         if not with_dt and "dt" in data.column_names:
             data = data.drop_columns(["dt"])
         return data.to_pandas()
@@ -220,10 +275,10 @@ class Lake:
             identifiers = []
         for identifier in identifiers:
             location = self.catalog.load_table(identifier).location()
-            self.catalog.drop_table(identifier)
+            self.catalog.purge_table(identifier)  # with the data and metadata files it references, wherever they are
             fs, path = fsspec.core.url_to_fs(location)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
+            if self.store is None and fs.exists(path):
+                fs.rm(path, recursive=True)  # and a local folder's leftovers (files of failed writes)
         if self.fs.exists(self.dataset_path(namespace)):
             self.fs.rm(self.dataset_path(namespace), recursive=True)
 

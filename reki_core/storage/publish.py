@@ -429,9 +429,9 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
     `{p.name: p for p in write_run_report(lake, D, out_dir).values()}`.
     """
     from reki_core.runlog import read_steps
-    from reki_core.storage.lake import Lake
+    from reki_core.storage.lake import lake_of
 
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     if not lake.has_partition("vectors/augmented", day):
         raise PublishError(f"{lake.describe('vectors/augmented', day)}: no augmented vectors "
                            f"for {as_date(day)}; the encoding/model step has not written them")

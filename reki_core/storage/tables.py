@@ -173,6 +173,21 @@ def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
     })
 
 
+def table_store_error(exc: Exception, what: str, access: S3Access):
+    """An `ObjectStoreError` for pyarrow's S3 failure `exc` during `what`: the bucket, the identity, the meaning."""
+    from reki_core.storage.s3_access import ObjectStoreError
+
+    text = str(exc)
+    if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
+        meaning = "the store refused this identity (unknown access key, wrong secret, or no permission for this bucket)"
+    elif "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "connect" in text.lower():
+        meaning = "cannot connect (is the object store running? check object_store.endpoint_url)"
+    else:
+        meaning = text.splitlines()[0] if text else type(exc).__name__
+    return ObjectStoreError(f"{what} in s3://{access.bucket} as identity '{access.access_key}' at "
+                            f"{access.endpoint_url} failed: {meaning}")
+
+
 class LakeTables:
     """The lake's tables for a Python task or a consumer, as one identity; S3 failures name identity and bucket."""
 
@@ -181,18 +196,7 @@ class LakeTables:
         self.catalog = python_catalog(cfg, access)
 
     def _explain(self, exc: Exception, operation: str, name: str):
-        from reki_core.storage.s3_access import ObjectStoreError
-
-        text = str(exc)
-        if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
-            meaning = ("the store refused this identity (unknown access key, wrong secret, or no permission for this "
-                       "bucket)")
-        elif "NETWORK_CONNECTION" in text or "Couldn't connect" in text or "connect" in text.lower():
-            meaning = "cannot connect (is the object store running? check object_store.endpoint_url)"
-        else:
-            meaning = text.splitlines()[0] if text else type(exc).__name__
-        return ObjectStoreError(f"{operation} table {self.cfg.lake.catalog}.{name} in s3://{self.access.bucket} as "
-                                f"identity '{self.access.access_key}' at {self.access.endpoint_url} failed: {meaning}")
+        return table_store_error(exc, f"{operation} table {self.cfg.lake.catalog}.{name}", self.access)
 
     def load(self, name: str) -> Table:
         """The table `namespace.table` as of its current snapshot (reads its metadata from the store)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from reki_core.config import Config
-from reki_core.storage.lake import Lake, as_date
+from reki_core.storage.lake import as_date, lake_of
 
 # Small but real settings (as tests/integration/test_daily_dag.py): fewer generated tokens and one
 # epoch; the evaluation gate is lenient because a few days of data give AUCs that are noise.
@@ -53,7 +53,7 @@ def _spark_stage(spark, cfg: Config, day: dt.date, job: str) -> Callable[[], dic
         from reki_core.runlog import timed_step
 
         module = importlib.import_module(f"spark_jobs.{job}")
-        lake = Lake(cfg.lake_uri)
+        lake = lake_of(cfg)
         with timed_step(lake, day, f"features_{job}") as payload:  # the step record spark-submit's main writes
             payload.update(module.run(spark, cfg, lake, day))
         return payload
@@ -122,7 +122,7 @@ def publish_day(cfg: Config, day: str | dt.date, run_id: str, *, endpoint_url: s
     from reki_core.storage.publish import publish_from_lake
 
     day = as_date(day)
-    lake = Lake(cfg.lake_uri)
+    lake = lake_of(cfg)
     report = write_run_report(lake, day, cfg.state_dir / "reports" / day.isoformat())
     return publish_from_lake(cfg, day, run_id, endpoint_url=endpoint_url, access_key=access_key,
                              secret_key=secret_key, bucket=bucket,

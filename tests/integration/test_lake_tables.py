@@ -272,3 +272,54 @@ def test_store_killed_during_a_write_keeps_the_previous_snapshot(lake_stack, mon
                                  dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))["removed_orphan_files"]
         assert left <= set(removed), (left, removed)
         assert spark.table(name).count() == 400010
+
+
+def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, ml100k_dir):
+    """The stages' datasets with `lake.tables_in_store` (conf/reki.yaml's default, which `make run` uses): landing,
+    the Spark feature jobs (s3a, the server's identity), the feature gates and the prompts all read and write tables
+    whose files are in the lake bucket; the lake folder holds no table file. The read-only identity reads them and
+    cannot write: a clear error names the bucket and the identity."""
+    from reki_core.spark import connect_client
+    from reki_core.storage.lake import Lake, TableStore, lake_of
+    from reki_core.storage.object_store import make_s3_client
+    from reki_core.storage.s3_access import ObjectStoreError
+    from reki_core.storage.tables import lake_access
+    from tests.integration.pipeline_driver import run_day
+
+    root, s3, connect, stack_cfg = lake_stack
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer_key)  # the writer identity, as the stack's tasks get it
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.writer_secret)
+    cfg = make_config(root / "pipeline", REKI__SPARK__CONNECT_URL=connect.url, REKI__LAKE__TABLES_IN_STORE="true",
+                      REKI__OBJECT_STORE__ENDPOINT_URL=s3.endpoint_url, REKI__LAKE__BUCKET=LAKE_BUCKET,
+                      REKI__SPARK__SHUFFLE_PARTITIONS="2")
+    with connect_client(cfg) as spark:
+        run = run_day(cfg, D1, spark, until="prompts_gate")
+    assert run.ran[-1] == "prompts_gate"
+
+    lake = lake_of(cfg)
+    assert lake.store is not None
+    prompts = lake.read_partition("prompts", D1)
+    assert len(prompts) > 0
+    warehouse = f"{cfg.lake.warehouse_prefix}/{lake.catalog_name}"
+    for dataset in ("raw/interactions", "features/items", "prompts"):
+        assert lake.load_table(dataset).location().startswith(f"s3a://{LAKE_BUCKET}/{warehouse}/"), dataset
+    keys = [o["Key"] for page in make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
+            .get_paginator("list_objects_v2").paginate(Bucket=LAKE_BUCKET, Prefix=f"{warehouse}/")
+            for o in page.get("Contents", [])]
+    for table in ("raw/interactions", "features/items", "main/prompts"):
+        assert any(k.startswith(f"{warehouse}/{table}/data/dt={D1}/") and k.endswith(".parquet") for k in keys), table
+    local_tables = Path(cfg.lake_uri) / "_tables"
+    assert not local_tables.exists() or not any(p.is_file() for p in local_tables.rglob("*"))
+
+    # The consumer's read-only identity reads the Spark-written table; its write is refused, clearly.
+    reader_access = lake_access(cfg, access_key=s3.reader_key, secret_key=s3.reader_secret)
+    reader = Lake(cfg.lake_uri, TableStore(lake.store.warehouse, reader_access))
+    items = reader.read_partition("features/items", D1)
+    assert len(items) == len(lake.read_partition("features/items", D1)) > 0
+    with pytest.raises(ObjectStoreError) as refused:
+        reader.write_partition(items, "features/items", D2)
+    message = str(refused.value)
+    assert f"s3://{LAKE_BUCKET}" in message and f"identity '{s3.reader_key}'" in message, message
+    assert "features/items/dt=1997-09-23" in message, message
+    assert D2 not in lake.partitions("features/items")
