@@ -15,8 +15,8 @@ POLICY = CFG.lake.maintenance
 DOC = f"""
 ### REKI lake maintenance
 
-For every table of the lake's Iceberg catalog `{CFG.lake.catalog}` (reki_core/storage/maintenance.py), on the warm
-Spark Connect server:
+For every table of the lake's Iceberg catalogs (`{CFG.lake.catalog}` and the stages' own; reki_core/storage/maintenance.py),
+on the warm Spark Connect server:
 1. small files of a partition (from {POLICY.min_input_files} on) are compacted toward {POLICY.target_file_mb} MB;
 2. snapshots older than {POLICY.snapshot_retention_days} days expire (the newest {POLICY.retain_last} stay), with the
    files only they referenced;

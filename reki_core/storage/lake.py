@@ -1,15 +1,17 @@
 """The lake: date-partitioned datasets, and small documents and stores beside them, under `lake_uri`.
 
 A dataset `<namespace>/<name>` (e.g. `raw/interactions`) is the Apache Iceberg table `<namespace>.<name>`, partitioned
-by `dt`, in the lake's own catalog: `<lake>/_catalog/iceberg.sqlite` and the warehouse `<lake>/_tables` (docs/design.md,
-"port each dataset": the warehouse moves to the object store next). Python reads and writes it through pyiceberg;
-Spark through the same catalog, registered on its session (`spark_catalog_conf`; spark_jobs/common.py `table_of`). Writing day D replaces D's rows in one
+by `dt`, in the lake's own catalog, `<lake>/_catalog/iceberg.sqlite`. Its files are on the object store:
+`s3a://<lake.bucket>/<warehouse_prefix>/<catalog name>/` (`lake_of(cfg)`, `lake.tables_in_store`, the default), or
+in `<lake>/_tables` for a test's scratch lake (`Lake(folder)`). Python reads and writes through pyiceberg, as the
+identity of its environment; Spark through the same catalog, registered on its session (`spark_catalog_conf`;
+spark_jobs/common.py `table_of`), with s3a and the Spark server's identity. Writing day D replaces D's rows in one
 commit, which also records that D was written (an empty day has no data file to show it): readers see the old day or
 the new one, never a mix, and a re-run of D replaces exactly D.
 
 `FOLDER_DATASETS` are still Parquet folders, `<lake>/<dataset>/dt=YYYY-MM-DD/` (the user-bucketed feature datasets,
 rewritten copy-on-write by spark_jobs/buckets.py, and the extraction failures that concurrent shards write file by
-file), until their own port. Documents (`write_json`) and the stores use the folder too.
+file), until their own port. Documents (`write_json`) and the stores use the folder too (docs/design.md, the plan).
 """
 
 from __future__ import annotations
@@ -127,7 +129,10 @@ class Lake:
         """A name of this lake's catalog, the same in every process (a Spark session caches catalogs by name)."""
         import hashlib
 
-        return "lake_" + hashlib.sha256(self.uri.encode()).hexdigest()[:12]
+        # The store's warehouse is part of it: a lake whose tables move to the store starts a catalog of its own, and
+        # a warm Spark session never reuses the folder catalog it registered under the old name.
+        key = self.uri if self.store is None else f"{self.uri}|{self.store.warehouse}"
+        return "lake_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     def _catalog_file(self) -> Path:
         return self.local_path(CATALOG_DIR) / "iceberg.sqlite"

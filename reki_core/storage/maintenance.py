@@ -9,8 +9,9 @@ manifests and files, and the store keeps every version's bytes. Each table gets,
 3. `remove_orphan_files`: files under the table's location that no snapshot references (left by failed or killed
    writes) and older than `orphan_age_hours`, so an in-flight write's new files are never taken for orphans.
 
-Iceberg's own Spark procedures do the work (`CALL <catalog>.system.*`), on any session that has the lake's catalog:
-the maintenance DAG's Spark Connect client (dags/reki_lake_maintenance.py).
+Iceberg's own Spark procedures do the work (`CALL <catalog>.system.*`), on any session that has the lake's catalogs
+(the object store's `lake.catalog` and the stages' own, `maintained_catalogs`): the maintenance DAG's Spark Connect
+client (dags/reki_lake_maintenance.py).
 """
 
 from __future__ import annotations
@@ -68,15 +69,27 @@ def maintain_table(spark: SparkSession, catalog: str, table: str, policy: LakeMa
     }
 
 
+def maintained_catalogs(spark: SparkSession, cfg: Config) -> list[str]:
+    """The catalogs maintained: the object store's `lake.catalog` and the stages' lake catalog (`lake_of(cfg)`),
+    which is registered on this session first (runtime settings, as the feature jobs do)."""
+    from reki_core.storage.lake import lake_of
+
+    lake = lake_of(cfg)
+    for key, value in lake.spark_catalog_conf().items():
+        spark.conf.set(key, value)
+    return [cfg.lake.catalog, lake.catalog_name]
+
+
 def maintain_lake(spark: SparkSession, cfg: Config, now: dt.datetime,
                   on_table: Callable[[dict], None] | None = None) -> list[dict]:
-    """`maintain_table` on every table of the lake's catalog, in name order; `on_table` sees each result."""
+    """`maintain_table` on every table of the maintained catalogs, in name order; `on_table` sees each result."""
     results = []
-    for table in lake_table_names(spark, cfg.lake.catalog):
-        result = maintain_table(spark, cfg.lake.catalog, table, cfg.lake.maintenance, now)
-        if on_table:
-            on_table(result)
-        results.append(result)
+    for catalog in maintained_catalogs(spark, cfg):
+        for table in lake_table_names(spark, catalog):
+            result = {"catalog": catalog, **maintain_table(spark, catalog, table, cfg.lake.maintenance, now)}
+            if on_table:
+                on_table(result)
+            results.append(result)
     return results
 
 
@@ -86,7 +99,7 @@ def maintain_lake_via_connect(cfg: Config, url: str, now: dt.datetime, log: Call
     from reki_core.spark import connect_client, task_session_id
 
     def report(result: dict) -> None:
-        log(f"{result['table']}: compacted {result['rewritten_data_files']} files into {result['added_data_files']}, "
+        log(f"{result['catalog']}.{result['table']}: compacted {result['rewritten_data_files']} files into {result['added_data_files']}, "
             f"expired {result['expired_snapshots_files']}, removed {len(result['removed_orphan_files'])} orphan files")
 
     with connect_client(cfg, url, task_session_id(), tag="reki-lake-maintenance") as spark:

@@ -323,3 +323,12 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     assert f"s3://{LAKE_BUCKET}" in message and f"identity '{s3.reader_key}'" in message, message
     assert "features/items/dt=1997-09-23" in message, message
     assert D2 not in lake.partitions("features/items")
+
+    # The maintenance DAG's task visits the stages' tables too (their own catalog, registered on its session).
+    from reki_core.storage.maintenance import maintain_lake_via_connect
+
+    summary = maintain_lake_via_connect(cfg, connect.url, dt.datetime.now(dt.UTC), log=lambda line: None)
+    visited = {(t["catalog"], t["table"]) for t in summary["tables"]}
+    assert {(lake.catalog_name, "raw.interactions"), (lake.catalog_name, "features.items"),
+            (lake.catalog_name, "main.prompts")} <= visited, visited
+    assert len(lake.read_partition("prompts", D1)) == len(prompts)
