@@ -88,9 +88,13 @@ def iceberg_ready(table: pa.Table) -> pa.Table:
 
 @dataclass(frozen=True)
 class TableStore:
-    """Where a lake's tables keep their files on the object store, and as whom (`lake_of` builds it from the config)."""
+    """The configured catalog a lake's tables live in (`lake_of` builds it from the config): the catalog database,
+    the warehouse on the object store, and the identity Python writes as."""
 
-    warehouse: str                # s3a://bucket/prefix: each lake's tables go under <warehouse>/<catalog name>/
+    catalog_name: str             # lake.catalog: pyiceberg's catalog name and Spark's `spark.sql.catalog.<name>`
+    catalog_uri: str              # the catalog database as SQLAlchemy sees it (SQLite file, or PostgreSQL)
+    spark_conf: dict[str, str]    # the catalog's `spark.sql.catalog.<name>*` settings (reki_core/storage/tables.py)
+    warehouse: str                # s3a://bucket/prefix
     access: S3Access
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 30.0
@@ -104,14 +108,22 @@ class TableStore:
 
 
 def lake_of(cfg: Config, uri: str | None = None) -> Lake:
-    """The configured lake (`paths.lake_uri`, or `uri`), its tables on the object store when `lake.tables_in_store`,
-    written as the environment's identity (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+    """The configured lake (`paths.lake_uri`). With `lake.tables_in_store` (the default) its tables are those of the
+    config's catalog (`lake.catalog`, its database, the warehouse on the object store), written as the environment's
+    identity (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); otherwise, or for another folder `uri`, a folder lake."""
+    uri = uri or cfg.lake_uri
     if not cfg.lake.tables_in_store:
-        return Lake(uri or cfg.lake_uri)
-    from reki_core.storage.tables import lake_access, warehouse_uri
+        return Lake(uri)
+    if uri.rstrip("/") != cfg.lake_uri.rstrip("/"):
+        raise ValueError(f"lake {uri}: with lake.tables_in_store the tables are the catalog {cfg.lake.catalog!r} of "
+                         f"the configured lake {cfg.lake_uri}; name another lake with paths.lake_uri (and its own "
+                         "catalog and warehouse), or set lake.tables_in_store to false for a folder lake")
+    from reki_core.storage import tables
 
-    return Lake(uri or cfg.lake_uri, TableStore(warehouse_uri(cfg), lake_access(cfg), cfg.lake.s3_connect_timeout_s,
-                                                cfg.lake.s3_request_timeout_s))
+    prefix = f"spark.sql.catalog.{cfg.lake.catalog}"
+    spark_conf = {k: v for k, v in tables.spark_catalog_conf(cfg).items() if k == prefix or k.startswith(prefix + ".")}
+    return Lake(uri, TableStore(cfg.lake.catalog, tables.sqlalchemy_uri(cfg), spark_conf, tables.warehouse_uri(cfg),
+                                tables.lake_access(cfg), cfg.lake.s3_connect_timeout_s, cfg.lake.s3_request_timeout_s))
 
 
 class Lake:
@@ -126,37 +138,40 @@ class Lake:
     # ------------------------------------------------------------ tables
     @property
     def catalog_name(self) -> str:
-        """A name of this lake's catalog, the same in every process (a Spark session caches catalogs by name)."""
+        """The catalog's name: the configured one, or for a folder lake a name of its own, the same in every process
+        (a Spark session caches catalogs by name)."""
+        if self.store is not None:
+            return self.store.catalog_name
         import hashlib
 
-        # The store's warehouse is part of it: a lake whose tables move to the store starts a catalog of its own, and
-        # a warm Spark session never reuses the folder catalog it registered under the old name.
-        key = self.uri if self.store is None else f"{self.uri}|{self.store.warehouse}"
-        return "lake_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        return "lake_" + hashlib.sha256(self.uri.encode()).hexdigest()[:12]
 
     def _catalog_file(self) -> Path:
         return self.local_path(CATALOG_DIR) / "iceberg.sqlite"
 
     def _warehouse(self) -> str:
-        if self.store is not None:
-            return f"{self.store.warehouse.rstrip('/')}/{self.catalog_name}"
-        return self.local_path(WAREHOUSE_DIR).as_uri()
+        return self.store.warehouse if self.store is not None else self.local_path(WAREHOUSE_DIR).as_uri()
 
     @property
     def catalog(self):
-        """pyiceberg's SQL catalog of this lake (created with the folder on first use)."""
+        """pyiceberg's SQL catalog of this lake's tables (a folder lake's is created with the folder on first use)."""
         if self._catalog is None:
             from pyiceberg.catalog.sql import SqlCatalog
 
-            self._catalog_file().parent.mkdir(parents=True, exist_ok=True)
-            self._catalog = SqlCatalog(self.catalog_name, uri=f"sqlite:///{self._catalog_file()}",
-                                       warehouse=self._warehouse(),
-                                       **(self.store.pyiceberg_properties() if self.store else {}))
+            if self.store is not None:
+                self._catalog = SqlCatalog(self.catalog_name, uri=self.store.catalog_uri, warehouse=self._warehouse(),
+                                           schema_version="v1", **self.store.pyiceberg_properties())
+            else:
+                self._catalog_file().parent.mkdir(parents=True, exist_ok=True)
+                self._catalog = SqlCatalog(self.catalog_name, uri=f"sqlite:///{self._catalog_file()}",
+                                           warehouse=self._warehouse())
         return self._catalog
 
     def spark_catalog_conf(self) -> dict[str, str]:
         """The settings that register this lake's catalog on a Spark session (runtime settings: the warm Connect
         server serves every lake); the same database and warehouse as `catalog`."""
+        if self.store is not None:  # the config's catalog, which sessions also start with (s3a, the login)
+            return self.store.spark_conf
         self.catalog  # noqa: B018 - pyiceberg creates the database first, in the schema both sides read
         prefix = f"spark.sql.catalog.{self.catalog_name}"
         return {prefix: "org.apache.iceberg.spark.SparkCatalog",
@@ -165,9 +180,7 @@ class Lake:
                 f"{prefix}.jdbc.schema-version": "V1",
                 # Every read loads the table's current metadata: pyiceberg and other sessions commit too.
                 f"{prefix}.cache-enabled": "false",
-                f"{prefix}.warehouse": self._warehouse(),
-                # On the store: s3a (the session's settings and the server's identity: reki_core/storage/tables.py).
-                **({f"{prefix}.io-impl": "org.apache.iceberg.hadoop.HadoopFileIO"} if self.store else {})}
+                f"{prefix}.warehouse": self._warehouse()}
 
     def is_table(self, dataset: str) -> bool:
         return dataset not in FOLDER_DATASETS

@@ -70,14 +70,14 @@ def maintain_table(spark: SparkSession, catalog: str, table: str, policy: LakeMa
 
 
 def maintained_catalogs(spark: SparkSession, cfg: Config) -> list[str]:
-    """The catalogs maintained: the object store's `lake.catalog` and the stages' lake catalog (`lake_of(cfg)`),
-    which is registered on this session first (runtime settings, as the feature jobs do)."""
+    """The catalogs maintained: `lake.catalog`, which holds the stages' tables with `lake.tables_in_store`, and
+    otherwise also the folder lake's own catalog (registered on this session first, as the feature jobs do)."""
     from reki_core.storage.lake import lake_of
 
     lake = lake_of(cfg)
     for key, value in lake.spark_catalog_conf().items():
         spark.conf.set(key, value)
-    return [cfg.lake.catalog, lake.catalog_name]
+    return list(dict.fromkeys([cfg.lake.catalog, lake.catalog_name]))  # one, when the stages' tables are in the store
 
 
 def maintain_lake(spark: SparkSession, cfg: Config, now: dt.datetime,

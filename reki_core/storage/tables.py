@@ -106,6 +106,8 @@ def spark_catalog_conf(cfg: Config) -> dict[str, str]:
         prefix: "org.apache.iceberg.spark.SparkCatalog",
         f"{prefix}.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",
         f"{prefix}.uri": jdbc_uri(cfg),
+        # The catalog tables' schema with views, as pyiceberg's SqlCatalog writes and reads it (the same database).
+        f"{prefix}.jdbc.schema-version": "V1",
         f"{prefix}.warehouse": warehouse_uri(cfg),
         f"{prefix}.io-impl": "org.apache.iceberg.hadoop.HadoopFileIO",  # s3a, one S3 client and retry policy
         # The warm server outlives every task: each read loads the table's current metadata, never a cached one.
@@ -162,6 +164,7 @@ def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
     return SqlCatalog(cfg.lake.catalog, **{
         "uri": sqlalchemy_uri(cfg),
         "warehouse": warehouse_uri(cfg),
+        "schema_version": "v1",  # the catalog tables with views, as Iceberg's JdbcCatalog (jdbc.schema-version V1)
         "py-io-impl": "pyiceberg.io.pyarrow.PyArrowFileIO",
         "s3.endpoint": access.endpoint_url,
         "s3.access-key-id": access.access_key,

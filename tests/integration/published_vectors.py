@@ -65,6 +65,7 @@ def fresh_bucket_config(tmp_path, seaweed, **env):
         "REKI__SCENARIO": "movielens",
         "REKI__OBJECT_STORE__ENDPOINT_URL": seaweed.endpoint_url,
         "REKI__OBJECT_STORE__BUCKET": bucket,
+        "REKI__LAKE__TABLES_IN_STORE": "false",  # a scratch lake, as make_config's
         **env,
     }
     return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=environ)

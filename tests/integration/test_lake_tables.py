@@ -4,6 +4,7 @@ SQLite file, and read by pyiceberg with the read-only identity. A re-run of a da
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -280,17 +281,18 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     whose files are in the lake bucket; the lake folder holds no table file. The read-only identity reads them and
     cannot write: a clear error names the bucket and the identity."""
     from reki_core.spark import connect_client
-    from reki_core.storage.lake import Lake, TableStore, lake_of
+    from reki_core.storage.lake import Lake, lake_of
     from reki_core.storage.object_store import make_s3_client
     from reki_core.storage.s3_access import ObjectStoreError
-    from reki_core.storage.tables import lake_access
+    from reki_core.storage.tables import lake_access, sqlite_catalog_file
     from tests.integration.pipeline_driver import run_day
 
     root, s3, connect, stack_cfg = lake_stack
     monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer_key)  # the writer identity, as the stack's tasks get it
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.writer_secret)
-    cfg = make_config(root / "pipeline", REKI__SPARK__CONNECT_URL=connect.url, REKI__LAKE__TABLES_IN_STORE="true",
+    # The Connect server's config (its catalog database and warehouse), with the stages' tables in the store.
+    cfg = make_config(root, REKI__SPARK__CONNECT_URL=connect.url, REKI__LAKE__TABLES_IN_STORE="true",
                       REKI__OBJECT_STORE__ENDPOINT_URL=s3.endpoint_url, REKI__LAKE__BUCKET=LAKE_BUCKET,
                       REKI__SPARK__SHUFFLE_PARTITIONS="2")
     with connect_client(cfg) as spark:
@@ -298,10 +300,10 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     assert run.ran[-1] == "prompts_gate"
 
     lake = lake_of(cfg)
-    assert lake.store is not None
+    assert lake.store is not None and lake.catalog_name == cfg.lake.catalog
     prompts = lake.read_partition("prompts", D1)
     assert len(prompts) > 0
-    warehouse = f"{cfg.lake.warehouse_prefix}/{lake.catalog_name}"
+    warehouse = cfg.lake.warehouse_prefix
     for dataset in ("raw/interactions", "features/items", "prompts"):
         assert lake.load_table(dataset).location().startswith(f"s3a://{LAKE_BUCKET}/{warehouse}/"), dataset
     keys = [o["Key"] for page in make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
@@ -309,12 +311,12 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
             for o in page.get("Contents", [])]
     for table in ("raw/interactions", "features/items", "main/prompts"):
         assert any(k.startswith(f"{warehouse}/{table}/data/dt={D1}/") and k.endswith(".parquet") for k in keys), table
-    local_tables = Path(cfg.lake_uri) / "_tables"
-    assert not local_tables.exists() or not any(p.is_file() for p in local_tables.rglob("*"))
+    assert not (Path(cfg.lake_uri) / "_tables").exists()
+    assert sqlite_catalog_file(cfg).is_file()  # the catalog database: a per-host file beside the state, not the lake
 
     # The consumer's read-only identity reads the Spark-written table; its write is refused, clearly.
     reader_access = lake_access(cfg, access_key=s3.reader_key, secret_key=s3.reader_secret)
-    reader = Lake(cfg.lake_uri, TableStore(lake.store.warehouse, reader_access))
+    reader = Lake(cfg.lake_uri, dataclasses.replace(lake.store, access=reader_access))
     items = reader.read_partition("features/items", D1)
     assert len(items) == len(lake.read_partition("features/items", D1)) > 0
     with pytest.raises(ObjectStoreError) as refused:
@@ -329,6 +331,6 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
 
     summary = maintain_lake_via_connect(cfg, connect.url, dt.datetime.now(dt.UTC), log=lambda line: None)
     visited = {(t["catalog"], t["table"]) for t in summary["tables"]}
-    assert {(lake.catalog_name, "raw.interactions"), (lake.catalog_name, "features.items"),
-            (lake.catalog_name, "main.prompts")} <= visited, visited
+    assert {(cfg.lake.catalog, "raw.interactions"), (cfg.lake.catalog, "features.items"),
+            (cfg.lake.catalog, "main.prompts")} <= visited, visited
     assert len(lake.read_partition("prompts", D1)) == len(prompts)
