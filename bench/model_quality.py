@@ -92,11 +92,12 @@ def real_llm_config(cfg, mode: str):
     llm = cfg.llm.model_copy(update={"backend": "transformers", "is_smoke_model": False,
                                      "engine": engine, "sampling": sampling})
     paths = cfg.paths.model_copy(update={"lake_uri": str(bench_lake_dir(cfg, mode))})
+    lake = cfg.lake.model_copy(update={"tables_in_store": False})  # the arm's own folder lake, tables included
     # Both arms ask the prompts of the individual arm's extraction (ml-v1: before prompts.answer_instruction).
     prompts = cfg.scenario.prompts.model_copy(update={"answer_instruction": ""})
     scenario = cfg.scenario.model_copy(update={"extraction_mode": mode, "template_version": REAL_LLM_TEMPLATE_VERSION,
                                                "prompts": prompts})
-    return cfg.model_copy(update={"llm": llm, "paths": paths, "scenario": scenario})
+    return cfg.model_copy(update={"llm": llm, "paths": paths, "scenario": scenario, "lake": lake})
 
 
 def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
@@ -110,7 +111,7 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
     from reki_core.llm.runner import assign_knowledge, plan_shards, run_shard
     from reki_core.models.training import CTR_SAMPLES
     from reki_core.prompts import build_prompts
-    from reki_core.storage.lake import lake_of
+    from reki_core.storage.lake import CATALOG_DIR, WAREHOUSE_DIR, Lake, lake_of
 
     ensure_instruct_model(cfg.resolve(cfg.paths.models_dir), cfg.state_dir / "downloads")
     source = lake_of(cfg)
@@ -120,14 +121,19 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
                  f"(run the daily pipeline first: make run); found none in {cfg.lake_uri}")
     bench_cfg = real_llm_config(cfg, mode)
     target = bench_lake_dir(cfg, mode)
-    if not target.exists():  # the day's raw data and features; no knowledge of the configured LLM
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+    copied = target / "_COPIED"  # written last: a copy cut short is made again
+    if not copied.exists():  # the day's raw data and features; no knowledge of the configured LLM
+        shutil.rmtree(target, ignore_errors=True)
         # Both arms start from the same features: the first bench lake's copy, when there is one.
-        others = [d for d in (bench_lake_dir(cfg, m) for m in ("individual", "collective")) if d.exists()]
-        shutil.copytree(others[0] if others else cfg.lake_uri, tmp,
-                        ignore=shutil.ignore_patterns("knowledge", "knowledge_vectors", "prompts", "clusters"))
-        tmp.rename(target)
+        others = [d for d in (bench_lake_dir(cfg, m) for m in ("individual", "collective")) if (d / "_COPIED").exists()]
+        origin = Lake(str(others[0])) if others else source
+        skip = ("knowledge", "knowledge_vectors", "prompts", "clusters")
+        # The folder's datasets and documents, then the tables (from the store, or the other arm's folder lake) into
+        # the copy's own catalog, day by day (a folder lake's tables live at its path: they are not moved).
+        shutil.copytree(origin.uri, target, ignore=shutil.ignore_patterns(*skip, CATALOG_DIR, WAREHOUSE_DIR))
+        origin.copy_tables_to(Lake(str(target)), skip=frozenset({"knowledge", "prompts", "features/clusters",
+                                                                 "features/knowledge_vectors"}))
+        copied.write_text(f"copied from {origin.uri}\n")
     lake = lake_of(bench_cfg)
     if not lake.has_partition("prompts", day):
         if mode == "collective" and not lake.has_partition("features/clusters", day):
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     if args.max_epochs:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"max_epochs": args.max_epochs})})
-    lakes = {mode: lake_of(cfg, str(bench_lake_dir(cfg, mode))) for mode in ("individual", "collective")}
+    lakes = {mode: lake_of(real_llm_config(cfg, mode)) for mode in ("individual", "collective")}
     for mode, mode_lake in lakes.items():  # extract what is missing (answers already in the store are reused)
         if mode_lake.latest_partition(KNOWLEDGE_VECTORS, upto=cfg.run_date) is None:
             prepare_real_knowledge(cfg, mode, max_shards=10**6)

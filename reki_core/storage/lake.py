@@ -86,6 +86,11 @@ def iceberg_ready(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
+class CatalogUnavailableError(RuntimeError):
+    """The catalog database failed during an operation (a restart, a lost connection): the table holds its previous
+    snapshot or the whole new one (a commit is one row update), and a retry of the day replaces it."""
+
+
 @dataclass(frozen=True)
 class TableStore:
     """The configured catalog a lake's tables live in (`lake_of` builds it from the config): the catalog database,
@@ -159,8 +164,10 @@ class Lake:
             from pyiceberg.catalog.sql import SqlCatalog
 
             if self.store is not None:
+                # pool_pre_ping: a pooled connection that a database restart closed is replaced, not used and failed.
                 self._catalog = SqlCatalog(self.catalog_name, uri=self.store.catalog_uri, warehouse=self._warehouse(),
-                                           schema_version="v1", **self.store.pyiceberg_properties())
+                                           schema_version="v1", pool_pre_ping="true",
+                                           **self.store.pyiceberg_properties())
             else:
                 self._catalog_file().parent.mkdir(parents=True, exist_ok=True)
                 self._catalog = SqlCatalog(self.catalog_name, uri=f"sqlite:///{self._catalog_file()}",
@@ -201,7 +208,10 @@ class Lake:
 
     @contextlib.contextmanager
     def _store_errors(self, operation: str, dataset: str, day: dt.date | None = None):
-        """The store's failures (a wrong identity, a dead store) named with the bucket and the identity."""
+        """The store's failures (a wrong identity, a dead store) named with the bucket and the identity; the catalog
+        database's (a restart, a lost connection) named with the database, as a `CatalogUnavailableError`."""
+        from sqlalchemy.exc import DBAPIError
+
         try:
             yield
         except OSError as exc:
@@ -210,6 +220,17 @@ class Lake:
             from reki_core.storage.tables import table_store_error
 
             raise table_store_error(exc, f"{operation} {self.describe(dataset, day)}", self.store.access) from exc
+        except DBAPIError as exc:
+            if self.store is None or "disk is full" in str(exc):  # a full disk: ENOSPC, below
+                raise
+            from sqlalchemy.engine import make_url
+
+            where = make_url(self.store.catalog_uri).render_as_string(hide_password=True)
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            raise CatalogUnavailableError(
+                f"{operation} {self.describe(dataset, day)}: the catalog database {where} failed ({reason}); the table "
+                "holds its last snapshot or this whole write, never a part: retry when the database is back (a re-run "
+                "of the day replaces it)") from exc
 
     def _table_days(self, dataset: str, table=None) -> list[dt.date]:
         """The days written, from the table's properties (`table` when the caller already loaded it)."""
@@ -322,6 +343,26 @@ class Lake:
                     raise ValueError(f"{self.describe(dataset)}: column {name!r} is {data.schema.field(name).type}, "
                                      f"the table holds {want}: {exc}") from exc
         return data
+
+    def table_datasets(self) -> list[str]:
+        """Every dataset of this lake that is a table (`namespace/name`; `main` tables by their bare name)."""
+        names = []
+        for (namespace,) in self.catalog.list_namespaces():
+            for _, name in self.catalog.list_tables(namespace):
+                names.append(name if namespace == "main" else f"{namespace}/{name}")
+        return sorted(names)
+
+    def copy_tables_to(self, dest: Lake, skip: frozenset[str] = frozenset()) -> list[str]:
+        """Copy every table's days (up to now) into `dest`, day by day through the tables' API (a benchmark's copy of
+        the configured lake, wherever its files are); datasets in `skip` and their namespaces' are left out."""
+        copied = []
+        for dataset in self.table_datasets():
+            if dataset in skip or dataset.split("/")[0] in skip:
+                continue
+            for day in self.partitions(dataset):
+                dest.write_partition(self.read_partition(dataset, day), dataset, day)
+            copied.append(dataset)
+        return copied
 
     # ------------------------------------------------------------ paths
     def dataset_path(self, dataset: str) -> str:

@@ -114,6 +114,69 @@ def _check_spark_refuses_a_worker_without_the_secret(stack) -> None:
     assert len(workers) == 1, workers  # only the profile's own worker registered
 
 
+def _check_the_stages_tables_survive_a_catalog_restart(stack) -> None:
+    """The stages' tables are in this profile's PostgreSQL catalog and on its SeaweedFS. Then the catalog database is
+    restarted while a task commits day after day to a table: each commit the restart hits fails with an error naming
+    the catalog database (or lands whole), the retry completes, and no day is lost or doubled."""
+    import threading
+    from unittest import mock
+
+    import pandas as pd
+
+    from reki_core import cluster
+    from reki_core.storage.lake import CatalogUnavailableError, lake_of
+
+    cfg = cluster.with_cluster_catalog(stack.config())
+    task_env = {**cluster.s3_writer_environment(cfg), **cluster.catalog_environment(cfg)}  # what a worker's task gets
+    with mock.patch.dict(os.environ, task_env):
+        lake = lake_of(cfg)
+        assert lake.store is not None and lake.store.catalog_uri.startswith("postgresql"), lake.store
+        for dataset in ("raw/interactions", "features/items", "prompts"):  # written by pyiceberg and by Spark
+            assert DAY in lake.partitions(dataset), dataset
+            assert lake.load_table(dataset).location().startswith(f"s3a://{cfg.lake.bucket}/"), dataset
+
+        probe = "faults/catalog_restart"
+        restarted = threading.Event()
+
+        def restart() -> None:
+            time.sleep(1.0)  # a few commits in
+            stack.supervisorctl("restart", "postgres")
+            restarted.set()
+
+        def rows(day: dt.date) -> pd.DataFrame:
+            return pd.DataFrame({"key": [f"{day}-{i}" for i in range(3)], "value": [day.toordinal()] * 3})
+
+        restarter = threading.Thread(target=restart)
+        days, failures, pending = [], [], []
+        day = dt.date(2026, 1, 1)
+        restarter.start()
+        while not restarted.is_set() or len(days) < 5:  # commit after commit, across the restart
+            day += dt.timedelta(days=1)
+            days.append(day)
+            try:
+                lake.write_partition(rows(day), probe, day)
+            except CatalogUnavailableError as exc:
+                failures.append(str(exc))
+                pending.append(day)
+        restarter.join()
+        assert failures, "the restart hit no commit"
+        assert all("catalog database postgresql" in f and "***" in f and "retry" in f for f in failures), failures
+        password = cluster.ensure_cluster_secrets(cfg)["catalog_password"]
+        assert not any(password in f for f in failures)  # the login never reaches a message
+        deadline = time.monotonic() + 60
+        while pending:  # the task's retry, once the database is back
+            try:
+                lake.write_partition(rows(pending[0]), probe, pending[0])
+                pending.pop(0)
+            except CatalogUnavailableError:
+                assert time.monotonic() < deadline, "the catalog database did not come back"
+                time.sleep(1)
+        table = lake.read_range(probe, upto=days[-1])
+        assert lake.partitions(probe) == days
+        assert table.groupby("dt").size().to_dict() == {d: 3 for d in days}  # every day once, none doubled
+        assert sorted(table["key"]) == sorted(f"{d}-{i}" for d in days for i in range(3))
+
+
 def _check_secrets_stay_where_they_belong(stack) -> None:
     secrets = generated_secrets(stack.state)
     assert AIRFLOW_SECRETS | TASK_SECRETS | SPARK_SECRET <= set(secrets), sorted(secrets)
@@ -192,6 +255,7 @@ def test_daily_dag_through_celery_on_spark_standalone_then_stop(cluster_dir_fact
         assert not list((stack.state / "cluster" / "airflow").glob("*.db")), "no SQLite on the cluster profile"
         _check_secrets_stay_where_they_belong(stack)
         _check_spark_refuses_a_worker_without_the_secret(stack)
+        _check_the_stages_tables_survive_a_catalog_restart(stack)
     finally:
         stopped = stack.down()
     assert stopped.returncode == 0, stopped.stderr
