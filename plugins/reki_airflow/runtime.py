@@ -62,7 +62,18 @@ def task_setup(context: dict[str, Any]):
 
     cfg = load_pipeline_config()
     register_secrets_for_masking(cfg)
+    lake_identity_from_connection()
     return cfg, partition_date(context)
+
+
+def lake_identity_from_connection(conn_id: str = "aws_default") -> None:
+    """The lake's tables are written as the identity in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (`lake_of`); where a
+    deployment gives the task only the Airflow connection (compose, Helm), this task's process takes it from there."""
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        return
+    creds = s3_credentials(conn_id)
+    if creds["access_key"] and creds["secret_key"]:
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = creds["access_key"], creds["secret_key"]
 
 
 def run_gate(context: dict[str, Any], gate_name: str, gate: Callable[[], Any], cfg=None) -> Any:

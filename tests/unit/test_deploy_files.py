@@ -870,13 +870,16 @@ def test_compose_connect_server_starts_with_the_lake(services, cfg, tmp_path, mo
         assert service_env["AWS_ACCESS_KEY_ID"] == sentinel("REKI_S3_WRITER_ACCESS_KEY"), name
         assert service_env["AWS_SECRET_ACCESS_KEY"] == sentinel("REKI_S3_WRITER_SECRET_KEY"), name
     assert env["REKI__OBJECT_STORE__ENDPOINT_URL"] == airflow_env(services)["REKI__OBJECT_STORE__ENDPOINT_URL"]
-    # The catalog: a SQLite file on a volume the Connect server alone mounts, its folder a mount point of the image.
+    # The catalog: a SQLite file on a volume of this host, its folder a mount point of the image; the Airflow services
+    # (whose tasks commit pyiceberg's writes) name the same file on the same volume, and no other service mounts it.
     uri = env["REKI__LAKE__CATALOG_URI"]
-    assert uri.startswith("jdbc:sqlite:/")
+    assert uri.startswith("jdbc:sqlite:/") and airflow_env(services)["REKI__LAKE__CATALOG_URI"] == uri
     folder = str(PurePosixPath(uri.removeprefix("jdbc:sqlite:")).parent)
     volume = next(m.split(":")[0] for m in connect["volumes"] if m.split(":")[1] == folder)
     assert volume in load_compose()["volumes"]
-    assert [n for n, s in services.items() if any(m.startswith(f"{volume}:") for m in s.get("volumes", []))] == ["spark-connect"]
+    mounting = {n for n, s in services.items() if f"{volume}:{folder}" in s.get("volumes", [])}
+    assert {"spark-connect", *cluster.AIRFLOW_SERVICES} <= mounting, mounting
+    assert not mounting & {"postgres", "redis", "seaweedfs", "spark-master", "spark-worker"}, mounting
     assert any(f" {folder} " in f" {r} " for r in instruction_args(dockerfile(DOCKERFILE), "RUN") if "mkdir" in r)
     props = generated_lake_conf(env, tmp_path, monkeypatch)
     check_lake_conf(props, "http://seaweedfs:8333", cfg)
@@ -909,6 +912,12 @@ def test_helm_connect_server_starts_with_the_lake(values, connect_k8s, cfg, tmp_
     assert env["REKI__OBJECT_STORE__ENDPOINT_URL"]["value"] == airflow["REKI__OBJECT_STORE__ENDPOINT_URL"]
     uri = env["REKI__LAKE__CATALOG_URI"]["value"]
     assert uri.startswith("jdbc:postgresql://") and not uri.endswith("/airflow"), "a database of its own"
+    # The Airflow containers (whose tasks commit pyiceberg's writes) use the same database, with the same login Secret.
+    assert airflow["REKI__LAKE__CATALOG_URI"] == uri
+    logins = {e["envName"]: (e["secretName"], e["secretKey"]) for e in values["secret"]}
+    for name in ("REKI_CATALOG_DB_USER", "REKI_CATALOG_DB_PASSWORD"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert logins[name] == (ref["name"], ref["key"]), name
     container_env = {name: e.get("value", sentinel(name)) for name, e in env.items()}
     props = generated_lake_conf(container_env, tmp_path, monkeypatch)
     check_lake_conf(props, airflow["REKI__OBJECT_STORE__ENDPOINT_URL"], cfg)
