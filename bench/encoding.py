@@ -44,7 +44,8 @@ from llm_extraction import extract_day, prepare_day  # noqa: E402
 def bench_config(folder: Path, next_day: str | None, max_tokens: int | None) -> Config:
     """The project's config on a fresh lake in `folder` (ML-100K from the project's data cache)."""
     environ = {"REKI__PATHS__STATE_DIR": str(folder / "state"), "REKI__PATHS__LAKE_URI": str(folder / "lake"),
-               "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data")}
+               "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
+               "REKI__LAKE__TABLES_IN_STORE": "false"}  # a scratch folder lake, tables included
     if next_day:
         environ["REKI__RUN_DATE"] = next_day
     if max_tokens:

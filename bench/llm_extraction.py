@@ -50,6 +50,7 @@ def _config(lake_dir: Path, mode: str, max_tokens: int, device: str | None = Non
         "REKI__PATHS__STATE_DIR": str(lake_dir / "state"),
         "REKI__PATHS__LAKE_URI": str(lake_dir / "lake"),
         "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
+        "REKI__LAKE__TABLES_IN_STORE": "false",  # a scratch folder lake, tables included
         "REKI__SCENARIO_OVERRIDES": f"{{extraction_mode: {mode}}}",
         "REKI__LLM__SAMPLING__MAX_TOKENS": str(max_tokens),
     })

@@ -55,6 +55,7 @@ def arm_environment(root: Path, max_tokens: int, **extra: str) -> dict[str, str]
     """REKI__ overrides of one arm (its own lake and state), on top of conf/reki.yaml's real model."""
     return {"REKI__PATHS__STATE_DIR": str(root / "state"), "REKI__PATHS__LAKE_URI": str(root / "lake"),
             "REKI__PATHS__DATA_DIR": str(PROJECT_ROOT / ".reki" / "data"),
+            "REKI__LAKE__TABLES_IN_STORE": "false",  # a scratch folder lake, tables included
             "REKI__LLM__SAMPLING__MAX_TOKENS": str(max_tokens), "REKI__LLM__IS_SMOKE_MODEL": "false", **extra}
 
 

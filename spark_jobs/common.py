@@ -48,15 +48,16 @@ class JobArgs:
 
 def parse_args(argv: list[str] | None, description: str) -> JobArgs:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--lake", help="lake folder (default: paths.lake_uri of the config)")
+    parser.add_argument("--lake", help="a folder lake, tables included (default: the configured lake, lake_of)")
     parser.add_argument("--dt", required=True, help="logical date YYYY-MM-DD")
     parser.add_argument("--config", default=None, help="config file (default conf/reki.yaml or $REKI_CONFIG)")
     parser.add_argument("--remote", default=None, metavar="sc://HOST:PORT",
                         help="run as a client of this Spark Connect server (default: a classic session, as spark-submit)")
     ns = parser.parse_args(argv)
     cfg = load_config(ns.config)
-    lake = lake_of(cfg, ns.lake)
-    lake.local_path()  # fails early, naming the lake, when it is not a local folder
+    # --lake names a folder lake (its own catalog: a benchmark's, a test's); else the configured one.
+    lake = Lake(ns.lake) if ns.lake else lake_of(cfg)
+    lake.local_path()  # fails early, naming the lake, when its folder is not local (the bucketed datasets need one)
     return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt), remote=ns.remote)
 
 

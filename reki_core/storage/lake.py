@@ -112,17 +112,13 @@ class TableStore:
                 "s3.request-timeout": str(self.request_timeout_s)}
 
 
-def lake_of(cfg: Config, uri: str | None = None) -> Lake:
+def lake_of(cfg: Config) -> Lake:
     """The configured lake (`paths.lake_uri`). With `lake.tables_in_store` (the default) its tables are those of the
     config's catalog (`lake.catalog`, its database, the warehouse on the object store), written as the environment's
-    identity (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); otherwise, or for another folder `uri`, a folder lake."""
-    uri = uri or cfg.lake_uri
+    identity (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); otherwise the folder lake's own (`Lake(folder)`)."""
+    uri = cfg.lake_uri
     if not cfg.lake.tables_in_store:
         return Lake(uri)
-    if uri.rstrip("/") != cfg.lake_uri.rstrip("/"):
-        raise ValueError(f"lake {uri}: with lake.tables_in_store the tables are the catalog {cfg.lake.catalog!r} of "
-                         f"the configured lake {cfg.lake_uri}; name another lake with paths.lake_uri (and its own "
-                         "catalog and warehouse), or set lake.tables_in_store to false for a folder lake")
     from reki_core.storage import tables
 
     prefix = f"spark.sql.catalog.{cfg.lake.catalog}"
