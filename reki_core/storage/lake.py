@@ -322,6 +322,8 @@ class Lake:
         if not self.is_table(dataset):
             return self.uri_of(self.dataset_path(dataset) if day is None else self.partition_path(dataset, day))
         where = dataset if day is None else f"{dataset}/dt={as_date(day).isoformat()}"
+        if self.store is not None:
+            return f"{where} (table {self.catalog_name}.{self.table_name(dataset)}, files in {self.store.warehouse})"
         return f"{where} (table {self.table_name(dataset)} of {self.uri})"
 
     def _aligned(self, data: pa.Table, table, dataset: str) -> pa.Table:
