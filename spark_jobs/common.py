@@ -106,10 +106,38 @@ def run_jobs(spark: SparkSession, jobs: list[Job], cfg: Config, lake: Lake, day:
 
     results = {}
     for run, step in jobs:
-        with timed_step(lake, day, step) as payload:
-            payload.update(run(spark, cfg, lake, day))
+        try:
+            with timed_step(lake, day, step) as payload:
+                payload.update(run(spark, cfg, lake, day))
+        except Exception as exc:
+            refused = store_refusal(exc, lake, step)
+            if refused is None:
+                raise
+            raise refused from exc
         results[step] = payload
     return results
+
+
+# What s3a's errors say when the store refuses an identity (the AWS SDK's codes, and the HTTP status of a HEAD).
+_REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Status Code: 403", "403 Forbidden")
+
+
+def store_refusal(exc: Exception, lake: Lake, step: str) -> Exception | None:
+    """For a job the store refused (s3a's identity is the Spark server's, not the task's): an error that says so,
+    naming the bucket and where that identity comes from; None for any other failure."""
+    from urllib.parse import urlparse
+
+    from reki_core.storage.s3_access import ObjectStoreError
+
+    text = str(exc)
+    if lake.store is None or not any(code in text for code in _REFUSALS):
+        return None
+    bucket = urlparse(lake.store.warehouse).netloc
+    return ObjectStoreError(
+        f"Spark job {step}: the object store at {lake.store.access.endpoint_url} refused the Spark server's identity "
+        f"on s3://{bucket} (the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of the Connect server's or the executors' "
+        f"environment, not this task's): give them the lake's writer identity. Store's words: "
+        f"{next((line.strip() for line in text.splitlines() if any(c in line for c in _REFUSALS)), '')[:300]}")
 
 
 def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:

@@ -334,3 +334,38 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     assert {(cfg.lake.catalog, "raw.interactions"), (cfg.lake.catalog, "features.items"),
             (cfg.lake.catalog, "main.prompts")} <= visited, visited
     assert len(lake.read_partition("prompts", D1)) == len(prompts)
+
+
+@pytest.mark.faults
+def test_a_spark_server_with_a_wrong_identity_fails_naming_the_bucket_and_the_identity(lake_stack, monkeypatch,
+                                                                                        ml100k_dir):
+    """A Connect server whose writer identity the store does not know (its own state's generated keys): a feature
+    job on the store's tables fails with an error that names the bucket and whose identity it was, not a Java trace
+    alone; the table keeps what it had."""
+    from reki_core.landing import land
+    from reki_core.spark import connect_client
+    from reki_core.storage.lake import lake_of
+    from reki_core.storage.s3_access import ObjectStoreError
+    from spark_jobs.common import jobs_named, run_jobs
+
+    root, s3, connect, _ = lake_stack
+    env = {"REKI__OBJECT_STORE__ENDPOINT_URL": s3.endpoint_url, "REKI__LAKE__BUCKET": LAKE_BUCKET}
+    stranger_run = serve_spark_connect(root / "stranger", **env)  # its state generates keys SeaweedFS never heard of
+    stranger = next(stranger_run)
+    try:
+        monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", stranger.token)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer_key)  # the task itself is the right writer
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.writer_secret)
+        cfg = make_config(root, REKI__SPARK__CONNECT_URL=stranger.url, REKI__LAKE__TABLES_IN_STORE="true",
+                          REKI__SPARK__SHUFFLE_PARTITIONS="2", **env)
+        day = dt.date(1997, 9, 24)
+        land(cfg, day)
+        lake = lake_of(cfg)
+        with connect_client(cfg) as spark, pytest.raises(ObjectStoreError) as failure:
+            run_jobs(spark, jobs_named(["items"]), cfg, lake, day)
+    finally:
+        stranger_run.close()
+    message = str(failure.value)
+    assert f"s3://{LAKE_BUCKET}" in message and "features_items" in message, message
+    assert "the Spark server's identity" in message and "AWS_ACCESS_KEY_ID" in message, message
+    assert day not in lake.partitions("features/items")
