@@ -23,7 +23,7 @@ import json
 import re
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +97,9 @@ class TableStore:
     the warehouse on the object store, and the identity Python writes as."""
 
     catalog_name: str             # lake.catalog: pyiceberg's catalog name and Spark's `spark.sql.catalog.<name>`
-    catalog_uri: str              # the catalog database as SQLAlchemy sees it (SQLite file, or PostgreSQL)
-    spark_conf: dict[str, str]    # the catalog's `spark.sql.catalog.<name>*` settings (reki_core/storage/tables.py)
+    # The catalog database as SQLAlchemy sees it (a SQLite file, or PostgreSQL with its login: kept out of the repr).
+    catalog_uri: str = field(repr=False)
+    spark_conf: dict[str, str] = field(repr=False)  # the catalog's `spark.sql.catalog.<name>*` settings (tables.py)
     warehouse: str                # s3a://bucket/prefix
     access: S3Access
     connect_timeout_s: float = 3.0

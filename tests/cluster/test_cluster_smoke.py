@@ -130,7 +130,7 @@ def _check_the_stages_tables_survive_a_catalog_restart(stack) -> None:
     task_env = {**cluster.s3_writer_environment(cfg), **cluster.catalog_environment(cfg)}  # what a worker's task gets
     with mock.patch.dict(os.environ, task_env):
         lake = lake_of(cfg)
-        assert lake.store is not None and lake.store.catalog_uri.startswith("postgresql"), lake.store
+        assert lake.store is not None and lake.store.catalog_uri.startswith("postgresql")
         for dataset in ("raw/interactions", "features/items", "prompts"):  # written by pyiceberg and by Spark
             assert DAY in lake.partitions(dataset), dataset
             assert lake.load_table(dataset).location().startswith(f"s3a://{cfg.lake.bucket}/"), dataset

@@ -32,3 +32,15 @@ def test_copy_tables_to_copies_each_day_and_leaves_skipped_datasets_out(tmp_path
                                   source.read_partition("raw/interactions", D2))
     assert dest.partitions("features/empty_day") == [D1] and dest.read_partition("features/empty_day", D1).empty
     assert not dest.has_partition("prompts", D2)
+
+
+def test_a_store_lake_never_shows_its_catalog_login(monkeypatch, tmp_path):
+    from reki_core.storage.lake import TableStore
+    from reki_core.storage.s3_access import S3Access
+
+    store = TableStore("lake", "postgresql+psycopg2://reki_lake:s3cret-login@db:5432/reki_lake",
+                       {"spark.sql.catalog.lake.uri": "jdbc:postgresql://db:5432/reki_lake"}, "s3a://reki-lake/warehouse",
+                       S3Access("http://store:8333", "reki-lake", "writer-key", "writer-secret"))
+    shown = repr(Lake(str(tmp_path / "lake"), store))
+    assert "s3cret-login" not in repr(store) and "writer-secret" not in repr(store) and "s3cret-login" not in shown
+    assert "s3a://reki-lake/warehouse" in repr(store)
