@@ -105,13 +105,6 @@ class TableStore:
     connect_timeout_s: float = 3.0
     request_timeout_s: float = 30.0
 
-    def pyiceberg_properties(self) -> dict[str, str]:
-        """pyiceberg's S3 FileIO settings: path-style like s3a, bounded like s3a (pyarrow makes 3 attempts)."""
-        return {"s3.endpoint": self.access.endpoint_url, "s3.access-key-id": self.access.access_key,
-                "s3.secret-access-key": self.access.secret_key, "s3.region": self.access.region,
-                "s3.force-virtual-addressing": "false", "s3.connect-timeout": str(self.connect_timeout_s),
-                "s3.request-timeout": str(self.request_timeout_s)}
-
 
 def lake_of(cfg: Config) -> Lake:
     """The configured lake (`paths.lake_uri`). With `lake.tables_in_store` (the default) its tables are those of the
@@ -161,10 +154,13 @@ class Lake:
             from pyiceberg.catalog.sql import SqlCatalog
 
             if self.store is not None:
+                from reki_core.storage.tables import pyiceberg_properties
+
+                store = self.store
                 # pool_pre_ping: a pooled connection that a database restart closed is replaced, not used and failed.
-                self._catalog = SqlCatalog(self.catalog_name, uri=self.store.catalog_uri, warehouse=self._warehouse(),
-                                           schema_version="v1", pool_pre_ping="true",
-                                           **self.store.pyiceberg_properties())
+                self._catalog = SqlCatalog(self.catalog_name, uri=store.catalog_uri, warehouse=self._warehouse(),
+                                           pool_pre_ping="true", **pyiceberg_properties(
+                                               store.access, store.connect_timeout_s, store.request_timeout_s))
             else:
                 self._catalog_file().parent.mkdir(parents=True, exist_ok=True)
                 self._catalog = SqlCatalog(self.catalog_name, uri=f"sqlite:///{self._catalog_file()}",

@@ -156,14 +156,11 @@ def lake_access(cfg: Config, *, access_key: str | None = None, secret_key: str |
                              secret_key=secret_key, bucket=cfg.lake.bucket)
 
 
-def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
-    """pyiceberg's SqlCatalog on the lake's catalog database, reading and writing objects as `access`."""
-    from pyiceberg.catalog.sql import SqlCatalog
-
-    # Bounded like s3a: pyarrow's default retry strategy makes 3 attempts, each within these timeouts.
-    return SqlCatalog(cfg.lake.catalog, **{
-        "uri": sqlalchemy_uri(cfg),
-        "warehouse": warehouse_uri(cfg),
+def pyiceberg_properties(access: S3Access, connect_timeout_s: float, request_timeout_s: float) -> dict[str, str]:
+    """pyiceberg's SqlCatalog settings besides its database and warehouse: the catalog schema both ends use, and S3
+    as `access`, path-style and bounded like s3a (pyarrow's default retry strategy makes 3 attempts, each within these
+    timeouts)."""
+    return {
         "schema_version": "v1",  # the catalog tables with views, as Iceberg's JdbcCatalog (jdbc.schema-version V1)
         "py-io-impl": "pyiceberg.io.pyarrow.PyArrowFileIO",
         "s3.endpoint": access.endpoint_url,
@@ -171,9 +168,17 @@ def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
         "s3.secret-access-key": access.secret_key,
         "s3.region": access.region,
         "s3.force-virtual-addressing": "false",  # path-style, as s3a
-        "s3.connect-timeout": str(cfg.lake.s3_connect_timeout_s),
-        "s3.request-timeout": str(cfg.lake.s3_request_timeout_s),
-    })
+        "s3.connect-timeout": str(connect_timeout_s),
+        "s3.request-timeout": str(request_timeout_s),
+    }
+
+
+def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
+    """pyiceberg's SqlCatalog on the lake's catalog database, reading and writing objects as `access`."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    return SqlCatalog(cfg.lake.catalog, uri=sqlalchemy_uri(cfg), warehouse=warehouse_uri(cfg),
+                      **pyiceberg_properties(access, cfg.lake.s3_connect_timeout_s, cfg.lake.s3_request_timeout_s))
 
 
 def table_store_error(exc: Exception, what: str, access: S3Access):
