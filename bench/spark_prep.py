@@ -17,8 +17,16 @@ try), the jobs, the session released; its wall time includes the session's creat
   through Connect: `interactions_per_s`, `time_ratio_10m_over_1m`; the clusters job alone (collective mode);
   with --daily-sizes, the steady-state daily run too (`incremental_over_full_by_size`).
 - The server's resident memory (its JVM and Python workers): peak over the run, and after warm-up.
+- With --layouts: the per-user feature datasets as today's tables (keyed, written as changes) against the layout
+  of `--baseline` (the commit before the lake moved to tables: Parquet folders, user-bucketed files hard-linked
+  from day to day), each arm its own checkout's jobs on one classic local[2] session (bench/spark_prep_arm.py),
+  on the same rows: ML-100K and synthetic histories of --layout-sizes interactions (180 days) whose last day has
+  1% of the users active. Full build of the last day, and its daily run after a full build and a daily run:
+  `daily_over_full_<size>`, `full_over_today_<size>`, `daily_over_today_<size>`, and a commit's own cost (`commit_s`).
+  `--layouts-only` keeps the rest of the results file as it was and replaces only those keys.
 
     .venv/bin/python bench/spark_prep.py [--sizes 1000000,3000000,10000000] [--daily-sizes 1000000] [--out ...]
+    .venv/bin/python bench/spark_prep.py --layouts-only [--layout-sizes 1000000,4000000] [--baseline 53f35f3]
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -102,11 +113,10 @@ class Runner:
             session_s = round(time.perf_counter() - start, 3)
             steps = run_jobs(spark, jobs_named(jobs), cfg, lake, day)
         seconds = {step.removeprefix("features_"): payload["seconds"] for step, payload in steps.items()}
-        # How much of the user-keyed data the day recomputed (the rest is hard-linked from the day before).
-        rewritten = {step.removeprefix("features_"): payload["rewritten_buckets"] for step, payload in steps.items()
-                     if payload.get("rewritten_buckets") is not None}
-        return {**seconds, "session_s": session_s, "total": round(time.perf_counter() - start, 2),
-                "rewritten_buckets": rewritten}
+        # How much of the user-keyed data the day wrote (everyone else's rows stay as they are).
+        written = {step.removeprefix("features_"): payload.get("users_written", payload.get("samples_written"))
+                   for step, payload in steps.items() if step in ("features_user_history", "features_ctr_samples")}
+        return {**seconds, "session_s": session_s, "total": round(time.perf_counter() - start, 2), "written": written}
 
     def floor(self, cfg, lake: Lake, day: dt.date) -> dict:
         """The least a Spark action costs here, on a small partition (features/items): a count and a rewrite."""
@@ -206,7 +216,6 @@ def bench_ml100k(runner: Runner, cfg, workdir: Path, submit: bool = True) -> dic
     jobs = FEATURE_JOBS + (("clusters",) if collective else ())
     result = full_vs_daily(runner, cfg, lake, days, jobs, repeats=ML100K_REPEATS)
     result["spark_action_floor_s"] = runner.floor(cfg, lake, days[-1])
-    result["user_buckets"] = cfg.spark.user_buckets
     result["spark_submit"] = submitted_runs(cfg, lake, days) if submit else {"skipped": "--skip-submit"}
     result["quiet_day"] = quiet_day(runner, cfg, lake, days, jobs, result["full_seconds"]["total"])
     return result
@@ -264,14 +273,104 @@ def summarise(result: dict) -> None:
                       submit_incremental_over_full=ml["spark_submit"].get("incremental_over_full"))
 
 
+BASELINE = "53f35f3"  # the last commit before issue 27's lake tables: folders, user buckets, hard links
+ACTIVE_SHARE = 0.01  # the daily run's day: 1% of the users active
+
+
+def one_percent_day(interactions, seed: int = 7):
+    """`interactions` with its last day thinned to the interactions of 1% of all users (drawn among those active
+    that day): a daily run as most days of a large user base look."""
+    days = synthetic.interaction_days(interactions)
+    last = days == days.max()
+    users = interactions["user_id"].unique()
+    active_today = interactions.loc[last, "user_id"].unique()
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(active_today, size=min(len(active_today), max(1, round(len(users) * ACTIVE_SHARE))),
+                          replace=False))
+    return interactions[~last | interactions["user_id"].isin(keep)].reset_index(drop=True), len(keep), len(users)
+
+
+def bench_layouts(sizes: list[int], baseline: str, workdir: Path, repeats: int) -> dict:
+    """Each size's full build and daily run on today's tables and on the baseline's layout (see the docstring)."""
+    checkout = workdir / "baseline"
+    subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", str(checkout), baseline],
+                   check=True, capture_output=True)
+    commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    arms = {"today": checkout, "tables": PROJECT_ROOT}
+    out = {"baseline_commit": baseline, "measured_commit": commit.strip()[:12], "sizes": {}}
+    try:
+        for size in sizes:
+            inputs = workdir / f"inputs-{size}"
+            inputs.mkdir()
+            if size == 100_000:  # ML-100K itself, as it lands
+                cfg = load_config()
+                inter, users, item_frame = movielens.load(movielens.obtain(cfg.data_dir))
+                scenario, active, n_users = "movielens", None, int(users["user_id"].nunique())
+            else:
+                data = synthetic.generate(size, days=180, seed=1)
+                inter, active, n_users = one_percent_day(data.interactions)
+                users, item_frame, scenario = data.users, data.items, "books"
+            for name, frame in (("interactions", inter), ("users", users), ("items", item_frame)):
+                frame.to_parquet(inputs / f"{name}.parquet")
+            entry = {"interactions": len(inter), "users": n_users, "active_users_last_day": active, "arms": {}}
+            for arm, root in arms.items():
+                work = workdir / f"{arm}-{size}"
+                proc = subprocess.run([sys.executable, str(PROJECT_ROOT / "bench/spark_prep_arm.py"), "--inputs",
+                                       str(inputs), "--work", str(work), "--scenario", scenario, "--repeats",
+                                       str(repeats if size <= 1_000_000 else 1)],
+                                      cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                                      text=True, timeout=3600)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{arm} arm, {size}: {proc.stderr[-3000:]}")
+                entry["arms"][arm] = json.loads(proc.stdout.strip().splitlines()[-1])
+                shutil.rmtree(work, ignore_errors=True)
+                print(f"layouts {size} {arm}: full {entry['arms'][arm]['full']['total']} s, "
+                      f"daily {entry['arms'][arm]['daily']['total']} s", flush=True)
+            shutil.rmtree(inputs, ignore_errors=True)
+            today, tables = entry["arms"]["today"], entry["arms"]["tables"]
+            label = "ml100k" if size == 100_000 else f"{size // 1_000_000}m"
+            entry.update({f"daily_over_full_{label}": round(tables["daily"]["total"] / tables["full"]["total"], 3),
+                          f"full_over_today_{label}": round(tables["full"]["total"] / today["full"]["total"], 3),
+                          f"daily_over_today_{label}": round(tables["daily"]["total"] / today["daily"]["total"], 3),
+                          "today_daily_over_full": round(today["daily"]["total"] / today["full"]["total"], 3),
+                          "commit_s": {"today": today["commit_s"], "tables": tables["commit_s"]}})
+            out["sizes"][label] = entry
+    finally:
+        subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", str(checkout)],
+                       capture_output=True)
+    return out
+
+
+def layouts_only(args) -> int:
+    """Replace the layout comparison's keys of the results file, keeping the rest as it was measured."""
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    sizes = [int(s) for s in args.layout_sizes.split(",") if s]
+    with tempfile.TemporaryDirectory(prefix="reki-bench-layouts-") as tmp:
+        layouts = bench_layouts(sizes, args.baseline, Path(tmp), repeats=2)
+    layouts["measured_at"] = dt.datetime.now(dt.UTC).isoformat()
+    result["layouts"] = layouts
+    for entry in layouts["sizes"].values():
+        result.update({k: v for k, v in entry.items() if k.startswith(("daily_over_", "full_over_"))})
+    out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("daily_over_", "full_over_"))}, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts-only", action="store_true", help="only the layout comparison (see the docstring)")
+    parser.add_argument("--layout-sizes", default="100000,1000000,4000000",
+                        help="100000 is ML-100K itself; others synthetic")
+    parser.add_argument("--baseline", default=BASELINE, help="the commit whose layout is today's")
     parser.add_argument("--sizes", default="1000000,3000000,10000000")
     parser.add_argument("--daily-sizes", default="1000000", help="sizes that also get a steady-state daily run")
     parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--skip-submit", action="store_true", help="no spark-submit comparison (minutes on 2 cores)")
     parser.add_argument("--out", default=str(PROJECT_ROOT / "bench/results/spark_prep.json"))
     args = parser.parse_args()
+    if args.layouts_only:
+        return layouts_only(args)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     daily_sizes = {int(s) for s in args.daily_sizes.split(",") if s}
     out = Path(args.out)

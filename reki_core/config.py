@@ -175,8 +175,6 @@ class SparkConfig(_Strict):
     connect_retry_s: float = Field(20.0, ge=0)
     driver_memory: str = "2g"
     shuffle_partitions: int = 8
-    # Per-user feature datasets are split into this many files; a daily run rewrites only the touched ones.
-    user_buckets: int = 32
     # JVM options of spark-submitted jobs; short daily jobs start faster with JIT tier 1 and the serial GC.
     driver_java_options: str = ""
     # JVM options of the Connect server: a long-lived JVM keeps the full JIT (the default).

@@ -191,14 +191,13 @@ def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_use
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import read_buckets
     from spark_jobs.common import read_partition, write_partition
 
     from reki_core.prompts import resolve_mode, skip_groups
 
     s = cfg.scenario
     items = cache(read_partition(spark, lake, "features/items", day))
-    history = cache(read_buckets(spark, lake, "features/user_history", day).select("user_id", "window"))
+    history = cache(read_partition(spark, lake, "features/user_history", day).select("user_id", "window"))
     mode = resolve_mode(cfg, history.count(), items.count())
     if mode == "individual":  # groups only serve collective extraction: the costliest job is skipped
         return skip_groups(lake, day, mode)

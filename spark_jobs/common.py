@@ -13,20 +13,16 @@ import argparse
 import datetime as dt
 import functools
 import importlib
-import uuid
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
 
-import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
-from pyspark.sql.pandas.types import from_arrow_schema
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import DAY_PROPERTY, Lake, as_date, lake_of, table_identifier
+from reki_core.storage.lake import CHANGES_DAY, DAY_PROPERTY, FULL_DAY, Lake, as_date, lake_of, table_identifier
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -57,7 +53,6 @@ def parse_args(argv: list[str] | None, description: str) -> JobArgs:
     cfg = load_config(ns.config)
     # --lake names a folder lake (its own catalog: a benchmark's, a test's); else the configured one.
     lake = Lake(ns.lake) if ns.lake else lake_of(cfg)
-    lake.local_path()  # fails early, naming the lake, when its folder is not local (the bucketed datasets need one)
     return JobArgs(cfg=cfg, lake=lake, day=as_date(ns.dt), remote=ns.remote)
 
 
@@ -177,22 +172,32 @@ def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
     return days[-1] if days else None
 
 
-def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date) -> DataFrame:
+def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
+                   only_keys: DataFrame | None = None) -> DataFrame:
+    """Day D of `dataset`; for a keyed dataset (written as changes) its state as of D: each key's rows from the newest
+    day that wrote the key (`Lake.state_days`). `only_keys` (a frame of the key column) narrows a keyed read to
+    those keys before the state is resolved, so a daily run reads only the users it recomputes."""
     if not lake.has_partition(dataset, day):
         raise FileNotFoundError(f"lake partition missing: {lake.describe(dataset, day)}")
-    if not lake.is_table(dataset):
-        return read_parquet(spark, [lake.local_path(f"{dataset}/dt={day.isoformat()}")])
-    return spark.table(table_of(spark, lake, dataset)).where(F.col("dt") == F.lit(day)).drop("dt")
+    table = spark.table(table_of(spark, lake, dataset))
+    key = lake.key_of(dataset)
+    if key is None:
+        return table.where(F.col("dt") == F.lit(day)).drop("dt")
+    days = lake.state_days(dataset, day)
+    rows = table.where(F.col("dt").between(F.lit(days[0]), F.lit(days[-1])))
+    if only_keys is not None:
+        rows = rows.join(only_keys.select(key), key, "left_semi")
+    if len(days) == 1:
+        return rows.drop("dt")
+    newest = F.max("dt").over(Window.partitionBy(key))
+    return rows.withColumn("_newest", newest).where(F.col("dt") == F.col("_newest")).drop("dt", "_newest")
 
 
-def read_parquet(spark: SparkSession, folders: list[Path]) -> DataFrame:
-    """The Parquet files of `folders`, with the schema of the first file's footer (read here, in the driver):
-    Spark would run a job per read to infer the same schema, as it also reads only one footer."""
-    first = next((f for folder in folders for f in sorted(folder.glob("*.parquet"))), None)
-    if first is None:
-        raise FileNotFoundError(f"no Parquet file in {folders[0]}")
-    schema = from_arrow_schema(pq.read_schema(first))
-    return spark.read.schema(schema).parquet(*map(str, folders))
+def read_day_changes(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
+                     since_exclusive: dt.date | None = None) -> DataFrame:
+    """The rows as stored on day D (a keyed dataset's changes of that day), or on every day since_exclusive < dt <= D."""
+    lower = F.col("dt") == F.lit(day) if since_exclusive is None else F.col("dt") > F.lit(since_exclusive)
+    return spark.table(table_of(spark, lake, dataset)).where(lower & (F.col("dt") <= F.lit(day))).drop("dt")
 
 
 def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date | None, upto: dt.date) -> DataFrame:
@@ -208,28 +213,28 @@ def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date 
     )
 
 
-def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date) -> str:
-    """Replace day `day` of `dataset` with `df`: one Iceberg commit (dynamic overwrite of that day), then the day is
-    recorded (a table property; without it an empty day would look unwritten). A crash between the two leaves the
-    day unrecorded, so the next run redoes it."""
-    if lake.is_table(dataset):
-        spark = df.sparkSession
-        name = table_of(spark, lake, dataset)
-        rows = df.withColumn("dt", F.lit(day).cast("date"))
-        if not spark.catalog.tableExists(name):
-            lake.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
-            try:  # never createOrReplace: a table another writer just created keeps its rows
-                # From the schema alone: an action on `rows` would spend the job's observed metrics.
-                spark.createDataFrame([], rows.schema).writeTo(name).using("iceberg").partitionedBy(
-                    F.col("dt")).tableProperty("write.spark.accept-any-schema", "true").create()
-            except Exception as exc:
-                if "already exists" not in str(exc).lower():
-                    raise
-        rows.writeTo(name).option("mergeSchema", "true").overwritePartitions()
-        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = 'written')")
-        return f"{name}/dt={day.isoformat()}"
-    staging = f"{lake.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
-    df.write.mode("overwrite").parquet(staging)
-    final = lake.partition_path(dataset, day)
-    lake._swap_in(staging, final)  # the lake's own atomic swap: readers never see a half-written partition
-    return final
+def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False) -> str:
+    """Replace day `day` of `dataset` with `df`: one Iceberg commit (an overwrite of exactly that day, so a re-run that
+    writes fewer rows, or none, leaves none of the old ones), then the day is recorded (a table property; without it
+    an empty day would look unwritten), as the whole state or, for a keyed dataset, its changes. A crash between the
+    two leaves the day unrecorded, so the next run redoes it."""
+    if not lake.is_table(dataset):
+        raise ValueError(f"{dataset} is not a table of the lake")
+    if changes_only and lake.key_of(dataset) is None:
+        raise ValueError(f"{dataset}: only a keyed dataset is written as changes")
+    spark = df.sparkSession
+    name = table_of(spark, lake, dataset)
+    rows = df.withColumn("dt", F.lit(day).cast("date"))
+    if not spark.catalog.tableExists(name):
+        lake.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
+        try:  # never createOrReplace: a table another writer just created keeps its rows
+            # From the schema alone: an action on `rows` would spend the job's observed metrics.
+            spark.createDataFrame([], rows.schema).writeTo(name).using("iceberg").partitionedBy(
+                F.col("dt")).tableProperty("write.spark.accept-any-schema", "true").create()
+        except Exception as exc:
+            if "already exists" not in str(exc).lower():
+                raise
+    rows.writeTo(name).option("mergeSchema", "true").overwrite(F.col("dt") == F.lit(day).cast("date"))
+    kind = CHANGES_DAY if changes_only else FULL_DAY
+    spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = '{kind}')")
+    return f"{name}/dt={day.isoformat()}"

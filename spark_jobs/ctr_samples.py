@@ -6,17 +6,16 @@ knowledge it carries never shows that interaction or anything after it. Interact
 version (the first window's own interactions, and anything at or before its `as_of`) give no sample.
 
 A user's samples depend only on the user's history and window versions and on the genres of the items
-in it. The dataset is user-bucketed (`spark_jobs/buckets.py`): a daily run recomputes only the buckets
-whose interactions or window versions grew since the previous day (the bucket manifests' totals) or that
-hold a user of an item whose genre changed, and hard-links every other bucket's file from the previous
-partition. Like the
-knowledge windows, that assumes unchanged sample parameters (`max_hist_len`, the threshold, the split
-fractions): after changing one, rebuild from the first affected date.
+in it. The dataset is keyed by user and written as changes (`KEYED_DATASETS` in reki_core/storage/lake.py):
+a daily run recomputes the samples of the users that `features/user_history` wrote since the previous day
+(their interactions or versions may have changed) and of the users of an item whose genre changed, and
+writes only theirs under `dt=D`; a reader of D gets each user's newest samples. Like the knowledge windows,
+that assumes unchanged sample parameters (`max_hist_len`, the threshold, the split fractions): after
+changing one, rebuild from the first affected date.
 
-Reads `features/user_history/dt=D` (histories), `features/knowledge_versions/dt=D`, `features/items/dt=D`
-(a daily run reads only the recomputed buckets' files), and the previous day's `features/items`.
-Writes `features/ctr_samples/dt=D` (every sample up to D; a user stays in one split every day), in
-(bucket, user_id, ts, item_id) order.
+Reads `features/user_history` and `features/knowledge_versions` as of D (a daily run: only the recomputed
+users), `features/items/dt=D` and the previous day's `features/items`. Writes `features/ctr_samples/dt=D`
+(a user stays in one split every day), in (user_id, ts, item_id) order.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from spark_jobs.buckets import BUCKET, with_buckets
 from spark_jobs.common import releases_cache
 
 DATASET = "features/ctr_samples"
@@ -57,10 +55,8 @@ def split_of(user_id, fractions: tuple[float, float, float]):
     )
 
 
-def transform(
-    user_history: DataFrame, versions: DataFrame, items: DataFrame, params: SampleParams, n_buckets: int = 32
-) -> DataFrame:
-    """The samples, with the `bucket` column of the user, hash-partitioned by it (as the writer lays them out)."""
+def transform(user_history: DataFrame, versions: DataFrame, items: DataFrame, params: SampleParams) -> DataFrame:
+    """The samples, hash-partitioned by user (as the writer lays them out)."""
     L = params.max_hist_len
     genres = F.broadcast(items.select("item_id", F.col("first_genre").alias("genre")))
     events = (
@@ -81,9 +77,9 @@ def transform(
             F.col("window_n").cast("int").alias("v_n"),
         )
     )
-    # One shuffle, of the narrow rows: both windows and the bucketed write reuse this partitioning.
-    stream = with_buckets(stream, n_buckets)
-    w = Window.partitionBy(BUCKET, "user_id").orderBy("t", "kind", "v_n").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    # One shuffle, of the narrow rows: both windows and the write reuse this partitioning.
+    stream = stream.repartition("user_id")
+    w = Window.partitionBy("user_id").orderBy("t", "kind", "v_n").rowsBetween(Window.unboundedPreceding, Window.currentRow)
     joined = (
         stream.withColumn("knowledge_as_of", F.last("v_as_of", ignorenulls=True).over(w))
         .withColumn("knowledge_window_hash", F.last("v_hash", ignorenulls=True).over(w))
@@ -91,7 +87,7 @@ def transform(
         .where(F.col("kind") == 0)
     )
     # The previous L interactions of the user (a sliding frame, not a map lookup: map lookups scan linearly).
-    previous = Window.partitionBy(BUCKET, "user_id").orderBy("pos").rowsBetween(-L, -1)
+    previous = Window.partitionBy("user_id").orderBy("pos").rowsBetween(-L, -1)
     joined = joined.withColumn("hist", F.collect_list(F.struct("item_id", "genre", "rating")).over(previous))
     joined = joined.where(F.col("knowledge_as_of").isNotNull())
     hist = F.col("hist")
@@ -111,30 +107,18 @@ def transform(
         "knowledge_as_of",
         "knowledge_window_hash",
         "knowledge_window_n",
-        BUCKET,
     )
 
 
-def previous_state(lake, day, n_buckets: int):
-    """The day whose samples a daily run of `day` builds on, or None: rebuild (the previous samples cannot be
-    compared with what they were built from)."""
-    from spark_jobs.buckets import is_bucketed
+def previous_state(lake, day):
+    """The day whose samples a daily run of `day` builds on, or None: rebuild from every user (no previous day, or
+    its items are missing)."""
     from spark_jobs.common import previous_day
 
     prev_day = previous_day(lake, DATASET, day)
-    if prev_day is None or not (all(is_bucketed(lake, ds, prev_day, n_buckets) for ds in (DATASET, "features/user_history", "features/knowledge_versions"))
-                                and lake.has_partition("features/items", prev_day)):
+    if prev_day is None or not lake.has_partition("features/items", prev_day):
         return None
     return prev_day
-
-
-def grown_user_buckets(lake, day, prev_day) -> set[int]:
-    """Buckets whose interactions or window versions grew since the previous day (both only grow, so a
-    bucket's total tells). With the buckets of users of a regenred item, all a day's samples can change by."""
-    from spark_jobs.buckets import grown_buckets
-
-    return grown_buckets(lake, "features/user_history", prev_day, day, "interactions") | grown_buckets(
-        lake, "features/knowledge_versions", prev_day, day)
 
 
 def regenred_items(lake, day, prev_day) -> list[str]:
@@ -153,57 +137,47 @@ def users_rating(history: DataFrame, item_ids: DataFrame) -> DataFrame:
     return rated.join(F.broadcast(item_ids), "item_id", "left_semi").select("user_id").distinct()
 
 
-def summarise(table) -> dict[str, int]:
-    """Samples and positives per split, for the run log and the label-rate gate."""
-    split = table["split"].to_numpy(zero_copy_only=False)
-    label = table["label"].to_numpy(zero_copy_only=False)
-    return {k: int(v) for s in SPLITS for k, v in ((f"{s}_samples", (split == s).sum()),
-                                                     (f"{s}_positives", label[split == s].sum()))}
-
-
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import bucket_expr, read_buckets, write_bucketed
-    from spark_jobs.common import read_partition
+    from spark_jobs.common import cache, read_day_changes, read_partition, write_partition
 
     params = SampleParams.from_config(cfg)
-    n_buckets = cfg.spark.user_buckets
     items = read_partition(spark, lake, "features/items", day)
-    prev_day = previous_state(lake, day, n_buckets)
-    if prev_day is None:
-        history = read_buckets(spark, lake, "features/user_history", day)
-        versions = read_buckets(spark, lake, "features/knowledge_versions", day)
-        rewritten = None
-    else:
-        rewritten = grown_user_buckets(lake, day, prev_day)
+    prev_day = previous_state(lake, day)
+    touched = None
+    if prev_day is not None:
+        # The users whose history or versions changed since the previous samples: user_history wrote them.
+        touched = read_day_changes(spark, lake, "features/user_history", day, since_exclusive=prev_day).select("user_id")
         regenred = regenred_items(lake, day, prev_day)
         if regenred:  # rare: only then are all histories scanned
-            users = users_rating(read_buckets(spark, lake, "features/user_history", day),
-                                 spark.createDataFrame([(i,) for i in regenred], "item_id string"))
-            rewritten |= {r[0] for r in users.select(bucket_expr(F.col("user_id"), n_buckets)).distinct().collect()}
-        history = read_buckets(spark, lake, "features/user_history", day, rewritten)
-        versions = read_buckets(spark, lake, "features/knowledge_versions", day, rewritten)
-    stats = write_bucketed(transform(history, versions, items, params, n_buckets), lake, DATASET, day, n_buckets,
-                           ["user_id", "ts", "item_id"], summarise, ["split", "label"],
-                           carry_from=prev_day, rewritten=rewritten)
-    return payload(stats, lake, day, prev_day, rewritten)
+            touched = touched.unionByName(users_rating(read_partition(spark, lake, "features/user_history", day),
+                                                       spark.createDataFrame([(i,) for i in regenred], "item_id string")))
+        touched = cache(touched.distinct())
+    history = read_partition(spark, lake, "features/user_history", day, only_keys=touched)
+    versions = read_partition(spark, lake, "features/knowledge_versions", day, only_keys=touched)
+    samples = transform(history, versions, items, params).sortWithinPartitions("user_id", "ts", "item_id")
+    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None)
+    return payload(spark, lake, day, prev_day)
 
 
-def payload(stats: dict, lake, day, prev_day, rewritten: set[int] | None) -> dict:
-    """The run-log counts of a run, from the totals of the written partition."""
-    from spark_jobs.buckets import read_manifest, totals
+def payload(spark, lake, day, prev_day) -> dict:
+    """The run-log counts of a run: samples and positives per split over the state as of `day` (its narrow columns),
+    and how many samples this run wrote."""
+    from spark_jobs.common import read_day_changes, read_partition
 
-    per_split = {s: (stats.get(f"{s}_samples", 0), stats.get(f"{s}_positives", 0)) for s in SPLITS}
-    per_split = {s: counts for s, counts in per_split.items() if counts[0]}
-    total = stats["rows"]
-    interactions = totals(read_manifest(lake, "features/user_history", day)).get("interactions", 0)
+    state = read_partition(spark, lake, DATASET, day).select("split", "label")
+    per_split = {r["split"]: (int(r["samples"]), int(r["positives"] or 0)) for r in state.groupBy("split").agg(
+        F.count(F.lit(1)).alias("samples"), F.sum(F.col("label").cast("int")).alias("positives")).collect()}
+    per_split = {s: per_split[s] for s in SPLITS if per_split.get(s, (0, 0))[0]}
+    total = sum(n for n, _ in per_split.values())
+    interactions = read_partition(spark, lake, "features/user_history", day).agg(F.sum("n_interactions")).first()[0]
     return {
         "samples": total,
         "label_rate": sum(p for _, p in per_split.values()) / total if total else None,
         "samples_per_split": {s: n for s, (n, _) in per_split.items()},
-        "interactions_without_earlier_knowledge": int(interactions) - total,
+        "interactions_without_earlier_knowledge": int(interactions or 0) - total,
         "incremental_from": prev_day.isoformat() if prev_day else None,
-        "rewritten_buckets": None if rewritten is None else len(rewritten),
+        "samples_written": read_day_changes(spark, lake, DATASET, day).count(),
     }
 
 

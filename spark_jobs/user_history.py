@@ -6,11 +6,13 @@ A user's knowledge window (what the user prompt shows) is chosen by `scenario.kn
 `refresh_min_new_interactions` arrived since the last version; a user without a window gets one.
 The rule is replayed day by day (at each day's end), so a full build equals the chain of daily runs.
 
-Both outputs are user-bucketed (`spark_jobs/buckets.py`). A daily run finds the users whose row can
-change (`touched_buckets`), recomputes only their buckets from the previous day's files of those buckets
-(the state) and `raw/interactions` newer than that state, and hard-links every other bucket's file.
-Also reads `features/items` (titles; the previous day's too) and `raw/users` (profile) of both days.
-Writes `features/user_history/dt=D` and `features/knowledge_versions/dt=D` (all versions so far).
+Both outputs are keyed by user and written as changes (`KEYED_DATASETS` in reki_core/storage/lake.py): a
+daily run finds the users whose rows can change (`touched_users`), reads only their state as of the previous
+day and `raw/interactions` newer than that, and writes only their rows under `dt=D`; everyone else's rows stay
+where they are, and a reader of D gets each user's newest rows. A first run (or one with no usable previous
+day) writes every user, as a full day. Also reads `features/items` (titles; the previous day's too) and
+`raw/users` (profile) of both days. Writes `features/user_history/dt=D` (a user's row) and
+`features/knowledge_versions/dt=D` (all of a user's versions so far).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import sys
 from dataclasses import dataclass
 
 import pandas as pd
-import pyarrow.compute as pc
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -215,38 +216,28 @@ def transform(
     return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params)
 
 
-def touched_buckets(spark, lake, day, prev_day, new_interactions: DataFrame, n_buckets: int) -> set[int]:
-    """The buckets holding a user whose row may differ from the previous day's.
+def touched_users(spark, lake, day, prev_day, new_interactions: DataFrame) -> DataFrame:
+    """The users whose rows may differ from the previous day's, one row each (`user_id`).
 
     New interactions, a refresh flagged yesterday (the flag falls back), a profile change, or an item of
-    the window whose metadata changed or vanished (titles are shown in the window). Anyone else's row is
-    the previous day's, unchanged. Flags come from the previous manifest's counts and the small user and
-    item tables are compared here, in the driver: the usual day costs one Spark scan, of its interactions.
+    the window whose metadata changed or vanished (titles are shown in the window). Anyone else's rows are
+    the previous day's, unchanged. A user flagged yesterday got a new version yesterday, so yesterday's
+    changes hold the flag; the small user and item tables are compared in the driver: the usual day costs a
+    scan of its interactions and of yesterday's changes.
     """
-    from spark_jobs.buckets import BUCKET, bucket_expr, read_buckets
+    from spark_jobs.common import read_day_changes, read_partition
 
-    flagged = flagged_buckets(lake, prev_day)
     users = new_interactions.select("user_id")
+    users = users.unionByName(read_day_changes(spark, lake, DATASET, prev_day).where("needs_refresh").select("user_id"))
     reprofiled = profile_changes(lake, day, prev_day)
     if reprofiled:
         users = users.unionByName(spark.createDataFrame([(u,) for u in reprofiled], "user_id string"))
     changed = changed_items(lake, day, prev_day)
     if changed:  # rare: only then are the previous windows scanned
-        shown = read_buckets(spark, lake, DATASET, prev_day).select("user_id", F.explode("window.item_id").alias("item_id"))
+        shown = read_partition(spark, lake, DATASET, prev_day).select("user_id", F.explode("window.item_id").alias("item_id"))
         changed_df = F.broadcast(spark.createDataFrame([(i,) for i in changed], "item_id string"))
         users = users.unionByName(shown.join(changed_df, "item_id", "left_semi").select("user_id"))
-    # One row per interaction, deduplicated here: a distinct would cost Spark a shuffle.
-    found = users.select(bucket_expr(F.col("user_id"), n_buckets).alias(BUCKET)).toArrow()[BUCKET]
-    return flagged | {int(b) for b in pc.unique(found).to_pylist()}
-
-
-def flagged_buckets(lake, prev_day) -> set[int]:
-    """Buckets of the previous day that hold a user flagged for refresh (the flag falls back today)."""
-    from spark_jobs.buckets import read_manifest
-
-    # A bucket whose manifest does not count its flags is taken as flagged: recomputing it is always safe.
-    return {int(b) for b, entry in read_manifest(lake, DATASET, prev_day)["buckets"].items()
-            if entry["counts"].get("dirty_users", entry["rows"])}
+    return users.distinct()
 
 
 def profile_changes(lake, day, prev_day) -> list[str]:
@@ -270,67 +261,63 @@ def changed_items(lake, day, prev_day) -> list[str]:
     return sorted(set(now.loc[now["needs_refresh"], "item_id"]) | (set(before["item_id"]) - set(now["item_id"])))
 
 
-def previous_state(lake, day, n_buckets: int):
-    """The day whose outputs a daily run of `day` builds on, or None: rebuild from the raw history (no previous
-    partition, an incomplete one, or another bucket layout)."""
-    from spark_jobs.buckets import is_bucketed
+def previous_state(lake, day):
+    """The day whose state a daily run of `day` builds on, or None: rebuild from the raw history (no previous day,
+    or one whose outputs or items are missing)."""
     from spark_jobs.common import previous_day
 
     prev_day = previous_day(lake, DATASET, day)
-    if prev_day is None or not (is_bucketed(lake, DATASET, prev_day, n_buckets) and is_bucketed(lake, VERSIONS, prev_day, n_buckets)
-                                and lake.has_partition("features/items", prev_day)):
+    if prev_day is None or not (lake.has_partition(VERSIONS, prev_day) and lake.has_partition("features/items", prev_day)):
         return None
     return prev_day
 
 
-def summarise_history(max_window: int):
-    def summarise(table) -> dict[str, int]:
-        n = table["n_interactions"].to_numpy(zero_copy_only=False)
-        return {"dirty_users": int(table["needs_refresh"].to_numpy(zero_copy_only=False).sum()),
-                "interactions": int(n.sum()), "users_shorter_than_max_window": int((n < max_window).sum())}
-    return summarise
-
-
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.buckets import read_buckets, with_buckets, write_bucketed
-    from spark_jobs.common import read_interactions, read_partition
+    from spark_jobs.common import read_interactions, read_partition, write_partition
 
     params = WindowParams.from_config(cfg)
-    n_buckets = cfg.spark.user_buckets
-    prev_day = previous_state(lake, day, n_buckets)
+    prev_day = previous_state(lake, day)
     new_interactions = read_interactions(spark, lake, prev_day, day)
     items = read_partition(spark, lake, "features/items", day)
     users = read_partition(spark, lake, "raw/users", day) if lake.has_partition("raw/users", day) else None
     if prev_day is None:
-        prev_history = prev_versions = rewritten = None
+        prev_history = prev_versions = None
     else:
-        # Only the buckets holding a touched user are recomputed; the others are carried as they are.
-        rewritten = touched_buckets(spark, lake, day, prev_day, new_interactions, n_buckets)
-        prev_history = read_buckets(spark, lake, DATASET, prev_day, rewritten)
-        prev_versions = read_buckets(spark, lake, VERSIONS, prev_day, rewritten)
+        # Only the touched users are recomputed and written; the others' rows stay as they are.
+        touched = cache(touched_users(spark, lake, day, prev_day, new_interactions))
+        prev_history = read_partition(spark, lake, DATASET, prev_day, only_keys=touched)
+        prev_versions = read_partition(spark, lake, VERSIONS, prev_day, only_keys=touched)
     # Both outputs derive from the advanced windows: compute them once.
     advanced = cache(advance(prev_history, new_interactions, params))
     history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
-    carry = {"carry_from": prev_day, "rewritten": rewritten}
-    written_versions = write_bucketed(with_buckets(versions, n_buckets), lake, VERSIONS, day, n_buckets,
-                                      ["user_id", "window_n"], **carry)
-    stats = write_bucketed(with_buckets(history, n_buckets), lake, DATASET, day, n_buckets, ["user_id"],
-                           summarise_history(params.max_window), ["n_interactions", "needs_refresh"], **carry)
-    return payload(stats, written_versions, params, prev_day, rewritten)
+    changes = prev_day is not None
+    write_partition(versions.repartition("user_id").sortWithinPartitions("user_id", "window_n"), lake, VERSIONS, day,
+                    changes_only=changes)
+    write_partition(history.repartition("user_id").sortWithinPartitions("user_id"), lake, DATASET, day,
+                    changes_only=changes)
+    return payload(spark, lake, day, params, prev_day)
 
 
-def payload(stats: dict, written_versions: dict, params: WindowParams, prev_day, rewritten: set[int] | None) -> dict:
-    """The run-log counts of a run, from the totals of the two written partitions."""
+def payload(spark, lake, day, params: WindowParams, prev_day) -> dict:
+    """The run-log counts of a run: totals over the state as of `day` (its narrow columns), and how many users
+    this run wrote."""
+    from spark_jobs.common import read_day_changes, read_partition
+
+    state = read_partition(spark, lake, DATASET, day).select("n_interactions", "needs_refresh")
+    totals = state.agg(
+        F.count(F.lit(1)).alias("users"),
+        F.sum(F.col("needs_refresh").cast("int")).alias("dirty_users"),
+        F.sum("n_interactions").alias("interactions"),
+        F.sum((F.col("n_interactions") < params.max_window).cast("int")).alias("users_shorter_than_max_window"),
+    ).first()
+    versions = read_partition(spark, lake, VERSIONS, day).select("user_id").count()
     return {
-        "users": stats["rows"],
-        "dirty_users": stats.get("dirty_users", 0),
-        "interactions": stats.get("interactions", 0),
-        "users_shorter_than_max_window": stats.get("users_shorter_than_max_window", 0),
-        "knowledge_versions": written_versions["rows"],
+        **{k: int(totals[k] or 0) for k in ("users", "dirty_users", "interactions", "users_shorter_than_max_window")},
+        "knowledge_versions": versions,
         "knowledge_window": params.mode,
         "incremental_from": prev_day.isoformat() if prev_day else None,
-        "rewritten_buckets": None if rewritten is None else len(rewritten),
+        "users_written": read_day_changes(spark, lake, DATASET, day).count(),
     }
 
 

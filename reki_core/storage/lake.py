@@ -9,9 +9,14 @@ spark_jobs/common.py `table_of`), with s3a and the Spark server's identity. Writ
 commit, which also records that D was written (an empty day has no data file to show it): readers see the old day or
 the new one, never a mix, and a re-run of D replaces exactly D.
 
-`FOLDER_DATASETS` are still Parquet folders, `<lake>/<dataset>/dt=YYYY-MM-DD/` (the user-bucketed feature datasets,
-rewritten copy-on-write by spark_jobs/buckets.py, and the extraction failures that concurrent shards write file by
-file), until their own port. Documents (`write_json`) and the stores use the folder too (docs/design.md, the plan).
+`KEYED_DATASETS` (the per-user feature datasets) are written as changes: day D holds only the rows of the keys (users)
+whose rows changed on D, every row of such a key, and `read_partition(dataset, D)` gives the state as of D: each key's
+rows from the newest day <= D that wrote it, back to the newest full day (a full build writes every key). So a daily run
+writes what changed, not the whole history, and readers still see the whole state of any day.
+
+`FOLDER_DATASETS` are still Parquet folders, `<lake>/<dataset>/dt=YYYY-MM-DD/` (the extraction failures that
+concurrent shards write file by file), until their own port. Documents (`write_json`) and the stores use the folder
+too (docs/design.md, the plan).
 """
 
 from __future__ import annotations
@@ -38,9 +43,13 @@ if TYPE_CHECKING:
 
 _PARTITION_RE = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 # Still folders of Parquet files (see the module's docstring).
-FOLDER_DATASETS = frozenset({"features/user_history", "features/knowledge_versions", "features/ctr_samples",
-                             "knowledge/failures"})
+FOLDER_DATASETS = frozenset({"knowledge/failures"})
+# Datasets written as changes, with the column whose value groups a key's rows (see the module's docstring).
+KEYED_DATASETS = {"features/user_history": "user_id", "features/knowledge_versions": "user_id",
+                  "features/ctr_samples": "user_id"}
 DAY_PROPERTY = "reki.dt."  # + YYYY-MM-DD: a table property set in the commit that wrote that day
+# The property's value: the day holds the whole dataset, or (keyed datasets) only the keys that changed.
+FULL_DAY, CHANGES_DAY = "written", "changes"
 CATALOG_DIR, WAREHOUSE_DIR = "_catalog", "_tables"
 
 
@@ -227,13 +236,29 @@ class Lake:
 
     def _table_days(self, dataset: str, table=None) -> list[dt.date]:
         """The days written, from the table's properties (`table` when the caller already loaded it)."""
+        return sorted(self.day_kinds(dataset, table))
+
+    def day_kinds(self, dataset: str, table=None) -> dict[dt.date, str]:
+        """Each day written, with what it holds (`FULL_DAY` or `CHANGES_DAY`)."""
         table = table or self.load_table(dataset)
         if table is None:
-            return []
-        return sorted(dt.date.fromisoformat(key.removeprefix(DAY_PROPERTY)) for key in table.properties
-                      if key.startswith(DAY_PROPERTY))
+            return {}
+        return {dt.date.fromisoformat(key.removeprefix(DAY_PROPERTY)): value for key, value in table.properties.items()
+                if key.startswith(DAY_PROPERTY)}
 
-    def _write_table_day(self, table: pa.Table, dataset: str, day: dt.date) -> str:
+    def key_of(self, dataset: str) -> str | None:
+        """The key column of a dataset written as changes (`KEYED_DATASETS`), else None."""
+        return KEYED_DATASETS.get(dataset)
+
+    def state_days(self, dataset: str, day: str | dt.date, table=None) -> list[dt.date]:
+        """The days a keyed dataset's state as of `day` is made of: the newest full day <= `day` (or the first day) up
+        to `day`, oldest first; each key's rows come from the newest of them that wrote the key."""
+        kinds = {d: k for d, k in self.day_kinds(dataset, table).items() if d <= as_date(day)}
+        days = sorted(kinds)
+        full = [d for d in days if kinds[d] == FULL_DAY]
+        return [d for d in days if not full or d >= full[-1]]
+
+    def _write_table_day(self, table: pa.Table, dataset: str, day: dt.date, kind: str = FULL_DAY) -> str:
         from pyiceberg.catalog import Catalog
         from pyiceberg.expressions import EqualTo
         from pyiceberg.partitioning import PartitionField, PartitionSpec
@@ -261,7 +286,7 @@ class Lake:
                 with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
                     update.union_by_name(data.schema)
                 tx.overwrite(data, overwrite_filter=EqualTo("dt", day.isoformat()))
-                tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": "written"})
+                tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": kind})
         except Exception as exc:
             if "disk is full" in str(exc):  # SQLite's word for it: the same OSError as a data file's full disk
                 raise OSError(errno.ENOSPC, f"No space left on device: committing {self.describe(dataset, day)} "
@@ -354,8 +379,8 @@ class Lake:
         for dataset in self.table_datasets():
             if dataset in skip or dataset.split("/")[0] in skip:
                 continue
-            for day in self.partitions(dataset):
-                dest.write_partition(self.read_partition(dataset, day), dataset, day)
+            for day, kind in sorted(self.day_kinds(dataset).items()):
+                dest.write_partition(self.read_day_rows(dataset, day), dataset, day, changes_only=kind == CHANGES_DAY)
             copied.append(dataset)
         return copied
 
@@ -398,11 +423,15 @@ class Lake:
         return days[-1] if days else None
 
     # ------------------------------------------------------------ read / write
-    def write_partition(self, df: pd.DataFrame | pa.Table, dataset: str, day: str | dt.date) -> str:
-        """Replace one partition with `df` (atomic on a local folder: write aside, then swap)."""
+    def write_partition(self, df: pd.DataFrame | pa.Table, dataset: str, day: str | dt.date,
+                        changes_only: bool = False) -> str:
+        """Replace one partition with `df` (atomic on a local folder: write aside, then swap). For a keyed dataset,
+        `changes_only` says `df` holds only the keys that changed on `day` (else it is the whole state)."""
         table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
+        if changes_only and self.key_of(dataset) is None:
+            raise ValueError(f"{dataset}: only a keyed dataset ({sorted(KEYED_DATASETS)}) is written as changes")
         if self.is_table(dataset):
-            return self._write_table_day(table, dataset, as_date(day))
+            return self._write_table_day(table, dataset, as_date(day), CHANGES_DAY if changes_only else FULL_DAY)
         final = self.partition_path(dataset, day)
         staging = f"{self.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
         self.fs.makedirs(staging, exist_ok=True)
@@ -432,23 +461,44 @@ class Lake:
             self.fs.rm(old, recursive=True)
 
     def read_partition(self, dataset: str, day: str | dt.date, columns: list[str] | None = None) -> pd.DataFrame:
+        """Day D of `dataset`; for a keyed dataset, its state as of D (each key's rows from the newest day that wrote
+        the key)."""
         if self.is_table(dataset):
-            from pyiceberg.expressions import EqualTo
+            from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThanOrEqual
 
             table = self.load_table(dataset)  # once: its properties say whether the day exists, then it is scanned
             if as_date(day) not in self._table_days(dataset, table):
                 raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
-            return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False,
+            key = self.key_of(dataset)
+            days = self.state_days(dataset, day, table) if key else [as_date(day)]
+            if len(days) == 1:
+                return self._read_table(dataset, EqualTo("dt", days[0].isoformat()), columns, with_dt=False,
+                                        table=table)
+            within = And(GreaterThanOrEqual("dt", days[0].isoformat()), LessThanOrEqual("dt", days[-1].isoformat()))
+            rows = self._read_table(dataset, within, None if columns is None else [key, *columns], with_dt=True,
                                     table=table)
+            newest = rows["dt"] == rows.groupby(key)["dt"].transform("max")
+            state = rows.loc[newest].drop(columns=["dt"]).sort_values(key, kind="stable", ignore_index=True)
+            return state if columns is None else state[list(dict.fromkeys(columns))]
         path = self.partition_path(dataset, day)
         if not self.fs.exists(path):
             raise FileNotFoundError(f"lake partition missing: {self.uri_of(path)}")
         return self._read_dir(path, columns)
 
+    def read_day_rows(self, dataset: str, day: str | dt.date, columns: list[str] | None = None) -> pd.DataFrame:
+        """The rows written on day D as they are stored (for a keyed dataset, only that day's changes)."""
+        from pyiceberg.expressions import EqualTo
+
+        if not self.has_partition(dataset, day):
+            raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+        return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False)
+
     def read_range(
         self, dataset: str, upto: str | dt.date, since: str | dt.date | None = None, columns: list[str] | None = None
     ) -> pd.DataFrame:
         """All partitions with since <= dt <= upto, with a `dt` column added."""
+        if self.key_of(dataset):
+            raise ValueError(f"{dataset} is written as changes: read_partition gives its state as of a day")
         if self.is_table(dataset):
             from pyiceberg.expressions import And, GreaterThanOrEqual, LessThanOrEqual
 

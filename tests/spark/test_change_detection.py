@@ -1,17 +1,15 @@
 """What a daily run recomputes: the changed profiles, items and genres found from the small tables, and the
-touched buckets (the one Spark scan of the day's interactions plus yesterday's refresh flags)."""
+touched users (the day's interactions, yesterday's refresh flags from yesterday's changes, profiles and shown items)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import pandas as pd
 
 from reki_core.storage.lake import Lake
-from spark_jobs.buckets import MANIFEST
 from spark_jobs.ctr_samples import UNKNOWN_GENRE, regenred_items
-from spark_jobs.user_history import DATASET, changed_items, profile_changes, touched_buckets
+from spark_jobs.user_history import DATASET, changed_items, profile_changes, touched_users
 
 PREV, DAY = dt.date(2024, 3, 1), dt.date(2024, 3, 2)
 
@@ -58,37 +56,23 @@ def test_regenred_items_compare_the_shown_genre_unknown_where_missing(tmp_path):
     assert regenred_items(lake, DAY, PREV) == ["b", "gone", "new"]
 
 
-def test_touched_buckets_join_new_interactions_flags_profiles_and_shown_items(spark, tmp_path):
-    from pyspark.sql import functions as F
-
-    from spark_jobs.buckets import bucket_expr
-
+def test_touched_users_join_new_interactions_flags_profiles_and_shown_items(spark, tmp_path):
     lake = Lake(str(tmp_path / "lake"))
-    n = 64
-    ids = [str(i) for i in range(200)]
-    bucket = {r[0]: r[1] for r in spark.createDataFrame([(u,) for u in ids], "user_id string")
-              .select("user_id", bucket_expr(F.col("user_id"), n)).collect()}
-    rated, reprofiled, shows_changed = "1", "2", "3"
-    assert len({bucket[rated], bucket[reprofiled], bucket[shows_changed]}) == 3  # each reason shows on its own
-    # Previous day: one bucket still flagged for refresh, and user 3's window shows item "x".
-    flagged = next(b for b in range(n) if b not in {bucket[rated], bucket[reprofiled], bucket[shows_changed]})
-    folder = lake.local_path(f"{DATASET}/dt={PREV.isoformat()}")
-    folder.mkdir(parents=True)
-    windows = pd.DataFrame({"user_id": [shows_changed, "4"],
-                            "window": [[{"item_id": "x"}], [{"item_id": "y"}]]})
-    windows.to_parquet(folder / "part-0.parquet")
-    schema = spark.read.parquet(str(folder)).schema.json()
-    # And one bucket from a writer that did not count flags: taken as flagged.
-    uncounted = next(b for b in range(n) if b not in {bucket[rated], bucket[reprofiled], bucket[shows_changed], flagged})
-    counts = {str(b): {"files": ["part-0.parquet"] if b == bucket[shows_changed] else [], "rows": 0,
-                       "counts": {"dirty_users": 1 if b == flagged else 0}} for b in range(n)}
-    counts[str(uncounted)] = {"files": [], "rows": 3, "counts": {}}
-    (folder / MANIFEST).write_text(json.dumps({"n_buckets": n, "sort_by": ["user_id"], "schema": schema, "buckets": counts}))
+    rated, reprofiled, shows_changed, flagged = "1", "2", "3", "5"
+    # The state as of the previous day: a full day (users 3, 4, 6: 3's window shows item "x"; 6 flagged then),
+    # then the previous day's changes (user 5, flagged for refresh, and 4 again, not flagged).
+    state = pd.DataFrame({"user_id": [shows_changed, "4", "6"], "needs_refresh": [False, False, True],
+                          "window": [[{"item_id": "x"}], [{"item_id": "y"}], [{"item_id": "y"}]]})
+    lake.write_partition(state, DATASET, PREV - dt.timedelta(days=1))
+    changes = pd.DataFrame({"user_id": [flagged, "4"], "needs_refresh": [True, False],
+                            "window": [[{"item_id": "y"}], [{"item_id": "y"}]]})
+    lake.write_partition(changes, DATASET, PREV, changes_only=True)
     lake.write_partition(_users([(reprofiled, 20, "F", "writer", "0")]), "raw/users", PREV)
     lake.write_partition(_users([(reprofiled, 21, "F", "writer", "0")]), "raw/users", DAY)
     lake.write_partition(_items([("x", "Drama", False), ("y", "War", False)]), "features/items", PREV)
     lake.write_partition(_items([("x", "Drama", True), ("y", "War", False)]), "features/items", DAY)
     interactions = spark.createDataFrame([(rated, "y", 5, 1), (rated, "x", 4, 2)], "user_id string, item_id string, rating int, ts bigint")
 
-    got = touched_buckets(spark, lake, DAY, PREV, interactions, n)
-    assert got == {bucket[rated], bucket[reprofiled], bucket[shows_changed], flagged, uncounted}
+    got = sorted(r.user_id for r in touched_users(spark, lake, DAY, PREV, interactions).collect())
+    # 6 was flagged two days ago: its flag fell back then, so it is not touched today.
+    assert got == sorted([rated, reprofiled, shows_changed, flagged])

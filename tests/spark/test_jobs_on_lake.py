@@ -38,8 +38,10 @@ def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
         for job in JOBS:
             job.run(spark, cfg, lake, day)
     last = days[-1]
+    lake_keyed = ("features/user_history", "features/knowledge_versions", "features/ctr_samples")
     before = {ds: lake.read_partition(ds, last) for ds in ("features/user_history", "features/ctr_samples", "features/clusters")}
-    files_before = sorted(p.name for p in lake.local_path(f"features/ctr_samples/dt={last}").iterdir())
+    stored_before = {ds: len(lake.read_day_rows(ds, last)) for ds in lake_keyed}
+    assert all(0 < n <= len(before[ds]) for ds, n in stored_before.items() if ds in before), stored_before
     for job in JOBS:  # a re-run of the date replaces its partitions with the same content
         job.run(spark, cfg, lake, last)
     for ds, frame in before.items():
@@ -48,7 +50,8 @@ def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
         keys = ["clustering", "entity_id"] if ds.endswith("clusters") else ["user_id"] + (["ts", "item_id"] if "ctr" in ds else [])
         a, b = frame.sort_values(keys).reset_index(drop=True), again.sort_values(keys).reset_index(drop=True)
         assert a.astype(str).equals(b.astype(str)), ds
-    assert len(sorted(p.name for p in lake.local_path(f"features/ctr_samples/dt={last}").iterdir())) == len(files_before)
+    # The re-run replaced exactly that day's changes: the same rows stored, none doubled.
+    assert {ds: len(lake.read_day_rows(ds, last)) for ds in lake_keyed} == stored_before
     # Every interaction after its user's first window version is a sample; none before it is.
     first_as_of = lake.read_partition("features/knowledge_versions", last).groupby("user_id")["as_of"].min()
     later = data.interactions["ts"] > data.interactions["user_id"].map(first_as_of)
@@ -102,13 +105,12 @@ def test_spark_submit_runs_a_job_file(tmp_path):
     assert any(s["step"] == "features_items" for s in read_steps(lake, days[-1]))
 
 
-def test_daily_runs_rewrite_only_touched_buckets_and_equal_a_full_build(spark, tmp_path):
-    """A daily run after a daily run recomputes only the user buckets whose rows can change and hard-links the rest; every
-    user-keyed partition equals a full build of the same day, row for row. The users it must catch although
+def test_daily_runs_write_only_touched_users_and_equal_a_full_build(spark, tmp_path):
+    """A daily run after a daily run recomputes and writes only the users whose rows can change; the state of every
+    user-keyed dataset as of that day equals a full build of the same day, row for row. The users it must catch although
     they rated nothing that day: one whose item changed genre (samples), one whose window item changed
     title (history), one whose profile changed (history)."""
     from reki_core.storage.lake import Lake
-    from spark_jobs.buckets import bucket_files, read_manifest
 
     cfg = _make_cfg(tmp_path)
     lake = Lake(cfg.lake_uri)
@@ -141,23 +143,17 @@ def test_daily_runs_rewrite_only_touched_buckets_and_equal_a_full_build(spark, t
     summaries = {job: job.run(spark, cfg, lake, last) for job in (items, user_history, ctr_samples)}
     datasets = ("features/user_history", "features/knowledge_versions", "features/ctr_samples")
     chained = {ds: lake.read_partition(ds, last) for ds in datasets}
-    for job in (user_history, ctr_samples):
-        summary = summaries[job]
-        assert summary["incremental_from"] == prev.isoformat()
-        # Some buckets were recomputed, and some carried as the very same files (hard links).
-        occupied = len(read_manifest(lake, job.DATASET, last)["buckets"])
-        assert 0 < summary["rewritten_buckets"] < occupied, (job.DATASET, summary)
-    old, new = bucket_files(lake, "features/ctr_samples", prev), bucket_files(lake, "features/ctr_samples", last)
-
-    def inodes(files: list[str]) -> set[int]:
-        return {os.stat(f).st_ino for f in files}
-
-    # Each bucket is either the previous day's very files (linked) or all new files (recomputed), never a mix.
-    carried = {b for b in new if b in old and inodes(new[b]) == inodes(old[b])}
-    recomputed = set(new) - carried
-    assert carried and recomputed, (sorted(carried), sorted(recomputed))
-    assert all(not inodes(new[b]) & inodes(old.get(b, [])) for b in recomputed)
-    assert len(recomputed) <= summaries[ctr_samples]["rewritten_buckets"]
+    assert all(summaries[job]["incremental_from"] == prev.isoformat() for job in (user_history, ctr_samples))
+    # Some users were written, not all; each written user's rows are all there (a user is replaced whole).
+    written = {ds: lake.read_day_rows(ds, last) for ds in datasets}
+    written_users = set(written["features/user_history"]["user_id"])
+    assert 0 < summaries[user_history]["users_written"] == len(written_users) < summaries[user_history]["users"]
+    assert {retitle_user, reprofiled} <= written_users
+    samples_users = set(written["features/ctr_samples"]["user_id"])
+    assert regenre_user in samples_users and samples_users < set(chained["features/ctr_samples"]["user_id"])
+    for ds in ("features/knowledge_versions", "features/ctr_samples"):
+        mine = chained[ds][chained[ds]["user_id"].isin(set(written[ds]["user_id"]))]
+        assert len(mine) == len(written[ds]), ds
 
     history = chained["features/user_history"].set_index("user_id")
     assert history.loc[retitle_user, "window"][0]["title"] == "Retitled"
@@ -166,7 +162,7 @@ def test_daily_runs_rewrite_only_touched_buckets_and_equal_a_full_build(spark, t
 
     for ds in datasets:  # a full build of the last day, from the raw history alone
         for day in (first, prev):
-            lake.fs.rm(lake.partition_path(ds, day), recursive=True)
+            lake.delete_partition(ds, day)
     for job in (user_history, ctr_samples):
         assert job.run(spark, cfg, lake, last)["incremental_from"] is None
     for ds in datasets:
@@ -175,15 +171,17 @@ def test_daily_runs_rewrite_only_touched_buckets_and_equal_a_full_build(spark, t
             assert full["needs_refresh"].all() and not chained[ds]["needs_refresh"].all()
             full, chained[ds] = full.drop(columns="needs_refresh"), chained[ds].drop(columns="needs_refresh")
         assert list(full.columns) == list(chained[ds].columns), ds
-        diff = [c for c in full.columns if not full[c].astype(str).equals(chained[ds][c].astype(str))]
-        assert not diff, (ds, diff)  # same rows, same order
+        keys = {"features/user_history": ["user_id"], "features/knowledge_versions": ["user_id", "window_n"],
+                "features/ctr_samples": ["user_id", "ts", "item_id"]}[ds]
+        full, again = (f.sort_values(keys, ignore_index=True) for f in (full, chained[ds]))
+        diff = [c for c in full.columns if not full[c].astype(str).equals(again[c].astype(str))]
+        assert not diff, (ds, diff)  # same rows
 
 
-def test_a_quiet_day_links_every_bucket_and_runs_no_spark_write(spark, tmp_path):
-    """Days with no interactions and unchanged snapshots: the first still rewrites the buckets of yesterday's
-    refreshes (their flags fall back); the second recomputes nothing, links every file and writes no Spark output."""
+def test_a_quiet_day_writes_no_user(spark, tmp_path):
+    """Days with no interactions and unchanged snapshots: the first still writes the users of yesterday's refreshes
+    (their flags fall back); the second writes no user at all, and its state is the day before's."""
     from reki_core.storage.lake import Lake
-    from spark_jobs.buckets import bucket_files
 
     cfg = _make_cfg(tmp_path)
     lake = Lake(cfg.lake_uri)
@@ -197,17 +195,14 @@ def test_a_quiet_day_links_every_bucket_and_runs_no_spark_write(spark, tmp_path)
     for day in days[-2:] + quiet[:1]:
         for job in (items, user_history, ctr_samples):
             job.run(spark, cfg, lake, day)
+    flagged_before = lake.read_day_rows("features/user_history", days[-1])["needs_refresh"].sum()
+    assert flagged_before and len(lake.read_day_rows("features/user_history", quiet[0])) == flagged_before
     items.run(spark, cfg, lake, quiet[1])  # the item table is small and rebuilt every day
-    spark.sparkContext.setJobGroup("quiet-day", "a quiet day")
     summaries = {job: job.run(spark, cfg, lake, quiet[1]) for job in (user_history, ctr_samples)}
-    ran = len(spark.sparkContext.statusTracker().getJobIdsForGroup("quiet-day"))
-    spark.sparkContext.setJobGroup("other", "")
-    assert ran == 1, ran  # the one scan of the day's (empty) interactions, nothing written through Spark
+    assert summaries[user_history]["users_written"] == 0 and summaries[ctr_samples]["samples_written"] == 0
     for job, summary in summaries.items():
-        assert summary["rewritten_buckets"] == 0 and summary["incremental_from"] == quiet[0].isoformat(), summary
-        before, after = bucket_files(lake, job.DATASET, quiet[0]), bucket_files(lake, job.DATASET, quiet[1])
-        assert before and before.keys() == after.keys()
-        assert all(os.stat(after[b][0]).st_ino == os.stat(before[b][0]).st_ino for b in after)
+        assert summary["incremental_from"] == quiet[0].isoformat(), summary
+        assert len(lake.read_day_rows(job.DATASET, quiet[1])) == 0
         a, b = lake.read_partition(job.DATASET, quiet[0]), lake.read_partition(job.DATASET, quiet[1])
         assert len(a) > 0 and a.astype(str).equals(b.astype(str))
     assert summaries[user_history]["dirty_users"] == 0
