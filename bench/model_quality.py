@@ -103,7 +103,6 @@ def real_llm_config(cfg, mode: str):
 def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
     """Extract (at most `max_shards` shards per call: resumable, the answers are cached in the lake's knowledge
     store) and, once every prompt is answered, assign and encode `mode` knowledge in the bench lake of `mode`."""
-    import shutil
 
     from reki_core.encoding import encode_knowledge
     from reki_core.llm.backends import make_backend
@@ -116,8 +115,8 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
     ensure_instruct_model(cfg.resolve(cfg.paths.models_dir), cfg.state_dir / "downloads")
     source = lake_of(cfg)
     day = source.latest_partition(CTR_SAMPLES, upto=cfg.run_date)
-    if day is None or "://" in cfg.paths.lake_uri:
-        sys.exit(f"bench/model_quality.py --prepare: needs a local lake with {CTR_SAMPLES} up to {cfg.run_date} "
+    if day is None:
+        sys.exit(f"bench/model_quality.py --prepare: needs a lake with {CTR_SAMPLES} up to {cfg.run_date} "
                  f"(run the daily pipeline first: make run); found none in {cfg.lake_uri}")
     bench_cfg = real_llm_config(cfg, mode)
     target = bench_lake_dir(cfg, mode)
@@ -130,8 +129,12 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
         # The folder's datasets and documents, then the tables (from the store, or the other arm's folder lake) into
         # the copy's own catalog, day by day. Both steps overwrite: a copy cut short is simply made again, and an
         # arm's own knowledge store (answers that took an hour) is never copied over nor removed.
-        shutil.copytree(origin.uri, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-            "knowledge", "knowledge_vectors", "prompts", "clusters", CATALOG_DIR, WAREHOUSE_DIR))
+        left_out = {"knowledge", "knowledge_vectors", "prompts", "clusters", CATALOG_DIR, WAREHOUSE_DIR}
+        for path in origin.fs.find(origin.root):  # a folder or the object store's prefix
+            relative = path[len(origin.root) + 1:]
+            if not left_out & set(relative.split("/")[:-1]):
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                origin.fs.get_file(path, str(target / relative))
         origin.copy_tables_to(Lake(str(target)), skip=frozenset({"knowledge", "prompts", "features/clusters",
                                                                  "features/knowledge_vectors"}))
         copied.write_text(f"copied from {origin.uri}\n")

@@ -120,7 +120,7 @@ class Runner:
 
     def floor(self, cfg, lake: Lake, day: dt.date) -> dict:
         """The least a Spark action costs here, on a small partition (features/items): a count and a rewrite."""
-        out = str(lake.local_path("_floor"))
+        out = str(Path(lake.root) / "_floor")
         with connect_client(cfg, self.url, task_session_id()) as spark:
             def best_of_3(action) -> float:
                 times = []
@@ -190,7 +190,7 @@ def submitted_runs(cfg, lake: Lake, days) -> dict:
     def submit(d: dt.date) -> float:
         start = time.perf_counter()
         result = spark_submit(cfg, PROJECT_ROOT / "spark_jobs/features.py",
-                              ["--lake", str(lake.local_path()), "--dt", d.isoformat()], conf, timeout_s=600)
+                              ["--lake", str(Path(lake.root)), "--dt", d.isoformat()], conf, timeout_s=600)
         if result.returncode != 0:
             raise RuntimeError(f"spark-submit features {d} failed:\n{(result.stdout + result.stderr)[-3000:]}")
         return round(time.perf_counter() - start, 2)
@@ -235,7 +235,7 @@ def bench_synthetic(runner: Runner, books, collective, workdir: Path, size: int,
     clusters_seconds = runner.run(collective, lake, day, ("clusters",))["clusters"]
     daily_run = full_vs_daily(runner, books, lake, days, FEATURE_JOBS, full=seconds) if daily else None
     print(f"{size}: {time.perf_counter() - start:.0f} s", flush=True)
-    shutil.rmtree(lake.local_path(), ignore_errors=True)
+    shutil.rmtree(Path(lake.root), ignore_errors=True)
     return {"interactions": interactions, "users": users, "items": n_items, "seconds": seconds,
             "interactions_per_s": round(interactions / seconds["total"], 1), "clusters_seconds": clusters_seconds,
             "extraction_mode": resolve_mode(books, users, n_items), "full_vs_daily": daily_run}
@@ -249,7 +249,7 @@ def warm_up(runner: Runner, books, collective, workdir: Path) -> None:
     for _ in range(2):
         runner.run(books, lake, day, FEATURE_JOBS)
         runner.run(collective, lake, day, ("clusters",))
-    shutil.rmtree(lake.local_path(), ignore_errors=True)
+    shutil.rmtree(Path(lake.root), ignore_errors=True)
 
 
 def summarise(result: dict) -> None:

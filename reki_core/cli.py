@@ -299,7 +299,7 @@ def summary(ctx: click.Context, day: str | None) -> None:
         wide.print(f"Published: [bold]{by_step['publish'].get('uri')}[/] (latest moved: {by_step['publish'].get('latest_moved')})")
     docs = f"{lake.root}/_runs/dt={day_.isoformat()}/data_docs/index.html"
     if lake.fs.exists(docs):
-        wide.print(f"Data Docs (every gate's expectations and results): {docs}")
+        wide.print(f"Data Docs (every gate's expectations and results): {lake.uri_of(docs)}")
 
 
 if __name__ == "__main__":

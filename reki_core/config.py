@@ -116,7 +116,7 @@ class ScenarioConfig(_Strict):
 class PathsConfig(_Strict):
     state_dir: Path = Path(".reki")
     data_dir: Path = Path(".reki/data")
-    lake_uri: str = ".reki/lake"
+    lake_uri: str = "s3://reki-lake/lake"
     models_dir: Path = Path(".reki/models")
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -189,8 +189,10 @@ def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
         rows = rows.join(only_keys.select(key), key, "left_semi")
     if len(days) == 1:
         return rows.drop("dt")
-    newest = F.max("dt").over(Window.partitionBy(key))
-    return rows.withColumn("_newest", newest).where(F.col("dt") == F.col("_newest")).drop("dt", "_newest")
+    # Each key's newest day, from the narrow (key, dt) columns, then the rows of that day: an aggregate and a
+    # (broadcast) semi join, where a window would shuffle and sort every wide row.
+    newest = rows.select(key, "dt").groupBy(key).agg(F.max("dt").alias("dt"))
+    return rows.join(newest, [key, "dt"], "left_semi").drop("dt")
 
 
 def read_day_changes(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,

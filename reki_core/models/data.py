@@ -20,6 +20,8 @@ import pandas as pd
 PAD, OOV = 0, 1
 SAMPLE_COLUMNS = ["user_id", "item_id", "ts", "label", "item_genre", "hist_item_ids", "hist_genres", "split",
                   "knowledge_prompt_hash", "knowledge_as_of"]
+# Every sample has these (a table keeps a column a later write dropped, as nulls: a missing column reads so).
+SAMPLE_VALUES_REQUIRED = ["user_id", "item_id", "ts", "label", "split", "knowledge_as_of"]
 
 
 class AssemblyError(ValueError):
@@ -57,6 +59,9 @@ def check_samples(samples: pd.DataFrame, where: str) -> None:
     missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
     if missing:
         raise AssemblyError(f"{where}: missing columns {missing}")
+    empty = {c: int(n) for c in SAMPLE_VALUES_REQUIRED if (n := samples[c].isna().sum())}
+    if empty:
+        raise AssemblyError(f"{where}: missing values (column: rows) {empty}")
     bad_split = sorted(set(samples["split"].astype(str)) - {"train", "valid", "test"})
     if bad_split:
         raise AssemblyError(f"{where}: column split has values {bad_split}, expected train/valid/test")

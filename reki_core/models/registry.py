@@ -37,7 +37,7 @@ def write_version(lake: Lake, version: str, files: dict[str, bytes]) -> str:
     for name, payload in files.items():
         with lake.fs.open(f"{staging}/{name}", "wb") as fh:
             fh.write(payload)
-    lake._swap_in(staging, version_path(lake, version))
+    lake.replace_folder(staging, version_path(lake, version))
     return version_path(lake, version)
 
 

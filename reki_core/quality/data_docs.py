@@ -158,9 +158,7 @@ def build_data_docs(lake: Lake, day: str | dt.date) -> str:
             if lake.fs.exists(staging):  # e.g. a full disk: no half-copied site left behind
                 lake.fs.rm(staging, recursive=True)
             raise
-    if lake.fs.exists(final):
-        lake.fs.rm(final, recursive=True)
-    lake.fs.mv(staging, final, recursive=True)
+    lake.replace_folder(staging, final)
     index = f"{final}/index.html"
     logger.info("GX Data Docs of dt=%s: %d validations -> %s", day, len(validations), lake.uri_of(index))
     return lake.uri_of(index)

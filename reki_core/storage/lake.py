@@ -1,9 +1,9 @@
 """The lake: date-partitioned datasets, and small documents and stores beside them, under `lake_uri`.
 
 A dataset `<namespace>/<name>` (e.g. `raw/interactions`) is the Apache Iceberg table `<namespace>.<name>`, partitioned
-by `dt`, in the lake's own catalog, `<lake>/_catalog/iceberg.sqlite`. Its files are on the object store:
-`s3a://<lake.bucket>/<warehouse_prefix>/<catalog name>/` (`lake_of(cfg)`, `lake.tables_in_store`, the default), or
-in `<lake>/_tables` for a test's scratch lake (`Lake(folder)`). Python reads and writes through pyiceberg, as the
+by `dt`. With `lake_of(cfg)` (`lake.tables_in_store`, the default) it is a table of the configured catalog
+(`lake.catalog`: its own database) with its files in `s3a://<lake.bucket>/<warehouse_prefix>/`; a test's scratch lake
+(`Lake(folder)`) has a catalog and `_tables` of its own in its folder. Python reads and writes through pyiceberg, as the
 identity of its environment; Spark through the same catalog, registered on its session (`spark_catalog_conf`;
 spark_jobs/common.py `table_of`), with s3a and the Spark server's identity. Writing day D replaces D's rows in one
 commit, which also records that D was written (an empty day has no data file to show it): readers see the old day or
@@ -14,9 +14,9 @@ whose rows changed on D, every row of such a key, and `read_partition(dataset, D
 rows from the newest day <= D that wrote it, back to the newest full day (a full build writes every key). So a daily run
 writes what changed, not the whole history, and readers still see the whole state of any day.
 
-`FOLDER_DATASETS` are still Parquet folders, `<lake>/<dataset>/dt=YYYY-MM-DD/` (the extraction failures that
-concurrent shards write file by file), until their own port. Documents (`write_json`) and the stores use the folder
-too (docs/design.md, the plan).
+Documents (`write_json`: run records, gate results), the stores (knowledge, embeddings, registry, shard checkpoints)
+and `FOLDER_DATASETS` (the extraction failures that concurrent shards write file by file) are files under `lake_uri`
+through fsspec: objects in the lake bucket (`s3://<lake.bucket>/lake`, the default), or a test's folder.
 """
 
 from __future__ import annotations
@@ -120,22 +120,28 @@ def lake_of(cfg: Config) -> Lake:
     config's catalog (`lake.catalog`, its database, the warehouse on the object store), written as the environment's
     identity (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); otherwise the folder lake's own (`Lake(folder)`)."""
     uri = cfg.lake_uri
-    if not cfg.lake.tables_in_store:
-        return Lake(uri)
     from reki_core.storage import tables
 
+    on_store = uri.startswith(("s3://", "s3a://"))
+    if on_store and not cfg.lake.tables_in_store:
+        raise ValueError(f"paths.lake_uri {uri} is on the object store: its tables are too (lake.tables_in_store)")
+    # A root on the object store: documents and stores as objects, read and written as the environment's identity.
+    options = tables.s3fs_options(cfg, tables.lake_access(cfg)) if on_store else None
+    if not cfg.lake.tables_in_store:
+        return Lake(uri)
     prefix = f"spark.sql.catalog.{cfg.lake.catalog}"
     spark_conf = {k: v for k, v in tables.spark_catalog_conf(cfg).items() if k == prefix or k.startswith(prefix + ".")}
     return Lake(uri, TableStore(cfg.lake.catalog, tables.sqlalchemy_uri(cfg), spark_conf, tables.warehouse_uri(cfg),
-                                tables.lake_access(cfg), cfg.lake.s3_connect_timeout_s, cfg.lake.s3_request_timeout_s))
+                                tables.lake_access(cfg), cfg.lake.s3_connect_timeout_s, cfg.lake.s3_request_timeout_s),
+                storage_options=options)
 
 
 class Lake:
     """Date-partitioned datasets under one root URI; their tables' files in the lake folder, or in `store`."""
 
-    def __init__(self, uri: str, store: TableStore | None = None):
-        self.uri = uri.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+    def __init__(self, uri: str, store: TableStore | None = None, storage_options: dict | None = None):
+        self.uri = uri.replace("s3a://", "s3://", 1).rstrip("/")  # the same bucket and key to Python's S3 client
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.store = store
         self._catalog = None
 
@@ -151,10 +157,10 @@ class Lake:
         return "lake_" + hashlib.sha256(self.uri.encode()).hexdigest()[:12]
 
     def _catalog_file(self) -> Path:
-        return self.local_path(CATALOG_DIR) / "iceberg.sqlite"
+        return self._folder(CATALOG_DIR) / "iceberg.sqlite"
 
     def _warehouse(self) -> str:
-        return self.store.warehouse if self.store is not None else self.local_path(WAREHOUSE_DIR).as_uri()
+        return self.store.warehouse if self.store is not None else self._folder(WAREHOUSE_DIR).as_uri()
 
     @property
     def catalog(self):
@@ -441,10 +447,23 @@ class Lake:
         except BaseException:
             self.fs.rm(staging, recursive=True)  # a failed write (e.g. a full disk) must not leave its half file holding space
             raise
-        self._swap_in(staging, final)
+        self.replace_folder(staging, final)
         return final
 
-    def _swap_in(self, staging: str, final: str) -> None:
+    def replace_folder(self, staging: str, final: str) -> None:
+        """Put the files written under `staging` in place of `final`'s. On a local disk a rename, so readers see the
+        old folder or the new one; on the object store (no rename, and no folder to copy) file by file after the old
+        files are gone: a reader that needs all or nothing keeps a pointer written last (the registry's
+        `_CURRENT.json`)."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if protocol != "file":
+            files = self.fs.find(staging)
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)
+            for path in files:
+                self.fs.copy(path, final + path[len(staging):])
+            self.fs.rm(staging, recursive=True)
+            return
         old = None
         if self.fs.exists(final):
             old = f"{final.rsplit('/', 1)[0]}/_old-{uuid.uuid4().hex}"
@@ -549,10 +568,11 @@ class Lake:
         with self.fs.open(path, "r") as fh:
             return json.load(fh)
 
-    def local_path(self, relpath: str = "") -> Path:
-        """The local folder of this lake (Spark jobs read it directly); fails for remote lakes."""
+    def _folder(self, relpath: str) -> Path:
+        """A folder lake's own catalog or warehouse (`Lake(folder)`: a test's scratch lake, a benchmark arm)."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         if protocol != "file":
-            raise ValueError(f"lake {self.uri} is not a local folder")
+            raise ValueError(f"lake {self.uri} is on the object store: its tables are in the configured catalog "
+                             "(lake.tables_in_store), not a catalog of its own")
         return Path(self.root) / relpath
 

@@ -412,7 +412,8 @@ def collect_gate_results(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-_LINEAGE_DATASETS = ["raw/interactions", "features/items", "features/user_history", "features/ctr_samples",
+_LINEAGE_DATASETS = ["raw/interactions", "features/items", "features/user_history", "features/knowledge_versions",
+                     "features/ctr_samples",
                      "features/clusters", "prompts", "knowledge/assigned", "features/knowledge_vectors",
                      "vectors/augmented"]
 

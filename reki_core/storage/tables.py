@@ -173,6 +173,22 @@ def pyiceberg_properties(access: S3Access, connect_timeout_s: float, request_tim
     }
 
 
+def s3fs_options(cfg: Config, access: S3Access) -> dict:
+    """fsspec's S3 settings for a lake root on the object store (its documents and stores), as `access`: the config's
+    endpoint, path-style, bounded like s3a, and no listing cache (other processes write the same prefixes)."""
+    return {
+        "key": access.access_key,
+        "secret": access.secret_key,
+        "endpoint_url": access.endpoint_url,
+        "use_listings_cache": False,
+        "skip_instance_cache": True,  # each lake its own client: the identity is the lake's, not a cached one's
+        "config_kwargs": {"s3": {"addressing_style": "path"}, "connect_timeout": cfg.lake.s3_connect_timeout_s,
+                          "read_timeout": cfg.lake.s3_request_timeout_s,
+                          "retries": {"max_attempts": cfg.lake.s3_attempts, "mode": "standard"}},
+        "client_kwargs": {"region_name": access.region},
+    }
+
+
 def python_catalog(cfg: Config, access: S3Access) -> SqlCatalog:
     """pyiceberg's SqlCatalog on the lake's catalog database, reading and writing objects as `access`."""
     from pyiceberg.catalog.sql import SqlCatalog

@@ -43,7 +43,7 @@ def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_man
         "model_version": MODEL}), "vectors/augmented", DAY)
     lake.write_partition(pd.DataFrame({"entity_kind": ["user"] * 2 + ["item"] * 3, "entity_id": users + items}),
                          "knowledge/assigned", DAY)
-    registry = lake.local_path(f"models/registry/{MODEL}")
+    registry = Path(lake.root) / f"models/registry/{MODEL}"
     registry.mkdir(parents=True)
     (registry / "adaptor.pt").write_bytes(b"adaptor-state")
     (registry / "model_card.json").write_text(json.dumps({"test": {"with_knowledge": {"auc": 0.74}}}))

@@ -275,16 +275,17 @@ def test_store_killed_during_a_write_keeps_the_previous_snapshot(lake_stack, mon
         assert spark.table(name).count() == 400010
 
 
-def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, ml100k_dir):
-    """The stages' datasets with `lake.tables_in_store` (conf/reki.yaml's default, which `make run` uses): landing,
-    the Spark feature jobs (s3a, the server's identity), the feature gates and the prompts all read and write tables
-    whose files are in the lake bucket; the lake folder holds no table file. The read-only identity reads them and
-    cannot write: a clear error names the bucket and the identity."""
+def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, ml100k_dir, tmp_path):
+    """The lake as `make run` has it (conf/reki.yaml): its root on the object store and its tables in the store's
+    catalog. Landing, the Spark feature jobs (s3a, the server's identity), the feature gates and the prompts read and
+    write tables whose files are in the lake bucket, and their documents (deliveries, run records, gate results) are
+    objects there too: nothing of the lake is on the local disk. The read-only identity reads the tables and cannot
+    write: a clear error names the bucket and the identity."""
     from reki_core.spark import connect_client
     from reki_core.storage.lake import Lake, lake_of
     from reki_core.storage.object_store import make_s3_client
     from reki_core.storage.s3_access import ObjectStoreError
-    from reki_core.storage.tables import lake_access, sqlite_catalog_file
+    from reki_core.storage.tables import lake_access, s3fs_options, sqlite_catalog_file
     from tests.integration.pipeline_driver import run_day
 
     root, s3, connect, stack_cfg = lake_stack
@@ -292,9 +293,11 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer_key)  # the writer identity, as the stack's tasks get it
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.writer_secret)
     # The Connect server's config (its catalog database and warehouse), with the stages' tables in the store.
-    cfg = make_config(root, REKI__SPARK__CONNECT_URL=connect.url, REKI__LAKE__TABLES_IN_STORE="true",
+    # This test's own folder (nothing of the lake may land in it); the stack's state dir (the catalog file).
+    cfg = make_config(tmp_path, REKI__PATHS__STATE_DIR=str(root / "state"), REKI__SPARK__CONNECT_URL=connect.url,
+                      REKI__LAKE__TABLES_IN_STORE="true",
                       REKI__OBJECT_STORE__ENDPOINT_URL=s3.endpoint_url, REKI__LAKE__BUCKET=LAKE_BUCKET,
-                      REKI__SPARK__SHUFFLE_PARTITIONS="2")
+                      REKI__SPARK__SHUFFLE_PARTITIONS="2", REKI__PATHS__LAKE_URI=f"s3://{LAKE_BUCKET}/lake")
     with connect_client(cfg) as spark:
         run = run_day(cfg, D1, spark, until="prompts_gate")
     assert run.ran[-1] == "prompts_gate"
@@ -304,19 +307,26 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     prompts = lake.read_partition("prompts", D1)
     assert len(prompts) > 0
     warehouse = cfg.lake.warehouse_prefix
-    for dataset in ("raw/interactions", "features/items", "prompts"):
+    for dataset in ("raw/interactions", "features/items", "features/user_history", "features/ctr_samples", "prompts"):
         assert lake.load_table(dataset).location().startswith(f"s3a://{LAKE_BUCKET}/{warehouse}/"), dataset
     keys = [o["Key"] for page in make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
             .get_paginator("list_objects_v2").paginate(Bucket=LAKE_BUCKET, Prefix=f"{warehouse}/")
             for o in page.get("Contents", [])]
-    for table in ("raw/interactions", "features/items", "main/prompts"):
+    for table in ("raw/interactions", "features/items", "features/user_history", "main/prompts"):
         assert any(k.startswith(f"{warehouse}/{table}/data/dt={D1}/") and k.endswith(".parquet") for k in keys), table
-    assert not (Path(cfg.lake_uri) / "_tables").exists()
+    documents = [o["Key"] for page in make_s3_client(s3.endpoint_url, s3.writer_key, s3.writer_secret)
+                 .get_paginator("list_objects_v2").paginate(Bucket=LAKE_BUCKET, Prefix="lake/")
+                 for o in page.get("Contents", [])]
+    assert any(k.startswith(f"lake/_runs/dt={D1}/") and k.endswith("features_user_history.json") for k in documents)
+    assert any(k.startswith("lake/incoming/") for k in documents), documents[:20]
+    assert not list(tmp_path.rglob("*")), "lake data on the local disk"
+    assert any(k.startswith(f"lake/_runs/dt={D1}/data_docs/") and k.endswith("index.html") for k in documents)
     assert sqlite_catalog_file(cfg).is_file()  # the catalog database: a per-host file beside the state, not the lake
 
     # The consumer's read-only identity reads the Spark-written table; its write is refused, clearly.
     reader_access = lake_access(cfg, access_key=s3.reader_key, secret_key=s3.reader_secret)
-    reader = Lake(cfg.lake_uri, dataclasses.replace(lake.store, access=reader_access))
+    reader = Lake(cfg.lake_uri, dataclasses.replace(lake.store, access=reader_access),
+                  storage_options=s3fs_options(cfg, reader_access))
     items = reader.read_partition("features/items", D1)
     assert len(items) == len(lake.read_partition("features/items", D1)) > 0
     with pytest.raises(ObjectStoreError) as refused:
@@ -325,6 +335,17 @@ def test_a_pipeline_day_keeps_its_tables_in_the_store(lake_stack, monkeypatch, m
     assert f"s3://{LAKE_BUCKET}" in message and f"identity '{s3.reader_key}'" in message, message
     assert "features/items/dt=1997-09-23" in message, message
     assert D2 not in lake.partitions("features/items")
+
+    # A consumer's own pyiceberg reads features.user_history as the read-only identity, resolving the state of D1 as
+    # docs/data_contracts.md says (each user's rows from the newest day that wrote them): the pipeline's own view.
+    from reki_core.storage.tables import LakeTables
+
+    history = LakeTables(cfg, reader_access).load("features.user_history")
+    rows = history.scan(row_filter=f"dt <= '{D1.isoformat()}'", selected_fields=("user_id", "n_interactions",
+                                                                                 "dt")).to_pandas()
+    state = rows[rows["dt"] == rows.groupby("user_id")["dt"].transform("max")].set_index("user_id").sort_index()
+    ours = lake.read_partition("features/user_history", D1, ["user_id", "n_interactions"]).set_index("user_id")
+    assert len(state) == len(ours) > 0 and state["n_interactions"].equals(ours.sort_index()["n_interactions"])
 
     # The maintenance DAG's task visits the stages' tables too (their own catalog, registered on its session).
     from reki_core.storage.maintenance import maintain_lake_via_connect

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datetime as dt
 import hashlib
 import json
@@ -291,7 +293,7 @@ def test_publish_from_lake_gathers_vectors_registry_files_and_gates(tmp_path, se
     lake.write_partition(augmented, "vectors/augmented", day)
     lake.write_partition(pd.DataFrame({"user_id": ["u0"], "item_id": ["i0"], "rating": [4], "ts": [1]}),
                          "raw/interactions", "1998-03-30")
-    registry = lake.local_path("models/registry/1998-03-31-dcnv2-abc")
+    registry = Path(lake.root) / "models/registry/1998-03-31-dcnv2-abc"
     registry.mkdir(parents=True)
     (registry / "adaptor.pt").write_bytes(b"adaptor-state")
     (registry / "backbone.pt").write_bytes(b"backbone-state")

@@ -426,13 +426,15 @@ def test_gpu_worker_reserves_an_nvidia_gpu_in_the_gpu_image(services):
         assert "deploy" not in services[name], f"{name} reserves devices"
 
 
-def test_every_airflow_container_shares_the_state_and_the_logs(services):
+def test_the_lake_is_on_the_store_and_spark_mounts_no_state(services, compose):
     for name in [*cluster.AIRFLOW_SERVICES, *ONE_SHOT]:
         mounts = services[name]["volumes"]
         assert "reki-state:/opt/reki/.reki" in mounts and "airflow-logs:/opt/airflow/logs" in mounts, name
-    # The Spark executors (worker) and the driver (connect) read and write the same lake.
+    env = compose["x-airflow-env"]
+    assert env["REKI__PATHS__LAKE_URI"].startswith("s3://"), "the lake's documents and stores on the object store"
+    # The Spark executors (worker) and the driver (connect) reach the lake only through s3a: no shared folder.
     for name in ("spark-worker", "spark-connect"):
-        assert "reki-state:/opt/reki/.reki" in services[name]["volumes"], name
+        assert not any(str(v).startswith("reki-state:") for v in services[name].get("volumes", [])), name
 
 
 # ------------------------------------------------------------------ compose: the settings
@@ -744,9 +746,10 @@ def test_helm_spark_connect_matches_the_profile_and_the_values(values, connect_k
     token_ref = env["SPARK_CONNECT_AUTHENTICATE_TOKEN"]["valueFrom"]["secretKeyRef"]
     client = [s for s in values["secret"] if s["envName"] == "SPARK_CONNECT_AUTHENTICATE_TOKEN"]
     assert client and (client[0]["secretName"], client[0]["secretKey"]) == (token_ref["name"], token_ref["key"])
-    # The same state claim for the Airflow pods and the driver.
+    # The Airflow pods' set-up claim; the driver mounts none (the lake is on the object store).
     assert values["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    assert not any(v.get("persistentVolumeClaim") for v in deployment["spec"]["template"]["spec"]["volumes"])
+    assert {"name": "REKI__PATHS__LAKE_URI", "value": "s3://reki-lake/lake"} in values["env"]
 
 
 # ------------------------------------------------------------------ the lake's catalog on the Connect servers

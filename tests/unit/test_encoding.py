@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,7 +81,7 @@ def test_encode_knowledge_writes_vectors_and_next_day_hits_the_cache(cfg, lake, 
     again = encode_knowledge(cfg, DAY2, encoder=encoder, progress=False)  # a rerun of the date encodes nothing
     assert again["encoded"] == 0
     pd.testing.assert_frame_equal(lake.read_partition(KNOWLEDGE_VECTORS, DAY2), before)
-    cached = pd.read_parquet(lake.local_path("embeddings/store"))
+    cached = pd.read_parquet(Path(lake.root) / "embeddings/store")
     assert set(cached.columns) == {"text_hash", "encoder_id", "vector"}
     assert text_hash("a new drama") in set(cached["text_hash"]) and len(cached) == 4
 

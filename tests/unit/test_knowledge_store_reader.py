@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -9,7 +11,7 @@ from reki_core.llm.store import known_prompt_hashes, sampling_version
 
 
 def _write_shard(lake, name, rows):
-    path = lake.local_path("knowledge/store") / name
+    path = Path(lake.root) / "knowledge/store" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["prompt_hash", "model_id", "sampling_version", "text"]).to_parquet(path)
 
@@ -27,7 +29,7 @@ def test_filters_by_model_and_sampling_and_ignores_unfinished_shards(lake):
 def test_other_models_folders_are_not_read(lake):
     """The store grows with every model tried: a model's lookups open only its own folder (and the top)."""
     _write_shard(lake, "model_id=m/sampling_version=s1/shard.parquet", [("h1", "m", "s1", "x")])
-    other = lake.local_path("knowledge/store/model_id=old/sampling_version=s1/broken.parquet")
+    other = Path(lake.root) / "knowledge/store/model_id=old/sampling_version=s1/broken.parquet"
     other.parent.mkdir(parents=True)
     other.write_bytes(b"not parquet: opening it would fail")
     assert known_prompt_hashes(lake, "m", "s1") == {"h1"}
@@ -36,7 +38,7 @@ def test_other_models_folders_are_not_read(lake):
 
 
 def test_shard_without_required_column_names_the_file(lake):
-    path = lake.local_path("knowledge/store") / "bad.parquet"
+    path = Path(lake.root) / "knowledge/store" / "bad.parquet"
     path.parent.mkdir(parents=True)
     pd.DataFrame({"prompt_hash": ["h"], "model_id": ["m"]}).to_parquet(path)
     with pytest.raises(ValueError, match="bad.parquet"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import datetime as dt
 import hashlib
 import re
@@ -352,7 +354,7 @@ def test_build_prompts_writes_partition_flags_knowledge_and_reruns_identically(c
 
     # an answer in the knowledge store for the configured model and sampling marks that hash known
     toy = written[written["prompt_id"] == "item:1"]["prompt_hash"].iloc[0]
-    store = lake.local_path("knowledge/store")
+    store = Path(lake.root) / "knowledge/store"
     store.mkdir(parents=True)
     pd.DataFrame({"prompt_hash": [toy, toy], "model_id": [cfg.llm.engine.model_id, "other-model"],
                   "sampling_version": [sampling_version(cfg)] * 2, "text": ["a", "b"]}).to_parquet(store / "s0.parquet")
