@@ -236,7 +236,10 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
         except Exception as exc:
             if "already exists" not in str(exc).lower():
                 raise
-    rows.writeTo(name).option("mergeSchema", "true").overwrite(F.col("dt") == F.lit(day).cast("date"))
+    # distribution-mode none: the job laid its rows out already; Iceberg's default (hash by partition) would shuffle
+    # the whole day again into the one task of its single `dt` value.
+    rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(
+        F.col("dt") == F.lit(day).cast("date"))
     kind = CHANGES_DAY if changes_only else FULL_DAY
     spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = '{kind}')")
     return f"{name}/dt={day.isoformat()}"

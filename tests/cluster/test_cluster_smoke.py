@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import socket
-import urllib.error
-import urllib.request
-
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
+from unittest import mock
 
 import psutil
 import pytest
 
 from reki_core.airflow_api import AirflowApiError
-from reki_core.storage.lake import Lake
+from reki_core.storage.lake import lake_of
 from tests.security_checks import (generated_secrets, listening_beyond_loopback, open_to_others, secrets_held,
                                    secrets_in_files, with_children)
 from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, start_cluster, task_instances,
@@ -119,12 +119,10 @@ def _check_the_stages_tables_survive_a_catalog_restart(stack) -> None:
     restarted while a task commits day after day to a table: each commit the restart hits fails with an error naming
     the catalog database (or lands whole), the retry completes, and no day is lost or doubled."""
     import threading
-    from unittest import mock
-
     import pandas as pd
 
     from reki_core import cluster
-    from reki_core.storage.lake import CatalogUnavailableError, lake_of
+    from reki_core.storage.lake import CatalogUnavailableError
 
     cfg = cluster.with_cluster_catalog(stack.config())
     task_env = {**cluster.s3_writer_environment(cfg), **cluster.catalog_environment(cfg)}  # what a worker's task gets
@@ -219,7 +217,8 @@ def test_a_taken_port_stops_make_cluster_naming_it_and_the_setting(tmp_path):
 
 
 def test_daily_dag_through_celery_on_spark_standalone_then_stop(cluster_dir_factory, ml100k_dir):
-    stack = start_cluster(cluster_dir_factory("smoke"))
+    # The lake as `make run` and a deployment have it: documents and stores on the store too, not in a folder.
+    stack = start_cluster(cluster_dir_factory("smoke"), REKI__PATHS__LAKE_URI="s3://reki-lake/lake")
     try:
         status = stack.supervisorctl("status")
         for name in ("postgres", "redis", "seaweedfs", "spark-master", "spark-worker", "spark-connect", "api-server",
@@ -252,8 +251,12 @@ def test_daily_dag_through_celery_on_spark_standalone_then_stop(cluster_dir_fact
         assert master["status"] == "ALIVE" and len(master["workers"]) == 1, master
         assert any(app["cores"] > 0 for app in master["activeapps"]), master["activeapps"]
 
-        lake = Lake(str(stack.lake))
-        assert lake.read_json(f"_runs/dt={DAY}/publish.json")["success"] is True
+        from reki_core import cluster
+
+        with mock.patch.dict(os.environ, cluster.s3_writer_environment(cfg)):  # what a worker's task gets
+            lake = lake_of(cluster.with_cluster_catalog(cfg))
+            assert lake.uri.startswith("s3://") and lake.read_json(f"_runs/dt={DAY}/publish.json")["success"] is True
+        assert not stack.lake.exists(), "the lake's documents are objects: no lake folder on the local disk"
         assert not list((stack.state / "cluster" / "airflow").glob("*.db")), "no SQLite on the cluster profile"
         _check_secrets_stay_where_they_belong(stack)
         _check_spark_refuses_a_worker_without_the_secret(stack)
