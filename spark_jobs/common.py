@@ -22,7 +22,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import CHANGES_DAY, DAY_PROPERTY, FULL_DAY, Lake, as_date, lake_of, table_identifier
+from reki_core.storage.lake import (CHANGES_DAY, DAY_FLAGS, DAY_PROPERTY, FULL_DAY, Lake, as_date, lake_of,
+                                    table_identifier)
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -192,7 +193,10 @@ def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
     # Each key's newest day, from the narrow (key, dt) columns, then the rows of that day: an aggregate and a
     # (broadcast) semi join, where a window would shuffle and sort every wide row.
     newest = rows.select(key, "dt").groupBy(key).agg(F.max("dt").alias("dt"))
-    return rows.join(newest, [key, "dt"], "left_semi").drop("dt")
+    state = rows.join(newest, [key, "dt"], "left_semi")
+    flags = set(DAY_FLAGS.get(dataset, ()))  # an earlier day's flag has fallen back (Lake.read_partition)
+    return state.select(*[(F.col(c) & (F.col("dt") == F.lit(day))).alias(c) if c in flags else F.col(c)
+                          for c in state.columns if c != "dt"])
 
 
 def read_day_changes(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,

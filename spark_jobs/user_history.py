@@ -219,16 +219,14 @@ def transform(
 def touched_users(spark, lake, day, prev_day, new_interactions: DataFrame) -> DataFrame:
     """The users whose rows may differ from the previous day's, one row each (`user_id`).
 
-    New interactions, a refresh flagged yesterday (the flag falls back), a profile change, or an item of
-    the window whose metadata changed or vanished (titles are shown in the window). Anyone else's rows are
-    the previous day's, unchanged. A user flagged yesterday got a new version yesterday, so yesterday's
-    changes hold the flag; the small user and item tables are compared in the driver: the usual day costs a
-    scan of its interactions and of yesterday's changes.
+    New interactions, a profile change, or an item of the window whose metadata changed or vanished (titles
+    are shown in the window). Anyone else's rows are the previous day's, unchanged: a refresh flagged
+    yesterday falls back by itself (`DAY_FLAGS`). The small user and item tables are compared in the
+    driver: the usual day costs a scan of its interactions.
     """
-    from spark_jobs.common import read_day_changes, read_partition
+    from spark_jobs.common import read_partition
 
     users = new_interactions.select("user_id")
-    users = users.unionByName(read_day_changes(spark, lake, DATASET, prev_day).where("needs_refresh").select("user_id"))
     reprofiled = profile_changes(lake, day, prev_day)
     if reprofiled:
         users = users.unionByName(spark.createDataFrame([(u,) for u in reprofiled], "user_id string"))

@@ -12,7 +12,8 @@ the new one, never a mix, and a re-run of D replaces exactly D.
 `KEYED_DATASETS` (the per-user feature datasets) are written as changes: day D holds only the rows of the keys (users)
 whose rows changed on D, every row of such a key, and `read_partition(dataset, D)` gives the state as of D: each key's
 rows from the newest day <= D that wrote it, back to the newest full day (a full build writes every key). So a daily run
-writes what changed, not the whole history, and readers still see the whole state of any day.
+writes what changed, not the whole history, and readers still see the whole state of any day. `DAY_FLAGS` hold only
+in rows written on the day read.
 
 Documents (`write_json`: run records, gate results), the stores (knowledge, embeddings, registry, shard checkpoints)
 and `FOLDER_DATASETS` (the extraction failures that concurrent shards write file by file) are files under `lake_uri`
@@ -47,6 +48,9 @@ FOLDER_DATASETS = frozenset({"knowledge/failures"})
 # Datasets written as changes, with the column whose value groups a key's rows (see the module's docstring).
 KEYED_DATASETS = {"features/user_history": "user_id", "features/knowledge_versions": "user_id",
                   "features/ctr_samples": "user_id"}
+# Flags of a keyed dataset that hold only on the day their row was written (the user's window advanced in that run):
+# a state row from an earlier day reads them as false, so a flag falls back without a rewrite of its user.
+DAY_FLAGS = {"features/user_history": ("needs_refresh",)}
 DAY_PROPERTY = "reki.dt."  # + YYYY-MM-DD: a table property set in the commit that wrote that day
 # The property's value: the day holds the whole dataset, or (keyed datasets) only the keys that changed.
 FULL_DAY, CHANGES_DAY = "written", "changes"
@@ -496,8 +500,10 @@ class Lake:
             within = And(GreaterThanOrEqual("dt", days[0].isoformat()), LessThanOrEqual("dt", days[-1].isoformat()))
             rows = self._read_table(dataset, within, None if columns is None else [key, *columns], with_dt=True,
                                     table=table)
-            newest = rows["dt"] == rows.groupby(key)["dt"].transform("max")
-            state = rows.loc[newest].drop(columns=["dt"]).sort_values(key, kind="stable", ignore_index=True)
+            state = rows.loc[rows["dt"] == rows.groupby(key)["dt"].transform("max")].copy()
+            for flag in set(DAY_FLAGS.get(dataset, ())) & set(state.columns):  # an earlier day's flag has fallen back
+                state[flag] = state[flag].astype(bool) & (state["dt"] == as_date(day))
+            state = state.drop(columns=["dt"]).sort_values(key, kind="stable", ignore_index=True)
             return state if columns is None else state[list(dict.fromkeys(columns))]
         path = self.partition_path(dataset, day)
         if not self.fs.exists(path):

@@ -179,8 +179,8 @@ def test_daily_runs_write_only_touched_users_and_equal_a_full_build(spark, tmp_p
 
 
 def test_a_quiet_day_writes_no_user(spark, tmp_path):
-    """Days with no interactions and unchanged snapshots: the first still writes the users of yesterday's refreshes
-    (their flags fall back); the second writes no user at all, and its state is the day before's."""
+    """Days with no interactions and unchanged snapshots write no user: yesterday's refresh flags fall back by
+    themselves (a flag holds only on the day its row was written), and the state is the day before's."""
     from reki_core.storage.lake import Lake
 
     cfg = _make_cfg(tmp_path)
@@ -195,8 +195,9 @@ def test_a_quiet_day_writes_no_user(spark, tmp_path):
     for day in days[-2:] + quiet[:1]:
         for job in (items, user_history, ctr_samples):
             job.run(spark, cfg, lake, day)
-    flagged_before = lake.read_day_rows("features/user_history", days[-1])["needs_refresh"].sum()
-    assert flagged_before and len(lake.read_day_rows("features/user_history", quiet[0])) == flagged_before
+    assert lake.read_partition("features/user_history", days[-1])["needs_refresh"].sum() > 0
+    assert len(lake.read_day_rows("features/user_history", quiet[0])) == 0
+    assert lake.read_partition("features/user_history", quiet[0])["needs_refresh"].sum() == 0
     items.run(spark, cfg, lake, quiet[1])  # the item table is small and rebuilt every day
     summaries = {job: job.run(spark, cfg, lake, quiet[1]) for job in (user_history, ctr_samples)}
     assert summaries[user_history]["users_written"] == 0 and summaries[ctr_samples]["samples_written"] == 0
@@ -205,4 +206,5 @@ def test_a_quiet_day_writes_no_user(spark, tmp_path):
         assert len(lake.read_day_rows(job.DATASET, quiet[1])) == 0
         a, b = lake.read_partition(job.DATASET, quiet[0]), lake.read_partition(job.DATASET, quiet[1])
         assert len(a) > 0 and a.astype(str).equals(b.astype(str))
+        assert len(lake.read_day_rows(job.DATASET, quiet[0])) == 0
     assert summaries[user_history]["dirty_users"] == 0

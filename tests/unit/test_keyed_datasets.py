@@ -66,3 +66,13 @@ def test_a_copy_keeps_each_days_changes_and_kind(tmp_path):
     assert copy.day_kinds(HISTORY) == source.day_kinds(HISTORY)
     assert _state(copy, D2) == _state(source, D2) == {"a": 1, "b": 2}
     assert len(copy.read_day_rows(HISTORY, D2)) == 1
+
+
+def test_a_day_flag_holds_only_on_the_day_its_row_was_written(tmp_path):
+    lake = Lake(str(tmp_path / "lake"))
+    flagged = pd.DataFrame({"user_id": ["a", "b"], "needs_refresh": [True, True]})
+    lake.write_partition(flagged, HISTORY, D1)
+    lake.write_partition(flagged.iloc[1:], HISTORY, D2, changes_only=True)  # b refreshed again on D2
+    lake.write_partition(flagged.iloc[0:0], HISTORY, D3, changes_only=True)  # nobody changed on D3
+    flags = {d: dict(zip(*lake.read_partition(HISTORY, d)[["user_id", "needs_refresh"]].T.values)) for d in (D1, D2, D3)}
+    assert flags == {D1: {"a": True, "b": True}, D2: {"a": False, "b": True}, D3: {"a": False, "b": False}}
