@@ -22,8 +22,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import (CHANGES_DAY, DAY_FLAGS, DAY_PROPERTY, FULL_DAY, Lake, as_date, lake_of,
-                                    table_identifier)
+from reki_core.storage.lake import DAY_FLAGS, DAY_PROPERTY, Lake, as_date, lake_of, table_identifier
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -226,8 +225,7 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     two leaves the day unrecorded, so the next run redoes it."""
     if not lake.is_table(dataset):
         raise ValueError(f"{dataset} is not a table of the lake")
-    if changes_only and lake.key_of(dataset) is None:
-        raise ValueError(f"{dataset}: only a keyed dataset is written as changes")
+    kind = lake.day_kind(dataset, changes_only)
     spark = df.sparkSession
     name = table_of(spark, lake, dataset)
     rows = df.withColumn("dt", F.lit(day).cast("date"))
@@ -244,6 +242,5 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     # the whole day again into the one task of its single `dt` value.
     rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(
         F.col("dt") == F.lit(day).cast("date"))
-    kind = CHANGES_DAY if changes_only else FULL_DAY
     spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = '{kind}')")
     return f"{name}/dt={day.isoformat()}"

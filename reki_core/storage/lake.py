@@ -256,6 +256,13 @@ class Lake:
         return {dt.date.fromisoformat(key.removeprefix(DAY_PROPERTY)): value for key, value in table.properties.items()
                 if key.startswith(DAY_PROPERTY)}
 
+    def day_kind(self, dataset: str, changes_only: bool) -> str:
+        """What a write of one day records (`FULL_DAY`, or `CHANGES_DAY` for a keyed dataset's changes): both engines'
+        writers ask here, so they refuse the same writes."""
+        if changes_only and self.key_of(dataset) is None:
+            raise ValueError(f"{dataset}: only a keyed dataset ({sorted(KEYED_DATASETS)}) is written as changes")
+        return CHANGES_DAY if changes_only else FULL_DAY
+
     def key_of(self, dataset: str) -> str | None:
         """The key column of a dataset written as changes (`KEYED_DATASETS`), else None."""
         return KEYED_DATASETS.get(dataset)
@@ -438,10 +445,9 @@ class Lake:
         """Replace one partition with `df` (atomic on a local folder: write aside, then swap). For a keyed dataset,
         `changes_only` says `df` holds only the keys that changed on `day` (else it is the whole state)."""
         table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, preserve_index=False)
-        if changes_only and self.key_of(dataset) is None:
-            raise ValueError(f"{dataset}: only a keyed dataset ({sorted(KEYED_DATASETS)}) is written as changes")
+        kind = self.day_kind(dataset, changes_only)
         if self.is_table(dataset):
-            return self._write_table_day(table, dataset, as_date(day), CHANGES_DAY if changes_only else FULL_DAY)
+            return self._write_table_day(table, dataset, as_date(day), kind)
         final = self.partition_path(dataset, day)
         staging = f"{self.dataset_path(dataset)}/_staging-{uuid.uuid4().hex}"
         self.fs.makedirs(staging, exist_ok=True)
@@ -514,9 +520,10 @@ class Lake:
         """The rows written on day D as they are stored (for a keyed dataset, only that day's changes)."""
         from pyiceberg.expressions import EqualTo
 
-        if not self.has_partition(dataset, day):
+        table = self.load_table(dataset)  # once: its properties say whether the day exists, then it is scanned
+        if as_date(day) not in self.day_kinds(dataset, table):
             raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
-        return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False)
+        return self._read_table(dataset, EqualTo("dt", as_date(day).isoformat()), columns, with_dt=False, table=table)
 
     def read_range(
         self, dataset: str, upto: str | dt.date, since: str | dt.date | None = None, columns: list[str] | None = None
