@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import functools
 import importlib
+import json
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import DAY_FLAGS, DAY_PROPERTY, Lake, as_date, lake_of, table_identifier
+from reki_core.storage.lake import DAY_FLAGS, DAY_PROPERTY, TOTALS_PROPERTY, Lake, as_date, lake_of, table_identifier
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -173,10 +174,12 @@ def previous_day(lake: Lake, dataset: str, day: dt.date) -> dt.date | None:
 
 
 def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
-                   only_keys: DataFrame | None = None) -> DataFrame:
+                   only_keys: DataFrame | None = None, written_after: dt.date | None = None) -> DataFrame:
     """Day D of `dataset`; for a keyed dataset (written as changes) its state as of D: each key's rows from the newest
     day that wrote the key (`Lake.state_days`). `only_keys` (a frame of the key column) narrows a keyed read to
-    those keys before the state is resolved, so a daily run reads only the users it recomputes."""
+    those keys before the state is resolved, so a daily run reads only the users it recomputes. `written_after`
+    reads only the days after it: exact for keys the caller knows were written since (their newest rows are there),
+    and a scan of those few days instead of the whole state."""
     if not lake.has_partition(dataset, day):
         raise FileNotFoundError(f"lake partition missing: {lake.describe(dataset, day)}")
     table = spark.table(table_of(spark, lake, dataset))
@@ -184,6 +187,10 @@ def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
     if key is None:
         return table.where(F.col("dt") == F.lit(day)).drop("dt")
     days = lake.state_days(dataset, day)
+    if written_after is not None:
+        days = [d for d in days if d > written_after]
+        if not days:
+            return table.where(F.lit(False)).drop("dt")
     rows = table.where(F.col("dt").between(F.lit(days[0]), F.lit(days[-1])))
     if only_keys is not None:
         rows = rows.join(only_keys.select(key), key, "left_semi")
@@ -218,11 +225,14 @@ def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date 
     )
 
 
-def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False) -> str:
+def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False,
+                    totals: Callable[[], dict] | None = None) -> str:
     """Replace day `day` of `dataset` with `df`: one Iceberg commit (an overwrite of exactly that day, so a re-run that
     writes fewer rows, or none, leaves none of the old ones), then the day is recorded (a table property; without it
     an empty day would look unwritten), as the whole state or, for a keyed dataset, its changes. A crash between the
-    two leaves the day unrecorded, so the next run redoes it."""
+    two leaves the day unrecorded, so the next run redoes it. `totals`, called once the day is recorded, gives the
+    state's totals as of the day, recorded next (`TOTALS_PROPERTY`); totals an earlier write of the day recorded are
+    removed first, so a crash in between leaves none rather than stale ones."""
     if not lake.is_table(dataset):
         raise ValueError(f"{dataset} is not a table of the lake")
     kind = lake.day_kind(dataset, changes_only)
@@ -242,5 +252,10 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     # the whole day again into the one task of its single `dt` value.
     rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(
         F.col("dt") == F.lit(day).cast("date"))
+    if lake.state_totals(dataset, day) is not None:  # they described the rows just replaced
+        spark.sql(f"ALTER TABLE {name} UNSET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}')")
     spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = '{kind}')")
+    if totals is not None:  # after the day's record: an aggregate of the state reads the day
+        recorded = json.dumps(totals(), sort_keys=True)  # numbers and plain keys: no quote to escape
+        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}' = '{recorded}')")
     return f"{name}/dt={day.isoformat()}"

@@ -23,12 +23,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
 from spark_jobs.common import releases_cache
 
 DATASET = "features/ctr_samples"
+HISTORY, VERSIONS = "features/user_history", "features/knowledge_versions"
 UNKNOWN_GENRE = "unknown"
 SPLITS = ("train", "valid", "test")
 
@@ -144,41 +145,85 @@ def run(spark, cfg, lake, day) -> dict:
     params = SampleParams.from_config(cfg)
     items = read_partition(spark, lake, "features/items", day)
     prev_day = previous_state(lake, day)
-    touched = None
+    touched = written_after = None
     if prev_day is not None:
         # The users whose history or versions changed since the previous samples: user_history wrote them.
-        touched = read_day_changes(spark, lake, "features/user_history", day, since_exclusive=prev_day).select("user_id")
+        touched = read_day_changes(spark, lake, HISTORY, day, since_exclusive=prev_day).select("user_id")
         regenred = regenred_items(lake, day, prev_day)
         if regenred:  # rare: only then are all histories scanned
-            touched = touched.unionByName(users_rating(read_partition(spark, lake, "features/user_history", day),
+            touched = touched.unionByName(users_rating(read_partition(spark, lake, HISTORY, day),
                                                        spark.createDataFrame([(i,) for i in regenred], "item_id string")))
+        else:  # every touched user's newest rows were written since the previous day: only those days are read
+            written_after = prev_day
         touched = cache(touched.distinct())
-    history = read_partition(spark, lake, "features/user_history", day, only_keys=touched)
-    versions = read_partition(spark, lake, "features/knowledge_versions", day, only_keys=touched)
-    samples = transform(history, versions, items, params).sortWithinPartitions("user_id", "ts", "item_id")
-    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None)
-    return payload(spark, lake, day, prev_day)
+    history = read_partition(spark, lake, HISTORY, day, only_keys=touched, written_after=written_after)
+    versions = read_partition(spark, lake, VERSIONS, day, only_keys=touched, written_after=written_after)
+    written = Observation("ctr_samples")
+    samples = transform(history, versions, items, params).sortWithinPartitions("user_id", "ts", "item_id").observe(
+        written, *split_counts())
+    before = STATE_TOTALS_BEFORE_FIRST_DAY if prev_day is None else lake.state_totals(DATASET, prev_day)
+    if before is not None and touched is not None:  # the rewritten users' previous samples leave the totals
+        before = subtract(before, counts_of(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).agg(
+            *split_counts()).first().asDict()))
+    totals = {}
 
+    def state_totals() -> dict:  # called once the rows are written: the observed counts, or an aggregate, need them
+        totals.update(aggregated_totals(spark, lake, day) if before is None else add(before, counts_of(written.get)))
+        return totals
 
-def payload(spark, lake, day, prev_day) -> dict:
-    """The run-log counts of a run: samples and positives per split over the state as of `day` (its narrow columns),
-    and how many samples this run wrote."""
-    from spark_jobs.common import read_day_changes, read_partition
-
-    state = read_partition(spark, lake, DATASET, day).select("split", "label")
-    per_split = {r["split"]: (int(r["samples"]), int(r["positives"] or 0)) for r in state.groupBy("split").agg(
-        F.count(F.lit(1)).alias("samples"), F.sum(F.col("label").cast("int")).alias("positives")).collect()}
-    per_split = {s: per_split[s] for s in SPLITS if per_split.get(s, (0, 0))[0]}
-    total = sum(n for n, _ in per_split.values())
-    interactions = read_partition(spark, lake, "features/user_history", day).agg(F.sum("n_interactions")).first()[0]
+    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None, totals=state_totals)
+    per_split = {s: totals["samples_per_split"][s] for s in SPLITS if totals["samples_per_split"][s]}
+    total = sum(per_split.values())
+    interactions = (lake.state_totals(HISTORY, day) or {}).get("interactions")
+    if interactions is None:  # user_history recorded no totals for the day
+        interactions = read_partition(spark, lake, HISTORY, day).agg(F.sum("n_interactions")).first()[0]
     return {
         "samples": total,
-        "label_rate": sum(p for _, p in per_split.values()) / total if total else None,
-        "samples_per_split": {s: n for s, (n, _) in per_split.items()},
+        "label_rate": sum(totals["positives_per_split"].values()) / total if total else None,
+        "samples_per_split": per_split,
         "interactions_without_earlier_knowledge": int(interactions or 0) - total,
         "incremental_from": prev_day.isoformat() if prev_day else None,
-        "samples_written": read_day_changes(spark, lake, DATASET, day).count(),
+        "samples_written": sum(counts_of(written.get)["samples_per_split"].values()),
+        "totals_from": ("this run's rows" if prev_day is None else "previous day" if before is not None else "aggregate"),
     }
+
+
+# The run-log totals over the state as of a day (`TOTALS_PROPERTY`): samples and positives per split.
+STATE_TOTALS_BEFORE_FIRST_DAY = {"samples_per_split": dict.fromkeys(SPLITS, 0),
+                                 "positives_per_split": dict.fromkeys(SPLITS, 0)}
+
+
+def split_counts() -> list:
+    """Aggregates of samples and positives per split (for `counts_of`)."""
+    counts = []
+    for split in SPLITS:
+        in_split = (F.col("split") == split).cast("int")
+        counts += [F.coalesce(F.sum(in_split), F.lit(0)).alias(f"samples_{split}"),
+                   F.coalesce(F.sum(in_split * F.col("label").cast("int")), F.lit(0)).alias(f"positives_{split}")]
+    return counts
+
+
+def counts_of(row: dict) -> dict:
+    """{"samples_per_split": ..., "positives_per_split": ...} from a row of `split_counts`."""
+    return {f"{kind}_per_split": {split: int(row[f"{kind}_{split}"] or 0) for split in SPLITS}
+            for kind in ("samples", "positives")}
+
+
+def add(totals: dict, counts: dict, sign: int = 1) -> dict:
+    return {key: {split: totals[key][split] + sign * counts[key][split] for split in SPLITS} for key in totals}
+
+
+def subtract(totals: dict, counts: dict) -> dict:
+    return add(totals, counts, -1)
+
+
+def aggregated_totals(spark, lake, day) -> dict:
+    """The totals aggregated over the whole state as of `day` (its narrow columns): when the previous day recorded
+    none to carry (a lake written before totals were recorded, or a day another writer replaced)."""
+    from spark_jobs.common import read_partition
+
+    return counts_of(read_partition(spark, lake, DATASET, day).select("split", "label").agg(*split_counts())
+                     .first().asDict())
 
 
 def main(argv: list[str] | None = None) -> int:

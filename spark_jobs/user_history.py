@@ -66,7 +66,8 @@ def window_hash(window_col: str):
 
 
 def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame) -> DataFrame:
-    """Per user: full time-ordered history, the day-end interaction counts of the new days, the previous window_n."""
+    """Per user: full time-ordered history, the day-end interaction counts of the new days, the previous window_n and
+    interaction count."""
     day = F.to_date(F.timestamp_seconds("ts"))
     per_day = new_interactions.groupBy("user_id", day.alias("day")).agg(F.count(F.lit(1)).alias("cnt"))
     # Running count at each new day's end (the points where the daily run would have looked): a window sum, linear per user.
@@ -104,6 +105,7 @@ def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame)
         F.transform(events, lambda e: F.struct(e["item_id"].alias("item_id"), e["ts"].alias("ts"), e["rating"].alias("rating"))).alias("history"),
         F.transform(day_counts, lambda x: F.struct(x["day"].alias("day"), (x["n"] + base).cast("int").alias("n"))).alias("day_counts"),
         "prev_window_n",
+        "prev_n",  # null for a user new to the state: the run-log totals count what a run changed
     )
 
 
@@ -282,25 +284,76 @@ def run(spark, cfg, lake, day) -> dict:
     if prev_day is None:
         prev_history = prev_versions = None
     else:
-        # Only the touched users are recomputed and written; the others' rows stay as they are.
+        # Only the touched users are recomputed and written; the others' rows stay as they are. Their previous rows
+        # are few, and read twice (the histories, the refresh day): scanned once.
         touched = cache(touched_users(spark, lake, day, prev_day, new_interactions))
-        prev_history = read_partition(spark, lake, DATASET, prev_day, only_keys=touched)
+        prev_history = cache(read_partition(spark, lake, DATASET, prev_day, only_keys=touched))
         prev_versions = read_partition(spark, lake, VERSIONS, prev_day, only_keys=touched)
     # Both outputs derive from the advanced windows: compute them once.
     advanced = cache(advance(prev_history, new_interactions, params))
     history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
     changes = prev_day is not None
+    change = run_changes(advanced, params)
     write_partition(versions.repartition("user_id").sortWithinPartitions("user_id", "window_n"), lake, VERSIONS, day,
                     changes_only=changes)
+    before = lake.state_totals(DATASET, prev_day) if changes else STATE_TOTALS_BEFORE_FIRST_DAY
+    totals = {} if before is None else carried_totals(before, change)
+
+    def state_totals() -> dict:  # called once the rows are written: an aggregate of the state needs them
+        if not totals:
+            totals.update(aggregated_totals(spark, lake, day, params))
+        return totals
+
     write_partition(history.repartition("user_id").sortWithinPartitions("user_id"), lake, DATASET, day,
-                    changes_only=changes)
-    return payload(spark, lake, day, params, prev_day)
+                    changes_only=changes, totals=state_totals)
+    return {
+        **totals,
+        "totals_from": ("this run's rows" if not changes else "previous day" if before is not None else "aggregate"),
+        "knowledge_window": params.mode,
+        "incremental_from": prev_day.isoformat() if prev_day else None,
+        "users_written": change["users_written"],
+    }
 
 
-def payload(spark, lake, day, params: WindowParams, prev_day) -> dict:
-    """The run-log counts of a run: totals over the state as of `day` (its narrow columns), and how many users
-    this run wrote."""
-    from spark_jobs.common import read_day_changes, read_partition
+# The run-log totals over the state as of a day (`TOTALS_PROPERTY`): before the first day, nothing.
+STATE_TOTALS_BEFORE_FIRST_DAY = {"users": 0, "dirty_users": 0, "interactions": 0, "users_shorter_than_max_window": 0,
+                                 "knowledge_versions": 0}
+
+
+def run_changes(advanced: DataFrame, params: WindowParams) -> dict:
+    """What this run changes in the totals, from its written users' rows before (`prev_n`) and after: a small
+    aggregate of the cached, advanced rows."""
+    mw = params.max_window
+    before = F.col("prev_n")
+    row = advanced.agg(
+        F.count(F.lit(1)).alias("users_written"),
+        F.sum(before.isNull().cast("int")).alias("new_users"),
+        (F.sum("n_interactions") - F.sum(F.coalesce(before, F.lit(0)))).alias("new_interactions"),
+        # A new user's `before < mw` is null; coalesce, else a day of only new users (a full build) sums to null.
+        (F.sum((F.col("n_interactions") < mw).cast("int"))
+         - F.sum(F.coalesce(before < mw, F.lit(False)).cast("int"))).alias("shorter_change"),
+        F.sum((F.size("new_versions") > 0).cast("int")).alias("refreshed_users"),
+        F.sum(F.size("new_versions")).alias("new_versions"),
+    ).first()
+    return {key: int(row[key] or 0) for key in row.asDict()}
+
+
+def carried_totals(before: dict, change: dict) -> dict:
+    """The totals as of this run's day: the previous day's plus what this run changed. Only this run's rows carry
+    `needs_refresh` (a day flag), so its refreshed users are the day's dirty users; versions are only ever added."""
+    return {
+        "users": before["users"] + change["new_users"],
+        "dirty_users": change["refreshed_users"],
+        "interactions": before["interactions"] + change["new_interactions"],
+        "users_shorter_than_max_window": before["users_shorter_than_max_window"] + change["shorter_change"],
+        "knowledge_versions": before["knowledge_versions"] + change["new_versions"],
+    }
+
+
+def aggregated_totals(spark, lake, day, params: WindowParams) -> dict:
+    """The totals aggregated over the whole state as of `day` (its narrow columns): when the previous day recorded
+    none to carry (a lake written before totals were recorded, or a day another writer replaced)."""
+    from spark_jobs.common import read_partition
 
     state = read_partition(spark, lake, DATASET, day).select("n_interactions", "needs_refresh")
     totals = state.agg(
@@ -310,13 +363,8 @@ def payload(spark, lake, day, params: WindowParams, prev_day) -> dict:
         F.sum((F.col("n_interactions") < params.max_window).cast("int")).alias("users_shorter_than_max_window"),
     ).first()
     versions = read_partition(spark, lake, VERSIONS, day).select("user_id").count()
-    return {
-        **{k: int(totals[k] or 0) for k in ("users", "dirty_users", "interactions", "users_shorter_than_max_window")},
-        "knowledge_versions": versions,
-        "knowledge_window": params.mode,
-        "incremental_from": prev_day.isoformat() if prev_day else None,
-        "users_written": read_day_changes(spark, lake, DATASET, day).count(),
-    }
+    return {**{k: int(totals[k] or 0) for k in ("users", "dirty_users", "interactions", "users_shorter_than_max_window")},
+            "knowledge_versions": versions}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,10 @@ DAY_FLAGS = {"features/user_history": ("needs_refresh",)}
 DAY_PROPERTY = "reki.dt."  # + YYYY-MM-DD: a table property set in the commit that wrote that day
 # The property's value: the day holds the whole dataset, or (keyed datasets) only the keys that changed.
 FULL_DAY, CHANGES_DAY = "written", "changes"
+# + YYYY-MM-DD: a keyed dataset's run-log totals over its state as of that day (JSON), recorded after the day by the job
+# that wrote it, so the next daily run adds its changes instead of aggregating the whole state again; any other write
+# of the day removes it (the totals then no longer describe the rows).
+TOTALS_PROPERTY = "reki.totals."
 CATALOG_DIR, WAREHOUSE_DIR = "_catalog", "_tables"
 
 
@@ -256,6 +260,12 @@ class Lake:
         return {dt.date.fromisoformat(key.removeprefix(DAY_PROPERTY)): value for key, value in table.properties.items()
                 if key.startswith(DAY_PROPERTY)}
 
+    def state_totals(self, dataset: str, day: str | dt.date) -> dict | None:
+        """The totals recorded with day D of a keyed dataset (`TOTALS_PROPERTY`), or None when that write recorded none."""
+        table = self.load_table(dataset)
+        recorded = None if table is None else table.properties.get(f"{TOTALS_PROPERTY}{as_date(day).isoformat()}")
+        return json.loads(recorded) if recorded else None
+
     def day_kind(self, dataset: str, changes_only: bool) -> str:
         """What a write of one day records (`FULL_DAY`, or `CHANGES_DAY` for a keyed dataset's changes): both engines'
         writers ask here, so they refuse the same writes."""
@@ -304,6 +314,8 @@ class Lake:
                     update.union_by_name(data.schema)
                 tx.overwrite(data, overwrite_filter=EqualTo("dt", day.isoformat()))
                 tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": kind})
+                if f"{TOTALS_PROPERTY}{day.isoformat()}" in existing.properties:  # they described the replaced rows
+                    tx.remove_properties(f"{TOTALS_PROPERTY}{day.isoformat()}")
         except Exception as exc:
             if "disk is full" in str(exc):  # SQLite's word for it: the same OSError as a data file's full disk
                 raise OSError(errno.ENOSPC, f"No space left on device: committing {self.describe(dataset, day)} "
@@ -337,7 +349,8 @@ class Lake:
             return
         with table.transaction() as tx:
             tx.delete(EqualTo("dt", day.isoformat()))
-            tx.remove_properties(f"{DAY_PROPERTY}{day.isoformat()}")
+            tx.remove_properties(*[p + day.isoformat() for p in (DAY_PROPERTY, TOTALS_PROPERTY)
+                                   if p + day.isoformat() in table.properties])
 
     def drop_namespace(self, namespace: str) -> None:
         """Every dataset under `namespace/`, tables and folders, gone with its files (a benchmark's reset)."""

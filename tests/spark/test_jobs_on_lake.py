@@ -160,8 +160,34 @@ def test_daily_runs_write_only_touched_users_and_equal_a_full_build(spark, tmp_p
     assert history.loc[reprofiled, "occupation"] == "retitled occupation"
     assert chained["features/ctr_samples"]["hist_genres"].map(lambda g: "Regenred" in list(g)).any()
 
-    for ds in datasets:  # a full build of the last day, from the raw history alone
-        for day in (first, prev):
+    _assert_totals_are_the_states(cfg, lake, last, summaries, carried=True)
+    _assert_state_equals_a_full_build(spark, cfg, lake, last, chained, (first, prev))
+
+
+def _assert_totals_are_the_states(cfg, lake, day, summaries, carried: bool) -> None:
+    """The run-log totals a daily run carried from the previous day's (plus its changes) equal the state's own."""
+    history = lake.read_partition("features/user_history", day)
+    samples = lake.read_partition("features/ctr_samples", day)
+    expected = {"users": len(history), "dirty_users": int(history["needs_refresh"].sum()),
+                "interactions": int(history["n_interactions"].sum()),
+                "users_shorter_than_max_window": int((history["n_interactions"] < cfg.scenario.max_window).sum()),
+                "knowledge_versions": len(lake.read_partition("features/knowledge_versions", day))}
+    assert {k: summaries[user_history][k] for k in expected} == expected
+    per_split = samples["split"].value_counts().to_dict()
+    assert summaries[ctr_samples]["samples"] == len(samples) and summaries[ctr_samples]["samples_per_split"] == per_split
+    assert summaries[ctr_samples]["label_rate"] == pytest.approx(samples["label"].mean())
+    assert summaries[ctr_samples]["interactions_without_earlier_knowledge"] == expected["interactions"] - len(samples)
+    for job in (user_history, ctr_samples):
+        assert summaries[job]["totals_from"] == ("previous day" if carried else "aggregate"), job.DATASET
+        assert lake.state_totals(job.DATASET, day) is not None
+
+
+def _assert_state_equals_a_full_build(spark, cfg, lake, last, chained, earlier_days) -> None:
+    """The state of each user-keyed dataset as of `last` (`chained`, read before) equals a full build of `last` from the
+    raw history alone, row for row."""
+    datasets = ("features/user_history", "features/knowledge_versions", "features/ctr_samples")
+    for ds in datasets:
+        for day in earlier_days:
             lake.delete_partition(ds, day)
     for job in (user_history, ctr_samples):
         assert job.run(spark, cfg, lake, last)["incremental_from"] is None
@@ -176,6 +202,44 @@ def test_daily_runs_write_only_touched_users_and_equal_a_full_build(spark, tmp_p
         full, again = (f.sort_values(keys, ignore_index=True) for f in (full, chained[ds]))
         diff = [c for c in full.columns if not full[c].astype(str).equals(again[c].astype(str))]
         assert not diff, (ds, diff)  # same rows
+
+
+def test_a_plain_daily_run_reads_only_the_days_since_and_equals_a_full_build(spark, tmp_path):
+    """On a day no item changed genre, ctr_samples reads its users' histories and versions from the days user_history
+    wrote since its previous day alone (`written_after`); the state still equals a full build. A run after a day that
+    recorded no totals aggregates them over the state, and records them for the next day to carry."""
+    from reki_core.storage.lake import TOTALS_PROPERTY, Lake
+
+    cfg = _make_cfg(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    data = synthetic.generate(400, n_users=60, n_items=30, days=20, seed=17, start=dt.date(2024, 9, 1))
+    days = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)
+    first, prev, last = days[-3], days[-2], days[-1]
+    for day in (first, prev):
+        for job in (items, user_history, ctr_samples):
+            job.run(spark, cfg, lake, day)
+    for job in (user_history, ctr_samples):  # as a lake written before totals were recorded
+        with lake.load_table(job.DATASET).transaction() as tx:
+            tx.remove_properties(f"{TOTALS_PROPERTY}{prev.isoformat()}")
+    summaries = {job: job.run(spark, cfg, lake, last) for job in (items, user_history, ctr_samples)}
+    assert ctr_samples.regenred_items(lake, last, prev) == []  # so only the days since prev were read
+    _assert_totals_are_the_states(cfg, lake, last, summaries, carried=False)
+    again = {job: job.run(spark, cfg, lake, last) for job in (user_history, ctr_samples)}  # a re-run
+    assert again[ctr_samples] == summaries[ctr_samples]
+    for job in (user_history, ctr_samples):  # prev recorded none, so the re-run aggregated again: same totals
+        assert again[job]["totals_from"] == "aggregate"
+    next_day = last + dt.timedelta(days=1)  # a quiet day after it carries the totals it recorded
+    lake.write_partition(lake.read_partition("raw/interactions", last).iloc[0:0], "raw/interactions", next_day)
+    for ds in ("raw/users", "raw/items"):
+        lake.write_partition(lake.read_partition(ds, last), ds, next_day)
+    quiet = {job: job.run(spark, cfg, lake, next_day) for job in (items, user_history, ctr_samples)}
+    _assert_totals_are_the_states(cfg, lake, next_day, quiet, carried=True)
+    assert summaries[ctr_samples]["samples_written"] > 0
+    chained = {ds: lake.read_partition(ds, last)
+               for ds in ("features/user_history", "features/knowledge_versions", "features/ctr_samples")}
+    for ds in chained:
+        lake.delete_partition(ds, next_day)
+    _assert_state_equals_a_full_build(spark, cfg, lake, last, chained, (first, prev))
 
 
 def test_a_quiet_day_writes_no_user(spark, tmp_path):

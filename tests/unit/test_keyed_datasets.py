@@ -76,3 +76,22 @@ def test_a_day_flag_holds_only_on_the_day_its_row_was_written(tmp_path):
     lake.write_partition(flagged.iloc[0:0], HISTORY, D3, changes_only=True)  # nobody changed on D3
     flags = {d: dict(zip(*lake.read_partition(HISTORY, d)[["user_id", "needs_refresh"]].T.values)) for d in (D1, D2, D3)}
     assert flags == {D1: {"a": True, "b": True}, D2: {"a": False, "b": True}, D3: {"a": False, "b": False}}
+
+
+def test_totals_recorded_with_a_day_go_when_the_day_is_written_again_or_deleted(tmp_path):
+    """A day's state totals (`TOTALS_PROPERTY`, recorded by the Spark job that wrote the day) describe those rows only:
+    another write of the day, or its deletion, removes them, so the next daily run aggregates instead of carrying."""
+    from reki_core.storage.lake import TOTALS_PROPERTY
+
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_partition(_rows(("a", 1), ("b", 1)), HISTORY, D1)
+    lake.write_partition(_rows(("b", 2)), HISTORY, D2, changes_only=True)
+    assert lake.state_totals(HISTORY, D2) is None
+    for day, users in ((D1, 2), (D2, 2)):
+        with lake.load_table(HISTORY).transaction() as tx:
+            tx.set_properties({f"{TOTALS_PROPERTY}{day.isoformat()}": f'{{"users": {users}}}'})
+    assert lake.state_totals(HISTORY, D2) == {"users": 2}
+    lake.write_partition(_rows(("b", 3), ("c", 3)), HISTORY, D2, changes_only=True)
+    assert lake.state_totals(HISTORY, D2) is None and lake.state_totals(HISTORY, D1) == {"users": 2}
+    lake.delete_partition(HISTORY, D1)
+    assert lake.state_totals(HISTORY, D1) is None and D1 not in lake.day_kinds(HISTORY)
