@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 from airflow.sdk import dag, task
 
@@ -183,15 +182,10 @@ def reki_daily_refresh():
 
     @task(outlets=[AUGMENTED_VECTORS])
     def publish(**context) -> dict:
-        from reki_core.report import write_run_report
-        from reki_core.storage.lake import lake_of
-        from reki_core.storage.publish import publish_from_lake
+        from reki_core.storage.publish import publish_with_report
 
         cfg, day = task_setup(context)
-        lake = lake_of(cfg)
-        report = write_run_report(lake, day, cfg.state_dir / "reports" / day.isoformat())
-        result = publish_from_lake(cfg, day, run_id(context), **s3_credentials(),
-                                   extra_files={Path(p).name: Path(p) for p in report.values()})
+        result = publish_with_report(cfg, day, run_id(context), **s3_credentials())
         context["outlet_events"][AUGMENTED_VECTORS].extra = {
             "version": result["version"], "uri": result["uri"], "manifest_uri": result["manifest_uri"], "dt": day.isoformat()}
         return {k: result[k] for k in ("version", "uri", "manifest_uri", "latest_moved")}

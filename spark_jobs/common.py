@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -196,10 +196,16 @@ def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
         rows = rows.join(only_keys.select(key), key, "left_semi")
     if len(days) == 1:
         return rows.drop("dt")
-    # Each key's newest day, from the narrow (key, dt) columns, then the rows of that day: an aggregate and a
-    # (broadcast) semi join, where a window would shuffle and sort every wide row.
-    newest = rows.select(key, "dt").groupBy(key).agg(F.max("dt").alias("dt"))
-    state = rows.join(newest, [key, "dt"], "left_semi")
+    if only_keys is not None:
+        # A few keys' rows: ranked by day in a window, so the table is scanned once and only those rows move.
+        newest_first = Window.partitionBy(key).orderBy(F.col("dt").desc())
+        state = rows.withColumn("_day_rank", F.dense_rank().over(newest_first)).where(F.col("_day_rank") == 1)
+        state = state.drop("_day_rank")
+    else:
+        # Each key's newest day, from the narrow (key, dt) columns, then the rows of that day: an aggregate and a
+        # (broadcast) semi join, where a window would shuffle and sort every wide row.
+        newest = rows.select(key, "dt").groupBy(key).agg(F.max("dt").alias("dt"))
+        state = rows.join(newest, [key, "dt"], "left_semi")
     flags = set(DAY_FLAGS.get(dataset, ()))  # an earlier day's flag has fallen back (Lake.read_partition)
     return state.select(*[(F.col(c) & (F.col("dt") == F.lit(day))).alias(c) if c in flags else F.col(c)
                           for c in state.columns if c != "dt"])

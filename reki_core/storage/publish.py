@@ -418,6 +418,21 @@ _LINEAGE_DATASETS = ["raw/interactions", "features/items", "features/user_histor
                      "vectors/augmented"]
 
 
+def publish_with_report(cfg, day: str | dt.date, run_id: str, **store) -> dict[str, Any]:
+    """What the DAG's publish task does: the run report, written to this process's scratch folder, then
+    `publish_from_lake` (with `store`: its endpoint, identity, bucket) carrying it, so the report lives in the
+    published version on the object store and on no host's disk."""
+    import tempfile
+
+    from reki_core.report import write_run_report
+    from reki_core.storage.lake import lake_of
+
+    day = as_date(day)
+    with tempfile.TemporaryDirectory(prefix=f"reki-report-{day.isoformat()}-") as scratch:
+        report = write_run_report(lake_of(cfg), day, scratch)
+        return publish_from_lake(cfg, day, run_id, **store, extra_files={Path(p).name: Path(p) for p in report.values()})
+
+
 def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str | None = None,
                       access_key: str | None = None, secret_key: str | None = None, bucket: str | None = None,
                       extra_files: dict[str, str | Path | bytes] | None = None) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 from reki_core.config import Config
@@ -117,13 +116,8 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
 
 def publish_day(cfg: Config, day: str | dt.date, run_id: str, *, endpoint_url: str, access_key: str,
                 secret_key: str, bucket: str) -> dict[str, Any]:
-    """What the DAG's publish task does: the run report, then `publish_from_lake` with the writer identity."""
-    from reki_core.report import write_run_report
-    from reki_core.storage.publish import publish_from_lake
+    """What the DAG's publish task does (`publish_with_report`) with the writer identity."""
+    from reki_core.storage.publish import publish_with_report
 
-    day = as_date(day)
-    lake = lake_of(cfg)
-    report = write_run_report(lake, day, cfg.state_dir / "reports" / day.isoformat())
-    return publish_from_lake(cfg, day, run_id, endpoint_url=endpoint_url, access_key=access_key,
-                             secret_key=secret_key, bucket=bucket,
-                             extra_files={Path(p).name: Path(p) for p in report.values()})
+    return publish_with_report(cfg, day, run_id, endpoint_url=endpoint_url, access_key=access_key,
+                               secret_key=secret_key, bucket=bucket)

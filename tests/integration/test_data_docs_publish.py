@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from published_vectors import fresh_bucket_config, reader, writer
 
 from reki_core.quality.gx import suite_name
 from reki_core.quality.vectors import gate_vectors
-from reki_core.report import write_run_report
 from reki_core.storage import publish
 from reki_core.storage.lake import Lake
 from reki_core.storage.s3_access import ObjectStore, resolve_s3_access
@@ -49,10 +49,11 @@ def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_man
     (registry / "model_card.json").write_text(json.dumps({"test": {"with_knowledge": {"auc": 0.74}}}))
     assert gate_vectors(cfg, DAY, lake)["success"]
 
-    # As the DAG's publish task: every file the report wrote goes beside the version.
-    report = write_run_report(lake, DAY, tmp_path / "reports" / DAY)
-    result = publish.publish_from_lake(cfg, DAY, "manual__1", **writer(seaweed),
-                                       extra_files={Path(p).name: Path(p) for p in report.values()})
+    # The DAG's publish task: every file the report wrote goes beside the version, and none stays on this host.
+    scratch = f"reki-report-{DAY}-"
+    result = publish.publish_with_report(cfg, DAY, "manual__1", **writer(seaweed))
+    assert not [p for p in Path(tempfile.gettempdir()).iterdir() if p.name.startswith(scratch)]
+    assert {f"run_report_{DAY}.{ext}" for ext in ("md", "html", "json")} <= set(result["manifest"]["files"])
     archive = f"run_report_{DAY}_data_docs.zip"
     manifest = result["manifest"]
     assert archive in manifest["run_report_files"] and archive in manifest["files"]
