@@ -211,6 +211,14 @@ def read_partition(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
                           for c in state.columns if c != "dt"])
 
 
+def totals_source(prev_day: dt.date | None, before: dict | None) -> str:
+    """Where a keyed job's recorded totals came from (`totals_from` in its run record): a first day's own rows, the
+    previous day's totals plus this run's changes, or an aggregate of the state (the previous day recorded none)."""
+    if prev_day is None:
+        return "this run's rows"
+    return "previous day" if before is not None else "aggregate"
+
+
 def read_day_changes(spark: SparkSession, lake: Lake, dataset: str, day: dt.date,
                      since_exclusive: dt.date | None = None) -> DataFrame:
     """The rows as stored on day D (a keyed dataset's changes of that day), or on every day since_exclusive < dt <= D."""

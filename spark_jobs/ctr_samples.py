@@ -140,7 +140,7 @@ def users_rating(history: DataFrame, item_ids: DataFrame) -> DataFrame:
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import cache, read_day_changes, read_partition, write_partition
+    from spark_jobs.common import cache, read_day_changes, read_partition, totals_source, write_partition
 
     params = SampleParams.from_config(cfg)
     items = read_partition(spark, lake, "features/items", day)
@@ -165,13 +165,11 @@ def run(spark, cfg, lake, day) -> dict:
     if before is not None and touched is not None:  # the rewritten users' previous samples leave the totals
         before = subtract(before, counts_of(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).agg(
             *split_counts()).first().asDict()))
-    totals = {}
-
-    def state_totals() -> dict:  # called once the rows are written: the observed counts, or an aggregate, need them
-        totals.update(aggregated_totals(spark, lake, day) if before is None else add(before, counts_of(written.get)))
-        return totals
-
-    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None, totals=state_totals)
+    # Called once the rows are written: the observed counts, or an aggregate of the state, need them.
+    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None,
+                    totals=lambda: aggregated_totals(spark, lake, day) if before is None
+                    else add(before, counts_of(written.get)))
+    totals = lake.state_totals(DATASET, day)
     per_split = {s: totals["samples_per_split"][s] for s in SPLITS if totals["samples_per_split"][s]}
     total = sum(per_split.values())
     interactions = (lake.state_totals(HISTORY, day) or {}).get("interactions")
@@ -184,7 +182,7 @@ def run(spark, cfg, lake, day) -> dict:
         "interactions_without_earlier_knowledge": int(interactions or 0) - total,
         "incremental_from": prev_day.isoformat() if prev_day else None,
         "samples_written": sum(counts_of(written.get)["samples_per_split"].values()),
-        "totals_from": ("this run's rows" if prev_day is None else "previous day" if before is not None else "aggregate"),
+        "totals_from": totals_source(prev_day, before),
     }
 
 

@@ -274,7 +274,7 @@ def previous_state(lake, day):
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import read_interactions, read_partition, write_partition
+    from spark_jobs.common import read_interactions, read_partition, totals_source, write_partition
 
     params = WindowParams.from_config(cfg)
     prev_day = previous_state(lake, day)
@@ -297,18 +297,13 @@ def run(spark, cfg, lake, day) -> dict:
     write_partition(versions.repartition("user_id").sortWithinPartitions("user_id", "window_n"), lake, VERSIONS, day,
                     changes_only=changes)
     before = lake.state_totals(DATASET, prev_day) if changes else STATE_TOTALS_BEFORE_FIRST_DAY
-    totals = {} if before is None else carried_totals(before, change)
-
-    def state_totals() -> dict:  # called once the rows are written: an aggregate of the state needs them
-        if not totals:
-            totals.update(aggregated_totals(spark, lake, day, params))
-        return totals
-
+    # Called once the rows are written: an aggregate of the state needs them.
     write_partition(history.repartition("user_id").sortWithinPartitions("user_id"), lake, DATASET, day,
-                    changes_only=changes, totals=state_totals)
+                    changes_only=changes, totals=lambda: aggregated_totals(spark, lake, day, params)
+                    if before is None else carried_totals(before, change))
     return {
-        **totals,
-        "totals_from": ("this run's rows" if not changes else "previous day" if before is not None else "aggregate"),
+        **lake.state_totals(DATASET, day),
+        "totals_from": totals_source(prev_day, before),
         "knowledge_window": params.mode,
         "incremental_from": prev_day.isoformat() if prev_day else None,
         "users_written": change["users_written"],
