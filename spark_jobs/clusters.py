@@ -20,8 +20,9 @@ import sys
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-from spark_jobs.common import cache, releases_cache
+from spark_jobs.common import cache, empty_frame, releases_cache
 
 DATASET = "features/clusters"
 SEED = 42
@@ -90,7 +91,8 @@ def bounded_groups(points: DataFrame, max_size: int, seed: int = SEED) -> DataFr
     points = cache(points.select("entity_id", "features"))
     n = points.count()
     if n == 0:
-        return points.sparkSession.createDataFrame([], "entity_id string, path string")
+        return empty_frame(points.sparkSession, T.StructType([T.StructField("entity_id", T.StringType()),
+                                                               T.StructField("path", T.StringType())]))
     if n <= max_size:
         return points.select("entity_id", F.lit("0").alias("path"))
     # Twice the minimum cluster count: bisecting k-means leaves uneven sizes, fewer clusters need splitting.

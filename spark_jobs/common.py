@@ -226,11 +226,24 @@ def read_day_changes(spark: SparkSession, lake: Lake, dataset: str, day: dt.date
     return spark.table(table_of(spark, lake, dataset)).where(lower & (F.col("dt") <= F.lit(day))).drop("dt")
 
 
+def empty_frame(spark: SparkSession, schema: T.StructType) -> DataFrame:
+    """No rows, of `schema`, made in the JVM: a classic `createDataFrame([])` runs Python workers (about a second), and
+    the planner, not knowing its size, would never broadcast it, so a join with it shuffles the other side whole."""
+    return spark.range(0).select(*[F.lit(None).cast(field.dataType).alias(field.name) for field in schema.fields])
+
+
+def values_frame(spark: SparkSession, column: str, values: Iterable[str]) -> DataFrame:
+    """One string column of `values` (a few ids the driver found), made in the JVM like `empty_frame`, and for the same
+    reasons: cheap, and small to the planner, so that a join broadcasts it."""
+    literals = F.array(*[F.lit(str(value)) for value in values]).cast("array<string>")
+    return spark.range(1).select(F.explode(literals).alias(column))
+
+
 def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date | None, upto: dt.date) -> DataFrame:
     """raw/interactions partitions with since_exclusive < dt <= upto (all up to `upto` when since is None)."""
     days = [d for d in lake.partitions("raw/interactions") if d <= upto and (since_exclusive is None or d > since_exclusive)]
     if not days:
-        return spark.createDataFrame([], INTERACTIONS_SCHEMA)
+        return empty_frame(spark, INTERACTIONS_SCHEMA)
     df = spark.table(table_of(spark, lake, "raw/interactions")).where(F.col("dt") <= F.lit(upto))
     if since_exclusive is not None:
         df = df.where(F.col("dt") > F.lit(since_exclusive))

@@ -140,7 +140,7 @@ def users_rating(history: DataFrame, item_ids: DataFrame) -> DataFrame:
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import cache, read_day_changes, read_partition, totals_source, write_partition
+    from spark_jobs.common import cache, read_day_changes, read_partition, totals_source, values_frame, write_partition
 
     params = SampleParams.from_config(cfg)
     items = read_partition(spark, lake, "features/items", day)
@@ -152,7 +152,7 @@ def run(spark, cfg, lake, day) -> dict:
         regenred = regenred_items(lake, day, prev_day)
         if regenred:  # rare: only then are all histories scanned
             touched = touched.unionByName(users_rating(read_partition(spark, lake, HISTORY, day),
-                                                       spark.createDataFrame([(i,) for i in regenred], "item_id string")))
+                                                       values_frame(spark, "item_id", regenred)))
         else:  # every touched user's newest rows were written since the previous day: only those days are read
             written_after = prev_day
         touched = cache(touched.distinct())

@@ -15,7 +15,6 @@ import sys
 from pyspark.sql import DataFrame, Observation
 from pyspark.sql import functions as F
 
-from spark_jobs.common import cache, releases_cache
 
 DATASET = "features/items"
 UNDESCRIBED = "features/items_undescribed"
@@ -91,7 +90,6 @@ def item_rows(raw_items: DataFrame, new_interactions: DataFrame, previous: DataF
     ).repartition(1).sortWithinPartitions("item_id")
 
 
-@releases_cache
 def run(spark, cfg, lake, day) -> dict:
     """Read, transform, write `features/items/dt=day`; returns the counts recorded in the run log."""
     from spark_jobs.common import previous_day, read_interactions, read_partition, write_partition
@@ -102,24 +100,23 @@ def run(spark, cfg, lake, day) -> dict:
         if prev_day and lake.has_partition(UNDESCRIBED, prev_day) else None
     raw_items = read_partition(spark, lake, "raw/items", day)
     new_interactions = read_interactions(spark, lake, prev_day, day)
-    # The counts are observed while the partition is written: no second pass; the small result is cached
-    # for the second write, of the undescribed items.
-    observed = Observation("items")
+    # Materialised once, out of the tables' lineage: a write to a table that a cached plan reads makes Spark
+    # recompute that plan, and `rows` reads both tables it writes. Each write counts its own rows as it goes.
+    rows = item_rows(raw_items, new_interactions, previous, previous_undescribed).localCheckpoint()
     described = F.col("described")
-    out = item_rows(raw_items, new_interactions, previous, previous_undescribed).observe(
-        observed,
-        F.sum(described.cast("int")).alias("items"),
-        F.sum((described & F.col("needs_refresh")).cast("int")).alias("dirty_items"),
-        F.sum((described & F.col("title").isNull()).cast("int")).alias("items_without_title"),
-        # Items that users rated but the snapshot does not describe: their prompts cannot name them.
-        F.sum((~described).cast("int")).alias("unknown"),
-    )
-    out = cache(out)
+    undescribed_seen, described_seen = Observation("items_undescribed"), Observation("items")
     # The undescribed items first: a failure between the two writes then leaves no items partition that the
     # next day would read without its undescribed companion.
-    write_partition(out.where(~described).select("item_id", "popularity"), lake, UNDESCRIBED, day)
-    write_partition(out.where(described).drop("described"), lake, DATASET, day)
-    stats = observed.get
+    write_partition(rows.where(~described).select("item_id", "popularity").observe(
+        # Items that users rated but the snapshot does not describe: their prompts cannot name them.
+        undescribed_seen, F.count(F.lit(1)).alias("unknown")), lake, UNDESCRIBED, day)
+    write_partition(rows.where(described).drop("described").observe(
+        described_seen,
+        F.count(F.lit(1)).alias("items"),
+        F.sum(F.col("needs_refresh").cast("int")).alias("dirty_items"),
+        F.sum(F.col("title").isNull().cast("int")).alias("items_without_title"),
+    ), lake, DATASET, day)
+    stats = {**undescribed_seen.get, **described_seen.get}
     return {
         "items": int(stats["items"] or 0),
         "dirty_items": int(stats["dirty_items"] or 0),

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
-from spark_jobs.common import cache, releases_cache
+from spark_jobs.common import cache, empty_frame, releases_cache
 
 DATASET = "features/user_history"
 VERSIONS = "features/knowledge_versions"
@@ -65,6 +66,16 @@ def window_hash(window_col: str):
     )
 
 
+# What build_histories takes of a user's previous row (none before the first day).
+PREV_SCHEMA = T.StructType([
+    T.StructField("user_id", T.StringType()),
+    T.StructField("prev_events", T.ArrayType(T.StructType([T.StructField("ts", T.LongType()), T.StructField("item_id", T.StringType()),
+                                                           T.StructField("rating", T.IntegerType())]))),
+    T.StructField("prev_n", T.IntegerType()),
+    T.StructField("prev_window_n", T.IntegerType()),
+])
+
+
 def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame) -> DataFrame:
     """Per user: full time-ordered history, the day-end interaction counts of the new days, the previous window_n and
     interaction count."""
@@ -79,9 +90,7 @@ def build_histories(prev_history: DataFrame | None, new_interactions: DataFrame)
     days = per_day.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct("day", "n"))).alias("day_cnts"))
     new = new.join(days, "user_id")
     if prev_history is None:
-        prev = new.sparkSession.createDataFrame(
-            [], "user_id string, prev_events array<struct<ts:bigint,item_id:string,rating:int>>, prev_n int, prev_window_n int"
-        )
+        prev = empty_frame(new.sparkSession, PREV_SCHEMA)
     else:
         prev = prev_history.select(
             "user_id",
@@ -226,16 +235,16 @@ def touched_users(spark, lake, day, prev_day, new_interactions: DataFrame) -> Da
     yesterday falls back by itself (`DAY_FLAGS`). The small user and item tables are compared in the
     driver: the usual day costs a scan of its interactions.
     """
-    from spark_jobs.common import read_partition
+    from spark_jobs.common import read_partition, values_frame
 
     users = new_interactions.select("user_id")
     reprofiled = profile_changes(lake, day, prev_day)
     if reprofiled:
-        users = users.unionByName(spark.createDataFrame([(u,) for u in reprofiled], "user_id string"))
+        users = users.unionByName(values_frame(spark, "user_id", reprofiled))
     changed = changed_items(lake, day, prev_day)
     if changed:  # rare: only then are the previous windows scanned
         shown = read_partition(spark, lake, DATASET, prev_day).select("user_id", F.explode("window.item_id").alias("item_id"))
-        changed_df = F.broadcast(spark.createDataFrame([(i,) for i in changed], "item_id string"))
+        changed_df = F.broadcast(values_frame(spark, "item_id", changed))
         users = users.unionByName(shown.join(changed_df, "item_id", "left_semi").select("user_id"))
     return users.distinct()
 

@@ -78,3 +78,28 @@ def test_touched_users_join_new_interactions_flags_profiles_and_shown_items(spar
     assert got == sorted([rated, reprofiled, shows_changed])
     state = lake.read_partition(DATASET, PREV).set_index("user_id")["needs_refresh"]
     assert state.to_dict() == {shows_changed: False, "4": False, flagged: True, "6": False}
+
+
+def test_frames_the_driver_makes_are_small_to_the_planner(spark):
+    """A day without interactions, and the ids the driver found, become frames made in the JVM whose size the planner
+    knows: the join that narrows the state to them broadcasts them (or, with no rows, goes), where a classic `createDataFrame` of a Python list
+    (size unknown) makes it shuffle the whole state."""
+    from pyspark.sql import types as T
+
+    from spark_jobs.common import INTERACTIONS_SCHEMA, empty_frame, values_frame
+
+    state = spark.range(50_000).selectExpr("cast(id as string) as user_id", "id as n")
+    empty = empty_frame(spark, INTERACTIONS_SCHEMA)
+    found = values_frame(spark, "user_id", ["7", "3", "7"])
+    unsized = spark.createDataFrame([("7",)], T.StructType([T.StructField("user_id", T.StringType())]))
+
+    def join_of(keys) -> str:
+        return state.join(keys.select("user_id"), "user_id", "left_semi")._jdf.queryExecution().executedPlan().toString()
+
+    assert "BroadcastHashJoin" in join_of(found)
+    assert "SortMergeJoin" not in join_of(empty)  # the planner drops a join with no rows altogether
+    assert "SortMergeJoin" in join_of(unsized)  # the case the helpers avoid: the check can tell them apart
+    assert [(f.name, f.dataType) for f in empty.schema] == [(f.name, f.dataType) for f in INTERACTIONS_SCHEMA]
+    assert empty.count() == 0
+    assert sorted(r.user_id for r in found.collect()) == ["3", "7", "7"]
+    assert sorted(r.user_id for r in state.join(found, "user_id", "left_semi").collect()) == ["3", "7"]
