@@ -22,7 +22,8 @@ try), the jobs, the session released; its wall time includes the session's creat
   from day to day), each arm its own checkout's jobs on one classic local[2] session (bench/spark_prep_arm.py),
   on the same rows: ML-100K and synthetic histories of --layout-sizes interactions (180 days) whose last day has
   1% of the users active. Full build of the last day, and its daily run after a full build and a daily run:
-  `daily_over_full_<size>`, `full_over_today_<size>`, `daily_over_today_<size>`, and a commit's own cost (`commit_s`).
+  `daily_over_full_<size>`, `full_over_today_<size>`, `daily_over_today_<size>`; a quiet day after it (no interactions,
+  the same snapshots: the jobs' fixed cost), `quiet_over_full_<size>`; and a commit's own cost (`commit_s`).
   `--layouts-only` keeps the rest of the results file as it was and replaces only those keys.
 
     .venv/bin/python bench/spark_prep.py [--sizes 1000000,3000000,10000000] [--daily-sizes 1000000] [--out ...]
@@ -333,6 +334,9 @@ def bench_layouts(sizes: list[int], baseline: str, workdir: Path, repeats: int) 
                           f"full_over_today_{label}": round(tables["full"]["total"] / today["full"]["total"], 3),
                           f"daily_over_today_{label}": round(tables["daily"]["total"] / today["daily"]["total"], 3),
                           "today_daily_over_full": round(today["daily"]["total"] / today["full"]["total"], 3),
+                          # A day with no interactions and unchanged snapshots: the jobs' fixed cost, under any daily run.
+                          f"quiet_over_full_{label}": round(tables["quiet"]["total"] / tables["full"]["total"], 3),
+                          "today_quiet_over_full": round(today["quiet"]["total"] / today["full"]["total"], 3),
                           "commit_s": {"today": today["commit_s"], "tables": tables["commit_s"]}})
             out["sizes"][label] = entry
     finally:
@@ -351,9 +355,9 @@ def layouts_only(args) -> int:
     layouts["measured_at"] = dt.datetime.now(dt.UTC).isoformat()
     result["layouts"] = layouts
     for entry in layouts["sizes"].values():
-        result.update({k: v for k, v in entry.items() if k.startswith(("daily_over_", "full_over_"))})
+        result.update({k: v for k, v in entry.items() if k.startswith(("daily_over_", "full_over_", "quiet_over_"))})
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
-    print(json.dumps({k: v for k, v in result.items() if k.startswith(("daily_over_", "full_over_"))}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("daily_over_", "full_over_", "quiet_over_"))}, indent=1))
     return 0
 
 

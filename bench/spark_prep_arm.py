@@ -3,7 +3,7 @@
 Run with the checkout's root as the working directory and first on PYTHONPATH (so `reki_core` and `spark_jobs` are
 that checkout's: the baseline commit's, or this one's), on the raw data of `--inputs` (interactions, users, items
 as Parquet, written by the orchestrator so both arms get the very same rows). Uses only what both layouts share:
-`load_config`, `Lake(folder)`, `synthetic.write_raw_lake`, `get_spark`, `jobs_named`/`run_jobs`. One classic
+`load_config`, `Lake(folder)` and its `read_partition`/`write_partition`, `synthetic.write_raw_lake`, `get_spark`, `jobs_named`/`run_jobs`. One classic
 session (local[2]) serves every run of the arm. Prints one JSON line: the seconds of each timed run.
 
     python bench/spark_prep_arm.py --inputs DIR --work DIR --scenario books [--repeats 1]
@@ -77,6 +77,12 @@ def main() -> int:
         timed(before)
         after_full = timed(prev)
         dailies.append(timed(day))
+    # A quiet day after it: the same snapshots, no interactions. What the three jobs cost when nothing changed, the
+    # floor under any daily run (the fastest of 2; the second is a re-run of the day).
+    quiet_day = day + dt.timedelta(days=1)
+    for dataset in ("raw/users", "raw/items"):
+        lake.write_partition(lake.read_partition(dataset, day), dataset, quiet_day)
+    quiets = [timed(quiet_day) for _ in range(2)]
     # A commit's own cost: one task writing a one-row day of a small dataset (the table commit and the day's record,
     # or the folder write and swap), the fastest of 3. The row comes from the JVM: a classic createDataFrame of a Python
     # list runs its tasks through Python workers, about 0.5 s that a commit does not cost.
@@ -86,12 +92,13 @@ def main() -> int:
     commits = []
     for i in range(3):
         start = time.perf_counter()
-        write_partition(probe, lake, "bench/commit_probe", day + dt.timedelta(days=i))
+        write_partition(probe, lake, "bench/commit_probe", day + dt.timedelta(days=2 + i))
         commits.append(time.perf_counter() - start)
     spark.stop()
     history = lake.read_partition("features/user_history", day, ["n_interactions"])
     print(json.dumps({"raw_write_s": raw_s, "full": min(fulls, key=lambda r: r["total"]),
                       "daily": min(dailies, key=lambda r: r["total"]), "daily_after_full": after_full,
+                      "quiet": min(quiets, key=lambda r: r["total"]),
                       "full_totals": [r["total"] for r in fulls], "daily_totals": [r["total"] for r in dailies],
                       "commit_s": round(min(commits), 3), "users": len(history),
                       "interactions": int(history["n_interactions"].sum()), "day": day.isoformat()}))

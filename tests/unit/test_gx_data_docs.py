@@ -72,15 +72,16 @@ def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, 
     assert failed.value.result.data_docs == record["data_docs"]  # what an alert can link to
     html = pages(site)
     index = html["index.html"]
-    suites = [suite_name("features", d) for d in ("features/items", "features/user_history", "features/ctr_samples")]
+    suites = [suite_name("features", d) for d in ("features/items", "features/user_history", "features/ctr_samples",
+                                                  "features/ctr_samples#state")]
     failing_suite = suite_name("vectors", f"vectors/augmented/dt={DAY}")
     for name in suites + [failing_suite]:
         assert name in index, name
     # One validation page per suite run, each under its gate step; the failing one says so.
     validation_pages = {path: page for path, page in html.items() if path.startswith("validations/")}
-    assert len(validation_pages) == 4
+    assert len(validation_pages) == 5
     statuses = sorted((path.split("/")[-3], status(page)) for path, page in validation_pages.items())
-    assert statuses == [("feature_gates", "Succeeded")] * 3 + [("vectors_gate", "Failed")]
+    assert statuses == [("feature_gates", "Succeeded")] * 4 + [("vectors_gate", "Failed")]
     (vectors_page,) = [page for path, page in validation_pages.items() if "/vectors_gate/" in path]
     assert "dim" in vectors_page and f"Data asset: vectors/augmented/dt={DAY}" in vectors_page
     # The suite page names each expectation's type (the name alerts and GateError messages use).
@@ -98,7 +99,7 @@ def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, 
     assert pages(tmp_path / "report" / "data_docs") == rebuilt
     with zipfile.ZipFile(paths["data_docs"]) as zf:
         assert zf.read("data_docs/index.html").decode() == rebuilt["index.html"]
-        assert sum(n.startswith("data_docs/validations/") for n in zf.namelist()) == 4
+        assert sum(n.startswith("data_docs/validations/") for n in zf.namelist()) == len(validation_pages)
 
 
 def test_a_rerun_of_a_gate_replaces_its_results_and_a_broken_build_leaves_the_verdict(cfg, lake, monkeypatch, caplog):
