@@ -497,8 +497,12 @@ def _previous(lake: Lake, dataset: str, day: dt.date) -> pd.DataFrame | None:
 def load_inputs(cfg: Config, lake: Lake, day: str | dt.date, mode: str | None = None) -> tuple[PromptInputs, str]:
     """The feature partitions of `day` as `PromptInputs`, and the resolved extraction mode."""
     day = as_date(day)
+    # Only the user columns prompts use (those the table has: `_check_columns` names any missing): the `history`
+    # column, every interaction to date, is most of the dataset.
+    dataset, (_, wanted) = "features/user_history", _REQUIRED["features/user_history"]
+    present = set(lake.column_names(dataset))
     inputs = PromptInputs(
-        user_history=lake.read_partition("features/user_history", day),
+        user_history=lake.read_partition(dataset, day, columns=[c for c in wanted if c in present]),
         items=lake.read_partition("features/items", day),
     )
     users_day = lake.latest_partition("raw/users", upto=day)

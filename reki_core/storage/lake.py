@@ -266,6 +266,11 @@ class Lake:
         recorded = None if table is None else table.properties.get(f"{TOTALS_PROPERTY}{as_date(day).isoformat()}")
         return json.loads(recorded) if recorded else None
 
+    def column_names(self, dataset: str) -> list[str]:
+        """The columns of a table dataset (none before its first write), `dt` aside."""
+        table = self.load_table(dataset)
+        return [] if table is None else [name for name in table.schema().column_names if name != "dt"]
+
     def day_kind(self, dataset: str, changes_only: bool) -> str:
         """What a write of one day records (`FULL_DAY`, or `CHANGES_DAY` for a keyed dataset's changes): both engines'
         writers ask here, so they refuse the same writes."""

@@ -564,3 +564,21 @@ def test_groups_needed_follows_the_days_mode_and_records_a_skipped_clusters_step
     assert not lake.has_partition("features/clusters", day), "groups of an earlier mode must not outlive it"
     skipped = {s["step"]: s for s in read_steps(lake, day)}["features_clusters"]
     assert skipped["skipped"] is True and skipped["mode"] == "individual"
+
+
+def test_prompt_inputs_leave_the_history_column_in_the_lake(cfg, lake):
+    """Prompts read only the user columns they use: `history` (every interaction to date) is most of the dataset.
+    A column they need and the table lacks is still named."""
+    write_features(lake, DAY, basic_inputs())
+    inputs, _ = P.load_inputs(cfg, lake, DAY)
+    assert sorted(inputs.user_history.columns) == ["as_of", "needs_refresh", "user_id", "window"]
+    assert P.build_prompts(cfg, DAY, count_tokens=chars)["by_kind"] == {"item": 4, "user": 2}
+
+    from reki_core.storage.lake import Lake
+
+    other = Lake(str(Path(lake.root).parent / "other-lake"))  # whose user_history never had `as_of`
+    inputs = basic_inputs()
+    inputs.user_history = inputs.user_history.drop(columns=["as_of"])
+    write_features(other, DAY, inputs)
+    with pytest.raises(P.PromptError, match=r"features/user_history/dt=.*missing column\(s\) \['as_of'\]"):
+        P.load_inputs(cfg, other, DAY)
