@@ -138,7 +138,7 @@ def lake_of(cfg: Config) -> Lake:
     if not cfg.lake.tables_in_store:
         return Lake(uri)
     prefix = f"spark.sql.catalog.{cfg.lake.catalog}"
-    spark_conf = {k: v for k, v in tables.spark_catalog_conf(cfg).items() if k == prefix or k.startswith(prefix + ".")}
+    spark_conf = {k: v for k, v in tables.catalog_settings(cfg).items() if k == prefix or k.startswith(prefix + ".")}
     return Lake(uri, TableStore(cfg.lake.catalog, tables.sqlalchemy_uri(cfg), spark_conf, tables.warehouse_uri(cfg),
                                 tables.lake_access(cfg), cfg.lake.s3_connect_timeout_s, cfg.lake.s3_request_timeout_s),
                 storage_options=options)

@@ -99,9 +99,14 @@ def spark_catalog_conf(cfg: Config) -> dict[str, str]:
     secret (the cluster profile's catalog login goes to its 0600 properties file: `catalog_secret_conf`)."""
     from reki_core.jars import spark_jar_conf
 
+    return {**spark_jar_conf(), **catalog_settings(cfg)}
+
+
+def catalog_settings(cfg: Config) -> dict[str, str]:
+    """`spark_catalog_conf` without the jars: what a process that starts no JVM needs to name the catalog (a gpu
+    worker's image has no connector jars)."""
     prefix = f"spark.sql.catalog.{cfg.lake.catalog}"
     return {
-        **spark_jar_conf(),
         "spark.sql.extensions": ICEBERG_EXTENSIONS,
         prefix: "org.apache.iceberg.spark.SparkCatalog",
         f"{prefix}.catalog-impl": "org.apache.iceberg.jdbc.JdbcCatalog",

@@ -147,3 +147,18 @@ def test_the_lake_bucket_command_names_the_missing_identity(tmp_path, monkeypatc
         monkeypatch.delenv(name, raising=False)
     result = CliRunner().invoke(main, ["lake", "bucket"])
     assert result.exit_code != 0 and "AWS_ACCESS_KEY_ID" in result.output
+
+
+def test_a_process_without_the_connector_jars_opens_the_lake(monkeypatch, tmp_path):
+    """A gpu worker's image carries no Spark jars: its tasks name the catalog without them; a Spark driver still
+    asks for them."""
+    from reki_core.jars import JarError
+    from reki_core.storage.lake import lake_of
+
+    monkeypatch.setenv("REKI_JAR_CACHE", str(tmp_path / "no-jars"))
+    cfg = make_config(tmp_path, REKI__LAKE__TABLES_IN_STORE="true", REKI__OBJECT_STORE__ENDPOINT_URL="http://127.0.0.1:8333")
+    lake = lake_of(cfg)
+    assert lake.store is not None and lake.spark_catalog_conf()["spark.sql.catalog.lake.uri"].startswith("jdbc:sqlite:")
+    assert not any("jar" in key for key in lake.spark_catalog_conf())
+    with pytest.raises(JarError, match="not in the jar cache"):
+        tables.spark_catalog_conf(cfg)
