@@ -31,11 +31,13 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -291,33 +293,48 @@ class Lake:
         return [d for d in days if not full or d >= full[-1]]
 
     def _write_table_day(self, table: pa.Table, dataset: str, day: dt.date, kind: str = FULL_DAY) -> str:
+        return self.write_batches(table.to_batches(), table.schema, dataset, day, kind == CHANGES_DAY)
+
+    def write_batches(self, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema, dataset: str,
+                      day: str | dt.date, changes_only: bool = False) -> str:
+        """Replace day D of a table dataset with `batches` (each of `schema`), in one commit: each batch is written as
+        it comes, so a writer holds one batch, never the day; no batch at all writes an empty day."""
         from pyiceberg.catalog import Catalog
         from pyiceberg.expressions import EqualTo
         from pyiceberg.partitioning import PartitionField, PartitionSpec
         from pyiceberg.schema import assign_fresh_schema_ids
         from pyiceberg.transforms import IdentityTransform
 
+        day, kind = as_date(day), self.day_kind(dataset, changes_only)
         existing = self.load_table(dataset)
-        data = table.drop_columns(["dt"]) if "dt" in table.column_names else table
-        if existing is not None:
-            data = self._aligned(data, existing, dataset)  # before iceberg_ready: the table's types win
-        data = iceberg_ready(data)
-        data = data.append_column(pa.field("dt", pa.date32()), pa.array([day] * data.num_rows, pa.date32()))
+
+        def ready(data: pa.Table) -> pa.Table:
+            data = data.drop_columns(["dt"]) if "dt" in data.column_names else data
+            if existing is not None:
+                data = self._aligned(data, existing, dataset)  # before iceberg_ready: the table's types win
+            data = iceberg_ready(data)
+            return data.append_column(pa.field("dt", pa.date32()), pa.array([day] * data.num_rows, pa.date32()))
+
+        empty = ready(schema.empty_table())
         if existing is None:
             namespace, _ = table_identifier(dataset)
             self.catalog.create_namespace_if_not_exists(namespace)
-            schema = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(data.schema))
-            spec = PartitionSpec(PartitionField(source_id=schema.find_field("dt").field_id, field_id=1000,
+            fresh = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(empty.schema))
+            spec = PartitionSpec(PartitionField(source_id=fresh.find_field("dt").field_id, field_id=1000,
                                                 transform=IdentityTransform(), name="dt"))
             with self._store_errors("creating", dataset):
-                existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=schema,
+                existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=fresh,
                                                                    partition_spec=spec)
         try:
             with self._store_errors("writing", dataset, day), warnings.catch_warnings(), existing.transaction() as tx:
                 warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
                 with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
-                    update.union_by_name(data.schema)
-                tx.overwrite(data, overwrite_filter=EqualTo("dt", day.isoformat()))
+                    update.union_by_name(empty.schema)
+                # The first write replaces D's rows (an empty one when no batch comes); the others add to them.
+                tx.overwrite(empty, overwrite_filter=EqualTo("dt", day.isoformat()))
+                for batch in batches:
+                    if batch.num_rows:
+                        tx.append(ready(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch))
                 tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": kind})
                 if f"{TOTALS_PROPERTY}{day.isoformat()}" in existing.properties:  # they described the replaced rows
                     tx.remove_properties(f"{TOTALS_PROPERTY}{day.isoformat()}")
@@ -327,6 +344,54 @@ class Lake:
                                             f"(the previous version stays)") from exc
             raise
         return f"{existing.location()}/data/dt={day.isoformat()}"
+
+    def read_batches(self, dataset: str, day: str | dt.date, columns: list[str], batch_rows: int,
+                     where: dict[str, str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Day D of a table dataset as `read_partition` gives it (a keyed dataset's state as of D), `columns` only and
+        only the rows whose columns equal `where`'s values, in record batches of at most `batch_rows` rows read one data
+        file at a time: a reader holds a batch, never the day. The rows come in the table's file order, the same on
+        every read of the same snapshot."""
+        day = as_date(day)
+        table = self.load_table(dataset)  # once: its properties say whether the day exists, then it is scanned
+        if table is None or day not in self.day_kinds(dataset, table):
+            raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+        key = self.key_of(dataset)
+        days = self.state_days(dataset, day, table) if key else [day]
+        wanted = list(dict.fromkeys(columns))
+        written_later: set = set()  # keys a newer day of the state wrote: their rows of older days are not the state
+        for read_day in reversed(days):
+            stale = pa.array(list(written_later), table.schema().as_arrow().field(key).type) if written_later else None
+            for batch in self._scan_batches(dataset, table, read_day, list(dict.fromkeys([*wanted, key or wanted[0]])),
+                                            batch_rows, where):
+                if stale is not None:
+                    batch = batch.filter(pc.invert(pc.is_in(batch.column(key), stale)))
+                if read_day != day:
+                    for flag in set(DAY_FLAGS.get(dataset, ())) & set(wanted):  # an earlier day's flag has fallen back
+                        batch = batch.set_column(batch.schema.get_field_index(flag), flag,
+                                                 pa.array([False] * batch.num_rows, pa.bool_()))
+                if batch.num_rows:
+                    yield batch.select(wanted)
+            if len(days) > 1:  # every key the day wrote, whatever `where` kept of its rows
+                for batch in self._scan_batches(dataset, table, read_day, [key], batch_rows, None):
+                    written_later.update(batch.column(key).to_pylist())
+
+    def _scan_batches(self, dataset: str, table, day: dt.date, columns: list[str], batch_rows: int,
+                      where: dict[str, str] | None) -> Iterator[pa.RecordBatch]:
+        """The rows of day D as stored, `columns` only, in batches of `batch_rows` rows (the last fewer)."""
+        from pyiceberg.expressions import And, EqualTo
+        from pyiceberg.io.pyarrow import ArrowScan, _read_all_delete_files, schema_to_pyarrow
+
+        row_filter = EqualTo("dt", day.isoformat())
+        for name, value in (where or {}).items():
+            row_filter = And(row_filter, EqualTo(name, value))
+        scan = table.scan(row_filter=row_filter, selected_fields=tuple(columns))
+        schema = schema_to_pyarrow(scan.projection(), include_field_ids=False)
+        reader = ArrowScan(table.metadata, table.io, scan.projection(), scan.row_filter)
+        with self._store_errors("reading", dataset, day):
+            # File by file, each lazily: pyiceberg's to_arrow_batch_reader reads every file whole, all at once.
+            files = (batch for task in scan.plan_files() for batch in reader._record_batches_from_scan_tasks_and_deletes(
+                [task], _read_all_delete_files(table.io, [task])))
+            yield from _rebatched(files, schema, batch_rows)
 
     def _read_table(self, dataset: str, row_filter, columns: list[str] | None, with_dt: bool,
                     table=None) -> pd.DataFrame:
@@ -607,3 +672,18 @@ class Lake:
                              "(lake.tables_in_store), not a catalog of its own")
         return Path(self.root) / relpath
 
+
+def _rebatched(batches: Iterable[pa.RecordBatch], schema: pa.Schema, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """`batches` (of any sizes) regrouped into batches of exactly `batch_rows` rows, the last one fewer."""
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        pending.append(batch.cast(schema))
+        rows += batch.num_rows
+        while rows >= batch_rows:
+            joined = pa.Table.from_batches(pending, schema)
+            yield joined.slice(0, batch_rows).combine_chunks().to_batches()[0]
+            rest = joined.slice(batch_rows)
+            pending, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending, schema).combine_chunks().to_batches()[0]
