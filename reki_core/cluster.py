@@ -67,6 +67,9 @@ UI_USERS = {"admin": "Admin", "operator": "Op", "viewer": "Viewer"}
 KEPT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "JAVA_HOME", "VIRTUAL_ENV",
             "PYTHONPATH", "REKI_HOME", "REKI_CONFIG", "GX_ANALYTICS_ENABLED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
             "TOKENIZERS_PARALLELISM", "SPARK_LOCAL_IP", "PYSPARK_PYTHON")
+# Airflow's connection to the task logs on the object store: the workers' writes with the writer identity, the API
+# server's reads with the read-only one.
+TASK_LOGS_CONN = "reki_task_logs"
 SECRET_SETTING = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|FERNET|JWT|_KEY$|_CONN|BROKER_URL|RESULT_BACKEND")
 
 
@@ -131,7 +134,7 @@ def spark_properties_file(cfg: Config) -> Path:
 
 
 def catalog_uri(cfg: Config) -> str:
-    return f"jdbc:postgresql://127.0.0.1:{cfg.cluster.postgres_port}/{CATALOG_DB_NAME}"
+    return f"jdbc:postgresql://{cfg.cluster.host_address}:{cfg.cluster.postgres_port}/{CATALOG_DB_NAME}"
 
 
 def with_cluster_catalog(cfg: Config) -> Config:
@@ -154,11 +157,24 @@ def master_url(cfg: Config) -> str:
 
 
 def database_url(cfg: Config, password: str) -> str:
-    return f"postgresql+psycopg2://{DB_USER}:{password}@127.0.0.1:{cfg.cluster.postgres_port}/{DB_NAME}"
+    return f"postgresql+psycopg2://{DB_USER}:{password}@{cfg.cluster.host_address}:{cfg.cluster.postgres_port}/{DB_NAME}"
 
 
 def broker_url(cfg: Config, password: str) -> str:
-    return f"redis://:{password}@127.0.0.1:{cfg.cluster.redis_port}/0"
+    return f"redis://:{password}@{cfg.cluster.host_address}:{cfg.cluster.redis_port}/0"
+
+
+def api_url(cfg: Config) -> str:
+    return f"http://{cfg.cluster.host_address}:{cfg.cluster.api_port}"
+
+
+def listen_addresses(cfg: Config) -> list[str]:
+    """Where PostgreSQL and Redis listen: loopback, and the address other hosts' workers reach (when set)."""
+    return list(dict.fromkeys(["127.0.0.1", cfg.cluster.host_address]))
+
+
+def serves_other_hosts(cfg: Config) -> bool:
+    return cfg.cluster.host_address != "127.0.0.1"
 
 
 def postgres_bin(tool: str) -> Path:
@@ -221,8 +237,8 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
     airflow = [_venv_bin("airflow")]
     return {
         "postgres": [str(postgres_bin("postgres")), "-D", str(data / "postgres"), "-p", str(c.postgres_port),
-                     "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
-        "redis": [redis_server(), str(data / "redis.conf"), "--port", str(c.redis_port), "--bind", "127.0.0.1"],
+                     "-c", f"listen_addresses={','.join(listen_addresses(cfg))}", "-c", "unix_socket_directories="],
+        "redis": [redis_server(), str(data / "redis.conf"), "--port", str(c.redis_port), "--bind", *listen_addresses(cfg)],
         "seaweedfs": SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket).command(),
         "spark-master": [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                          "--port", str(c.spark_master_port), "--webui-port", str(c.spark_master_webui_port),
@@ -233,7 +249,8 @@ def service_commands(cfg: Config) -> dict[str, list[str]]:
                          "--properties-file", str(spark_properties_file(cfg))],
         "spark-connect": SparkConnectServer(cfg, master=master_url(cfg),
                                             properties_file=spark_properties_file(cfg)).command(),
-        "api-server": [*airflow, "api-server", "--host", "127.0.0.1", "--port", str(c.api_port), "--workers", "1"],
+        # One address only (uvicorn): the one every worker reaches, this host's included.
+        "api-server": [*airflow, "api-server", "--host", c.host_address, "--port", str(c.api_port), "--workers", "1"],
         "scheduler": [*airflow, "scheduler"],
         "dag-processor": [*airflow, "dag-processor"],
         # No log servers (Airflow binds them to every interface): on one machine the api-server reads the task
@@ -285,6 +302,19 @@ def task_secrets_file(cfg: Config) -> Path:
     return secrets_dir(cfg.state_dir) / "cluster_task_env.json"
 
 
+def task_logs_folder(cfg: Config) -> str:
+    return f"s3://{cfg.lake.bucket}/{cfg.cluster.task_logs_prefix.strip('/')}"
+
+
+def task_logs_environment(cfg: Config, role: str) -> dict[str, str]:
+    """Airflow's connection TASK_LOGS_CONN as identity `role` (path-style requests, as SeaweedFS serves them)."""
+    creds = ensure_credentials(cfg.state_dir)[role]
+    extra = {"endpoint_url": cfg.object_store.endpoint_url, "region_name": cfg.object_store.region,
+             "config_kwargs": {"s3": {"addressing_style": "path"}}}
+    conn = {"conn_type": "aws", "login": creds.access_key, "password": creds.secret_key, "extra": extra}
+    return {f"AIRFLOW_CONN_{TASK_LOGS_CONN.upper()}": json.dumps(conn)}
+
+
 def s3_writer_environment(cfg: Config) -> dict[str, str]:
     """The writer identity as the AWS SDK reads it (s3a's EnvironmentVariableCredentialsProvider): AWS_* only."""
     return {k: v for k, v in credential_environment(cfg, "writer").items() if k.startswith("AWS_")}
@@ -304,7 +334,23 @@ def program_environment(cfg: Config, name: str, base: dict[str, str]) -> dict[st
     if name not in AIRFLOW_SERVICES:
         raise ClusterError(f"{name} holds no secrets: supervisord starts it directly")
     env = airflow_environment(cfg, base)
-    return {**env, **task_environment(cfg)} if name in TASK_RUNNERS else env
+    if name in TASK_RUNNERS:
+        return {**env, **task_environment(cfg), **task_logs_environment(cfg, "writer")}
+    return {**env, **task_logs_environment(cfg, "reader")} if name == "api-server" else env
+
+
+def worker_environment(cfg: Config, state_dir: Path, base: dict[str, str]) -> dict[str, str]:
+    """What a gpu-queue worker on another host is given (a deployment hands it over as a secret environment): the
+    local gpu worker's settings and secrets, reaching the stack at `cluster.host_address`, with its Airflow home and
+    its pipeline state in its own `state_dir`."""
+    if not serves_other_hosts(cfg):
+        raise ClusterError("cluster.host_address is 127.0.0.1: no other host reaches this profile; set it to an "
+                           "address of this host that the worker's host reaches (REKI__CLUSTER__HOST_ADDRESS)")
+    env = program_environment(cfg, "gpu-worker", base)
+    home = state_dir / "cluster" / "airflow"
+    env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__PLUGINS_FOLDER": str(home / "plugins"),
+                "REKI__PATHS__STATE_DIR": str(state_dir)})
+    return env
 
 
 def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -313,7 +359,7 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
     s = ensure_cluster_secrets(cfg)
     c = cfg.cluster
     home = airflow_home(cfg)
-    api = f"http://127.0.0.1:{c.api_port}"
+    api = api_url(cfg)
 
     env = dict(os.environ if base is None else base)
     env.update(spark_environment(cfg))
@@ -340,13 +386,18 @@ def airflow_environment(cfg: Config, base: dict[str, str] | None = None) -> dict
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "reki_airflow.celery_config.CELERY_CONFIG",
         "AIRFLOW__CELERY__TASK_PUBLISH_MAX_RETRIES": "600",
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": c.default_queue,
-        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__HOST": c.host_address,
         "AIRFLOW__API__PORT": str(c.api_port),
         "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__API__SECRET_KEY": s["api_secret_key"],
         "AIRFLOW__API_AUTH__JWT_SECRET": s["jwt_secret"],
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(c.task_heartbeat_timeout_s),
+        # Task logs on the object store: the workers write them (writer identity), the API server reads them
+        # (reader identity), whichever host ran the task. Each holds its own connection (TASK_LOGS_CONN).
+        "AIRFLOW__LOGGING__REMOTE_LOGGING": "True",
+        "AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER": task_logs_folder(cfg),
+        "AIRFLOW__LOGGING__REMOTE_LOG_CONN_ID": TASK_LOGS_CONN,
         # Feature jobs and the Connect server run on the standalone master, not local[*].
         "REKI__SPARK__MASTER": master_url(cfg),
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps({"conn_type": "spark", "host": "spark://127.0.0.1",
@@ -461,11 +512,11 @@ def port_owner(port: int) -> str:
     return "another process"
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, address: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((address, port))
             return True
         except OSError:
             return False
@@ -475,7 +526,7 @@ def check_ports(cfg: Config) -> None:
     """Every port the profile needs is free, or a ClusterError names the first taken one, its owner and the setting."""
     for service, ports in service_ports_of(cfg).items():
         for port, setting in ports:
-            if not _port_free(port):
+            if not all(_port_free(port, address) for address in listen_addresses(cfg)):
                 env_name = "REKI__" + setting.split(" ")[0].replace(".", "__").upper()
                 raise ClusterError(f"port {port} ({service}) is taken by {port_owner(port)}: stop it "
                                    f"(`make stop` stops the embedded stack) or set {setting} ({env_name})")
@@ -597,6 +648,22 @@ def init_postgres(cfg: Config) -> None:
         raise ClusterError(f"initdb failed for {data}: {proc.stderr.strip()[-2000:]}{hint}")
 
 
+def write_pg_hba(cfg: Config) -> None:
+    """Who may connect (read at PostgreSQL's start): loopback, and with `cluster.host_address` set the hosts on its
+    subnets; always with the password (scram-sha-256)."""
+    path = cluster_dir(cfg) / "postgres" / "pg_hba.conf"
+    lines = ["# generated by reki_core/cluster.py on every `make cluster`", "local all all scram-sha-256",
+             "host all all 127.0.0.1/32 scram-sha-256", "host all all ::1/128 scram-sha-256"]
+    if serves_other_hosts(cfg):
+        lines.append("host all all samenet scram-sha-256")
+    body = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != body:
+        owner = path.stat() if path.is_file() else None
+        _write_private_text(path, body)
+        if owner is not None:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
 def init_redis(cfg: Config) -> None:
     """Redis's config (once, 0600): the broker password and an append-only file, so queued tasks survive a restart."""
     path = cluster_dir(cfg) / "redis.conf"
@@ -637,16 +704,16 @@ def _wait(what: str, ready, timeout_s: float, log: Path) -> None:
 
 def api_healthy(cfg: Config) -> bool:
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{cfg.cluster.api_port}/api/v2/monitor/health", timeout=3)
+        urllib.request.urlopen(f"{api_url(cfg)}/api/v2/monitor/health", timeout=3)
         return True
     except OSError:
         return False
 
 
-def _listening(port: int) -> bool:
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 def up(cfg: Config, echo=print) -> None:
@@ -677,6 +744,7 @@ def _up(cfg: Config, echo) -> None:
         ensure_credentials(cfg.state_dir)
         (cfg.state_dir / "seaweedfs" / "data").mkdir(parents=True, exist_ok=True)
         init_postgres(cfg)
+        write_pg_hba(cfg)
         init_redis(cfg)
         _keep_task_secrets(cfg)
         _write_private_text(conf, supervisord_conf(cfg))
@@ -693,7 +761,7 @@ def _up(cfg: Config, echo) -> None:
     check_postgres(cfg)
     check_redis(cfg)
     seaweed = SeaweedFS(cfg.state_dir, cfg.object_store.endpoint_url, cfg.object_store.bucket, cfg.lake.bucket)
-    _wait(f"SeaweedFS on {cfg.object_store.endpoint_url}", lambda: _listening(seaweed.port) and seaweed._bucket_ready(),
+    _wait(f"SeaweedFS on {cfg.object_store.endpoint_url}", lambda: _listening(seaweed.port, seaweed.host) and seaweed._bucket_ready(),
           90, logs_dir(cfg) / "cluster-seaweedfs.log")
     migrated = airflow_home(cfg) / ".migrated"
     if not migrated.is_file() or migrated.stat().st_mtime < (PROJECT_ROOT / "requirements.txt").stat().st_mtime:
@@ -712,7 +780,7 @@ def _up(cfg: Config, echo) -> None:
     if proc.returncode != 0:
         raise ClusterError(f"creating the UI users (FAB) failed: {(proc.stdout + proc.stderr)[-3000:]}")
     supervisorctl(cfg, "start", "api-server")
-    _wait(f"the Airflow api-server on 127.0.0.1:{cfg.cluster.api_port}", lambda: api_healthy(cfg), 180,
+    _wait(f"the Airflow api-server on {api_url(cfg)}", lambda: api_healthy(cfg), 180,
           logs_dir(cfg) / "cluster-api-server.log")
     supervisorctl(cfg, "start", *AIRFLOW_SERVICES[1:])
     _wait(f"the Spark master {master_url(cfg)}", lambda: _listening(cfg.cluster.spark_master_port), 90,
@@ -725,7 +793,7 @@ def _up(cfg: Config, echo) -> None:
         _wait(f"the LLM server on {LLMServer(cfg).url}", LLMServer(cfg).ready, cfg.llm.server.start_timeout_s,
               logs_dir(cfg) / f"cluster-{LLM_SERVER}.log")
     echo(status(cfg))
-    echo(f"Airflow UI: http://127.0.0.1:{cfg.cluster.api_port}  users: {', '.join(UI_USERS)} "
+    echo(f"Airflow UI: {api_url(cfg)}  users: {', '.join(UI_USERS)} "
          f"({', '.join(UI_USERS.values())}); passwords in {users}")
     echo(f"Spark master UI: http://127.0.0.1:{cfg.cluster.spark_master_webui_port}  ({master_url(cfg)})")
     echo("CLI against this profile: source infra/env.sh && source infra/cluster/env.sh; stop with: make stop")

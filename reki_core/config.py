@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "REKI__"
@@ -347,6 +347,25 @@ class ClusterConfig(_Strict):
     spark_worker_memory: str = "2g"
     # A try whose worker stopped heartbeating (killed) is failed and retried after this long (Airflow: 300 s).
     task_heartbeat_timeout_s: int = Field(90, ge=10)
+    # Where workers reach the stack: PostgreSQL, Redis and the API server listen on it (the first two on loopback
+    # too); another host's worker is given this address (`worker_environment`). 127.0.0.1: one machine only.
+    host_address: str = "127.0.0.1"
+    # Task logs on the object store (Airflow's remote logging), under s3://<lake.bucket>/<this>/: the UI reads a
+    # finished task's log from there whichever host ran it.
+    task_logs_prefix: str = "airflow-logs"
+
+    @field_validator("host_address")
+    @classmethod
+    def _an_ip_address(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address (a private address of this host, or 127.0.0.1)") from None
+        if address.is_unspecified:
+            raise ValueError(f"{value}: every interface; name the one address other hosts reach this host on")
+        return value
 
 
 class Config(_Strict):

@@ -98,7 +98,9 @@ class ClusterStack:
     def api(self, user: str = "admin") -> AirflowApi:
         """A REST client signed in as `user` (FAB: admin, operator or viewer), its password from the 0600 file."""
         password_file = self.state / "secrets" / "cluster_airflow_users.json"
-        return AirflowApi.with_password_file(f"http://127.0.0.1:{self.api_port}", password_file, user=user)
+        from reki_core.cluster import api_url
+
+        return AirflowApi.with_password_file(api_url(self.config()), password_file, user=user)
 
 
 def cluster_env(tmp: Path, **extra: str) -> dict[str, str]:

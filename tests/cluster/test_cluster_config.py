@@ -187,3 +187,65 @@ def test_exec_starts_the_program_with_its_own_secrets(tmp_path, monkeypatch):
     assert "SPARK_CONNECT_AUTHENTICATE_TOKEN" not in spark_worker[2] and "AIRFLOW__CORE__FERNET_KEY" not in spark_worker[2]
     assert not any(writer.secret_key in arg for arg in spark_worker[1])
     assert not any(k.startswith("spark.executorEnv") for arg in spark_worker[1] for k in [arg.split("=", 1)[0]])
+
+
+def test_a_host_address_is_where_other_hosts_workers_reach_the_stack(tmp_path):
+    """PostgreSQL and Redis listen on it and on loopback, the API server on it; every URL a worker gets names it;
+    PostgreSQL accepts password logins from its subnets; Spark stays on loopback."""
+    cfg = make_config(tmp_path, REKI__CLUSTER__HOST_ADDRESS="10.213.0.1", REKI__CLUSTER__POSTGRES_PORT="15433")
+    commands = cluster.service_commands(cfg)
+    postgres = " ".join(commands["postgres"])
+    assert "listen_addresses=127.0.0.1,10.213.0.1" in postgres
+    redis = commands["redis"]
+    assert redis[redis.index("--bind") + 1:] == ["127.0.0.1", "10.213.0.1"]
+    api = commands["api-server"]
+    assert api[api.index("--host") + 1] == "10.213.0.1"
+    assert commands["spark-master"][commands["spark-master"].index("--host") + 1] == "127.0.0.1"
+    env = cluster.airflow_environment(cfg, {"PATH": "/usr/bin"})
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@10.213.0.1:15433/airflow")
+    assert "@10.213.0.1:6380/0" in env["AIRFLOW__CELERY__BROKER_URL"]
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://10.213.0.1:8081/execution/"
+    assert cluster.catalog_environment(cfg)["REKI__LAKE__CATALOG_URI"].startswith("jdbc:postgresql://10.213.0.1:15433/")
+    (cfg.state_dir / "cluster" / "postgres").mkdir(parents=True)
+    cluster.write_pg_hba(cfg)
+    hba = (cfg.state_dir / "cluster" / "postgres" / "pg_hba.conf").read_text().splitlines()
+    assert "host all all samenet scram-sha-256" in hba and not any(" trust" in line for line in hba)
+    assert all(line.endswith("scram-sha-256") for line in hba if not line.startswith("#"))
+
+
+def test_loopback_profiles_accept_no_other_host(tmp_path):
+    import pytest
+
+    cfg = make_config(tmp_path)
+    (cfg.state_dir / "cluster" / "postgres").mkdir(parents=True)
+    cluster.write_pg_hba(cfg)
+    assert "samenet" not in (cfg.state_dir / "cluster" / "postgres" / "pg_hba.conf").read_text()
+    assert "listen_addresses=127.0.0.1 " in " ".join(cluster.service_commands(cfg)["postgres"]) + " "
+    with pytest.raises(cluster.ClusterError, match="REKI__CLUSTER__HOST_ADDRESS"):
+        cluster.worker_environment(cfg, tmp_path / "other", {"PATH": "/usr/bin"})
+    for wrong, said in (("0.0.0.0", "every interface"), ("db.example.com", "not an IP address")):
+        with pytest.raises(Exception, match=said):
+            make_config(tmp_path, REKI__CLUSTER__HOST_ADDRESS=wrong)
+
+
+def test_task_logs_go_to_the_object_store_written_by_workers_read_by_the_api_server(tmp_path):
+    cfg = make_config(tmp_path, REKI__CLUSTER__HOST_ADDRESS="10.213.0.1")
+    from reki_core.localstack import ensure_credentials
+
+    creds = ensure_credentials(cfg.state_dir)
+    conn_name = f"AIRFLOW_CONN_{cluster.TASK_LOGS_CONN.upper()}"
+    worker = cluster.program_environment(cfg, "gpu-worker", {"PATH": "/usr/bin"})
+    api = cluster.program_environment(cfg, "api-server", {"PATH": "/usr/bin"})
+    scheduler = cluster.program_environment(cfg, "scheduler", {"PATH": "/usr/bin"})
+    assert worker["AIRFLOW__LOGGING__REMOTE_LOGGING"] == "True"
+    assert worker["AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER"] == f"s3://{cfg.lake.bucket}/airflow-logs"
+    assert json.loads(worker[conn_name])["password"] == creds["writer"].secret_key
+    assert json.loads(api[conn_name])["password"] == creds["reader"].secret_key
+    assert json.loads(api[conn_name])["extra"]["config_kwargs"] == {"s3": {"addressing_style": "path"}}
+    assert conn_name not in scheduler
+    # Another host's worker: the same settings and secrets, its own Airflow home and state.
+    other = cluster.worker_environment(cfg, tmp_path / "host2", {"PATH": "/usr/bin"})
+    assert other["AIRFLOW_HOME"] == str(tmp_path / "host2" / "cluster" / "airflow")
+    assert other["REKI__PATHS__STATE_DIR"] == str(tmp_path / "host2")
+    assert other["AIRFLOW__CELERY__BROKER_URL"] == worker["AIRFLOW__CELERY__BROKER_URL"]
+    assert other[conn_name] == worker[conn_name]

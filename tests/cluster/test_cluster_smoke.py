@@ -48,13 +48,16 @@ def _cluster_processes(state) -> list[psutil.Process]:
 AIRFLOW_SECRETS = {f"cluster.json.{k}" for k in ("fernet_key", "jwt_secret", "api_secret_key", "postgres_password",
                                                   "redis_password")}
 WRITER_SECRET = {"s3_credentials.json.writer.secret_key", "s3_identities.json.identities[0].credentials[0].secretKey"}
+# The API server reads the task logs on the object store with the read-only identity.
+READER_SECRET = {"s3_credentials.json.reader.secret_key", "s3_identities.json.identities[1].credentials[0].secretKey"}
 # The tasks also reach the lake's Iceberg catalog (pyiceberg) with its own PostgreSQL login.
 TASK_SECRETS = WRITER_SECRET | {"spark_connect.json.token", "cluster.json.catalog_password"}
 SPARK_SECRET = {"cluster.json.spark_auth_secret", "cluster_spark.conf:spark.authenticate.secret"}
 # The generated secrets each program may hold in its environment. Any other program (supervisord, PostgreSQL, Redis,
 # SeaweedFS, the Spark master, a program added later) may hold none: a new one is checked by this list as it stands.
 ALLOWED_SECRETS = {
-    **{name: AIRFLOW_SECRETS for name in ("api-server", "scheduler", "dag-processor", "triggerer")},
+    **{name: AIRFLOW_SECRETS for name in ("scheduler", "dag-processor", "triggerer")},
+    "api-server": AIRFLOW_SECRETS | READER_SECRET,
     **{name: AIRFLOW_SECRETS | TASK_SECRETS for name in ("worker", "gpu-worker")},
     "spark-connect": {"spark_connect.json.token"} | WRITER_SECRET,  # s3a writes the lake's tables as the writer
     # Handed by the worker to its executors, in their environment; the executors also inherit the writer identity
