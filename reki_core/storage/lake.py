@@ -301,6 +301,7 @@ class Lake:
         it comes, so a writer holds one batch, never the day; no batch at all writes an empty day."""
         from pyiceberg.catalog import Catalog
         from pyiceberg.expressions import EqualTo
+        from pyiceberg.io.pyarrow import _dataframe_to_data_files
         from pyiceberg.partitioning import PartitionField, PartitionSpec
         from pyiceberg.schema import assign_fresh_schema_ids
         from pyiceberg.transforms import IdentityTransform
@@ -330,11 +331,16 @@ class Lake:
                 warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
                 with tx.update_schema() as update:  # a new column joins; a dropped one reads as null
                     update.union_by_name(empty.schema)
-                # The first write replaces D's rows (an empty one when no batch comes); the others add to them.
-                tx.overwrite(empty, overwrite_filter=EqualTo("dt", day.isoformat()))
-                for batch in batches:
-                    if batch.num_rows:
-                        tx.append(ready(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch))
+                tx.delete(EqualTo("dt", day.isoformat()))
+                # One snapshot adds every batch's files, in order: a reader gets the rows in the order written.
+                with tx.update_snapshot().fast_append() as append:
+                    for batch in batches:
+                        if batch.num_rows:
+                            data = ready(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
+                            # A name of its own per batch: pyiceberg numbers a call's files from 0.
+                            for data_file in _dataframe_to_data_files(table_metadata=tx.table_metadata, df=data,
+                                                                      io=existing.io, write_uuid=uuid.uuid4()):
+                                append.append_data_file(data_file)
                 tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": kind})
                 if f"{TOTALS_PROPERTY}{day.isoformat()}" in existing.properties:  # they described the replaced rows
                     tx.remove_properties(f"{TOTALS_PROPERTY}{day.isoformat()}")

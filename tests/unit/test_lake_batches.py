@@ -37,6 +37,7 @@ def test_a_day_written_in_batches_reads_back_in_batches_of_at_most_batch_rows(tm
     assert sizes == [7] * 6 + [3]  # files of 9 rows regrouped: never more than 7, only the last fewer
     streamed = _rows(lake.read_batches("raw/interactions", D1, ["user_id", "n"], 7))
     pd.testing.assert_frame_equal(streamed, whole)  # same rows, same order
+    assert list(streamed["user_id"]) == [f"u{i}" for i in range(45)]  # the order written
     assert list(_rows(lake.read_batches("raw/interactions", D1, ["n"], 100)).columns) == ["n"]
 
 
