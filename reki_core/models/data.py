@@ -11,6 +11,8 @@ otherwise, and for items with no knowledge, a zero vector. `stats` counts each c
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,26 +57,44 @@ def _as_list(value: Any) -> list:
     return [] if value is None else list(value)
 
 
-def check_samples(samples: pd.DataFrame, where: str) -> None:
-    missing = [c for c in SAMPLE_COLUMNS if c not in samples.columns]
+def check_samples(columns: list[str], batches: Iterable[pd.DataFrame], where: str) -> dict[str, dict[str, Any]]:
+    """Check the samples' columns (`columns`: the table's), then their required values in one pass over `batches`
+    (frames of `SAMPLE_VALUES_REQUIRED`); returns each split's rows and the label values it holds."""
+    missing = [c for c in SAMPLE_COLUMNS if c not in columns]
     if missing:
         raise AssemblyError(f"{where}: missing columns {missing}")
-    empty = {c: int(n) for c in SAMPLE_VALUES_REQUIRED if (n := samples[c].isna().sum())}
-    if empty:
-        raise AssemblyError(f"{where}: missing values (column: rows) {empty}")
-    bad_split = sorted(set(samples["split"].astype(str)) - {"train", "valid", "test"})
+    empty: Counter = Counter()
+    splits: dict[str, dict[str, Any]] = {}
+    for batch in batches:
+        empty.update({c: int(batch[c].isna().sum()) for c in SAMPLE_VALUES_REQUIRED})
+        for split, labels in batch.groupby(batch["split"].astype(str))["label"]:
+            part = splits.setdefault(split, {"rows": 0, "labels": set()})
+            part["rows"] += len(labels)
+            part["labels"].update(labels.dropna().tolist())
+    empty_columns = {c: n for c, n in empty.items() if n}
+    if empty_columns:
+        raise AssemblyError(f"{where}: missing values (column: rows) {empty_columns}")
+    bad_split = sorted(set(splits) - {"train", "valid", "test"})
     if bad_split:
         raise AssemblyError(f"{where}: column split has values {bad_split}, expected train/valid/test")
+    return splits
 
 
-def build_feature_map(train: pd.DataFrame, max_hist_len: int, encoder_id: str, knowledge_dim: int) -> FeatureMap:
-    """Vocabularies from the training split only (valid/test ids unseen in training map to OOV)."""
-    items = set(train["item_id"].astype(str))
-    genres = set(train["item_genre"].dropna().astype(str))
-    for hist_items, hist_genres in zip(train["hist_item_ids"], train["hist_genres"]):
-        items.update(str(x) for x in _as_list(hist_items))
-        genres.update(str(x) for x in _as_list(hist_genres))
-    vocabs = {"user": sorted(set(train["user_id"].astype(str))), "item": sorted(items), "genre": sorted(genres)}
+def build_feature_map(train: Iterable[pd.DataFrame], max_hist_len: int, encoder_id: str,
+                      knowledge_dim: int) -> FeatureMap:
+    """Vocabularies from the training split only (valid/test ids unseen in training map to OOV), gathered in one
+    pass over its frames: they hold ids, never the split."""
+    users: set[str] = set()
+    items: set[str] = set()
+    genres: set[str] = set()
+    for frame in train:
+        users.update(frame["user_id"].astype(str))
+        items.update(frame["item_id"].astype(str))
+        genres.update(frame["item_genre"].dropna().astype(str))
+        for hist_items, hist_genres in zip(frame["hist_item_ids"], frame["hist_genres"]):
+            items.update(str(x) for x in _as_list(hist_items))
+            genres.update(str(x) for x in _as_list(hist_genres))
+    vocabs = {"user": sorted(users), "item": sorted(items), "genre": sorted(genres)}
     return FeatureMap(vocabs, max_hist_len, knowledge_dim, encoder_id)
 
 

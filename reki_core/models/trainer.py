@@ -1,6 +1,8 @@
 """The trainer: AdamW, binary cross-entropy, early stopping on validation AUC, checkpoint by atomic move.
 
-Model selection sees only the validation split; the test split is evaluated once, after training.
+Model selection sees only the validation split; the test split is evaluated once, after training. A split is
+`Chunks`: assembled record batches that each pass reads again (training.SplitChunks streams them from the lake), so the
+trainer holds a shuffle window and a chunk, never a split.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,49 +42,92 @@ class CTRModel(nn.Module):
         return self.backbone(batch, augmented)
 
 
-def _rows(batch: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v[idx].to(device) for k, v in batch.items()}
+# A split as assembled record batches (tensors by feature); iterating it again reads them again.
+Chunks = Iterable[dict[str, torch.Tensor]]
+
+
+def _concat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _take(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def shuffled_minibatches(chunks: Chunks, batch_size: int, buffer_rows: int,
+                         generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Minibatches of `batch_size` rows, shuffled within a window: chunks gather until `buffer_rows` rows, the window
+    is permuted and its full minibatches given, the rest waits for the next window. Holds at most a window and a chunk;
+    the same chunks and generator state give the same minibatches."""
+    pending, rows = [], 0
+    for chunk in chunks:
+        pending.append(chunk)
+        rows += len(chunk["label"])
+        if rows < buffer_rows:
+            continue
+        window = _concat(pending)
+        pending.clear()  # the chunks go as the window comes: one copy of the rows, not two
+        order = torch.randperm(rows, generator=generator)
+        full = rows - rows % batch_size
+        for start in range(0, full, batch_size):
+            yield _take(window, order[start:start + batch_size])
+        pending, rows = [_take(window, order[full:])], rows - full
+    if rows:
+        window = _concat(pending)
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows, batch_size):
+            yield _take(window, order[start:start + batch_size])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Chunks, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) of every row: numbers per sample; the features pass chunk by chunk."""
+    model.eval()
+    probs, labels = [], []
+    for chunk in data:
+        for s in range(0, len(chunk["label"]), 4096):
+            rows = {k: v[s:s + 4096].to(device) for k, v in chunk.items()}
+            probs.append(torch.sigmoid(model(rows)).cpu().numpy())
+        labels.append(chunk["label"].numpy())
+    if not probs:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(probs), np.concatenate(labels)
 
 
 class Trainer:
     def __init__(self, model: nn.Module, learning_rate: float = 1e-3, weight_decay: float = 1e-2,
                  batch_size: int = 512, max_epochs: int = 20, patience: int = 3, seed: int = 42,
-                 checkpoint_path: str | Path | None = None, device: str = "auto", progress: bool = True):
+                 checkpoint_path: str | Path | None = None, device: str = "auto", progress: bool = True,
+                 shuffle_buffer_rows: int = 32768):
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         self.model = model.to(self.device)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
+        self.shuffle_buffer_rows = shuffle_buffer_rows
         self.generator = torch.Generator().manual_seed(seed)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress = progress
 
-    def train_epoch(self, train: dict[str, torch.Tensor]) -> float:
+    def train_epoch(self, train: Chunks) -> float:
         self.model.train()
-        n = len(train["label"])
-        order = torch.randperm(n, generator=self.generator)
-        total = 0.0
-        for start in range(0, n, self.batch_size):
-            rows = _rows(train, order[start:start + self.batch_size], self.device)
+        total, n = 0.0, 0
+        for batch in shuffled_minibatches(train, self.batch_size, self.shuffle_buffer_rows, self.generator):
+            rows = {k: v.to(self.device) for k, v in batch.items()}
             loss = self.loss_fn(self.model(rows), rows["label"])
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
             total += loss.item() * len(rows["label"])
+            n += len(rows["label"])
         return total / max(n, 1)
 
-    @torch.no_grad()
-    def predict(self, data: dict[str, torch.Tensor]) -> np.ndarray:
-        self.model.eval()
-        n = len(data["label"])
-        out = [torch.sigmoid(self.model(_rows(data, torch.arange(s, min(s + 4096, n)), self.device))).cpu()
-               for s in range(0, n, 4096)]
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+    def predict(self, data: Chunks) -> tuple[np.ndarray, np.ndarray]:
+        return predict(self.model, data, self.device)
 
-    def evaluate(self, data: dict[str, torch.Tensor]) -> dict[str, float]:
-        probs = self.predict(data)
-        labels = data["label"].numpy()
+    def evaluate(self, data: Chunks) -> dict[str, float]:
+        probs, labels = self.predict(data)
         return {"auc": metrics.auc(labels, probs), "logloss": metrics.logloss(labels, probs), "rows": int(len(labels))}
 
     def _save_checkpoint(self) -> None:
@@ -92,7 +138,7 @@ class Trainer:
         torch.save(self.model.state_dict(), tmp)
         os.replace(tmp, self.checkpoint_path)
 
-    def fit(self, train: dict[str, torch.Tensor], valid: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def fit(self, train: Chunks, valid: Chunks) -> dict[str, Any]:
         """Train until validation AUC stops improving for `patience` epochs; keep the best weights."""
         from tqdm.auto import tqdm
 

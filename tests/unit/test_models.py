@@ -9,7 +9,7 @@ import torch
 from reki_core.config import ModelConfig
 from reki_core.models import BACKBONES, build_backbone, metrics
 from reki_core.models.adaptor import HybridExpertAdaptor
-from reki_core.models.trainer import CTRModel, Trainer, seed_everything
+from reki_core.models.trainer import CTRModel, Trainer, seed_everything, shuffled_minibatches
 from reki_core.models.training import evaluation_gate
 
 torch.set_num_threads(1)
@@ -88,9 +88,9 @@ def test_each_backbone_trains_and_its_loss_falls(name, with_knowledge):
     adaptor = HybridExpertAdaptor.from_config(TINY, 12) if with_knowledge else None
     model = CTRModel(build_backbone(name, VOCABS, TINY, 2 * TINY.expert_output_dim if with_knowledge else 0), adaptor)
     trainer = Trainer(model, learning_rate=2e-2, batch_size=64, max_epochs=1, seed=0, device="cpu", progress=False)
-    losses = [trainer.train_epoch(train) for _ in range(10)]
+    losses = [trainer.train_epoch([train]) for _ in range(10)]
     assert losses[-1] < 0.8 * losses[0], losses
-    assert trainer.evaluate(train)["auc"] > 0.8
+    assert trainer.evaluate([train])["auc"] > 0.8
 
 
 def test_backbone_refuses_augmented_vectors_of_the_wrong_size():
@@ -110,9 +110,9 @@ def test_early_stopping_keeps_the_best_validation_weights(tmp_path):
     ckpt = tmp_path / "ckpt" / "best.pt"
     trainer = Trainer(model, learning_rate=1e-2, batch_size=64, max_epochs=30, patience=2, seed=0,
                       checkpoint_path=ckpt, device="cpu", progress=False)
-    fit = trainer.fit(train, valid)
+    fit = trainer.fit([train], [valid])
     assert fit["epochs_run"] == fit["best_epoch"] + 2 < 30
-    assert trainer.evaluate(valid)["auc"] == pytest.approx(fit["best_valid_auc"])
+    assert trainer.evaluate([valid])["auc"] == pytest.approx(fit["best_valid_auc"])
     saved = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert not list(ckpt.parent.glob("*.tmp"))
@@ -138,3 +138,18 @@ def test_evaluation_gate_maths():
     assert not worse_than_published["passed"]
     assert [c["passed"] for c in worse_than_published["checks"]] == [True, False]
     assert not evaluation_gate(float("nan"), 0.7, None, 0.005, 0.005)["passed"]
+
+
+def test_minibatches_are_shuffled_within_a_bounded_window_the_same_way_for_a_seed():
+    chunks = [{"x": torch.arange(s, s + 10), "label": torch.zeros(10)} for s in range(0, 100, 10)]
+
+    def draw(seed):
+        return [b["x"] for b in shuffled_minibatches(chunks, 8, 30, torch.Generator().manual_seed(seed))]
+
+    drawn = draw(0)
+    assert max(len(b) for b in drawn) == 8
+    assert torch.equal(torch.cat(drawn).sort().values, torch.arange(100))  # every row once an epoch
+    assert [b.tolist() for b in drawn] == [b.tolist() for b in draw(0)] != [b.tolist() for b in draw(1)]
+    # The first window holds the first 30 rows: its 3 full minibatches come from them, shuffled.
+    first = torch.cat(drawn[:3])
+    assert first.max() < 30 and not torch.equal(first, first.sort().values)

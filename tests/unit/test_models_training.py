@@ -17,9 +17,9 @@ import torch
 
 from reki_core.encoding import KNOWLEDGE_VECTORS
 from reki_core.models import registry
-from reki_core.models.data import AssemblyError, KnowledgeIndex, assemble
-from reki_core.models.training import (AUGMENTED_VECTORS, CTR_SAMPLES, apply_adaptor, has_current_model, load_model,
-                                       train_model, training_day)
+from reki_core.models.data import AssemblyError, KnowledgeIndex, assemble, build_feature_map
+from reki_core.models.training import (AUGMENTED_VECTORS, CTR_SAMPLES, SplitChunks, apply_adaptor, has_current_model,
+                                       load_model, load_samples, train_model, training_day)
 from reki_core.storage.lake import Lake
 from tests.conftest import copy_lake, make_config
 
@@ -31,6 +31,8 @@ TINY = {
     "REKI__MODEL__DNN_HIDDEN_UNITS": "[32]", "REKI__MODEL__MAX_EPOCHS": "8", "REKI__MODEL__PATIENCE": "2",
     "REKI__MODEL__BATCH_SIZE": "128", "REKI__MODEL__LEARNING_RATE": "0.01", "REKI__MODEL__NUM_CROSS_LAYERS": "2",
     "REKI__MODEL__DROPOUT": "0.0",
+    # Several record batches a split and several shuffle windows an epoch: training streams here as on a big day.
+    "REKI__LAKE__BATCH_ROWS": "256", "REKI__MODEL__SHUFFLE_BUFFER_ROWS": "600",
 }
 
 
@@ -195,8 +197,45 @@ def test_samples_that_miss_a_column_are_a_clear_error(tmp_path):
     samples = lake.read_partition(CTR_SAMPLES, DAY).drop(columns=["knowledge_as_of"])
     lake.write_partition(samples, CTR_SAMPLES, DAY)
     # The table keeps the column the write dropped, as nulls: either way the error names the day and the column.
-    with pytest.raises(AssemblyError, match=r"ctr_samples/dt=1998-02-01.*: missing values .*'knowledge_as_of': \d+"):
-        train_model(cfg, DAY, progress=False)
+    with pytest.raises(AssemblyError, match=r"ctr_samples/dt=1998-02-01.*: missing values .*'knowledge_as_of': 2400"):
+        train_model(cfg, DAY, progress=False)  # counted over every batch
+
+
+def test_streamed_samples_give_the_feature_map_tensors_and_counts_of_the_whole_split(tmp_path):
+    cfg = make_config(tmp_path, **TINY)
+    lake = Lake(cfg.lake_uri)
+    build_lake(lake)
+    small, whole = load_samples(lake, DAY, 7), load_samples(lake, DAY, 10**6)
+    assert small.rows == whole.rows == {"train": 1600, "valid": 400, "test": 400}
+    sizes = [len(frame) for frame in small.frames("train")]
+    assert max(sizes) == 7 and sum(sizes) == 1600 and [len(f) for f in whole.frames("train")] == [1600]
+
+    samples = lake.read_partition(CTR_SAMPLES, DAY)
+    train, test = (samples[samples["split"] == s].reset_index(drop=True) for s in ("train", "test"))
+    knowledge = KnowledgeIndex.from_lake(lake, DAY)
+    fmap = build_feature_map([train], 10, knowledge.encoder_id, knowledge.dim)
+    assert build_feature_map(small.frames("train"), 10, knowledge.encoder_id, knowledge.dim).vocabs == fmap.vocabs
+    one = assemble(test, fmap, knowledge)
+    chunks = SplitChunks(small, "test", fmap, knowledge)
+    streamed = list(chunks)
+    assert len(streamed) == 58 and max(len(c["label"]) for c in streamed) == 7
+    for name, tensor in one["batch"].items():
+        assert torch.equal(torch.cat([c[name] for c in streamed]), tensor), name
+    assert chunks.stats == one["stats"]
+
+
+def test_augmented_vectors_streamed_in_small_batches_are_those_of_one_batch(trained, tmp_path):
+    cfg, lake, card = trained
+    apply_adaptor(cfg, DAY)
+    copy_lake(cfg.lake_uri, tmp_path / "lake")
+    small = make_config(tmp_path, **{**TINY, "REKI__LAKE__BATCH_ROWS": "7"}, REKI__PATHS__LAKE_URI=str(tmp_path / "lake"))
+    copy = Lake(small.lake_uri)
+    copy.delete_partition(AUGMENTED_VECTORS, DAY)
+    assert apply_adaptor(small, DAY)["model_version"] == card["version"]
+    streamed, whole = copy.read_partition(AUGMENTED_VECTORS, DAY), lake.read_partition(AUGMENTED_VECTORS, DAY)
+    columns = ["entity_kind", "entity_id", "model_version", "as_of"]
+    pd.testing.assert_frame_equal(streamed[columns], whole[columns])  # same rows in the same order: users, then items
+    np.testing.assert_allclose(np.stack(streamed["vector"]), np.stack(whole["vector"]), rtol=0, atol=1e-6)
 
 
 def test_user_vector_is_the_joined_version_else_an_earlier_one_never_a_later_one():
