@@ -26,14 +26,35 @@ AUGMENTED = "vectors/augmented"
 ASSIGNED = "knowledge/assigned"
 
 
-def vectors_frame(vectors: pd.DataFrame, user_ids: pd.Series, item_ids: pd.Series, assigned: pd.DataFrame) -> pd.DataFrame:
-    """One row per expected or present entity, with the facts the suite expects (`assigned`: the day's
-    knowledge/assigned rows, entity_kind and entity_id)."""
-    present = vectors.assign(
-        key=vectors["entity_kind"].astype(str) + ":" + vectors["entity_id"].astype(str),
-        dim=vectors["vector"].map(len),
-        finite=vectors["vector"].map(lambda v: bool(np.isfinite(np.asarray(v, dtype=np.float64)).all())),
-    )[["key", "dim", "finite", "model_version"]]
+def vector_facts(lake: Lake, day: dt.date, batch_rows: int) -> pd.DataFrame:
+    """entity_kind, entity_id, dim, finite, model_version of the day's augmented vectors, read `batch_rows` at a time:
+    the vectors themselves are never all in memory, only these few facts per entity."""
+    parts = []
+    columns = ["entity_kind", "entity_id", "vector", "model_version"]
+    for batch in lake.read_batches(AUGMENTED, day, columns, batch_rows):
+        vectors = batch.column("vector")
+        offsets = vectors.offsets.to_numpy()
+        bad = ~np.isfinite(vectors.values.to_numpy(zero_copy_only=False).astype(np.float64))
+        bad_before = np.concatenate([[0], np.cumsum(bad)])  # non-finite values before each offset
+        parts.append(pd.DataFrame({
+            "entity_kind": batch.column("entity_kind").to_pandas().astype(str),
+            "entity_id": batch.column("entity_id").to_pandas().astype(str),
+            "dim": np.diff(offsets),
+            "finite": (bad_before[offsets[1:]] - bad_before[offsets[:-1]]) == 0,
+            "model_version": batch.column("model_version").to_pandas(),
+        }))
+        del vectors, bad, bad_before, batch
+    empty = pd.DataFrame({"entity_kind": pd.Series(dtype=str), "entity_id": pd.Series(dtype=str),
+                          "dim": pd.Series(dtype="int64"), "finite": pd.Series(dtype=bool),
+                          "model_version": pd.Series(dtype=str)})
+    return pd.concat(parts, ignore_index=True) if parts else empty
+
+
+def vectors_frame(facts: pd.DataFrame, user_ids: pd.Series, item_ids: pd.Series, assigned: pd.DataFrame) -> pd.DataFrame:
+    """One row per expected or present entity, with the facts the suite expects (`facts`: `vector_facts`; `assigned`:
+    the day's knowledge/assigned rows, entity_kind and entity_id)."""
+    present = facts.assign(key=facts["entity_kind"].astype(str) + ":" + facts["entity_id"].astype(str))[
+        ["key", "dim", "finite", "model_version"]]
     expected = pd.DataFrame({"key": ["user:" + str(u) for u in user_ids] + ["item:" + str(i) for i in item_ids]})
     merged = expected.merge(present, on="key", how="outer", indicator=True)
     merged["has_vector"] = merged["_merge"] != "left_only"
@@ -49,7 +70,7 @@ def gate_vectors(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> d
 
     day = as_date(day)
     lake = lake or lake_of(cfg)
-    frame = vectors_frame(lake.read_partition(AUGMENTED, day),
+    frame = vectors_frame(vector_facts(lake, day, cfg.lake.batch_rows),
                           lake.read_partition("features/user_history", day, columns=["user_id"])["user_id"],
                           lake.read_partition("features/items", day, columns=["item_id"])["item_id"],
                           lake.read_partition(ASSIGNED, day, columns=["entity_kind", "entity_id"]))

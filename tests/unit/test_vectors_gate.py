@@ -64,3 +64,19 @@ def test_only_entities_whose_llm_call_failed_may_go_without_a_vector(cfg, lake):
     seed(lake, vectors(rows=rows), users=users, without_answer=users[:3])  # 3 of 41 LLM failures: over 5%
     with pytest.raises(GateError, match="column 'has_vector'"):
         gate_vectors(cfg, DAY, lake)
+
+
+def test_the_vectors_are_read_in_batches_and_a_bad_one_in_a_later_batch_is_named(cfg, lake):
+    from reki_core.quality.vectors import vector_facts
+
+    one_row = cfg.model_copy(update={"lake": cfg.lake.model_copy(update={"batch_rows": 1})})
+    rows = vectors()
+    rows.at[2, "vector"] = [0.5] * 31 + [float("inf")]  # the last row, in the last batch of one
+    seed(lake, rows)
+    facts = vector_facts(lake, DAY, batch_rows=1)
+    assert facts["dim"].tolist() == [32, 32, 32] and facts["finite"].tolist() == [True, True, False]
+    with pytest.raises(GateError) as err:
+        gate_vectors(one_row, DAY, lake)
+    assert "column 'finite'" in str(err.value)
+    seed(lake, vectors())
+    assert gate_vectors(one_row, DAY, lake)["success"] is True
