@@ -18,6 +18,7 @@ writes (If-Match / If-None-Match), so racing publishers end with one consistent 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -25,10 +26,13 @@ import json
 import random
 import re
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -87,56 +91,83 @@ def _normalise_version(name: str) -> str:
 # ---------------------------------------------------------------- content checks
 
 
-def _read_bytes(source: str | Path | bytes) -> bytes:
+def _source(source: str | Path | bytes) -> bytes | Path:
+    """Bytes as given, or a file checked to exist: read from disk as it is hashed, checked and uploaded, never whole."""
     if isinstance(source, bytes):
         return source
     path = Path(source)
     if not path.is_file():
         raise PublishError(f"file to publish {path} does not exist")
-    return path.read_bytes()
+    return path
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def describe_vectors(name: str, data: bytes) -> dict[str, Any]:
-    """Row count, dimension and kinds of a vectors file; fails naming the file, column and rule."""
+def _sha256_and_size(source: bytes | Path) -> tuple[str, int]:
+    if isinstance(source, bytes):
+        return sha256_hex(source), len(source)
+    with source.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest(), source.stat().st_size
+
+
+def describe_vectors(name: str, data: bytes | Path, batch_rows: int = 8192) -> dict[str, Any]:
+    """Row count, dimension and kinds of a vectors file, read `batch_rows` rows at a time; fails naming the file,
+    column and rule."""
     try:
-        table = pq.read_table(io.BytesIO(data))
+        parquet = pq.ParquetFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise PublishError(f"{name}: not a readable Parquet file ({exc})") from exc
+    schema = parquet.schema_arrow
     for column in ("entity_kind", "entity_id", "vector"):
-        if column not in table.column_names:
-            raise PublishError(f"{name}: required column '{column}' is missing (has {table.column_names})")
-    if table.num_rows == 0:
+        if column not in schema.names:
+            raise PublishError(f"{name}: required column '{column}' is missing (has {schema.names})")
+    if parquet.metadata.num_rows == 0:
         raise PublishError(f"{name}: no rows; refusing to publish an empty vectors file")
-    vectors = table.column("vector").combine_chunks()
-    if not pa.types.is_list(vectors.type) and not pa.types.is_fixed_size_list(vectors.type):
-        raise PublishError(f"{name}: column 'vector' must be list<float>, is {vectors.type}")
-    if vectors.null_count:
-        raise PublishError(f"{name}: column 'vector' has {vectors.null_count} null rows")
-    lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
-    if lengths.min() != lengths.max() or lengths.min() == 0:
-        raise PublishError(f"{name}: column 'vector' must have one non-zero length, has {lengths.min()}..{lengths.max()}")
-    values = vectors.flatten().to_numpy(zero_copy_only=False)
-    if not (values == values).all() or (abs(values) == float("inf")).any():
+    vector_type = schema.field("vector").type
+    if not pa.types.is_list(vector_type) and not pa.types.is_fixed_size_list(vector_type):
+        raise PublishError(f"{name}: column 'vector' must be list<float>, is {vector_type}")
+    with_versions = "model_version" in schema.names
+    nulls = {"vector": 0, "entity_kind": 0, "entity_id": 0}
+    lengths, finite = [], True
+    kinds: set = set()
+    model_versions: set = set()
+    key_hashes = []  # 8 bytes an entity, not its key: duplicates found with bounded memory per row
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        for column in nulls:
+            nulls[column] += batch.column(column).null_count
+        vectors = batch.column("vector")
+        span = pc.min_max(pc.list_value_length(vectors))
+        lengths += [n for n in (span["min"].as_py(), span["max"].as_py()) if n is not None]
+        values = vectors.flatten().to_numpy(zero_copy_only=False)
+        finite = finite and bool(np.isfinite(values).all())
+        kinds.update(pc.unique(batch.column("entity_kind")).to_pylist())
+        if with_versions:
+            model_versions.update(pc.unique(batch.column("model_version")).to_pylist())
+        keys = pc.binary_join_element_wise(batch.column("entity_kind").cast(pa.string()),
+                                           batch.column("entity_id").cast(pa.string()), "\x1f")
+        key_hashes.append(pd.util.hash_array(np.asarray(keys.to_pylist(), dtype=object)))
+    if nulls["vector"]:
+        raise PublishError(f"{name}: column 'vector' has {nulls['vector']} null rows")
+    shortest, longest = (min(lengths), max(lengths)) if lengths else (None, None)
+    if shortest != longest or not shortest:
+        raise PublishError(f"{name}: column 'vector' must have one non-zero length, has {shortest}..{longest}")
+    if not finite:
         raise PublishError(f"{name}: column 'vector' has NaN or infinite values")
     for column in ("entity_kind", "entity_id"):
-        if table.column(column).null_count:
-            raise PublishError(f"{name}: column '{column}' has {table.column(column).null_count} null rows")
-    keys = pc.binary_join_element_wise(table.column("entity_kind").cast(pa.string()),
-                                               table.column("entity_id").cast(pa.string()), "\x1f")
-    if pc.count_distinct(keys).as_py() != table.num_rows:
+        if nulls[column]:
+            raise PublishError(f"{name}: column '{column}' has {nulls[column]} null rows")
+    # Two keys with one 64-bit hash would refuse a good file: at 10^7 entities, odds about 3e-6.
+    if len(np.unique(np.concatenate(key_hashes))) != parquet.metadata.num_rows:
         raise PublishError(f"{name}: duplicate (entity_kind, entity_id) rows; each entity must appear once")
-    kinds = sorted(set(table.column("entity_kind").to_pylist()))
+    kinds_found = sorted(kinds)
     expected = VECTOR_FILES[name]
-    wrong = [k for k in kinds if k != expected and k != f"{expected}_group"]
+    wrong = [k for k in kinds_found if k != expected and k != f"{expected}_group"]
     if wrong:
         raise PublishError(f"{name}: column 'entity_kind' has {wrong}; allowed '{expected}' and '{expected}_group'")
-    model_versions = (sorted(set(table.column("model_version").to_pylist()))
-                      if "model_version" in table.column_names else [])
-    return {"rows": table.num_rows, "dim": int(lengths[0]), "kinds": kinds, "model_versions": model_versions}
+    return {"rows": parquet.metadata.num_rows, "dim": int(shortest), "kinds": kinds_found,
+            "model_versions": sorted(model_versions)}
 
 
 def code_version() -> dict[str, Any]:
@@ -272,23 +303,24 @@ def publish_version(cfg, day: str | dt.date, run_id: str, files: dict[str, str |
         names = [f"{g.get('gate')} on {g.get('dataset')}" for g in failed_gates(gates)]
         raise PublishError(f"version {version} not published: quality gates failed: {', '.join(names)}")
 
-    payloads = {name: _read_bytes(src) for name, src in files.items()}
+    payloads = {name: _source(src) for name, src in files.items()}
     if QUALITY_SUMMARY not in payloads:
         summary = {"dt": as_date(day).isoformat(), "run_id": run_id, "all_passed": True, "gates": gates}
         payloads[QUALITY_SUMMARY] = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
-    described = {name: describe_vectors(name, payloads[name]) for name in VECTOR_FILES}
+    described = {name: describe_vectors(name, payloads[name], cfg.lake.batch_rows) for name in VECTOR_FILES}
 
     store.check_readable(vectors_prefix(scenario))
     existing = read_manifest(store, scenario, version)
     file_entries = {}
     for name, data in payloads.items():
-        sha = sha256_hex(data)
-        file_entries[name] = {"key": prefix + object_name(name, sha), "size": len(data), "sha256": sha}
+        sha, size = _sha256_and_size(data)
+        file_entries[name] = {"key": prefix + object_name(name, sha), "size": size, "sha256": sha}
     if existing is not None:
         return _republish_existing(store, cfg, version, existing, file_entries, apply_retention_after)
 
     for name, data in payloads.items():
-        store.put(file_entries[name]["key"], data, Metadata={"sha256": file_entries[name]["sha256"]})
+        with contextlib.nullcontext(data) if isinstance(data, bytes) else data.open("rb") as body:
+            store.put(file_entries[name]["key"], body, Metadata={"sha256": file_entries[name]["sha256"]})
 
     model_versions = sorted({v for d in described.values() for v in d["model_versions"]})
     manifest = {
@@ -442,34 +474,58 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
     `models/registry/<model_version>/` (adaptor.pt required, plus backbone.pt, feature_map.json and the
     model card, whose test metrics and evaluation gate go into the manifest's `metrics`), and
     `_runs/dt=D/*.json` (step records and gate summaries). `extra_files` adds more, e.g. the run report:
-    `{p.name: p for p in write_run_report(lake, D, out_dir).values()}`.
+    `{p.name: p for p in write_run_report(lake, D, out_dir).values()}`. The vectors go through a scratch folder
+    record batch by record batch (`lake.batch_rows`), so memory holds a batch, never the day's vectors.
     """
-    from reki_core.runlog import read_steps
     from reki_core.storage.lake import lake_of
 
     lake = lake_of(cfg)
     if not lake.has_partition("vectors/augmented", day):
         raise PublishError(f"{lake.describe('vectors/augmented', day)}: no augmented vectors "
                            f"for {as_date(day)}; the encoding/model step has not written them")
-    vectors = lake.read_partition("vectors/augmented", day).drop(columns=["dt"], errors="ignore")
-    if "model_version" not in vectors.columns:
+    if "model_version" not in lake.column_names("vectors/augmented"):
         raise PublishError(f"vectors/augmented/dt={as_date(day)}: column 'model_version' is missing")
-    model_versions = sorted(vectors["model_version"].astype(str).unique())
-    if len(model_versions) != 1:
-        raise PublishError(f"vectors/augmented/dt={as_date(day)}: column 'model_version' must hold one version, "
-                           f"has {model_versions}")
-    model_version = model_versions[0]
+    with tempfile.TemporaryDirectory(prefix=f"reki-publish-{as_date(day).isoformat()}-") as scratch:
+        files, model_versions = _write_vector_files(lake, as_date(day), cfg.lake.batch_rows, Path(scratch))
+        if len(model_versions) != 1:
+            raise PublishError(f"vectors/augmented/dt={as_date(day)}: column 'model_version' must hold one version, "
+                               f"has {model_versions}")
+        return _publish_with_registry(cfg, lake, day, run_id, files, model_versions[0], extra_files,
+                                      endpoint_url=endpoint_url, access_key=access_key, secret_key=secret_key,
+                                      bucket=bucket)
 
-    files: dict[str, str | Path | bytes] = {}
-    for name, kind in VECTOR_FILES.items():
-        part = vectors[vectors["entity_kind"].astype(str).str.startswith(kind)]
-        table = pa.Table.from_pandas(part.reset_index(drop=True), preserve_index=False)
-        table = table.set_column(table.schema.get_field_index("vector"), "vector",
-                                 table.column("vector").cast(pa.list_(pa.float32())))
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        files[name] = sink.getvalue()
 
+def _write_vector_files(lake, day: dt.date, batch_rows: int, folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """Day D's augmented vectors as `VECTOR_FILES` in `folder` (a kind's group vectors in its file), written batch by
+    batch; and the model versions they name."""
+    columns = lake.column_names("vectors/augmented")
+    # Plain strings and float32 lists, whatever widths the table's reader gives.
+    schema = pa.schema([pa.field(f.name, pa.list_(pa.float32()) if f.name == "vector" else
+                                 pa.string() if pa.types.is_string(f.type) or pa.types.is_large_string(f.type) else f.type)
+                        for f in lake.load_table("vectors/augmented").schema().as_arrow() if f.name in columns])
+    paths = {name: folder / name for name in VECTOR_FILES}
+    model_versions: set = set()
+    writers = {name: pq.ParquetWriter(path, schema) for name, path in paths.items()}
+    try:
+        for batch in lake.read_batches("vectors/augmented", day, schema.names, batch_rows):
+            batch = batch.cast(schema)
+            model_versions.update(pc.unique(batch.column("model_version")).to_pylist())
+            for name, kind in VECTOR_FILES.items():
+                part = batch.filter(pc.starts_with(batch.column("entity_kind"), kind))
+                if part.num_rows:
+                    writers[name].write_batch(part)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return paths, sorted(str(v) for v in model_versions)
+
+
+def _publish_with_registry(cfg, lake, day, run_id: str, files: dict[str, str | Path | bytes], model_version: str,
+                           extra_files: dict[str, str | Path | bytes] | None, **store) -> dict[str, Any]:
+    """`publish_from_lake` once the vector files are written: the model's registry files, the gates, then publish."""
+    from reki_core.runlog import read_steps
+
+    files = dict(files)
     registry = f"{lake.root}/models/registry/{model_version}"
     if not lake.fs.exists(f"{registry}/adaptor.pt"):
         raise PublishError(f"{lake.uri_of(registry)}/adaptor.pt not found: the model step did not register "
@@ -504,8 +560,7 @@ def publish_from_lake(cfg, day: str | dt.date, run_id: str, *, endpoint_url: str
     from reki_core.runlog import timed_step
 
     with timed_step(lake, day, "publish") as record:
-        result = publish_version(cfg, day, run_id, files, metadata, endpoint_url=endpoint_url, access_key=access_key,
-                                 secret_key=secret_key, bucket=bucket)
+        result = publish_version(cfg, day, run_id, files, metadata, **store)
         record.update({"version": result["version"], "uri": result["uri"], "latest_moved": result["latest_moved"],
                        "files": len(files), "model_version": model_version})
     return result

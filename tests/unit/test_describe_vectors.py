@@ -38,3 +38,14 @@ def test_bad_vectors_files_are_refused_by_name(data, words):
     with pytest.raises(PublishError) as err:
         describe_vectors("user_vectors.parquet", data)
     assert str(err.value).startswith("user_vectors.parquet: ") and words in str(err.value)
+
+
+def test_a_file_is_checked_batch_by_batch_across_its_batches(tmp_path):
+    path = tmp_path / "user_vectors.parquet"
+    path.write_bytes(vectors_file(["1", "2", "3"]))
+    assert describe_vectors("user_vectors.parquet", path, batch_rows=1) == \
+        describe_vectors("user_vectors.parquet", path.read_bytes())
+    with pytest.raises(PublishError, match="duplicate"):  # the two rows of "1" are two batches apart
+        describe_vectors("user_vectors.parquet", vectors_file(["1", "2", "1"]), batch_rows=1)
+    with pytest.raises(PublishError, match=r"one non-zero length, has 1\.\.2"):
+        describe_vectors("user_vectors.parquet", vectors_file(["1", "2"], vectors=[[1.0, 2.0], [1.0]]), batch_rows=1)
