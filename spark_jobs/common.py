@@ -61,8 +61,10 @@ Job = tuple[Callable[..., dict], str]  # a job's run(spark, cfg, lake, day) and 
 
 
 def jobs_named(names: Iterable[str]) -> list[Job]:
-    """The jobs of modules `spark_jobs.<name>`, each with its step `features_<name>`."""
-    return [(importlib.import_module(f"spark_jobs.{name}").run, f"features_{name}") for name in names]
+    """The jobs of modules `spark_jobs.<name>`, each with its run-log step: the module's `STEP` where it names one
+    (`knowledge`: `llm_assign`), else `features_<name>`."""
+    modules = [(name, importlib.import_module(f"spark_jobs.{name}")) for name in names]
+    return [(module.run, getattr(module, "STEP", f"features_{name}")) for name, module in modules]
 
 
 _CACHED: ContextVar[list[DataFrame] | None] = ContextVar("reki_job_cached_frames", default=None)
