@@ -9,7 +9,8 @@ Flow for one date `dt` (the DAG maps one task per shard):
 2. `run_shard(cfg, dt, shard_id)`: generates the shard's answers batch by batch; each batch is
    checkpointed atomically under `knowledge/_inflight/dt=D/shard-N/`, so a retried shard resumes and a
    killed worker loses at most one batch. On success the shard becomes one store file.
-3. `assign_knowledge(cfg, dt)`: `knowledge/assigned/dt=D/`, one row per user and item with the text to encode.
+3. `knowledge/assigned/dt=D/`, one row per user and item with the text to encode: the Spark job
+   `spark_jobs/knowledge.py` (`assign_knowledge(cfg, dt)` runs it outside the DAG).
 4. `extraction_summary(cfg, dt)`: calls, tokens, tokens/s, wall time, cache hits, failures, gate warnings.
 """
 
@@ -24,12 +25,12 @@ import uuid
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from reki_core.config import Config
 from reki_core.llm.store import (
     check_model_weights,
     known_prompt_hashes,
-    read_answers,
     sampling_version,
     store_table,
     write_parquet_atomically,
@@ -41,7 +42,6 @@ from reki_core.storage.lake import Lake, as_date, lake_of
 log = logging.getLogger(__name__)
 
 PROMPTS = "prompts"
-CLUSTERS = "features/clusters"
 PLAN = "knowledge/plan"
 FAILURES = "knowledge/failures"
 ASSIGNED = "knowledge/assigned"
@@ -99,6 +99,19 @@ def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None
                          f"of kind {list(kinds)}, found only {sorted(prompts['entity_kind'].unique())}")
     # Entities with the same prompt share one call.
     return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True), mode
+
+
+def shard_prompts(cfg: Config, day: str | dt.date, lake: Lake, hashes: set[str]) -> pd.DataFrame:
+    """`extraction_prompts` restricted to `hashes`, reading only their rows of the day's prompts (pushed down to the
+    table scan): the same rows, since the chosen row of a hash is its first in table order either way."""
+    columns = lake.column_names(PROMPTS)
+    if "ask_llm" not in columns:  # written before the prompt stage flagged its rows: the mode needs the whole day
+        prompts, _ = extraction_prompts(cfg, day, lake)
+        return prompts[prompts["prompt_hash"].isin(hashes)].reset_index(drop=True)
+    batches = list(lake.read_batches(PROMPTS, day, columns, cfg.lake.batch_rows, where={"prompt_hash": hashes}))
+    rows = pa.Table.from_batches(batches).to_pandas() if batches else pd.DataFrame(columns=columns)
+    chosen = rows[rows["ask_llm"].astype(bool)]
+    return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- planning
@@ -231,20 +244,21 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     if (plan["model_id"], plan["sampling_version"]) != (model_id, sv):
         raise ValueError(f"plan of dt={_day(day)} was made for {plan['model_id']}/{plan['sampling_version']}, "
                          f"config says {model_id}/{sv}: re-run plan_shards")
-    plan_rows = lake.read_partition(PLAN, day)
-    hashes = set(plan_rows.loc[plan_rows["shard_id"] == shard_id, "prompt_hash"])
+    # Only this shard's slice of the plan, the prompts and the store: its memory is bounded by the shard size.
+    hashes = {h for batch in lake.read_batches(PLAN, day, ["prompt_hash"], cfg.lake.batch_rows,
+                                               where={"shard_id": shard_id})
+              for h in batch.column("prompt_hash").to_pylist()}
     if not hashes:
         raise ValueError(f"shard {shard_id} is not in the plan of dt={_day(day)} (shards: "
                          f"{[s['shard_id'] for s in plan['shards']]})")
-    prompts, _ = extraction_prompts(cfg, day, lake)
-    prompts = prompts[prompts["prompt_hash"].isin(hashes)]
+    prompts = shard_prompts(cfg, day, lake, hashes)
 
     # Resume: skip what the store or this shard's checkpoints already hold.
     checkpoint_dir = _inflight_dir(lake, day, shard_id)
     checkpoints = _read_checkpoints(lake, checkpoint_dir)
     checkpoints = checkpoints[checkpoints["prompt_hash"].isin(hashes)
                               & (checkpoints["model_id"] == model_id) & (checkpoints["sampling_version"] == sv)]
-    known = known_prompt_hashes(lake, model_id, sv)
+    known = known_prompt_hashes(lake, model_id, sv, among=hashes)
     done = known | set(checkpoints["prompt_hash"])
     todo = prompts[~prompts["prompt_hash"].isin(done)].reset_index(drop=True)
     # Answers an earlier attempt of this shard paid for count as its calls and tokens, not as cache hits.
@@ -473,90 +487,26 @@ def _die_with_parent() -> None:
 # ---------------------------------------------------------------- assignment
 
 
-def _join_text(*parts: str) -> str:
-    return "\n".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+def assign_knowledge(cfg: Config, day: str | dt.date, spark=None) -> dict[str, Any]:
+    """Write `knowledge/assigned/dt=D/` with the Spark job `spark_jobs/knowledge.py` (the DAG runs it as the Spark
+    Connect task `assign_knowledge`), for callers outside the DAG (the in-process pipeline driver, the benchmarks):
+    on `spark`, else the active session, else a classic session of its own, stopped after. Records step
+    `llm_assign` and returns its payload."""
+    from reki_core.spark import get_spark
+    from spark_jobs.common import jobs_named, run_jobs
 
+    own = None
+    if spark is None:
+        from pyspark.sql import SparkSession
 
-def assign_knowledge(cfg: Config, day: str | dt.date) -> dict[str, Any]:
-    """Write `knowledge/assigned/dt=D/`: one row per user and item with the text to encode.
-
-    Users: history text + their answer (collective: + positive and negative group answers); items: the
-    answer (collective: the item group's answer). An entity whose answer failed today keeps its row of
-    the latest earlier assignment; without one it is left out and counted.
-    """
-    started = time.perf_counter()
-    lake = lake_of(cfg)
-    prompts = lake.read_partition(PROMPTS, day)
-    _, mode = extraction_prompts(cfg, day, lake)
-    model_id, sv = _model_keys(cfg)
-    answers = read_answers(lake, model_id, sv, prompts["prompt_hash"].unique())
-    answer_of = dict(zip(answers["prompt_hash"], answers["text"]))
-    if "history_text" not in prompts.columns:
-        prompts["history_text"] = ""
-    as_of = pd.to_numeric(prompts.get("as_of"), errors="coerce") if "as_of" in prompts.columns else None
-    prompts["as_of"] = as_of.astype("Int64") if as_of is not None else pd.NA
-
-    rows: list[dict[str, Any]] = []
-    missing: list[tuple[str, str]] = []
-
-    def add(kind: str, entity_id: str, text_parts: list[str], hashes: list[str], as_of_value) -> None:
-        if any(h not in answer_of for h in hashes) or not hashes:
-            missing.append((kind, entity_id))
-            return
-        rows.append({"entity_kind": kind, "entity_id": entity_id, "encode_text": _join_text(*text_parts),
-                     "prompt_hashes": hashes, "as_of": None if pd.isna(as_of_value) else int(as_of_value)})
-
-    own = prompts[prompts["entity_kind"].isin(INDIVIDUAL_KINDS)].drop_duplicates(["entity_kind", "entity_id"], keep="last")
-    if mode == "individual":
-        for r in own.itertuples(index=False):
-            history = r.history_text if r.entity_kind == "user" else ""
-            add(r.entity_kind, str(r.entity_id), [history, answer_of.get(r.prompt_hash, "")], [r.prompt_hash], r.as_of)
-    else:
-        clusters = lake.read_partition(CLUSTERS, day)
-        groups = prompts[prompts["entity_kind"].isin(GROUP_KINDS)].drop_duplicates(["entity_kind", "entity_id"], keep="last")
-        group_prompt = {(r.entity_kind, str(r.entity_id)): (r.prompt_hash, r.as_of) for r in groups.itertuples(index=False)}
-        member_group = {(r.clustering, str(r.entity_id)): str(r.group_id) for r in clusters.itertuples(index=False)}
-        user_rows = {str(r.entity_id): r for r in own[own["entity_kind"] == "user"].itertuples(index=False)}
-        for item_id in sorted(clusters.loc[clusters["clustering"] == "item", "entity_id"].astype(str).unique()):
-            h, group_as_of = group_prompt.get(("item_group", member_group[("item", item_id)]), (None, None))
-            add("item", item_id, [answer_of.get(h, "")], [h] if h else [], group_as_of)
-        user_ids = clusters.loc[clusters["clustering"].isin(["user_pos", "user_neg"]), "entity_id"].astype(str).unique()
-        for user_id in sorted(user_ids):
-            parts, hashes = [], []
-            own_row = user_rows.get(user_id)
-            parts.append(own_row.history_text if own_row is not None else "")
-            as_of_value = own_row.as_of if own_row is not None else None
-            for clustering, kind, label in (("user_pos", "user_pos_group", "Liked"), ("user_neg", "user_neg_group", "Disliked")):
-                gid = member_group.get((clustering, user_id))
-                if gid is None:
-                    continue  # a user without negative feedback has no negative group
-                h, group_as_of = group_prompt.get((kind, gid), (None, None))
-                hashes.append(h)
-                parts.append(f"{label}: {answer_of.get(h, '')}")
-                if as_of_value is None or pd.isna(as_of_value):
-                    as_of_value = group_as_of
-            add("user", user_id, parts, [h for h in hashes if h] if all(hashes) else [], as_of_value)
-
-    carried = 0
-    if missing:
-        previous_day = lake.latest_partition(ASSIGNED, upto=as_date(day) - dt.timedelta(days=1))
-        if previous_day is not None:
-            previous = lake.read_partition(ASSIGNED, previous_day)
-            keys = set(missing)
-            keep = previous[[(k, str(e)) in keys for k, e in zip(previous["entity_kind"], previous["entity_id"])]]
-            carried = len(keep)
-            rows += keep.to_dict("records")
-    assigned = pd.DataFrame(rows, columns=["entity_kind", "entity_id", "encode_text", "prompt_hashes", "as_of"])
-    assigned["as_of"] = assigned["as_of"].astype("Int64")
-    assigned = assigned.sort_values(["entity_kind", "entity_id"]).reset_index(drop=True)
-    lake.write_partition(assigned, ASSIGNED, day)
-    payload = {
-        "mode": mode, "users": int((assigned["entity_kind"] == "user").sum()),
-        "items": int((assigned["entity_kind"] == "item").sum()), "without_answer": len(missing),
-        "carried_from_previous": carried, "left_out": len(missing) - carried,
-        "seconds": round(time.perf_counter() - started, 3), "is_smoke_model": cfg.llm.is_smoke_model,
-    }
-    record_step(lake, day, "llm_assign", payload)
+        spark = SparkSession.getActiveSession()
+        if spark is None:
+            spark = own = get_spark(cfg, "reki-assign-knowledge")
+    try:
+        [payload] = run_jobs(spark, jobs_named(["knowledge"]), cfg, lake_of(cfg), as_date(day)).values()
+    finally:
+        if own is not None:
+            own.stop()
     return payload
 
 

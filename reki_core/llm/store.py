@@ -82,11 +82,14 @@ def store_files(lake: Lake, model_id: str | None = None, sampling_version: str |
     return sorted(files)
 
 
-def known_prompt_hashes(lake: Lake, model_id: str, sampling_version: str) -> set[str]:
-    """Prompt hashes that already have an answer from `model_id` under `sampling_version`."""
+def known_prompt_hashes(lake: Lake, model_id: str, sampling_version: str, among: set[str] | None = None) -> set[str]:
+    """Prompt hashes that already have an answer from `model_id` under `sampling_version` (only those `among`, when
+    given: a shard holds its own hashes, never the whole store's)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    wanted = pa.array(sorted(among), pa.string()) if among is not None else None
     known: set[str] = set()
     for path in store_files(lake, model_id, sampling_version):
         try:
@@ -95,6 +98,8 @@ def known_prompt_hashes(lake: Lake, model_id: str, sampling_version: str) -> set
         except (KeyError, ValueError) as exc:  # pyarrow names the missing column; add the file
             raise ValueError(f"knowledge store shard {lake.uri_of(path)}: {exc}") from exc
         mask = pc.and_(pc.equal(table["model_id"], model_id), pc.equal(table["sampling_version"], sampling_version))
+        if wanted is not None:
+            mask = pc.and_(mask, pc.is_in(table["prompt_hash"], value_set=wanted))
         known.update(table.filter(mask)["prompt_hash"].to_pylist())
     return known
 

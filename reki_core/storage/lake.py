@@ -352,9 +352,9 @@ class Lake:
         return f"{existing.location()}/data/dt={day.isoformat()}"
 
     def read_batches(self, dataset: str, day: str | dt.date, columns: list[str], batch_rows: int,
-                     where: dict[str, str] | None = None) -> Iterator[pa.RecordBatch]:
+                     where: dict[str, Any] | None = None) -> Iterator[pa.RecordBatch]:
         """Day D of a table dataset as `read_partition` gives it (a keyed dataset's state as of D), `columns` only and
-        only the rows whose columns equal `where`'s values, in record batches of at most `batch_rows` rows read one data
+        only the rows whose columns equal `where`'s values (or one of them, for a set), in record batches of at most `batch_rows` rows read one data
         file at a time: a reader holds a batch, never the day. The rows come in the table's file order, the same on
         every read of the same snapshot."""
         day = as_date(day)
@@ -384,12 +384,15 @@ class Lake:
     def _scan_batches(self, dataset: str, table, day: dt.date, columns: list[str], batch_rows: int,
                       where: dict[str, str] | None) -> Iterator[pa.RecordBatch]:
         """The rows of day D as stored, `columns` only, in batches of `batch_rows` rows (the last fewer)."""
-        from pyiceberg.expressions import And, EqualTo
+        from pyiceberg.expressions import AlwaysFalse, And, EqualTo, In
         from pyiceberg.io.pyarrow import ArrowScan, _read_all_delete_files, schema_to_pyarrow
 
         row_filter = EqualTo("dt", day.isoformat())
         for name, value in (where or {}).items():
-            row_filter = And(row_filter, EqualTo(name, value))
+            if isinstance(value, (set, frozenset, list, tuple)):  # one of these values (pruned by the files' stats)
+                row_filter = And(row_filter, In(name, sorted(value)) if value else AlwaysFalse())
+            else:
+                row_filter = And(row_filter, EqualTo(name, value))
         scan = table.scan(row_filter=row_filter, selected_fields=tuple(columns))
         schema = schema_to_pyarrow(scan.projection(), include_field_ids=False)
         reader = ArrowScan(table.metadata, table.io, scan.projection(), scan.row_filter)

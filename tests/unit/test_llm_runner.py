@@ -346,3 +346,30 @@ def test_a_server_answering_garbage_fails_the_shard_naming_it(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_shard_reads_only_its_slice_of_the_plan_prompts_and_store(tmp_path, monkeypatch):
+    """No whole-day read of the plan or the prompts, and only its own hashes of the store: a shard's memory is
+    bounded by the shard. Its prompts are those of the whole-day selection, in the same order."""
+    cfg = tiny_config(tmp_path, REKI__LAKE__BATCH_ROWS="2")
+    lake = Lake(cfg.lake_uri)
+    prompts = write_prompts(lake, DAY, individual_prompts(7, 5))
+    shards = runner.plan_shards(cfg, DAY)
+    expected, _ = runner.extraction_prompts(cfg, DAY, lake)
+    plan = lake.read_partition(runner.PLAN, DAY)
+    whole_reads, store_lookups = [], []
+    read_partition, known = Lake.read_partition, runner.known_prompt_hashes
+    monkeypatch.setattr(Lake, "read_partition", lambda self, dataset, *a, **k: (
+        whole_reads.append(dataset), read_partition(self, dataset, *a, **k))[1])
+    monkeypatch.setattr(runner, "known_prompt_hashes", lambda *a, **k: (store_lookups.append(k.get("among")),
+                                                                        known(*a, **k))[1])
+    backend = ScriptedBackend(cfg)
+    for shard in shards:
+        mine = set(plan.loc[plan["shard_id"] == shard["shard_id"], "prompt_hash"])
+        got = runner.shard_prompts(cfg, DAY, lake, mine)
+        want = expected[expected["prompt_hash"].isin(mine)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[want.columns].reset_index(drop=True), want, check_dtype=False)
+        runner.run_shard(cfg, DAY, shard["shard_id"], backend=backend)
+        assert store_lookups[-1] == mine
+    assert not {runner.PLAN, runner.PROMPTS} & set(whole_reads), whole_reads
+    assert sorted(backend.requests) == sorted(prompts["prompt_hash"])
