@@ -79,18 +79,37 @@ def extraction_mode(cfg: Config, prompts: pd.DataFrame) -> str:
     return "collective" if n_entities > cfg.scenario.auto_collective_above else "individual"
 
 
-def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> tuple[pd.DataFrame, str]:
-    """The prompts of `dt` that go to the LLM in this scenario's mode (one row per prompt_hash), and the mode."""
+def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None, columns: list[str] | None = None,
+                       among: set[str] | None = None) -> tuple[pd.DataFrame, str]:
+    """The prompts of `dt` that go to the LLM in this scenario's mode (one row per prompt_hash, `columns` of them, those
+    `among` some hashes when given), and the mode. The prompt stage flags those rows (`ask_llm`): only they are read,
+    the flag and the hashes pushed down to the table scan."""
     lake = lake or lake_of(cfg)
+    present = lake.column_names(PROMPTS)
+    if "ask_llm" not in present:  # written before the prompt stage flagged its rows
+        prompts, mode = _resolve_whole_day(cfg, day, lake)
+        prompts = prompts if among is None else prompts[prompts["prompt_hash"].isin(among)].reset_index(drop=True)
+        return (prompts if columns is None else prompts[list(dict.fromkeys(["prompt_hash", *columns]))]), mode
+    missing = {"prompt_hash", "entity_kind", "entity_id", "text"} - set(present)
+    if missing:
+        raise ValueError(f"{lake.describe(PROMPTS, day)}: missing columns {sorted(missing)}")
+    wanted = [c for c in present if columns is None or c == "prompt_hash" or c in columns]
+    where = {"ask_llm": True, **({"prompt_hash": among} if among is not None else {})}
+    batches = list(lake.read_batches(PROMPTS, day, wanted, cfg.lake.batch_rows, where=where))
+    chosen = pa.Table.from_batches(batches).to_pandas() if batches else pd.DataFrame(columns=wanted)
+    # The first row of a hash in table order, as a whole-day read keeps it: entities with one prompt share one call.
+    chosen = chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True)
+    # The stage made group prompts only in the collective mode: one batch of their kinds tells.
+    groups = lake.read_batches(PROMPTS, day, ["entity_kind"], 1, where={"entity_kind": set(GROUP_KINDS)})
+    return chosen, "collective" if next(groups, None) is not None else "individual"
+
+
+def _resolve_whole_day(cfg: Config, day: str | dt.date, lake: Lake) -> tuple[pd.DataFrame, str]:
+    """A day of prompts without the `ask_llm` flags: the mode from the whole day, then its kinds' prompts."""
     prompts = lake.read_partition(PROMPTS, day)
     missing = {"prompt_hash", "entity_kind", "entity_id", "text"} - set(prompts.columns)
     if missing:
         raise ValueError(f"{lake.describe(PROMPTS, day)}: missing columns {sorted(missing)}")
-    if "ask_llm" in prompts.columns:
-        # The prompt stage already resolved the mode: it flags the rows the LLM answers.
-        chosen = prompts[prompts["ask_llm"].astype(bool)]
-        mode = "collective" if prompts["entity_kind"].isin(GROUP_KINDS).any() else "individual"
-        return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True), mode
     mode = extraction_mode(cfg, prompts)
     kinds = INDIVIDUAL_KINDS if mode == "individual" else GROUP_KINDS
     chosen = prompts[prompts["entity_kind"].isin(kinds)]
@@ -99,19 +118,6 @@ def extraction_prompts(cfg: Config, day: str | dt.date, lake: Lake | None = None
                          f"of kind {list(kinds)}, found only {sorted(prompts['entity_kind'].unique())}")
     # Entities with the same prompt share one call.
     return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True), mode
-
-
-def shard_prompts(cfg: Config, day: str | dt.date, lake: Lake, hashes: set[str]) -> pd.DataFrame:
-    """`extraction_prompts` restricted to `hashes`, reading only their rows of the day's prompts (pushed down to the
-    table scan): the same rows, since the chosen row of a hash is its first in table order either way."""
-    columns = lake.column_names(PROMPTS)
-    if "ask_llm" not in columns:  # written before the prompt stage flagged its rows: the mode needs the whole day
-        prompts, _ = extraction_prompts(cfg, day, lake)
-        return prompts[prompts["prompt_hash"].isin(hashes)].reset_index(drop=True)
-    batches = list(lake.read_batches(PROMPTS, day, columns, cfg.lake.batch_rows, where={"prompt_hash": hashes}))
-    rows = pa.Table.from_batches(batches).to_pandas() if batches else pd.DataFrame(columns=columns)
-    chosen = rows[rows["ask_llm"].astype(bool)]
-    return chosen.drop_duplicates("prompt_hash").sort_values("prompt_hash").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- planning
@@ -172,10 +178,10 @@ def plan_shards(cfg: Config, day: str | dt.date) -> list[dict[str, Any]]:
     lake = lake_of(cfg)
     started = time.perf_counter()
     recovered = _recover_checkpoints(cfg, lake, day)
-    prompts, mode = extraction_prompts(cfg, day, lake)
+    prompts, mode = extraction_prompts(cfg, day, lake, columns=["prompt_hash"])  # the hashes are the plan
     model_id, sv = _model_keys(cfg)
     weights = check_model_weights(cfg, lake)  # before any cached answer is trusted
-    known = known_prompt_hashes(lake, model_id, sv)
+    known = known_prompt_hashes(lake, model_id, sv, among=set(prompts["prompt_hash"]))
     pending = prompts[~prompts["prompt_hash"].isin(known)]["prompt_hash"].tolist()
     size = max(1, cfg.llm.shard_size, math.ceil(len(pending) / cfg.llm.max_shards))
     plan_id = hashlib.sha256("\n".join([model_id, sv, *pending]).encode()).hexdigest()[:12]
@@ -251,7 +257,7 @@ def run_shard(cfg: Config, day: str | dt.date, shard_id: int, backend=None) -> d
     if not hashes:
         raise ValueError(f"shard {shard_id} is not in the plan of dt={_day(day)} (shards: "
                          f"{[s['shard_id'] for s in plan['shards']]})")
-    prompts = shard_prompts(cfg, day, lake, hashes)
+    prompts, _ = extraction_prompts(cfg, day, lake, among=hashes)
 
     # Resume: skip what the store or this shard's checkpoints already hold.
     checkpoint_dir = _inflight_dir(lake, day, shard_id)

@@ -353,10 +353,15 @@ def test_a_shard_reads_only_its_slice_of_the_plan_prompts_and_store(tmp_path, mo
     bounded by the shard. Its prompts are those of the whole-day selection, in the same order."""
     cfg = tiny_config(tmp_path, REKI__LAKE__BATCH_ROWS="2")
     lake = Lake(cfg.lake_uri)
-    prompts = write_prompts(lake, DAY, individual_prompts(7, 5))
+    rows = individual_prompts(7, 5)
+    rows.append({**rows[3], "entity_id": "u3-twin", "prompt_id": "user:u3-twin"})  # the same prompt: one call
+    rows.append(prompt_row("item", "i99", "Describe the movie number 99.", ask_llm=False))  # not for the LLM
+    whole_day = write_prompts(lake, DAY, rows)
+    prompts = whole_day[whole_day["ask_llm"]].drop_duplicates("prompt_hash")
+    expected = prompts.sort_values("prompt_hash").reset_index(drop=True)  # the whole day's selection
     shards = runner.plan_shards(cfg, DAY)
-    expected, _ = runner.extraction_prompts(cfg, DAY, lake)
     plan = lake.read_partition(runner.PLAN, DAY)
+    assert sorted(plan["prompt_hash"]) == sorted(expected["prompt_hash"])
     whole_reads, store_lookups = [], []
     read_partition, known = Lake.read_partition, runner.known_prompt_hashes
     monkeypatch.setattr(Lake, "read_partition", lambda self, dataset, *a, **k: (
@@ -366,10 +371,26 @@ def test_a_shard_reads_only_its_slice_of_the_plan_prompts_and_store(tmp_path, mo
     backend = ScriptedBackend(cfg)
     for shard in shards:
         mine = set(plan.loc[plan["shard_id"] == shard["shard_id"], "prompt_hash"])
-        got = runner.shard_prompts(cfg, DAY, lake, mine)
+        got, _ = runner.extraction_prompts(cfg, DAY, lake, among=mine)
         want = expected[expected["prompt_hash"].isin(mine)].reset_index(drop=True)
-        pd.testing.assert_frame_equal(got[want.columns].reset_index(drop=True), want, check_dtype=False)
+        pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+        assert "u3-twin" not in set(got["entity_id"])  # the first row of a hash, as the whole day keeps it
         runner.run_shard(cfg, DAY, shard["shard_id"], backend=backend)
         assert store_lookups[-1] == mine
     assert not {runner.PLAN, runner.PROMPTS} & set(whole_reads), whole_reads
     assert sorted(backend.requests) == sorted(prompts["prompt_hash"])
+
+
+def test_the_mode_is_collective_when_the_day_has_group_prompts_and_only_flagged_rows_are_planned(tmp_path):
+    cfg = tiny_config(tmp_path, REKI__LAKE__BATCH_ROWS="1")
+    lake = Lake(cfg.lake_uri)
+    rows = [{**r, "ask_llm": False} for r in individual_prompts(3, 2)]
+    rows += [prompt_row("item_group", "g1", "Describe what movies 1 and 2 share."),
+             prompt_row("user_pos_group", "p1", "Describe what users who liked movie 1 share.")]
+    write_prompts(lake, DAY, rows)
+    chosen, mode = runner.extraction_prompts(cfg, DAY, lake)
+    assert mode == "collective" and sorted(chosen["entity_kind"]) == ["item_group", "user_pos_group"]
+    runner.plan_shards(cfg, DAY)
+    assert lake.read_json(f"{runner.PLAN}/dt={DAY}/_plan.json")["mode"] == "collective"
+    write_prompts(lake, NEXT_DAY, individual_prompts(3, 2))
+    assert runner.extraction_prompts(cfg, NEXT_DAY, lake)[1] == "individual"
