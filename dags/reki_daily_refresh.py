@@ -30,7 +30,8 @@ logical date D (midnight UTC) processes D, as the scheduled and backfill runs of
 4. **plan_shards** then one mapped **extract** task per shard, clients of the warm LLM servers (pool
    `llm.client_pool`, `llm.max_active_shards` at a time; with an in-process engine, pool `gpu` as every
    task that may use CUDA: encode, train_if_no_model, augment and the weekly training): only prompts whose
-   hash has no knowledge yet go to the LLM; **assign_knowledge**; **answers_gate**.
+   hash has no knowledge yet go to the LLM; **assign_knowledge** (a Spark Connect task, job `knowledge`: the
+   text to encode per user and item); **answers_gate**.
 5. **encode** knowledge texts (cached by text hash); **train_if_no_model** registers a first adaptor
    when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
    adaptor to every user and item vector; **vectors_gate** checks every entity has one finite vector.
@@ -53,8 +54,8 @@ EXTRACT = ({"pool": CFG.llm.client_pool} if CFG.llm.backend == "openai" else GPU
     "max_active_tis_per_dagrun": CFG.llm.max_active_shards}
 
 
-def spark_jobs(task_id: str, *jobs: str) -> SparkConnectJobs:
-    return SparkConnectJobs(task_id=task_id, jobs=jobs, conn_id=CFG.spark.connect_conn_id)
+def spark_jobs(task_id: str, *jobs: str, **kwargs) -> SparkConnectJobs:
+    return SparkConnectJobs(task_id=task_id, jobs=jobs, conn_id=CFG.spark.connect_conn_id, **kwargs)
 
 
 # A replayed dataset (the embedded default) has a last day: no scheduled run is created past it, so
@@ -133,14 +134,6 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return run_shard_in_process_or_venv(cfg, day, shard["shard_id"])
 
-    # none_failed: on a day whose prompts are all cached the mapped extract has zero tasks (skipped).
-    @task(trigger_rule="none_failed")
-    def assign_knowledge(**context) -> dict:
-        from reki_core.llm.runner import assign_knowledge as assign
-
-        cfg, day = task_setup(context)
-        return assign(cfg, day)
-
     @task(**GATE)
     def answers_gate(**context) -> dict:
         from reki_core.llm.runner import extraction_summary
@@ -199,7 +192,9 @@ def reki_daily_refresh():
     prompts_ok = prompts_gate()
     shards = plan_shards()
     extracted = extract.expand(shard=shards)
-    assigned = assign_knowledge()
+    # A Spark job (spark_jobs/knowledge.py), none_failed: on a day whose prompts are all cached the mapped extract
+    # has zero tasks (skipped).
+    assigned = spark_jobs("assign_knowledge", "knowledge", trigger_rule="none_failed")
     answers_ok = answers_gate()
     encoded = encode()
     model = train_if_no_model()

@@ -116,11 +116,15 @@ def test_feature_tasks_are_spark_connect_clients(dagbag):
     from reki_core.config import load_config
 
     dag = dagbag.dags["reki_daily_refresh"]
-    spark_tasks = {t.task_id: t for t in dag.tasks if t.task_id.startswith("spark_")}
-    assert set(spark_tasks) == {"spark_features", "spark_clusters"}
-    assert {type(t).__name__ for t in spark_tasks.values()} == {"SparkConnectJobs"}
+    spark_tasks = {t.task_id: t for t in dag.tasks if type(t).__name__ == "SparkConnectJobs"}
+    assert set(spark_tasks) == {"spark_features", "spark_clusters", "assign_knowledge"}
     assert spark_tasks["spark_features"].jobs == ["items", "user_history", "ctr_samples"]
     assert spark_tasks["spark_clusters"].jobs == ["clusters"]
+    # Knowledge assignment is a Spark job too; it runs when the mapped extract has zero tasks (all cached).
+    assert spark_tasks["assign_knowledge"].jobs == ["knowledge"]
+    assert spark_tasks["assign_knowledge"].trigger_rule == "none_failed"
+    assert [t.task_id for t in spark_tasks["assign_knowledge"].upstream_list] == ["extract"]
+    assert [t.task_id for t in spark_tasks["assign_knowledge"].downstream_list] == ["answers_gate"]
     assert {t.conn_id for t in spark_tasks.values()} == {load_config().spark.connect_conn_id}
     assert not [t.task_id for d in dagbag.dags.values() for t in d.tasks if "SparkSubmit" in type(t).__name__]
 

@@ -96,7 +96,7 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
         "prompts_gate": lambda: gate_prompts(cfg, day).summary(),
         "plan_shards": lambda: plan_shards(cfg, day),
         "extract": lambda: _extract_all(cfg, day, run.results["plan_shards"]),
-        "assign_knowledge": lambda: assign_knowledge(cfg, day),
+        "assign_knowledge": lambda: assign_knowledge(cfg, day, spark),  # the Spark job on the shared session
         "answers_gate": lambda: validate_answers(cfg, day).summary(),
         "encode": lambda: encode_knowledge(cfg, day),
         "train_if_no_model": lambda: _train_if_no_model(cfg, day),

@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from reki_core.llm import runner
 from reki_core.llm.store import _model_folder, sampling_version, write_parquet_atomically, write_store_shard
 from reki_core.runlog import read_steps
 from reki_core.storage.lake import Lake, as_date
@@ -100,10 +101,11 @@ def test_individual_mode(spark, cfg):
     ]))
 
 
-@pytest.mark.parametrize("flagged", [True, False], ids=["ask_llm-column", "mode-from-config"])
-def test_collective_mode(spark, tmp_path, flagged):
-    cfg = make_config(tmp_path, REKI__SCENARIO_OVERRIDES="{extraction_mode: collective}")
-    lake = Lake(cfg.lake_uri)
+COLLECTIVE_ENV = {"REKI__SCENARIO_OVERRIDES": "{extraction_mode: collective}"}
+
+
+def collective_lake(cfg, lake: Lake, flagged: bool = True) -> pd.DataFrame:
+    """A collective day's prompts, clusters and answers; the rows the job must write."""
     rows = [prompt("user", u, f"individual prompt {u}", history=f"{u} history", as_of=a, ask_llm=False)
             for u, a in (("u1", 21), ("u2", 22), ("u3", 23))]
     rows += [prompt("item_group", g, f"items of {g}", as_of=30 + n) for n, g in enumerate(("ig0", "ig1", "ig2"))]
@@ -123,20 +125,45 @@ def test_collective_mode(spark, tmp_path, flagged):
     answered = ["items of ig0", "items of ig1", "liked by pg0", "liked by pg1", "disliked by ng0"]  # not ig2, pg2
     write_store_shard(lake, cfg.llm.engine.model_id, sampling_version(cfg), "shard",
                       [answer(cfg, h(t), f"A({t}) ") for t in answered])
-
-    result = assign(spark, cfg, lake, DAY)
-    # i5: its group has no prompt; i6 and u5: their group's prompt has no answer.
-    assert {k: result[k] for k in ("mode", "users", "items", "without_answer", "left_out")} == {
-        "mode": "collective", "users": 4, "items": 4, "without_answer": 3, "left_out": 3}
     pos, neg = h("liked by pg0"), h("disliked by ng0")
-    pd.testing.assert_frame_equal(assigned(lake, DAY), expected([
+    return expected([
         *[("item", i, "A(items of ig0)", [h("items of ig0")], 30) for i in ("i1", "i2", "i3")],
         ("item", "i4", "A(items of ig1)", [h("items of ig1")], 31),
         ("user", "u1", "u1 history\nLiked: A(liked by pg0)\nDisliked: A(disliked by ng0)", [pos, neg], 21),
         ("user", "u2", "u2 history\nLiked: A(liked by pg0)\nDisliked: A(disliked by ng0)", [pos, neg], 22),
         ("user", "u3", "u3 history\nLiked: A(liked by pg1)", [h("liked by pg1")], 23),  # no negative group
         ("user", "u4", "Liked: A(liked by pg1)", [h("liked by pg1")], 41),  # no user prompt: the group's as_of
-    ]))
+    ])
+
+
+# i5: its group has no prompt; i6 and u5: their group's prompt has no answer.
+COLLECTIVE_COUNTS = {"mode": "collective", "users": 4, "items": 4, "without_answer": 3, "carried_from_previous": 0,
+                     "left_out": 3}
+
+
+@pytest.mark.parametrize("flagged", [True, False], ids=["ask_llm-column", "mode-from-config"])
+def test_collective_mode(spark, tmp_path, flagged):
+    cfg = make_config(tmp_path, **COLLECTIVE_ENV)
+    lake = Lake(cfg.lake_uri)
+    rows = collective_lake(cfg, lake, flagged)
+    result = assign(spark, cfg, lake, DAY)
+    assert {k: result[k] for k in COLLECTIVE_COUNTS} == COLLECTIVE_COUNTS
+    pd.testing.assert_frame_equal(assigned(lake, DAY), rows)
+
+
+def test_the_job_as_a_spark_connect_client(spark_connect, tmp_path):
+    """As the DAG's task runs it: a client of the Connect server (the store's shards read through the server)."""
+    from tests.conftest import SMOKE_LLM
+    from tests.spark.test_two_engines import client
+
+    cfg = make_config(tmp_path, **COLLECTIVE_ENV)
+    lake = Lake(cfg.lake_uri)
+    rows = collective_lake(cfg, lake)
+    env = {**SMOKE_LLM, "REKI__PATHS__STATE_DIR": str(tmp_path / "state"), "REKI__PATHS__LAKE_URI": cfg.lake_uri,
+           "REKI__PATHS__DATA_DIR": str(cfg.data_dir), "REKI__SCENARIO": "movielens", **COLLECTIVE_ENV}
+    [result] = client("run", spark_connect, env, jobs=[["knowledge"]], days=[DAY.isoformat()])["results"]
+    assert {k: result["llm_assign"][k] for k in COLLECTIVE_COUNTS} == COLLECTIVE_COUNTS
+    pd.testing.assert_frame_equal(assigned(lake, DAY), rows)
 
 
 def test_entity_without_an_answer_keeps_its_previous_row(spark, cfg):
@@ -160,8 +187,9 @@ def test_entity_without_an_answer_keeps_its_previous_row(spark, cfg):
         ("user", "u0", "u0 h1\nold", [h("u0 v1")], 1),  # yesterday's row as it was
         ("user", "u1", "new", [h("u1 v2")], 6),
     ]))
-    # A re-run of the day gives the same rows (its own partition is not an earlier assignment).
-    assert assign(spark, cfg, lake, NEXT_DAY)["carried_from_previous"] == 1
+    # A re-run of the day gives the same rows (its own partition is not an earlier assignment); runner.assign_knowledge,
+    # which the in-process pipeline driver and the benchmarks call, runs the same job.
+    assert runner.assign_knowledge(cfg, NEXT_DAY, spark)["carried_from_previous"] == 1
     assert len(assigned(lake, NEXT_DAY)) == 3
 
 

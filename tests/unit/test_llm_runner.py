@@ -1,4 +1,4 @@
-"""The extraction runner: planning, cache hits, resume after a kill, failures, over-long prompts, assignment."""
+"""The extraction runner: planning, cache hits, resume after a kill, failures, over-long prompts (assignment: tests/spark)."""
 
 from __future__ import annotations
 
@@ -168,65 +168,6 @@ def test_over_long_prompts_follow_the_policy(tmp_path, policy):
         assert answers.set_index("prompt_hash").loc[rows[-1]["prompt_hash"], "truncated_prompt"]
     else:
         assert len(seen) == 2 and rows[-1]["prompt_hash"] not in set(answers["prompt_hash"])
-
-
-def test_individual_assignment(tmp_path):
-    cfg = tiny_config(tmp_path)
-    lake = Lake(cfg.lake_uri)
-    rows = write_prompts(lake, DAY, individual_prompts(2, 2))
-    _run_all(cfg, DAY, ScriptedBackend(cfg, answer=lambda t: "ANSWER " + t[-12:]))
-    result = runner.assign_knowledge(cfg, DAY)
-    assert (result["users"], result["items"], result["left_out"]) == (2, 2, 0)
-    assigned = lake.read_partition(runner.ASSIGNED, DAY).set_index("entity_id")
-    assert assigned.loc["u1", "encode_text"] == "User u1 watched movie 1.\nANSWER preferences."
-    assert assigned.loc["i0", "encode_text"] == "ANSWER ie number 0."
-    assert list(assigned.loc["i0", "prompt_hashes"]) == [rows.loc[2, "prompt_hash"]]
-    assert assigned.loc["u0", "as_of"] == 880000000
-
-
-@pytest.mark.parametrize("flagged", [True, False], ids=["ask_llm-column", "mode-from-config"])
-def test_collective_assignment_gives_users_their_positive_and_negative_group_texts(tmp_path, flagged):
-    cfg = tiny_config(tmp_path, REKI__SCENARIO_OVERRIDES="{extraction_mode: collective}")
-    lake = Lake(cfg.lake_uri)
-    rows = [prompt_row("user", u, f"individual prompt {u}", history=f"{u} history", ask_llm=False)
-            for u in ("u1", "u2", "u3")]
-    rows += [prompt_row("item_group", g, f"items of {g}") for g in ("ig0", "ig1")]
-    rows += [prompt_row("user_pos_group", g, f"liked by {g}") for g in ("pg0", "pg1")]
-    rows += [prompt_row("user_neg_group", "ng0", "disliked by ng0")]
-    if not flagged:  # prompts written before the prompt stage flagged the rows the LLM answers
-        rows = [{k: v for k, v in r.items() if k != "ask_llm"} for r in rows]
-    write_prompts(lake, DAY, rows)
-    clusters = pd.DataFrame(
-        [("item", i, "ig0") for i in ("i1", "i2", "i3")] + [("item", "i4", "ig1")]
-        + [("user_pos", "u1", "pg0"), ("user_pos", "u2", "pg0"), ("user_pos", "u3", "pg1")]
-        + [("user_neg", "u1", "ng0"), ("user_neg", "u2", "ng0")],
-        columns=["clustering", "entity_id", "group_id"])
-    lake.write_partition(clusters, runner.CLUSTERS, DAY)
-    backend = ScriptedBackend(cfg, answer=lambda t: "A(" + t + ")")
-    _run_all(cfg, DAY, backend)
-    assert len(backend.requests) == 5  # group prompts only: 5 calls for 4 items and 3 users
-    runner.assign_knowledge(cfg, DAY)
-    assigned = lake.read_partition(runner.ASSIGNED, DAY).set_index(["entity_kind", "entity_id"])
-    assert assigned.loc[("item", "i2"), "encode_text"] == "A(items of ig0)"
-    assert assigned.loc[("item", "i4"), "encode_text"] == "A(items of ig1)"
-    assert assigned.loc[("user", "u1"), "encode_text"] == "u1 history\nLiked: A(liked by pg0)\nDisliked: A(disliked by ng0)"
-    assert assigned.loc[("user", "u3"), "encode_text"] == "u3 history\nLiked: A(liked by pg1)"  # no negative feedback
-    by_kind = {r["entity_kind"]: r["prompt_hash"] for r in rows if r["entity_id"] in ("pg0", "ng0")}
-    assert list(assigned.loc[("user", "u2"), "prompt_hashes"]) == [by_kind["user_pos_group"], by_kind["user_neg_group"]]
-
-
-def test_entity_whose_answer_failed_keeps_its_previous_knowledge(tmp_path):
-    cfg = tiny_config(tmp_path, REKI__LLM__MAX_FAILURE_RATE="1")
-    lake = Lake(cfg.lake_uri)
-    write_prompts(lake, DAY, individual_prompts(2, 1))
-    _run_all(cfg, DAY, ScriptedBackend(cfg, answer=lambda t: "old"))
-    runner.assign_knowledge(cfg, DAY)
-    write_prompts(lake, NEXT_DAY, individual_prompts(2, 1, version=" v2"))
-    _run_all(cfg, NEXT_DAY, ScriptedBackend(cfg, answer=lambda t: None if "u0" in t else "new"))
-    result = runner.assign_knowledge(cfg, NEXT_DAY)
-    assert (result["without_answer"], result["carried_from_previous"]) == (1, 1)
-    assigned = lake.read_partition(runner.ASSIGNED, NEXT_DAY).set_index("entity_id")
-    assert assigned.loc["u0", "encode_text"].endswith("old") and assigned.loc["u1", "encode_text"].endswith("new")
 
 
 def test_missing_prompts_partition_names_the_path(tmp_path):
