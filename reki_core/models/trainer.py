@@ -46,12 +46,16 @@ class CTRModel(nn.Module):
 Chunks = Iterable[dict[str, torch.Tensor]]
 
 
-def _concat(chunks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
-
-
-def _take(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {k: v[idx] for k, v in batch.items()}
+def _gather(chunks: list[dict[str, torch.Tensor]], starts: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows `idx` of `chunks` laid end to end (`starts`: each chunk's first row), in that order, without joining the
+    chunks: a window costs its rows once."""
+    which = torch.searchsorted(starts, idx, right=True) - 1
+    out = {k: torch.empty((len(idx), *v.shape[1:]), dtype=v.dtype) for k, v in chunks[0].items()}
+    for c in which.unique().tolist():
+        rows = which == c
+        for k, v in chunks[c].items():
+            out[k][rows] = v[idx[rows] - starts[c]]
+    return out
 
 
 def shuffled_minibatches(chunks: Chunks, batch_size: int, buffer_rows: int,
@@ -59,24 +63,26 @@ def shuffled_minibatches(chunks: Chunks, batch_size: int, buffer_rows: int,
     """Minibatches of `batch_size` rows, shuffled within a window: chunks gather until `buffer_rows` rows, the window
     is permuted and its full minibatches given, the rest waits for the next window. Holds at most a window and a chunk;
     the same chunks and generator state give the same minibatches."""
-    pending, rows = [], 0
+    pending: list[dict[str, torch.Tensor]] = []
+    rows = 0
+
+    def window_batches(final: bool) -> Iterator[dict[str, torch.Tensor]]:
+        nonlocal pending, rows
+        starts = torch.tensor([0] + [len(c["label"]) for c in pending]).cumsum(0)[:-1]
+        order = torch.randperm(rows, generator=generator)
+        full = rows if final else rows - rows % batch_size
+        for start in range(0, full, batch_size):
+            yield _gather(pending, starts, order[start:start + batch_size])
+        rest = _gather(pending, starts, order[full:])
+        pending, rows = [rest], rows - full
+
     for chunk in chunks:
         pending.append(chunk)
         rows += len(chunk["label"])
-        if rows < buffer_rows:
-            continue
-        window = _concat(pending)
-        pending.clear()  # the chunks go as the window comes: one copy of the rows, not two
-        order = torch.randperm(rows, generator=generator)
-        full = rows - rows % batch_size
-        for start in range(0, full, batch_size):
-            yield _take(window, order[start:start + batch_size])
-        pending, rows = [_take(window, order[full:])], rows - full
+        if rows >= buffer_rows:
+            yield from window_batches(final=False)
     if rows:
-        window = _concat(pending)
-        order = torch.randperm(rows, generator=generator)
-        for start in range(0, rows, batch_size):
-            yield _take(window, order[start:start + batch_size])
+        yield from window_batches(final=True)
 
 
 @torch.no_grad()
