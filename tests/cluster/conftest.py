@@ -180,6 +180,16 @@ def wait_run(api, run_id: str, timeout_s: float = 1500) -> str:
     return state
 
 
+def wait_for(predicate, timeout_s: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
 def task_instances(api, run_id: str) -> list[dict]:
     return api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=200")["task_instances"]
 

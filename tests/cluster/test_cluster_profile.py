@@ -19,7 +19,8 @@ import pytest
 from reki_core.airflow_api import states_of
 from reki_core.config import PROJECT_ROOT
 from reki_core.storage.lake import Lake
-from tests.cluster.conftest import DAG_ID, ClusterStack, failed_logs, task_instances, trigger_day, wait_run
+from tests.cluster.conftest import (DAG_ID, ClusterStack, failed_logs, task_instances, trigger_day, wait_for,
+                                    wait_run)
 from tests.conftest import free_port_block
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(3600)]
@@ -37,16 +38,6 @@ def run_and_wait(stack: ClusterStack, api, day: dt.date) -> str:
     run_id = trigger_day(api, day)
     assert wait_run(api, run_id) == "success", failed_logs(stack, api, run_id)
     return run_id
-
-
-def wait_for(predicate, timeout_s: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def program_pid(stack: ClusterStack, name: str) -> int:

@@ -31,7 +31,7 @@ from reki_core import cluster
 from reki_core.config import PROJECT_ROOT
 from reki_core.storage.lake import lake_of
 from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, task_instances, trigger_day,
-                                    wait_run)
+                                    wait_for, wait_run)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(3600)]
 
@@ -173,16 +173,6 @@ class SecondHost:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _wait_for(predicate, timeout_s: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 # The day's work list for the LLM: empty on a re-run whose answers the knowledge store already holds, on any host.
 WORK_LISTS = ("knowledge/plan",)
 
@@ -256,7 +246,7 @@ def test_the_gpu_worker_on_a_second_host_publishes_the_same_day_and_survives_bei
         stack.supervisorctl("stop", "gpu-worker")
         host = SecondHost(stack, link)
         host.start()
-        _wait_for(lambda: any(HOSTNAME in line for line in host.tail().splitlines() if "ready" in line), 180,
+        wait_for(lambda: any(HOSTNAME in line for line in host.tail().splitlines() if "ready" in line), 180,
                   f"the second host's worker to be ready:\n{host.tail()}")
         assert host.in_namespaces("hostname").stdout.strip() == HOSTNAME
         for hidden in (stack.state, stack.state / "logs", PROJECT_ROOT / ".reki" / "data",
@@ -293,7 +283,7 @@ def test_the_gpu_worker_on_a_second_host_publishes_the_same_day_and_survives_bei
         with mock.patch.dict(os.environ, task_env):
             lake = lake_of(cfg)
             checkpoints = f"{lake.root}/knowledge/_inflight/dt={day2}/shard-00000"
-            _wait_for(lambda: any(p.endswith(".parquet") for p in lake.fs.glob(f"{checkpoints}/*.parquet")), 900,
+            wait_for(lambda: any(p.endswith(".parquet") for p in lake.fs.glob(f"{checkpoints}/*.parquet")), 900,
                       "the extraction shard's first checkpoint on the second host", interval=0.2)
         host.kill()
         host.start()
