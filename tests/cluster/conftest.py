@@ -194,17 +194,57 @@ def task_instances(api, run_id: str) -> list[dict]:
     return api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances?limit=200")["task_instances"]
 
 
+def vector_records(frame) -> list[dict]:
+    """Augmented vectors as plain records in a stable order, to compare two runs' outputs."""
+    records = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()} for row in frame.to_dict("records")]
+    return sorted(records, key=repr)
+
+
+def task_log(api, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
+    """A try's log as the UI shows it: on this profile, read by the API server from the object store."""
+    path = f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true"
+    if map_index >= 0:
+        path += f"&map_index={map_index}"
+    lines = []
+    for line in api.call("GET", path)["content"]:
+        if not isinstance(line, dict):
+            lines.append(str(line))
+            continue
+        lines.append(str(line.get("event", line)))
+        # A failure's exception comes structured beside its line.
+        lines += [f"{e.get('exc_type')}: {e.get('exc_value')}" for e in line.get("error_detail") or []]
+    return "\n".join(lines)
+
+
+def remote_task_logs(stack: ClusterStack) -> dict[str, bytes]:
+    """Every task log object under the profile's task logs folder, read with the writer identity."""
+    import json
+
+    from reki_core.cluster import task_logs_folder
+    from reki_core.storage.object_store import make_s3_client
+
+    cfg = stack.config()
+    creds = json.loads((stack.state / "secrets" / "s3_credentials.json").read_text())["writer"]
+    client = make_s3_client(cfg.object_store.endpoint_url, creds["access_key"], creds["secret_key"])
+    bucket, _, prefix = task_logs_folder(cfg).removeprefix("s3://").partition("/")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+            for o in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+
+
 def failed_logs(stack: ClusterStack, api, run_id: str) -> str:
     """The end of each failed task's log and the scheduler's, for an assertion message."""
     out = []
     for ti in task_instances(api, run_id):
         if ti["state"] not in ("success", "skipped"):
             out.append(f"{ti['task_id']}[{ti['map_index']}] {ti['state']} try {ti['try_number']} on {ti['hostname']}")
+            if ti["try_number"]:
+                try:
+                    out.append(task_log(api, run_id, ti["task_id"], ti["try_number"], ti["map_index"])[-2500:])
+                except Exception as exc:  # an assertion message: say why the log is missing, keep the rest
+                    out.append(f"(its log: {exc})")
     logs = stack.state / "logs"
     for name in ("cluster-scheduler.log", "cluster-worker.log", "cluster-gpu-worker.log"):
         if (logs / name).is_file():
             out.append(f"--- {name}\n" + (logs / name).read_text(errors="replace")[-2500:])
-    airflow_logs = stack.state / "cluster" / "airflow" / "logs"
-    for path in sorted(airflow_logs.rglob("*.log"))[-3:]:
-        out.append(f"--- {path}\n" + path.read_text(errors="replace")[-2500:])
     return "\n".join(out)

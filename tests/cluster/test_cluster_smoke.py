@@ -24,8 +24,8 @@ from reki_core.airflow_api import AirflowApiError
 from reki_core.storage.lake import lake_of
 from tests.security_checks import (generated_secrets, listening_beyond_loopback, open_to_others, secrets_held,
                                    secrets_in_files, with_children)
-from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, start_cluster, task_instances,
-                                    trigger_day, wait_run)
+from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, remote_task_logs, start_cluster,
+                                    task_instances, trigger_day, wait_run)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster_smoke, pytest.mark.timeout(2400)]
 
@@ -203,6 +203,11 @@ def _check_secrets_stay_where_they_belong(stack) -> None:
     roots = [stack.state / "logs", stack.state / "cluster", stack.lake]
     assert secrets_in_files(roots, secrets, skip=configs) == []
     assert open_to_others([*roots, stack.state / "secrets"]) == []
+    # The task logs are on the object store (the local files stay empty): none holds a generated secret.
+    task_logs = remote_task_logs(stack)
+    assert any("task_id=spark_features" in key for key in task_logs), sorted(task_logs)[:5]
+    assert [f"{key}: {name}" for key, body in task_logs.items() for name, value in secrets.items()
+            if value.encode() in body] == []
     assert {oct(c.stat().st_mode & 0o777) for c in configs} == {"0o600"}
 
 

@@ -29,8 +29,8 @@ import pytest
 from reki_core import cluster
 from reki_core.config import PROJECT_ROOT
 from reki_core.storage.lake import lake_of
-from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, task_instances, trigger_day,
-                                    wait_for, wait_run)
+from tests.cluster.conftest import (DAG_ID, ClusterStack, cluster_env, failed_logs, task_instances, task_log,
+                                    trigger_day, vector_records, wait_for, wait_run)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(3600)]
 
@@ -185,14 +185,6 @@ def _table_rows(lake, day: dt.date) -> dict[str, int]:
     return rows
 
 
-def _vectors(lake, day: dt.date) -> list[dict]:
-    """The day's augmented vectors as plain records, in a stable order."""
-    frame = lake.read_partition("vectors/augmented", day)
-    records = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in row.items()}
-               for row in frame.to_dict("records")]
-    return sorted(records, key=repr)
-
-
 def _clear_run(api, run_id: str) -> None:
     """Every task of the run again (the same run key, the same day)."""
     api.call("POST", f"/api/v2/dags/{DAG_ID}/clearTaskInstances",
@@ -238,7 +230,7 @@ def test_the_gpu_worker_on_a_second_host_publishes_the_same_day_and_survives_bei
         task_env = {**cluster.s3_writer_environment(cfg), **cluster.catalog_environment(cfg)}
         with mock.patch.dict(os.environ, task_env):
             lake = lake_of(cfg)
-            rows_one_host, vectors_one_host = _table_rows(lake, DAY), _vectors(lake, DAY)
+            rows_one_host, vectors_one_host = _table_rows(lake, DAY), vector_records(lake.read_partition("vectors/augmented", DAY))
         assert rows_one_host.get("vectors/augmented", 0) > 0, rows_one_host
 
         # Two hosts: the gpu queue's worker leaves this host for the other one.
@@ -264,13 +256,11 @@ def test_the_gpu_worker_on_a_second_host_publishes_the_same_day_and_survives_bei
         with mock.patch.dict(os.environ, task_env):
             lake = lake_of(cfg)
             assert _table_rows(lake, DAY) == rows_one_host
-            assert _vectors(lake, DAY) == vectors_one_host, "the second host's day published other vectors"
+            assert vector_records(lake.read_partition("vectors/augmented", DAY)) == vectors_one_host, "the second host's day published other vectors"
 
         # The UI shows the second host's log: the API server reads it from the object store.
         augment = next(ti for ti in tries if ti["task_id"] == "augment")
-        log = api.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{first_run}/taskInstances/augment/logs/"
-                              f"{augment['try_number']}?full_content=true")
-        text = str(log["content"])
+        text = task_log(api, first_run, "augment", augment["try_number"])
         assert f"s3://{cfg.lake.bucket}/{cfg.cluster.task_logs_prefix}/" in text, text[:3000]
         assert "apply_adaptor" in text or "augment" in text, text[:3000]
         assert not list((stack.state / "cluster" / "airflow" / "logs").rglob("*task_id=augment*/attempt="
