@@ -156,6 +156,8 @@ def test_a_process_without_the_connector_jars_opens_the_lake(monkeypatch, tmp_pa
     from reki_core.storage.lake import lake_of
 
     monkeypatch.setenv("REKI_JAR_CACHE", str(tmp_path / "no-jars"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKID")  # the task's identity, as a worker's environment holds it
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     cfg = make_config(tmp_path, REKI__LAKE__TABLES_IN_STORE="true", REKI__OBJECT_STORE__ENDPOINT_URL="http://127.0.0.1:8333")
     lake = lake_of(cfg)
     assert lake.store is not None and lake.spark_catalog_conf()["spark.sql.catalog.lake.uri"].startswith("jdbc:sqlite:")
