@@ -658,10 +658,7 @@ def write_pg_hba(cfg: Config) -> None:
         lines.append("host all all samenet scram-sha-256")
     body = "\n".join(lines) + "\n"
     if not path.is_file() or path.read_text() != body:
-        owner = path.stat() if path.is_file() else None
-        _write_private_text(path, body)
-        if owner is not None:
-            os.chown(path, owner.st_uid, owner.st_gid)
+        _write_private_text(path, body)  # rewritten in place: initdb's owner (PostgreSQL's user) stays
 
 
 def init_redis(cfg: Config) -> None:
