@@ -32,7 +32,9 @@ logical date D (midnight UTC) processes D, as the scheduled and backfill runs of
    task that may use CUDA: encode, train_if_no_model, augment and the weekly training): only prompts whose
    hash has no knowledge yet go to the LLM; **assign_knowledge** (a Spark Connect task, job `knowledge`: the
    text to encode per user and item); **answers_gate**.
-5. **encode** knowledge texts (cached by text hash); **train_if_no_model** registers a first adaptor
+5. **encoding_misses** (a Spark Connect task: validates the assignment, writes the texts the embedding cache lacks),
+   **encode** (encodes them batch by batch into the cache table), **knowledge_vectors** (a Spark Connect task: the
+   assignment joined with the cache); **train_if_no_model** registers a first adaptor
    when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
    adaptor to every user and item vector; **vectors_gate** checks every entity has one finite vector.
 6. **publish** a version to object storage (manifest last, `_LATEST.json` only forward) and emit
@@ -145,10 +147,10 @@ def reki_daily_refresh():
 
     @task(**GPU)  # may pick CUDA: never beside an extraction shard or the weekly training
     def encode(**context) -> dict:
-        from reki_core.encoding import encode_knowledge
+        from reki_core.encoding import encode_misses
 
         cfg, day = task_setup(context)
-        return encode_knowledge(cfg, day)
+        return encode_misses(cfg, day)
 
     @task(**GPU)  # may pick CUDA: never beside an extraction shard or the weekly training
     def train_if_no_model(**context) -> dict:
@@ -196,13 +198,16 @@ def reki_daily_refresh():
     # has zero tasks (skipped).
     assigned = spark_jobs("assign_knowledge", "knowledge", trigger_rule="none_failed")
     answers_ok = answers_gate()
+    # Spark jobs around the Python task: the texts the cache lacks, then the assignment joined with the cache.
+    misses = spark_jobs("encoding_misses", "encoding_misses")
     encoded = encode()
+    vectors = spark_jobs("knowledge_vectors", "knowledge_vectors")
     model = train_if_no_model()
     augmented = augment()
 
     landed >> raw_ok >> features >> needs_groups() >> clusters
     [features, clusters] >> features_ok >> built >> prompts_ok >> shards
-    extracted >> assigned >> answers_ok >> encoded >> model >> augmented >> vectors_gate() >> publish()
+    extracted >> assigned >> answers_ok >> misses >> encoded >> vectors >> model >> augmented >> vectors_gate() >> publish()
 
 
 reki_daily_refresh()

@@ -45,3 +45,8 @@ def timed_step(lake: Lake, day: str | dt.date, step: str) -> Iterator[dict[str, 
         raise
     payload["seconds"] = round(time.perf_counter() - start, 3)
     record_step(lake, day, step, payload)
+
+
+def read_step(lake: Lake, day: str | dt.date, step: str) -> dict[str, Any] | None:
+    """The record of one step of day D (None when it has none)."""
+    return lake.read_json(f"_runs/dt={as_date(day).isoformat()}/{step}.json")

@@ -221,6 +221,24 @@ def connect_client(cfg: Config, url: str | None = None, session_id: str | None =
             print(f"WARNING: releasing the Spark Connect session failed: {type(exc).__name__}", file=sys.stderr)
 
 
+@contextmanager
+def session_or_own(cfg: Config, spark: "SparkSession | None", app_name: str) -> Iterator["SparkSession"]:
+    """`spark`, else the active session, else a classic session of its own, stopped at the end: how callers outside
+    the DAG (the in-process pipeline driver, the benchmarks) run the DAG's Spark jobs."""
+    own = None
+    if spark is None:
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession()
+        if spark is None:
+            spark = own = get_spark(cfg, app_name)
+    try:
+        yield spark
+    finally:
+        if own is not None:
+            own.stop()
+
+
 CLASS_ARCHIVE = "jvm/spark-classes.jsa"
 
 

@@ -498,21 +498,11 @@ def assign_knowledge(cfg: Config, day: str | dt.date, spark=None) -> dict[str, A
     Connect task `assign_knowledge`), for callers outside the DAG (the in-process pipeline driver, the benchmarks):
     on `spark`, else the active session, else a classic session of its own, stopped after. Records step
     `llm_assign` and returns its payload."""
-    from reki_core.spark import get_spark
+    from reki_core.spark import session_or_own
     from spark_jobs.common import jobs_named, run_jobs
 
-    own = None
-    if spark is None:
-        from pyspark.sql import SparkSession
-
-        spark = SparkSession.getActiveSession()
-        if spark is None:
-            spark = own = get_spark(cfg, "reki-assign-knowledge")
-    try:
-        [payload] = run_jobs(spark, jobs_named(["knowledge"]), cfg, lake_of(cfg), as_date(day)).values()
-    finally:
-        if own is not None:
-            own.stop()
+    with session_or_own(cfg, spark, "reki-assign-knowledge") as session:
+        [payload] = run_jobs(session, jobs_named(["knowledge"]), cfg, lake_of(cfg), as_date(day)).values()
     return payload
 
 

@@ -15,7 +15,9 @@ rows from the newest day <= D that wrote it, back to the newest full day (a full
 writes what changed, not the whole history, and readers still see the whole state of any day. `DAY_FLAGS` hold only
 in rows written on the day read.
 
-Documents (`write_json`: run records, gate results), the stores (knowledge, embeddings, registry, shard checkpoints)
+`APPEND_DATASETS` (the embedding cache) are tables without days, only appended to, one commit per append.
+
+Documents (`write_json`: run records, gate results), the stores (knowledge, registry, shard checkpoints)
 and `FOLDER_DATASETS` (the extraction failures that concurrent shards write file by file) are files under `lake_uri`
 through fsspec: objects in the lake bucket (`s3://<lake.bucket>/lake`, the default), or a test's folder.
 """
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 _PARTITION_RE = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 # Still folders of Parquet files (see the module's docstring).
 FOLDER_DATASETS = frozenset({"knowledge/failures"})
+# Tables without days, only appended to (`Lake.append_rows`, one commit each): the embedding cache.
+APPEND_DATASETS = frozenset({"embeddings/cache"})
 # Datasets written as changes, with the column whose value groups a key's rows (see the module's docstring).
 KEYED_DATASETS = {"features/user_history": "user_id", "features/knowledge_versions": "user_id",
                   "features/ctr_samples": "user_id"}
@@ -350,6 +354,21 @@ class Lake:
                                             f"(the previous version stays)") from exc
             raise
         return f"{existing.location()}/data/dt={day.isoformat()}"
+
+    def append_rows(self, data: pa.Table, dataset: str, snapshot_properties: dict[str, str] | None = None) -> None:
+        """Append `data` to an `APPEND_DATASETS` table (created, unpartitioned, on the first append) in one commit:
+        readers see all of its rows or none. `snapshot_properties` go into the commit's snapshot summary."""
+        if dataset not in APPEND_DATASETS:
+            raise ValueError(f"{dataset}: only {sorted(APPEND_DATASETS)} are appended to")
+        data = iceberg_ready(data)
+        existing = self.load_table(dataset)
+        if existing is None:
+            self.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
+            with self._store_errors("creating", dataset):
+                existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=data.schema)
+        data = self._aligned(data, existing, dataset)
+        with self._store_errors("appending to", dataset):
+            existing.append(data, snapshot_properties=dict(snapshot_properties or {}))
 
     def read_batches(self, dataset: str, day: str | dt.date, columns: list[str], batch_rows: int,
                      where: dict[str, Any] | None = None) -> Iterator[pa.RecordBatch]:

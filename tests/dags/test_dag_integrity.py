@@ -138,3 +138,15 @@ def test_lake_maintenance_runs_on_the_configured_schedule(dagbag):
     assert isinstance(dag.timetable, CronDataIntervalTimetable)
     assert dag.timetable._expression == load_config().lake.maintenance.schedule
     assert [t.task_id for t in dag.tasks] == ["maintain_tables"] and dag.max_active_runs == 1
+
+
+def test_encoding_is_a_python_task_between_two_spark_jobs(dagbag):
+    """Issue 28: the joins of encoding run on the Connect server; the Python task only encodes the misses."""
+    dag = dagbag.dags["reki_daily_refresh"]
+    misses, encode, vectors = (dag.get_task(t) for t in ("encoding_misses", "encode", "knowledge_vectors"))
+    assert (type(misses).__name__, misses.jobs) == ("SparkConnectJobs", ["encoding_misses"])
+    assert (type(vectors).__name__, vectors.jobs) == ("SparkConnectJobs", ["knowledge_vectors"])
+    assert [t.task_id for t in misses.upstream_list] == ["answers_gate"]
+    assert [t.task_id for t in encode.upstream_list] == ["encoding_misses"]
+    assert [t.task_id for t in vectors.upstream_list] == ["encode"]
+    assert [t.task_id for t in vectors.downstream_list] == ["train_if_no_model"]

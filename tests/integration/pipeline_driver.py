@@ -98,7 +98,7 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
         "extract": lambda: _extract_all(cfg, day, run.results["plan_shards"]),
         "assign_knowledge": lambda: assign_knowledge(cfg, day, spark),  # the Spark job on the shared session
         "answers_gate": lambda: validate_answers(cfg, day).summary(),
-        "encode": lambda: encode_knowledge(cfg, day),
+        "encode": lambda: encode_knowledge(cfg, day, spark=spark),  # its Spark jobs on the shared session
         "train_if_no_model": lambda: _train_if_no_model(cfg, day),
         "augment": lambda: apply_adaptor(cfg, day),
     }
