@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -52,6 +51,7 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 from reki_core.config import PROJECT_ROOT, load_config  # noqa: E402
 from reki_core.datasets import movielens, synthetic  # noqa: E402
 from reki_core.localstack import CONNECT_TOKEN_ENV, SparkConnectServer, ensure_connect_token, free_port_block  # noqa: E402
+from reki_core.process_memory import ProcessTreePeak  # noqa: E402
 from reki_core.prompts import resolve_mode  # noqa: E402
 from reki_core.spark import class_archive, connect_client, ensure_class_archive, spark_submit, submit_conf, task_session_id  # noqa: E402
 from reki_core.storage.lake import Lake  # noqa: E402
@@ -60,43 +60,6 @@ from spark_jobs.features import FEATURE_JOBS  # noqa: E402
 
 WARMUP_INTERACTIONS = 5_000
 ML100K_REPEATS = 2  # the ML-100K runs take seconds: time each twice, keep the fastest
-
-
-class PeakRss:
-    """Highest resident memory of a process tree while running (MB), sampled every half second."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def now_mb(self) -> float:
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.Error:
-            return 0.0
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total / 2**20
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self.now_mb())
-            self._stop.wait(0.5)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 class Runner:
@@ -410,13 +373,13 @@ def main() -> int:
         }
         runner = Runner(url)
         try:
-            with PeakRss(server.pid()) as rss:
+            with ProcessTreePeak(server.pid(), interval_s=0.5) as rss:
                 warm_up(runner, books, collective, Path(tmp))
-                result["connect_server_rss_mb"] = {"after_warm_up": round(rss.now_mb(), 1)}
+                result["connect_server_rss_mb"] = {"after_warm_up": round(rss.now_mib(), 1)}
 
                 def write() -> None:
                     summarise(result)
-                    result["connect_server_rss_mb"].update(peak=round(rss.peak_mb, 1), now=round(rss.now_mb(), 1))
+                    result["connect_server_rss_mb"].update(peak=round(rss.peak_mib, 1), now=round(rss.now_mib(), 1))
                     result["load_average_1m"][f"after_{len(result['sizes'])}_sizes"] = round(os.getloadavg()[0], 2)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_text(json.dumps(result, indent=2, sort_keys=True))

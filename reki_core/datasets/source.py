@@ -44,7 +44,7 @@ def delivery_files(lake: Lake, what: str, day: dt.date) -> list[str]:
     return sorted(f for f in lake.fs.ls(folder, detail=False) if not f.rsplit("/", 1)[-1].startswith((".", "_")))
 
 
-def _write_delivery(lake: Lake, what: str, day: dt.date, df: pd.DataFrame) -> None:
+def write_delivery(lake: Lake, what: str, day: dt.date, df: pd.DataFrame) -> None:
     folder = lake.partition_path(INCOMING[what], day)
     lake.fs.makedirs(folder, exist_ok=True)
     tmp = f"{folder}/_{what}.parquet.tmp"
@@ -65,13 +65,13 @@ def replay_delivery(cfg: Config, lake: Lake, days: list[dt.date], snapshot_day: 
         start, end = day_bounds(day)
         if not delivery_files(lake, "interactions", day):
             day_rows = inter[(inter["ts"] >= start) & (inter["ts"] < end)]
-            _write_delivery(lake, "interactions", day, day_rows)
+            write_delivery(lake, "interactions", day, day_rows)
             written += 1
     seen = inter[inter["ts"] < day_bounds(snapshot_day)[1]]
     if not delivery_files(lake, "users", snapshot_day):
-        _write_delivery(lake, "users", snapshot_day, users[users["user_id"].isin(seen["user_id"])])
+        write_delivery(lake, "users", snapshot_day, users[users["user_id"].isin(seen["user_id"])])
         written += 1
     if not delivery_files(lake, "items", snapshot_day):
-        _write_delivery(lake, "items", snapshot_day, items[items["item_id"].isin(seen["item_id"])])
+        write_delivery(lake, "items", snapshot_day, items[items["item_id"].isin(seen["item_id"])])
         written += 1
     return written
