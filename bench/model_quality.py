@@ -48,7 +48,6 @@ def metadata_knowledge(cfg, lake, day, encoder):
     """A KnowledgeIndex whose texts are item metadata and users' prompt history parts (no LLM output)."""
     import pandas as pd
 
-    from reki_core.encoding import EmbeddingCache, encode_texts_cached
     from reki_core.models.data import KnowledgeIndex
 
     items = lake.read_partition("features/items", day)
@@ -56,9 +55,9 @@ def metadata_knowledge(cfg, lake, day, encoder):
     users = prompts[prompts["entity_kind"] == "user"].drop_duplicates("prompt_hash", keep="last")
     users = users[users["history_text"].fillna("").str.strip() != ""]
     item_texts = [metadata_text(t, y, g) for t, y, g in zip(items["title"], items["year"], items["genres"])]
-    cache = EmbeddingCache(lake, encoder.encoder_id)
-    item_vecs, _ = encode_texts_cached(encoder, cache, item_texts, cfg.encoding.batch_size)
-    user_vecs, _ = encode_texts_cached(encoder, cache, users["history_text"].astype(str).tolist(), cfg.encoding.batch_size)
+    # Encoded here, not through the lake's embedding cache: its appends are the daily encode task's (a few seconds).
+    item_vecs = encoder.encode(item_texts, cfg.encoding.batch_size)
+    user_vecs = encoder.encode(users["history_text"].astype(str).tolist(), cfg.encoding.batch_size)
     frame = pd.concat([
         pd.DataFrame({"entity_kind": "item", "entity_id": items["item_id"].astype(str), "vector": list(item_vecs),
                       "prompt_hashes": [[] for _ in range(len(items))], "as_of": pd.NA, "dt": day}),
@@ -136,7 +135,7 @@ def prepare_real_knowledge(cfg, mode: str, max_shards: int) -> dict:
                 (target / relative).parent.mkdir(parents=True, exist_ok=True)
                 origin.fs.get_file(path, str(target / relative))
         origin.copy_tables_to(Lake(str(target)), skip=frozenset({"knowledge", "prompts", "features/clusters",
-                                                                 "features/knowledge_vectors"}))
+                                                                 "features/knowledge_vectors", "embeddings"}))
         copied.write_text(f"copied from {origin.uri}\n")
     lake = lake_of(bench_cfg)
     if not lake.has_partition("prompts", day):

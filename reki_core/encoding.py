@@ -14,15 +14,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib.metadata
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from reki_core.config import Config
 from reki_core.fingerprint import folder_fingerprint
@@ -32,7 +28,6 @@ from reki_core.storage.lake import Lake, as_date, lake_of
 BUNDLED_ENCODER = "all-MiniLM-L6-v2"
 ASSIGNED = "knowledge/assigned"
 KNOWLEDGE_VECTORS = "features/knowledge_vectors"
-EMBEDDING_STORE = "embeddings/store"
 EMBEDDING_CACHE = "embeddings/cache"  # a table appended to (storage/lake.py APPEND_DATASETS)
 MISSES = "embeddings/misses"  # spark_jobs/encoding_misses.py
 MISSES_STEP = "encoding_misses"  # its run-log step
@@ -115,155 +110,6 @@ class TextEncoder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
                 out[idx] = pooled.float().cpu().numpy()
         return out
-
-
-# ---------------------------------------------------------------- cache
-
-
-class EmbeddingCache:
-    """`embeddings/store/`: append-only parquet shards of (text_hash, encoder_id, vector), one shard per run."""
-
-    def __init__(self, lake: Lake, encoder_id: str):
-        self.lake = lake
-        self.encoder_id = encoder_id
-        # Shards carry a short key of the encoder id so a run reads only its own encoder's shards.
-        self.key = hashlib.sha256(encoder_id.encode()).hexdigest()[:12]
-        self.folder = lake.dataset_path(EMBEDDING_STORE)
-
-    def _shards(self) -> list[str]:
-        if not self.lake.fs.exists(self.folder):
-            return []
-        return sorted(p for p in self.lake.fs.ls(self.folder, detail=False)
-                      if p.rsplit("/", 1)[-1].startswith(f"enc-{self.key}-") and p.endswith(".parquet"))
-
-    def lookup(self, hashes: set[str]) -> dict[str, np.ndarray]:
-        import pyarrow.compute as pc
-
-        found: dict[str, np.ndarray] = {}
-        wanted = pa.array(sorted(hashes), pa.string())
-        for shard in self._shards():
-            with self.lake.fs.open(shard, "rb") as fh:
-                table = pq.read_table(fh)
-            # Filtered in Arrow: only the matching rows' vectors become numpy, however large the shard.
-            mask = pc.and_(pc.equal(table["encoder_id"], self.encoder_id), pc.is_in(table["text_hash"], value_set=wanted))
-            table = table.filter(mask)
-            if not len(table):
-                continue
-            vectors = table["vector"].combine_chunks()
-            flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            offsets = vectors.offsets.to_numpy() - vectors.offsets[0].as_py()  # flatten() starts at the first offset
-            for i, h in enumerate(table["text_hash"].to_pylist()):
-                found[h] = flat[offsets[i]:offsets[i + 1]].copy()
-        return found
-
-    def add(self, vectors: dict[str, np.ndarray]) -> str | None:
-        if not vectors:
-            return None
-        table = pa.table({
-            "text_hash": list(vectors),
-            "encoder_id": [self.encoder_id] * len(vectors),
-            "vector": pa.array([v.tolist() for v in vectors.values()], type=pa.list_(pa.float32())),
-        })
-        name = f"enc-{self.key}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        self.lake.fs.makedirs(self.folder, exist_ok=True)
-        final = f"{self.folder}/{name}"
-        # Write aside then move: a crashed run never leaves a half shard that later runs would read.
-        tmp = f"{self.folder}/_tmp-{name}"
-        with self.lake.fs.open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-        self.lake.fs.mv(tmp, final)
-        return final
-
-
-def encode_texts_cached(encoder: TextEncoder, cache: EmbeddingCache, texts: list[str], batch_size: int,
-                        progress: bool = True) -> tuple[np.ndarray, dict[str, int]]:
-    """Vectors for `texts` (row-aligned), encoding only texts missing from the cache."""
-    hashes = [text_hash(t) for t in texts]
-    unique = dict(zip(hashes, texts))
-    cached = cache.lookup(set(unique))
-    missing = {h: t for h, t in unique.items() if h not in cached}
-    if missing:
-        fresh = encoder.encode(list(missing.values()), batch_size=batch_size, progress=progress)
-        new = dict(zip(missing, fresh))
-        cache.add(new)
-        cached.update(new)
-    vectors = np.stack([cached[h] for h in hashes]) if hashes else np.zeros((0, encoder.dim), np.float32)
-    return vectors, {"unique_texts": len(unique), "cache_hits": len(unique) - len(missing), "encoded": len(missing)}
-
-
-# ---------------------------------------------------------------- the daily step
-
-
-def _validate_assigned(df: pd.DataFrame, known: dict[str, set[str]], where: str) -> None:
-    missing_cols = [c for c in ASSIGNED_COLUMNS if c not in df.columns]
-    if missing_cols:
-        raise EncodingError(f"{where}: missing columns {missing_cols}")
-    bad_kind = df.loc[~df["entity_kind"].isin(["user", "item"]), "entity_kind"].unique().tolist()
-    if bad_kind:
-        raise EncodingError(f"{where}: column entity_kind has values {bad_kind[:5]}, expected user/item")
-    empty = df["encode_text"].isna() | (df["encode_text"].astype("string").str.strip() == "")
-    if empty.any():
-        rows = df.loc[empty, ["entity_kind", "entity_id"]].head(5).to_dict("records")
-        raise EncodingError(f"{where}: column encode_text is empty for {int(empty.sum())} rows, e.g. {rows}")
-    dup = df.duplicated(["entity_kind", "entity_id"], keep=False)
-    if dup.any():
-        rows = df.loc[dup, ["entity_kind", "entity_id"]].drop_duplicates().head(5).to_dict("records")
-        raise EncodingError(f"{where}: more than one row per entity for {rows}")
-    for kind, ids in known.items():
-        ids_here = df.loc[df["entity_kind"] == kind, "entity_id"].astype(str)
-        unknown = sorted(set(ids_here) - ids)
-        if unknown:
-            raise EncodingError(
-                f"{where}: {len(unknown)} knowledge rows for unknown {kind}s (entity_id not in the {kind} features "
-                f"of this date), e.g. {unknown[:5]}"
-            )
-
-
-def _known_entities(lake: Lake, day: dt.date) -> dict[str, set[str]]:
-    """Users and items the features of `day` know (the Spark stage's outputs)."""
-    users = lake.read_partition("features/user_history", day, columns=["user_id"])["user_id"].astype(str)
-    items = lake.read_partition("features/items", day, columns=["item_id"])["item_id"].astype(str)
-    return {"user": set(users), "item": set(items)}
-
-
-def encode_knowledge_in_memory(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None = None,
-                               progress: bool = True) -> dict[str, Any]:
-    """(The old path, kept until the new one is compared with it.) Encode `knowledge/assigned/dt=D/` into `features/knowledge_vectors/dt=D/` (one vector per entity).
-
-    Fails with `EncodingError` on empty texts, duplicate entities and entities unknown to the features.
-    """
-    day = as_date(dt_)
-    lake = lake_of(cfg)
-    with timed_step(lake, day, "encode_knowledge") as record:
-        assigned = lake.read_partition(ASSIGNED, day)
-        where = lake.describe(ASSIGNED, day)
-        _validate_assigned(assigned, _known_entities(lake, day), where)
-        encoder = encoder or TextEncoder.from_config(cfg)
-        cache = EmbeddingCache(lake, encoder.encoder_id)
-        texts = assigned["encode_text"].astype(str).tolist()
-        vectors, stats = encode_texts_cached(encoder, cache, texts, cfg.encoding.batch_size, progress)
-        out = pd.DataFrame({
-            "entity_kind": assigned["entity_kind"].astype(str),
-            "entity_id": assigned["entity_id"].astype(str),
-            "vector": list(vectors),
-            "prompt_hashes": assigned["prompt_hashes"].map(lambda h: [str(x) for x in h] if h is not None else []),
-            "as_of": assigned["as_of"].astype("Int64"),  # null when upstream has no as_of (e.g. a group text)
-            "text_hash": [text_hash(t) for t in texts],
-            "encoder_id": encoder.encoder_id,
-        })
-        table = pa.Table.from_pandas(out, preserve_index=False).set_column(
-            2, "vector", pa.array([v.tolist() for v in vectors], type=pa.list_(pa.float32())))
-        lake.write_partition(table, KNOWLEDGE_VECTORS, day)
-        record.update({
-            "rows": len(out),
-            "users": int((out["entity_kind"] == "user").sum()),
-            "items": int((out["entity_kind"] == "item").sum()),
-            "encoder_id": encoder.encoder_id,
-            "dim": encoder.dim,
-            **stats,
-            "cache_hit_rate": round(stats["cache_hits"] / stats["unique_texts"], 4) if stats["unique_texts"] else None,
-        })
-    return record
 
 
 # ---------------------------------------------------------------- the daily steps, bounded by the batch

@@ -19,10 +19,10 @@ import sys
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from reki_core.encoding import MISSES as DATASET
+from reki_core.encoding import MISSES_STEP as STEP  # the run-log step (jobs_named); `encode_misses` reads it
 from spark_jobs.common import cache, releases_cache
 
-DATASET = "embeddings/misses"
-STEP = "encoding_misses"  # the run-log step (jobs_named); `reki_core.encoding.encode_misses` reads it
 EXAMPLES = 5  # rows a message names
 
 

@@ -16,15 +16,15 @@ import sys
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from reki_core.encoding import KNOWLEDGE_VECTORS as DATASET
 from spark_jobs.common import cache, releases_cache
 
-DATASET = "features/knowledge_vectors"
 STEP = "knowledge_vectors"
-COLUMNS = ("entity_kind", "entity_id", "vector", "prompt_hashes", "as_of", "text_hash", "encoder_id")
 
 
 def transform(assigned: DataFrame, cached: DataFrame, encoder_id: str) -> DataFrame:
-    """The COLUMNS of each assigned row, `vector` null where `cached` (the encoder's cache rows) has none."""
+    """The dataset's columns for each assigned row, `vector` null where `cached` (the encoder's cache rows) has
+    none."""
     from spark_jobs.encoding_misses import with_text_hash
 
     rows = with_text_hash(assigned)

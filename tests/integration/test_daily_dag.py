@@ -70,7 +70,7 @@ def test_every_stage_ran_and_published(first_run, seaweed):
     steps = steps_of(tmp, DT)
     for step in ("land", "raw_gate", "features_items", "features_user_history", "features_ctr_samples",
                  "features_clusters", "feature_gates", "prompts", "llm_plan", "llm_assign", "llm_answers_gate",
-                 "encode_knowledge", "train_model", "apply_adaptor", "vectors_gate", "publish"):
+                 "encoding_misses", "encode_knowledge", "knowledge_vectors", "train_model", "apply_adaptor", "vectors_gate", "publish"):
         assert step in steps, f"step {step} left no run record"
         assert steps[step].get("success", True), steps[step]
     assert steps["land"]["initial_load"] is True

@@ -134,34 +134,24 @@ def test_bad_assignments_are_clear_errors(spark, cfg, lake, encoder):
     assert not lake.has_partition(KNOWLEDGE_VECTORS, DAY1)
 
 
-def test_new_path_writes_what_the_old_one_wrote(spark, tmp_path, encoder):
-    """The in-memory path (before issue 28) and the Spark one, on the same two days: same rows, values and counts."""
-    from reki_core.encoding import encode_knowledge_in_memory
-
-    days = {DAY1: [row("user", "1", "likes noir"), row("user", "2", "Ünïcode ✓ text  "),
-                   row("item", "10", "a comedy"), row("item", "11", "a comedy", as_of=None),
-                   {**row("item", "12", "no hashes"), "prompt_hashes": None}],
-            DAY2: [row("user", "1", "likes noir"), row("user", "2", "likes comedy"),
-                   row("item", "10", "a new drama", as_of=200), row("item", "11", "a comedy", as_of=None)]}
-    outs, records = {}, {}
-    for arm in ("old", "new"):
-        cfg = make_config(tmp_path / arm, REKI__LAKE__BATCH_ROWS="2")
-        lake = Lake(cfg.lake_uri)
-        for day, assigned in days.items():
-            write_day(lake, day, assigned, items=("10", "11", "12"))
-            run = encode_knowledge_in_memory if arm == "old" else encode_knowledge
-            kwargs = {} if arm == "old" else {"spark": spark}
-            records[arm, day] = run(cfg, day, encoder=encoder, progress=False, **kwargs)
-            outs[arm, day] = lake.read_partition(KNOWLEDGE_VECTORS, day).sort_values(
-                ["entity_kind", "entity_id"], ignore_index=True)
-        outs[arm, "schema"] = [(f.name, str(f.field_type)) for f in lake.load_table(KNOWLEDGE_VECTORS).schema().fields]
-    assert outs["old", "schema"] == outs["new", "schema"]
-    keys = ("rows", "users", "items", "unique_texts", "cache_hits", "encoded", "cache_hit_rate", "encoder_id", "dim")
-    for day in days:
-        assert {k: records["old", day][k] for k in keys} == {k: records["new", day][k] for k in keys}
-        old, new = outs["old", day], outs["new", day]
-        assert list(old.columns) == list(new.columns)
-        pd.testing.assert_frame_equal(old.drop(columns=["vector", "prompt_hashes"]),
-                                      new.drop(columns=["vector", "prompt_hashes"]))
-        assert [list(h) for h in old["prompt_hashes"]] == [list(h) for h in new["prompt_hashes"]]
-        np.testing.assert_allclose(np.stack(old["vector"]), np.stack(new["vector"]), atol=1e-5)
+def test_each_row_is_its_assignment_with_the_vector_of_its_text(spark, cfg, lake, encoder):
+    """What the in-memory step wrote before issue 28 (compared row by row, old against new, before it was removed):
+    the assignment's row, its text's own vector, no prompt hash an empty list, a missing as_of null."""
+    assigned = [row("user", "1", "likes noir"), row("user", "2", "Ünïcode ✓ text  "), row("item", "10", "a comedy"),
+                row("item", "11", "a comedy", as_of=None), {**row("item", "12", "no hashes"), "prompt_hashes": None}]
+    write_day(lake, DAY1, assigned, items=("10", "11", "12"))
+    record = encode_knowledge(cfg, DAY1, encoder=encoder, progress=False, spark=spark)
+    assert {k: record[k] for k in ("rows", "users", "items", "unique_texts", "cache_hits", "encoded", "dim")} == {
+        "rows": 5, "users": 2, "items": 3, "unique_texts": 4, "cache_hits": 0, "encoded": 4, "dim": 384}
+    out = lake.read_partition(KNOWLEDGE_VECTORS, DAY1).sort_values(["entity_kind", "entity_id"], ignore_index=True)
+    assert [(f.name, str(f.field_type)) for f in lake.load_table(KNOWLEDGE_VECTORS).schema().fields] == [
+        ("entity_kind", "string"), ("entity_id", "string"), ("vector", "list<float>"),
+        ("prompt_hashes", "list<string>"), ("as_of", "long"), ("text_hash", "string"), ("encoder_id", "string"),
+        ("dt", "date")]
+    expected = pd.DataFrame(assigned).sort_values(["entity_kind", "entity_id"], ignore_index=True)
+    assert out[["entity_kind", "entity_id"]].values.tolist() == expected[["entity_kind", "entity_id"]].values.tolist()
+    assert [list(h) for h in out["prompt_hashes"]] == [["h-item10"], ["h-item11"], [], ["h-user1"], ["h-user2"]]
+    assert out["as_of"].astype("Int64").tolist() == [100, pd.NA, 100, 100, 100]
+    assert out["text_hash"].tolist() == [text_hash(t) for t in expected["encode_text"]]
+    np.testing.assert_allclose(np.stack(out["vector"]), encoder.encode(expected["encode_text"].tolist(), progress=False),
+                               atol=1e-5)
