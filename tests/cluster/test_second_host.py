@@ -172,8 +172,9 @@ class SecondHost:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-# The day's work list for the LLM: empty on a re-run whose answers the knowledge store already holds, on any host.
-WORK_LISTS = ("knowledge/plan",)
+# The day's work lists, for the LLM and the encoder: empty on a re-run whose answers the knowledge store (and whose
+# vectors the embedding cache) already holds, on any host.
+WORK_LISTS = ("knowledge/plan", "embeddings/misses")
 
 
 def _table_rows(lake, day: dt.date) -> dict[str, int]:

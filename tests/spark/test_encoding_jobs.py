@@ -140,6 +140,11 @@ def test_each_row_is_its_assignment_with_the_vector_of_its_text(spark, cfg, lake
     assigned = [row("user", "1", "likes noir"), row("user", "2", "Ünïcode ✓ text  "), row("item", "10", "a comedy"),
                 row("item", "11", "a comedy", as_of=None), {**row("item", "12", "no hashes"), "prompt_hashes": None}]
     write_day(lake, DAY1, assigned, items=("10", "11", "12"))
+    # A lake from before: its table created by the in-memory step (pyiceberg, from pandas), now written by Spark.
+    lake.write_partition(pd.DataFrame({
+        "entity_kind": ["user"], "entity_id": ["1"], "vector": [np.zeros(384, np.float32)], "prompt_hashes": [["h"]],
+        "as_of": pd.array([None], "Int64"), "text_hash": ["x"], "encoder_id": [encoder.encoder_id]}), KNOWLEDGE_VECTORS,
+        DAY2)
     record = encode_knowledge(cfg, DAY1, encoder=encoder, progress=False, spark=spark)
     assert {k: record[k] for k in ("rows", "users", "items", "unique_texts", "cache_hits", "encoded", "dim")} == {
         "rows": 5, "users": 2, "items": 3, "unique_texts": 4, "cache_hits": 0, "encoded": 4, "dim": 384}
