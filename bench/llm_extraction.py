@@ -68,7 +68,7 @@ def prepare_day(cfg: Config, day: dt.date, spark) -> dict:
     user_history.run(spark, cfg, lake, day)
     if cfg.scenario.extraction_mode == "collective":
         clusters.run(spark, cfg, lake, day)
-    return build_prompts(cfg, day, lake)
+    return build_prompts(cfg, day, lake, spark)
 
 
 def incremental_breakdown(cfg: Config, day: dt.date) -> dict:

@@ -26,7 +26,8 @@ logical date D (midnight UTC) processes D, as the scheduled and backfill runs of
    **spark_features** runs `items`, `user_history` (knowledge windows, dirty users) and `ctr_samples`
    (point-in-time knowledge join) on one Connect session of its own; **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
    mode is collective; **feature_gate**.
-3. **prompts** (factorization prompting) and **prompts_gate**.
+3. **prompts** (factorization prompting; a Spark Connect task, job `prompts`, which also evaluates the gate's rules)
+   and **prompts_gate** (reads the job's recorded checks).
 4. **plan_shards** then one mapped **extract** task per shard, clients of the warm LLM servers (pool
    `llm.client_pool`, `llm.max_active_shards` at a time; with an in-process engine, pool `gpu` as every
    task that may use CUDA: encode, train_if_no_model, augment and the weekly training): only prompts whose
@@ -108,13 +109,6 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return run_gate(context, "features", lambda: run_feature_gates(cfg, day), cfg)
 
-    @task
-    def prompts(**context) -> dict:
-        from reki_core.prompts import build_prompts
-
-        cfg, day = task_setup(context)
-        return build_prompts(cfg, day)
-
     @task(**GATE)
     def prompts_gate(**context) -> dict:
         from reki_core.quality.prompts import gate_prompts
@@ -190,7 +184,7 @@ def reki_daily_refresh():
     features = spark_jobs("spark_features", *FEATURE_JOBS)
     clusters = spark_jobs("spark_clusters", "clusters")
     features_ok = feature_gate()
-    built = prompts()
+    built = spark_jobs("prompts", "prompts")  # spark_jobs/prompts.py: the day's prompts and the gate's checks
     prompts_ok = prompts_gate()
     shards = plan_shards()
     extracted = extract.expand(shard=shards)

@@ -1,7 +1,9 @@
-"""Factorization prompting: the LLM prompts of a day, built from the feature partitions.
+"""Factorization prompting: the wording of the LLM prompts, sanitising untrusted text, prompt hashes, token counts.
 
-Reads `features/user_history`, `features/items`, `features/clusters` (collective mode) and
-`raw/users` (profiles) for `dt`, writes `prompts/dt=D/` (see docs/data_contracts.md).
+The day's prompts (`prompts/dt=D/`, see docs/data_contracts.md) are built by the Spark job `spark_jobs/prompts.py`
+from `features/user_history`, `features/items`, `features/clusters` (collective mode) and `raw/users` (profiles); it
+calls the pure helpers here (`user_prompt_row`, `item_prompt_row`, `group_prompt_row`) in its Python workers, one
+entity at a time. `build_prompts` runs that job for callers outside the DAG.
 
 - User prompt: profile sentence, the knowledge window as `"Title (Year)", N stars;` lines in time
   order, then the preference question along the scenario's user factors. `history_text` is the
@@ -27,8 +29,7 @@ import hashlib
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -264,36 +265,15 @@ def skip_groups(lake: Lake, day: dt.date, mode: str) -> dict:
     return {"skipped": True, "mode": mode, "reason": "individual extraction needs no groups"}
 
 
-# ---------------------------------------------------------------- inputs
+# ---------------------------------------------------------------- building
 
 
-@dataclass
-class PromptInputs:
-    """The frames one day's prompts are built from (columns per docs/data_contracts.md)."""
-
-    user_history: pd.DataFrame  # user_id, n_interactions, history, window, as_of, needs_refresh
-    items: pd.DataFrame  # item_id, title, year, genres, first_genre, popularity, metadata_hash
-    users: pd.DataFrame | None = None  # raw/users snapshot: user_id, age, gender, occupation
-    clusters: pd.DataFrame | None = None  # clustering, entity_id, group_id
-    previous_items: pd.DataFrame | None = None  # features/items of the previous day (dirty items)
-    previous_prompts: pd.DataFrame | None = None  # prompts of the previous day (carried user prompts)
-
-
-_REQUIRED = {
-    "features/user_history": ("user_history", ["user_id", "window", "as_of", "needs_refresh"]),
-    "features/items": ("items", ["item_id", "title", "year", "popularity"]),
-    "features/clusters": ("clusters", ["clustering", "entity_id", "group_id"]),
+# The columns each input must have (a missing one is named with its dataset and day).
+REQUIRED_COLUMNS = {
+    "features/user_history": ["user_id", "window", "as_of", "needs_refresh"],
+    "features/items": ["item_id", "title", "year", "popularity"],
+    "features/clusters": ["clustering", "entity_id", "group_id"],
 }
-
-
-def _check_columns(inputs: PromptInputs, dt_label: str) -> None:
-    for dataset, (attr, columns) in _REQUIRED.items():
-        frame = getattr(inputs, attr)
-        if frame is None:
-            continue
-        missing = [c for c in columns if c not in frame.columns]
-        if missing:
-            raise PromptError(f"{dataset}/dt={dt_label}: missing column(s) {missing} (see docs/data_contracts.md)")
 
 
 def _entries(value: Any) -> list[dict]:
@@ -301,81 +281,6 @@ def _entries(value: Any) -> list[dict]:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     return [dict(e) for e in value]
-
-
-def dirty_item_ids(inputs: PromptInputs) -> set[str]:
-    """Items that are new or whose metadata changed since the previous features/items partition."""
-    items = inputs.items
-    if "needs_refresh" in items.columns:
-        return set(items.loc[items["needs_refresh"].astype(bool), "item_id"].astype(str))
-    previous = inputs.previous_items
-    if previous is None or "metadata_hash" not in items.columns or "metadata_hash" not in previous.columns:
-        return set(items["item_id"].astype(str))
-    # A null hash compares as "" (NaN never equals itself).
-    before = dict(zip(previous["item_id"].astype(str), previous["metadata_hash"].fillna("").astype(str)))
-    now = zip(items["item_id"].astype(str), items["metadata_hash"].fillna("").astype(str))
-    return {i for i, h in now if before.get(i) != h}
-
-
-def group_titles(cfg: Config, inputs: PromptInputs) -> dict[tuple[str, str], tuple[list[str], int]]:
-    """(group kind, group id) -> (representative `Title (Year)` strings, as_of) for every group with evidence.
-
-    Item groups: members by popularity. User groups: the items the members liked (rating above the
-    threshold) or disliked in their knowledge windows, most frequent first; as_of is the newest of
-    those interactions, so the point-in-time join never gives a group text to an earlier sample.
-    """
-    if inputs.clusters is None:
-        return {}
-    scenario = cfg.scenario
-    limit = scenario.prompts.max_title_chars
-    items = inputs.items.assign(item_id=inputs.items["item_id"].astype(str))
-    popularity = dict(zip(items["item_id"], items["popularity"].fillna(0).astype("int64")))
-    display = {i: title_with_year(t, y, limit) for i, t, y in zip(items["item_id"], items["title"], items["year"])
-               if clean_text(t, limit)}
-    windows = dict(zip(inputs.user_history["user_id"].astype(str), inputs.user_history["window"]))
-    out: dict[tuple[str, str], tuple[list[str], int]] = {}
-    clusters = inputs.clusters.assign(entity_id=inputs.clusters["entity_id"].astype(str),
-                                      group_id=inputs.clusters["group_id"].astype(str))
-    for (clustering, group_id), members in clusters.groupby(["clustering", "group_id"], sort=True):
-        kind = GROUP_KIND_OF_CLUSTERING.get(clustering)
-        if kind is None:
-            raise PromptError(f"features/clusters: unknown clustering {clustering!r} (expected {list(GROUP_KIND_OF_CLUSTERING)})")
-        if kind == "item_group":
-            ranked = sorted((m for m in members["entity_id"] if m in display), key=lambda i: (-popularity.get(i, 0), i))
-            as_of = 0
-        else:
-            liked = kind == "user_pos_group"
-            counts: dict[str, int] = {}
-            as_of = 0
-            for user_id in members["entity_id"]:
-                for e in _entries(windows.get(user_id)):
-                    item_id = str(e["item_id"])
-                    if (int(e["rating"]) > scenario.positive_rating_threshold) == liked and item_id in display:
-                        counts[item_id] = counts.get(item_id, 0) + 1
-                        as_of = max(as_of, int(e["ts"]))
-            ranked = sorted(counts, key=lambda i: (-counts[i], -popularity.get(i, 0), i))
-        if ranked:
-            out[(kind, group_id)] = ([display[i] for i in ranked[: scenario.group_representatives]], as_of)
-    return out
-
-
-def expected_prompt_keys(cfg: Config, inputs: PromptInputs, mode: str) -> dict[str, set[str]]:
-    """entity kind -> ids that must have a prompt today: dirty users and items, and (collective) groups in use."""
-    history = inputs.user_history
-    has_window = history["window"].map(lambda w: len(_entries(w)) > 0)
-    users = set(history.loc[history["needs_refresh"].astype(bool) & has_window, "user_id"].astype(str))
-    limit = cfg.scenario.prompts.max_title_chars
-    titled = {i for i, t in zip(inputs.items["item_id"].astype(str), inputs.items["title"]) if clean_text(t, limit)}
-    expected = {USER: users, ITEM: dirty_item_ids(inputs) & titled}
-    if mode == "collective":
-        for kind in GROUP_KIND_OF_CLUSTERING.values():
-            expected[kind] = set()
-        for kind, group_id in group_titles(cfg, inputs):
-            expected[kind].add(group_id)
-    return expected
-
-
-# ---------------------------------------------------------------- building
 
 
 def _fit(render: Callable[[list[str]], str], parts: list[str], count_tokens: TokenCounter, budget: int,
@@ -391,166 +296,102 @@ def _fit(render: Callable[[list[str]], str], parts: list[str], count_tokens: Tok
     return text, parts, tokens
 
 
-def _progress(iterable: Iterable, total: int, desc: str) -> Iterable:
-    from tqdm.auto import tqdm
+# ---------------------------------------------------------------- one prompt (called in the Spark job's Python workers)
 
-    return tqdm(iterable, total=total, desc=desc, unit="prompt", mininterval=2.0, disable=None)
+_COUNTERS: dict[tuple[str, bool], TokenCounter] = {}
 
 
-def render_prompts(
-    cfg: Config,
-    inputs: PromptInputs,
-    mode: str,
-    count_tokens: TokenCounter,
-    known_hashes: set[str] = frozenset(),
-) -> pd.DataFrame:
-    """The prompts frame of one day (columns `COLUMNS`, sorted by kind and id)."""
-    scenario = cfg.scenario
-    version = scenario.template_version
-    budget = token_budget(cfg)
-    field_limit, title_limit = scenario.prompts.max_field_chars, scenario.prompts.max_title_chars
-    individual = mode == "individual"
-    rows: list[dict[str, Any]] = []
+def worker_token_counter(cfg: Config) -> TokenCounter:
+    """`make_token_counter(cfg)`, built once per Python process: a Spark worker loads the tokenizer file once, from
+    its own host's model folder (a per-host set-up artefact)."""
+    tokenizer_file = cfg.resolve(cfg.llm.engine.model_path) / "tokenizer.json"
+    key = (str(tokenizer_file), tokenizer_file.is_file())
+    if key not in _COUNTERS:
+        _COUNTERS[key] = make_token_counter(cfg)
+    return _COUNTERS[key]
 
-    def add(kind: str, entity_id: str, text: str, history_text: str | None, as_of: int, tokens: int,
-            dirty: bool, n_titles: int, ask: bool) -> None:
-        rows.append({
-            "prompt_id": f"{kind}:{entity_id}", "entity_kind": kind, "entity_id": entity_id, "text": text,
+
+def prompt_row(version: str, kind: str, entity_id: str, text: str, history_text: str | None, as_of: Any,
+               tokens: int, dirty: bool, n_titles: Any, ask: bool) -> dict[str, Any]:
+    """One row of `prompts` (every column but `has_knowledge`, which the store decides)."""
+    return {"prompt_id": f"{kind}:{entity_id}", "entity_kind": kind, "entity_id": entity_id, "text": text,
             "history_text": history_text, "prompt_hash": prompt_hash(version, text), "template_version": version,
-            "as_of": int(as_of), "est_tokens": int(tokens), "is_dirty": dirty, "n_titles": int(n_titles),
-            "ask_llm": ask,
-        })
-
-    # Users: dirty ones (and ones without an earlier prompt) are rendered, the rest keep their last prompt.
-    items = inputs.items.assign(item_id=inputs.items["item_id"].astype(str))
-    meta = dict(zip(items["item_id"], zip(items["title"], items["year"])))
-    profiles: dict[str, tuple] = {}
-    if inputs.users is not None and len(inputs.users):
-        u = inputs.users
-        cols = [u[c] if c in u.columns else pd.Series([None] * len(u)) for c in ("gender", "age", "occupation")]
-        profiles = dict(zip(u["user_id"].astype(str), zip(*cols)))
-    carried: dict[str, dict] = {}
-    prev = inputs.previous_prompts
-    if prev is not None and len(prev):
-        prev_users = prev[(prev["entity_kind"] == USER) & (prev["template_version"] == version)]
-        carried = {str(r["entity_id"]): r for r in prev_users.to_dict("records")}
-    history = inputs.user_history
-    for user_id, window, as_of, needs_refresh in _progress(
-        zip(history["user_id"].astype(str), history["window"], history["as_of"], history["needs_refresh"]),
-        len(history), "user prompts",
-    ):
-        r = carried.get(user_id)
-        carried_tokens = count_tokens(r["text"]) if r is not None and not needs_refresh else 0
-        # A prompt is carried only for the window it was made from (a window that advanced on a day whose
-        # prompts never ran, a failed run, is rendered now, not lost) and while it fits the budget (after a
-        # change of model or of max_model_len it is fitted again).
-        stale = r is not None and (int(r["as_of"]) != int(as_of) or carried_tokens > budget)
-        if not needs_refresh and r is not None and not stale:
-            add(USER, user_id, r["text"], r["history_text"], r["as_of"], carried_tokens, False,
-                r.get("n_titles", 0) if pd.notna(r.get("n_titles", 0)) else 0, individual)
-            continue
-        entries = sorted(_entries(window), key=lambda e: (int(e["ts"]), str(e["item_id"])))
-        if not entries:
-            continue  # nothing to reason about yet
-        lines = [history_entry(*meta.get(str(e["item_id"]), (None, None)), e["rating"], title_limit) for e in entries]
-        gender, age, occupation = profiles.get(user_id, (None, None, None))
-        profile = profile_phrase(gender, age, occupation, field_limit)
-        text, shown, tokens = _fit(lambda p: render_user(cfg, profile, p)[0], lines, count_tokens, budget, True)
-        add(USER, user_id, text, "\n".join(shown), int(as_of), tokens, bool(needs_refresh) or stale, len(shown),
-            individual)
-
-    # Items: factual knowledge depends on no interaction, so it is usable at any time (as_of 0).
-    dirty_items = dirty_item_ids(inputs)
-    for item_id, (title, year) in _progress(meta.items(), len(meta), "item prompts"):
-        if not clean_text(title, title_limit):
-            continue  # an item without a title gives the LLM nothing to describe
-        text = render_item(cfg, title, year)
-        add(ITEM, item_id, text, None, 0, count_tokens(text), item_id in dirty_items, 1, individual)
-
-    if mode == "collective":
-        for (kind, group_id), (titles, as_of) in group_titles(cfg, inputs).items():
-            text, shown, tokens = _fit(lambda t, k=kind: render_group(cfg, k, t), titles, count_tokens, budget, False)
-            add(kind, group_id, text, None, as_of, tokens, True, len(shown), True)
-
-    frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "has_knowledge"])
-    frame["has_knowledge"] = frame["prompt_hash"].isin(known_hashes)
-    frame = frame[COLUMNS].sort_values(["entity_kind", "entity_id"], kind="stable").reset_index(drop=True)
-    return frame
+            "as_of": int(as_of), "est_tokens": int(tokens), "is_dirty": bool(dirty), "n_titles": int(n_titles),
+            "ask_llm": bool(ask)}
 
 
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("prompt_id", pa.string()), ("entity_kind", pa.string()), ("entity_id", pa.string()), ("text", pa.string()),
-        ("history_text", pa.string()), ("prompt_hash", pa.string()), ("template_version", pa.string()),
-        ("as_of", pa.int64()), ("est_tokens", pa.int64()), ("has_knowledge", pa.bool_()), ("ask_llm", pa.bool_()),
-        ("is_dirty", pa.bool_()), ("n_titles", pa.int32()),
-    ])
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
-def _previous(lake: Lake, dataset: str, day: dt.date) -> pd.DataFrame | None:
-    before = lake.latest_partition(dataset, upto=day - dt.timedelta(days=1))
-    return lake.read_partition(dataset, before) if before else None
+def user_prompt_row(cfg: Config, count_tokens: TokenCounter, user_id: str, window: Any, as_of: Any,
+                    needs_refresh: Any, profile: tuple, carried: dict | None, individual: bool) -> dict | None:
+    """A user's prompt row: the carried one (`carried`: text, history_text, as_of, n_titles of the user's prompt in the
+    previous partition, same template version) when the user needs no refresh, its window has not moved since and it
+    fits the budget; else rendered from `window` (entries with item_id, ts, rating, title, year), oldest lines dropped
+    until it fits. None for a user with nothing to reason about yet (an empty window and nothing carried)."""
+    version, budget = cfg.scenario.template_version, token_budget(cfg)
+    carried_tokens = count_tokens(carried["text"]) if carried is not None and not needs_refresh else 0
+    # A prompt is carried only for the window it was made from (a window that advanced on a day whose prompts never
+    # ran, a failed run, is rendered now, not lost) and while it fits the budget (after a change of model or of
+    # max_model_len it is fitted again).
+    stale = carried is not None and (int(carried["as_of"]) != int(as_of) or carried_tokens > budget)
+    if not needs_refresh and carried is not None and not stale:
+        n_titles = carried.get("n_titles", 0)
+        return prompt_row(version, USER, user_id, carried["text"], carried["history_text"], carried["as_of"],
+                          carried_tokens, False, 0 if _missing(n_titles) else n_titles, individual)
+    entries = sorted(_entries(window), key=lambda e: (int(e["ts"]), str(e["item_id"])))
+    if not entries:
+        return None
+    title_limit = cfg.scenario.prompts.max_title_chars
+    lines = [history_entry(e.get("title"), e.get("year"), e["rating"], title_limit) for e in entries]
+    profile_text = profile_phrase(*profile, cfg.scenario.prompts.max_field_chars)
+    text, shown, tokens = _fit(lambda p: render_user(cfg, profile_text, p)[0], lines, count_tokens, budget, True)
+    return prompt_row(version, USER, user_id, text, "\n".join(shown), as_of, tokens, bool(needs_refresh) or stale,
+                      len(shown), individual)
 
 
-def load_inputs(cfg: Config, lake: Lake, day: str | dt.date, mode: str | None = None) -> tuple[PromptInputs, str]:
-    """The feature partitions of `day` as `PromptInputs`, and the resolved extraction mode."""
-    day = as_date(day)
-    # Only the user columns prompts use (those the table has: `_check_columns` names any missing): the `history`
-    # column, every interaction to date, is most of the dataset.
-    dataset, (_, wanted) = "features/user_history", _REQUIRED["features/user_history"]
-    present = set(lake.column_names(dataset))
-    inputs = PromptInputs(
-        user_history=lake.read_partition(dataset, day, columns=[c for c in wanted if c in present]),
-        items=lake.read_partition("features/items", day),
-    )
-    users_day = lake.latest_partition("raw/users", upto=day)
-    inputs.users = lake.read_partition("raw/users", users_day) if users_day else None
-    inputs.previous_items = _previous(lake, "features/items", day)
-    inputs.previous_prompts = _previous(lake, DATASET, day)
-    mode = mode or resolve_mode(cfg, len(inputs.user_history), len(inputs.items))
-    if mode == "collective":
-        if not lake.has_partition("features/clusters", day):
-            raise PromptError(
-                f"collective extraction needs {lake.describe('features/clusters', day)}, "
-                "which is missing (run the clustering job first)"
-            )
-        inputs.clusters = lake.read_partition("features/clusters", day)
-    _check_columns(inputs, day.isoformat())
-    return inputs, mode
+def item_display(cfg: Config, title: Any, year: Any) -> str | None:
+    """The `Title (Year)` a group prompt shows of an item; None for an item without a title (no prompt of its own)."""
+    limit = cfg.scenario.prompts.max_title_chars
+    return title_with_year(title, year, limit) if clean_text(title, limit) else None
 
 
-def build_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None,
-                  count_tokens: TokenCounter | None = None) -> dict[str, Any]:
-    """Build and write `prompts/dt=D/`; returns the counts (also recorded in `_runs/dt=D/prompts.json`)."""
-    from reki_core.llm.store import known_prompt_hashes, sampling_version
-    from reki_core.runlog import timed_step
-
-    lake = lake or lake_of(cfg)
-    day = as_date(dt)
-    with timed_step(lake, day, "prompts") as record:
-        inputs, mode = load_inputs(cfg, lake, day)
-        known = known_prompt_hashes(lake, cfg.llm.engine.model_id, sampling_version(cfg))
-        frame = render_prompts(cfg, inputs, mode, count_tokens or make_token_counter(cfg), known)
-        import pyarrow as pa
-
-        path = lake.write_partition(pa.Table.from_pandas(frame, schema=_schema(), preserve_index=False), DATASET, day)
-        record.update(prompt_counts(frame, mode))
-        record["path"] = lake.uri_of(path)
-        return dict(record)
+def item_prompt_row(cfg: Config, count_tokens: TokenCounter, item_id: str, title: Any, year: Any, dirty: bool,
+                    individual: bool) -> dict | None:
+    """An item's prompt row (factual knowledge depends on no interaction: as_of 0); None for an untitled item."""
+    if not clean_text(title, cfg.scenario.prompts.max_title_chars):
+        return None  # an item without a title gives the LLM nothing to describe
+    text = render_item(cfg, title, year)
+    return prompt_row(cfg.scenario.template_version, ITEM, item_id, text, None, 0, count_tokens(text), dirty, 1,
+                      individual)
 
 
-def prompt_counts(frame: pd.DataFrame, mode: str) -> dict[str, Any]:
-    """Counts by kind: prompts, already known, dirty, to ask the LLM."""
-    by_kind = {k: int(n) for k, n in frame["entity_kind"].value_counts().sort_index().items()}
-    known = {k: int(n) for k, n in frame.groupby("entity_kind")["has_knowledge"].sum().items()}
-    return {
-        "mode": mode,
-        "rows": int(len(frame)),
-        "by_kind": by_kind,
-        "with_knowledge": known,
-        "dirty": {k: int(n) for k, n in frame.groupby("entity_kind")["is_dirty"].sum().items()},
-        "to_ask": int((frame["ask_llm"] & ~frame["has_knowledge"]).sum()),
-        "max_est_tokens": int(frame["est_tokens"].max()) if len(frame) else 0,
-    }
+def group_prompt_row(cfg: Config, count_tokens: TokenCounter, kind: str, group_id: str, titles: list[str],
+                     as_of: Any) -> dict:
+    """A group's prompt row from its representative titles (best first; the last ones dropped until it fits)."""
+    text, shown, tokens = _fit(lambda t: render_group(cfg, kind, t), list(titles), count_tokens, token_budget(cfg),
+                               False)
+    return prompt_row(cfg.scenario.template_version, kind, group_id, text, None, as_of, tokens, True, len(shown), True)
+
+
+def build_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None, spark=None) -> dict[str, Any]:
+    """Write `prompts/dt=D/` with the Spark job `spark_jobs/prompts.py` (the DAG runs it as the Spark Connect task
+    `prompts`), for callers outside the DAG (the in-process pipeline driver, the benchmarks): on `spark`, else the
+    active session, else a classic session of its own, stopped after. Records step `prompts` and returns its payload."""
+    from reki_core.spark import get_spark
+    from spark_jobs.common import jobs_named, run_jobs
+
+    own = None
+    if spark is None:
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession()
+        if spark is None:
+            spark = own = get_spark(cfg, "reki-prompts")
+    try:
+        [payload] = run_jobs(spark, jobs_named(["prompts"]), cfg, lake or lake_of(cfg), as_date(dt)).values()
+    finally:
+        if own is not None:
+            own.stop()
+    return payload

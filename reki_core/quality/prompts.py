@@ -1,26 +1,47 @@
-"""The prompts gate (after `reki_core.prompts.build_prompts`): keys, text, hashes, token budget, coverage.
+"""The prompts gate (after the Spark job `spark_jobs/prompts.py`): keys, text, hashes, token budget, coverage.
 
 Rules:
 - `prompt_id` unique, one prompt per (entity_kind, entity_id), known kinds;
 - non-empty text, users carry their `history_text`, `prompt_hash` is the sha256 of version + text;
-- every text within the LLM's budget (`max_model_len - max_tokens`), counted again here with the engine's
-  tokenizer rather than read from the builder's `est_tokens`: the gate does not lean on the code it checks;
+- every text within the LLM's budget (`max_model_len - max_tokens`), counted again with the engine's tokenizer
+  rather than read from the builder's `est_tokens`: a carried prompt of another tokenizer cannot slip past;
 - every dirty entity (user with `needs_refresh`, new or changed item) has a prompt, and in
   collective mode every group in use has one (`missing_dirty_entity`, `missing_group` list them).
+
+The job evaluates the rules on every written row and the coverage on the day's keys (in Spark, bounded per task) and
+records per rule the count and a few offending rows, and a fingerprint of the rows it checked, in its run record
+(`_runs/dt=D/prompts.json`, `checks`). `gate_prompts` reads only that record and streams the partition's ids and
+hashes (`lake.batch_rows` at a time) to check it is the partition the job checked; it then runs the expectations
+on the offending rows and reports each failure with the job's whole count.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 import pandas as pd
 
 from reki_core.config import Config
 from reki_core.quality.data_docs import keep_validations
-from reki_core.quality.gx import GateResult, run_suite
+from reki_core.quality.gx import ExpectationOutcome, GateResult, run_suite
 from reki_core.storage.lake import Lake, as_date, lake_of
 
 GATE = "prompts"
+# Each rule: the expectation (type, column) that states it; the Spark job computes one flag per rule.
+RULES = {
+    "prompt_id_unique": ("expect_column_values_to_be_unique", "prompt_id"),
+    "entity_key_unique": ("expect_compound_columns_to_be_unique", None),
+    "entity_kind_known": ("expect_column_values_to_be_in_set", "entity_kind"),
+    "text_not_null": ("expect_column_values_to_not_be_null", "text"),
+    "text_not_empty": ("expect_column_value_lengths_to_be_between", "text"),
+    "user_history_text": ("expect_column_values_to_not_be_null", "history_text"),
+    "prompt_hash_format": ("expect_column_values_to_match_regex", "prompt_hash"),
+    "prompt_hash_matches_text": ("expect_column_values_to_be_in_set", "prompt_hash_matches_text"),
+    "as_of_not_null": ("expect_column_values_to_not_be_null", "as_of"),
+    "tokens_within_budget": ("expect_column_values_to_be_between", "tokens"),
+}
+COVERAGE = ("missing_dirty_entity", "missing_group")
 
 
 def prompts_expectations(budget: int) -> list:
@@ -70,10 +91,9 @@ def coverage_frame(prompts: pd.DataFrame, expected: dict[str, set[str]]) -> pd.D
                         dtype=object)
 
 
-def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: int, count_tokens,
-                  dataset: str = "prompts") -> GateResult:
-    """Run the gate on a prompts frame; `expected` maps entity kind -> ids that must have a prompt;
-    `count_tokens(text)`: the engine's count of a prompt (`reki_core.prompts.make_token_counter`)."""
+def rule_columns(prompts: pd.DataFrame, count_tokens) -> pd.DataFrame:
+    """`prompts` with the columns the expectations read besides the table's: `tokens` (the engine's count of each
+    text) and `prompt_hash_matches_text`."""
     from reki_core.prompts import prompt_hash
 
     checked = prompts.copy()
@@ -82,22 +102,92 @@ def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: 
         prompt_hash(v, t) == h if isinstance(t, str) else False
         for v, t, h in zip(checked["template_version"], checked["text"], checked["prompt_hash"])
     ]
+    return checked
+
+
+def run_checks(checked: pd.DataFrame, coverage: pd.DataFrame, budget: int, dataset: str) -> GateResult:
+    """The expectations on rows with their rule columns (`rule_columns`) and on a coverage frame (`coverage_frame`)."""
     table = run_suite(GATE, dataset, checked, prompts_expectations(budget))
-    coverage = run_suite(GATE, f"{dataset}-coverage", coverage_frame(prompts, expected), coverage_expectations())
-    return GateResult(gate=GATE, dataset=dataset, rows=len(prompts), outcomes=table.outcomes + coverage.outcomes,
-                      validations=table.validations + coverage.validations)
+    covered = run_suite(GATE, f"{dataset}-coverage", coverage, coverage_expectations())
+    return GateResult(gate=GATE, dataset=dataset, rows=len(checked), outcomes=table.outcomes + covered.outcomes,
+                      validations=table.validations + covered.validations)
+
+
+def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: int, count_tokens,
+                  dataset: str = "prompts") -> GateResult:
+    """Run the gate on a whole prompts frame; `expected` maps entity kind -> ids that must have a prompt;
+    `count_tokens(text)`: the engine's count of a prompt (`reki_core.prompts.make_token_counter`)."""
+    return run_checks(rule_columns(prompts, count_tokens), coverage_frame(prompts, expected), budget, dataset)
+
+
+def row_digest(prompt_id: str | None, prompt_hash: str | None) -> int:
+    """A row's share of the job's fingerprint (`spark_jobs.prompts.fingerprint`): the first 32 bits of the sha256 of
+    its non-null prompt_id and prompt_hash joined by a newline."""
+    joined = "\n".join(v for v in (prompt_id, prompt_hash) if v is not None)
+    return int(hashlib.sha256(joined.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def partition_fingerprint(lake: Lake, day: dt.date, batch_rows: int) -> dict:
+    """rows and digest of the prompts partition, streamed `batch_rows` ids and hashes at a time."""
+    from reki_core.prompts import DATASET
+
+    rows = digest = 0
+    for batch in lake.read_batches(DATASET, day, ["prompt_id", "prompt_hash"], batch_rows):
+        rows += batch.num_rows
+        digest += sum(row_digest(i, h) for i, h in zip(batch.column("prompt_id").to_pylist(),
+                                                         batch.column("prompt_hash").to_pylist()))
+    return {"rows": rows, "digest": digest}
+
+
+def recorded_frames(checks: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The offending rows (with their rule columns) and the coverage frame of the missing keys the job recorded."""
+    checked = pd.DataFrame(checks["examples"], columns=[*checks["columns"], "tokens", "prompt_hash_matches_text"])
+    missing = [key for name in COVERAGE for key in checks["missing"][name]["examples"]]
+    expected: dict[str, set[str]] = {}
+    for key in missing:
+        kind, _, entity_id = key.partition(":")
+        expected.setdefault(kind, set()).add(entity_id)
+    coverage = coverage_frame(pd.DataFrame({"entity_kind": [], "entity_id": []}), expected)
+    return checked, coverage
+
+
+def _with_recorded_counts(result: GateResult, checks: dict) -> GateResult:
+    """Each failed expectation's unexpected count: the job's count over the whole partition, not the sample's."""
+    rule_of = {value: name for name, value in RULES.items()}
+    for outcome in result.failed:
+        rule = rule_of.get((outcome.expectation, outcome.column))
+        if rule is not None and rule in checks["failed"]:
+            outcome.unexpected_count = int(checks["failed"][rule])
+        elif outcome.column in COVERAGE:
+            outcome.unexpected_count = int(checks["missing"][outcome.column]["count"])
+    return result
 
 
 def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> GateResult:
-    """The gate on `prompts/dt=D/` against the day's features; raises `GateError` listing the failures."""
-    from reki_core.prompts import DATASET, expected_prompt_keys, load_inputs, make_token_counter, token_budget
+    """The gate on `prompts/dt=D/` from the prompts job's recorded checks; raises `GateError` listing the failures.
+
+    Reads the job's run record and the partition's ids and hashes only (streamed): the rules and the coverage were
+    evaluated over the whole partition and the day's features by the job."""
+    from reki_core.prompts import DATASET
 
     lake = lake or lake_of(cfg)
     day = as_date(dt)
-    prompts = lake.read_partition(DATASET, day)
-    has_groups = prompts["entity_kind"].str.endswith("_group").any()
-    inputs, mode = load_inputs(cfg, lake, day, mode="collective" if has_groups else None)
-    result = check_prompts(prompts, expected_prompt_keys(cfg, inputs, mode), token_budget(cfg),
-                           make_token_counter(cfg), dataset=f"{DATASET}/dt={day.isoformat()}")
+    dataset = f"{DATASET}/dt={day.isoformat()}"
+    record = lake.read_json(f"_runs/dt={day.isoformat()}/prompts.json") or {}
+    checks = record.get("checks") if record.get("success") else None
+    if checks is None:
+        outcome = ExpectationOutcome("prompts_job_recorded_its_checks", None, {"record": f"_runs/dt={day}/prompts.json"},
+                                     False, observed_value="no successful prompts step with checks for the day: "
+                                                           "run the prompts task first")
+        return GateResult(GATE, dataset, 0, [outcome]).raise_if_failed()
+    found = partition_fingerprint(lake, day, cfg.lake.batch_rows)
+    checked, coverage = recorded_frames(checks)
+    result = _with_recorded_counts(run_checks(checked, coverage, int(checks["budget"]), dataset), checks)
+    same = found == checks["fingerprint"]
+    result.outcomes.insert(0, ExpectationOutcome(
+        "partition_is_the_one_the_prompts_job_checked", None, {"recorded": checks["fingerprint"]}, same,
+        observed_value=None if same else {**found, "hint": "the partition was rewritten after the prompts job checked "
+                                                           "it: re-run the prompts task"}))
+    result.rows = int(found["rows"])
     keep_validations(lake, day, "prompts_gate", [result])
     return result.raise_if_failed()

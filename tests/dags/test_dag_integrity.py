@@ -117,7 +117,7 @@ def test_feature_tasks_are_spark_connect_clients(dagbag):
 
     dag = dagbag.dags["reki_daily_refresh"]
     spark_tasks = {t.task_id: t for t in dag.tasks if type(t).__name__ == "SparkConnectJobs"}
-    assert set(spark_tasks) == {"spark_features", "spark_clusters", "assign_knowledge"}
+    assert set(spark_tasks) >= {"spark_features", "spark_clusters", "assign_knowledge", "prompts"}
     assert spark_tasks["spark_features"].jobs == ["items", "user_history", "ctr_samples"]
     assert spark_tasks["spark_clusters"].jobs == ["clusters"]
     # Knowledge assignment is a Spark job too; it runs when the mapped extract has zero tasks (all cached).
@@ -125,6 +125,10 @@ def test_feature_tasks_are_spark_connect_clients(dagbag):
     assert spark_tasks["assign_knowledge"].trigger_rule == "none_failed"
     assert [t.task_id for t in spark_tasks["assign_knowledge"].upstream_list] == ["extract"]
     assert [t.task_id for t in spark_tasks["assign_knowledge"].downstream_list] == ["answers_gate"]
+    # The day's prompts too (spark_jobs/prompts.py, which also evaluates the prompts gate's rules).
+    assert spark_tasks["prompts"].jobs == ["prompts"]
+    assert [t.task_id for t in spark_tasks["prompts"].upstream_list] == ["feature_gate"]
+    assert [t.task_id for t in spark_tasks["prompts"].downstream_list] == ["prompts_gate"]
     assert {t.conn_id for t in spark_tasks.values()} == {load_config().spark.connect_conn_id}
     assert not [t.task_id for d in dagbag.dags.values() for t in d.tasks if "SparkSubmit" in type(t).__name__]
 

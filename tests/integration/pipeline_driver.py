@@ -92,7 +92,7 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
         "raw_gate": lambda: run_raw_gate(cfg, day),
         **{f"spark_{job}": _spark_stage(spark, cfg, day, job) for job in SPARK_JOBS},
         "feature_gate": lambda: run_feature_gates(cfg, day),
-        "prompts": lambda: build_prompts(cfg, day),
+        "prompts": lambda: build_prompts(cfg, day, spark=spark),  # the Spark job on the shared session
         "prompts_gate": lambda: gate_prompts(cfg, day).summary(),
         "plan_shards": lambda: plan_shards(cfg, day),
         "extract": lambda: _extract_all(cfg, day, run.results["plan_shards"]),

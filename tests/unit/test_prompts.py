@@ -16,6 +16,9 @@ from reki_core.llm.store import sampling_version
 from reki_core.config import PROJECT_ROOT, load_config
 from reki_core.quality.gx import GateError
 from reki_core.quality.prompts import check_prompts, gate_prompts
+# The pandas prompt stage the Spark job replaced, kept as the tests' oracle: it calls the wording helpers tested here
+# (tests/spark/test_prompts.py checks the job's rows equal its rows on the same inputs).
+from tests.spark import prompts_reference as R
 
 DAY = dt.date(1998, 3, 1)
 NEXT_DAY = dt.date(1998, 3, 2)
@@ -81,11 +84,11 @@ def basic_inputs(**kw):
         ("2", [entry("4", 50, 2)], True),  # one interaction, item without year
         ("3", [], True),  # nothing to reason about yet
     ])
-    return P.PromptInputs(user_history=history, items=items_frame(), users=users_frame(), **kw)
+    return R.PromptInputs(user_history=history, items=items_frame(), users=users_frame(), **kw)
 
 
 def render(cfg, inputs, mode="individual", known=frozenset()):
-    return P.render_prompts(cfg, inputs, mode, chars, set(known))
+    return R.render_prompts(cfg, inputs, mode, chars, set(known))
 
 
 def row(frame, kind, entity_id):
@@ -171,7 +174,7 @@ HOSTILE = [
 def hostile_inputs():
     items = items_frame([(i, t, y, ["Drama"], 5) for i, t, y in HOSTILE])
     window = [entry(i, 100 + n, 4) for n, (i, _, _) in enumerate(HOSTILE)]
-    return P.PromptInputs(user_history=history_frame([("1", window, True)]), items=items, users=users_frame())
+    return R.PromptInputs(user_history=history_frame([("1", window, True)]), items=items, users=users_frame())
 
 
 def test_hostile_titles_cannot_break_the_prompt_structure(cfg):
@@ -235,14 +238,14 @@ def test_short_and_empty_histories_and_missing_metadata(cfg):
     frame = render(cfg, inputs)
     assert frame[(frame["entity_kind"] == "item") & (frame["entity_id"] == "2")].empty
     assert '"unknown title (1995)", 3 stars;' in row(frame, "user", "1")["history_text"]
-    assert "2" not in P.expected_prompt_keys(cfg, inputs, "individual")["item"]
+    assert "2" not in R.expected_prompt_keys(cfg, inputs, "individual")["item"]
 
 
 def test_over_long_history_drops_oldest_lines_and_keeps_as_of(cfg):
     tight = cfg.model_copy(update={"llm": cfg.llm.model_copy(
         update={"engine": cfg.llm.engine.model_copy(update={"max_model_len": 270})})})
     window = [entry(str(1 + n % 4), 100 + n, 4) for n in range(12)]
-    inputs = P.PromptInputs(user_history=history_frame([("1", window, True)]), items=items_frame(),
+    inputs = R.PromptInputs(user_history=history_frame([("1", window, True)]), items=items_frame(),
                             users=users_frame())
     user = row(render(tight, inputs), "user", "1")
     assert user["est_tokens"] <= P.token_budget(tight)
@@ -261,7 +264,7 @@ def test_token_counts_use_the_models_tokenizer_when_present(cfg, tmp_path):
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
 
-    frame = P.render_prompts(cfg, basic_inputs(), "individual", lambda text: 7)
+    frame = R.render_prompts(cfg, basic_inputs(), "individual", lambda text: 7)
     assert set(frame["est_tokens"]) == {7}
     fallback = P.make_token_counter(with_model_path(cfg, tmp_path / "no-model"))
     assert fallback("x" * 30) == 10 + P.CHAT_OVERHEAD_TOKENS
@@ -287,7 +290,7 @@ def cluster_inputs():
          ("user_pos", "1", "p0"), ("user_pos", "2", "p0"), ("user_pos", "3", "p1"),
          ("user_neg", "1", "n0"), ("user_neg", "2", "n0"), ("user_neg", "3", "n1")],
         columns=["clustering", "entity_id", "group_id"])
-    return P.PromptInputs(user_history=history, items=items_frame(), users=users_frame(), clusters=clusters)
+    return R.PromptInputs(user_history=history, items=items_frame(), users=users_frame(), clusters=clusters)
 
 
 def test_collective_group_prompts(cfg):
@@ -308,7 +311,7 @@ def test_collective_group_prompts(cfg):
     assert neg["as_of"] == 130
     # user 3 disliked nothing: its negative group has no evidence, so no prompt and none expected
     assert frame[frame["entity_kind"] == "user_neg_group"]["entity_id"].tolist() == ["n0"]
-    assert P.expected_prompt_keys(cfg, cluster_inputs(), "collective")["user_neg_group"] == {"n0"}
+    assert R.expected_prompt_keys(cfg, cluster_inputs(), "collective")["user_neg_group"] == {"n0"}
     # entity prompts stay (users' history_text feeds the encoder) but only groups go to the LLM
     assert frame.loc[frame["entity_kind"].str.endswith("_group"), "ask_llm"].all()
     assert not frame.loc[frame["entity_kind"].isin(["user", "item"]), "ask_llm"].any()
@@ -342,111 +345,6 @@ def write_features(lake, day, inputs):
         lake.write_partition(inputs.clusters, "features/clusters", day)
 
 
-def test_build_prompts_writes_partition_flags_knowledge_and_reruns_identically(cfg, lake):
-    write_features(lake, DAY, basic_inputs())
-    counts = P.build_prompts(cfg, DAY, count_tokens=chars)
-    assert counts["mode"] == "individual"
-    assert counts["by_kind"] == {"item": 4, "user": 2}
-    assert counts["with_knowledge"] == {"item": 0, "user": 0} and counts["to_ask"] == 6
-    written = lake.read_partition("prompts", DAY)
-    assert list(written.columns) == P.COLUMNS
-    assert lake.read_json(f"_runs/dt={DAY}/prompts.json")["rows"] == 6
-
-    # an answer in the knowledge store for the configured model and sampling marks that hash known
-    toy = written[written["prompt_id"] == "item:1"]["prompt_hash"].iloc[0]
-    store = Path(lake.root) / "knowledge/store"
-    store.mkdir(parents=True)
-    pd.DataFrame({"prompt_hash": [toy, toy], "model_id": [cfg.llm.engine.model_id, "other-model"],
-                  "sampling_version": [sampling_version(cfg)] * 2, "text": ["a", "b"]}).to_parquet(store / "s0.parquet")
-    counts = P.build_prompts(cfg, DAY, count_tokens=chars)
-    assert counts["with_knowledge"] == {"item": 1, "user": 0} and counts["to_ask"] == 5
-    rerun = lake.read_partition("prompts", DAY)
-    assert rerun["has_knowledge"].tolist() == (rerun["prompt_id"] == "item:1").tolist()
-    pd.testing.assert_frame_equal(written.drop(columns="has_knowledge"), rerun.drop(columns="has_knowledge"))
-
-
-def test_next_day_keeps_prompts_of_users_that_need_no_refresh(cfg, lake):
-    write_features(lake, DAY, basic_inputs())
-    P.build_prompts(cfg, DAY, count_tokens=chars)
-    day1 = lake.read_partition("prompts", DAY).set_index("prompt_id")
-    # day 2: user 1's history grew but not enough to refresh (same window); user 2's window advanced
-    inputs = basic_inputs()
-    inputs.user_history = history_frame([
-        ("1", [entry("2", 200, 3), entry("1", 100, 5)], False),
-        ("2", [entry("4", 50, 2), entry("3", 400, 5)], True),
-        ("3", [], False),
-    ])
-    inputs.items.loc[inputs.items["item_id"] == "2", ["title", "metadata_hash"]] = ["GoldenEye (new cut)", "x"]
-    write_features(lake, NEXT_DAY, inputs)
-    counts = P.build_prompts(cfg, NEXT_DAY, count_tokens=chars)
-    day2 = lake.read_partition("prompts", NEXT_DAY).set_index("prompt_id")
-    assert day2.loc["user:1", "prompt_hash"] == day1.loc["user:1", "prompt_hash"]
-    assert day2.loc["user:1", "as_of"] == 200 and not day2.loc["user:1", "is_dirty"]
-    assert day2.loc["user:2", "prompt_hash"] != day1.loc["user:2", "prompt_hash"]
-    assert day2.loc["user:2", "as_of"] == 400 and day2.loc["user:2", "is_dirty"]
-    # only the item whose metadata changed is dirty; unchanged items keep their hash
-    assert day2.loc[day2["entity_kind"] == "item", "is_dirty"].to_dict() == {
-        "item:1": False, "item:2": True, "item:3": False, "item:4": False}
-    assert day2.loc["item:1", "prompt_hash"] == day1.loc["item:1", "prompt_hash"]
-    assert counts["dirty"] == {"item": 1, "user": 1}
-
-
-def test_a_window_that_advanced_on_a_day_without_prompts_is_rendered_the_next_day(cfg, lake):
-    """User 2's window advanced on NEXT_DAY, whose prompts stage never ran; on the day after, the flag is
-    down again, but the prompt of the window before cannot be carried: it is rendered, and dirty."""
-    write_features(lake, DAY, basic_inputs())
-    P.build_prompts(cfg, DAY, count_tokens=chars)
-    day1 = lake.read_partition("prompts", DAY).set_index("prompt_id")
-    later = NEXT_DAY + dt.timedelta(days=1)
-    inputs = basic_inputs()
-    inputs.user_history = history_frame([
-        ("1", [entry("2", 200, 3), entry("1", 100, 5)], False),
-        ("2", [entry("4", 50, 2), entry("3", 400, 5)], False),  # advanced yesterday, no refresh flag today
-        ("3", [], False),
-    ])
-    write_features(lake, later, inputs)
-    P.build_prompts(cfg, later, count_tokens=chars)
-    prompts = lake.read_partition("prompts", later).set_index("prompt_id")
-    assert prompts.loc["user:2", "as_of"] == 400 and prompts.loc["user:2", "is_dirty"]
-    assert prompts.loc["user:2", "prompt_hash"] != day1.loc["user:2", "prompt_hash"]
-    assert prompts.loc["user:1", "prompt_hash"] == day1.loc["user:1", "prompt_hash"]
-    assert not prompts.loc["user:1", "is_dirty"]
-
-
-def test_a_carried_prompt_over_a_smaller_budget_is_fitted_again(cfg, lake):
-    """After max_model_len shrinks (or the model's tokenizer changes), yesterday's prompt of a user who needs
-    no refresh would fail the gate every day: it is rendered again to the new budget instead."""
-    window = [entry(str(1 + n % 4), 100 + n, 4) for n in range(12)]
-    first = P.PromptInputs(user_history=history_frame([("1", window, True)]), items=items_frame(), users=users_frame())
-    write_features(lake, DAY, first)
-    P.build_prompts(cfg, DAY, count_tokens=chars)
-    before = lake.read_partition("prompts", DAY).set_index("prompt_id").loc["user:1"]
-    tight = cfg.model_copy(update={"llm": cfg.llm.model_copy(
-        update={"engine": cfg.llm.engine.model_copy(update={"max_model_len": 270})})})
-    assert before["est_tokens"] > P.token_budget(tight)
-    write_features(lake, NEXT_DAY, P.PromptInputs(user_history=history_frame([("1", window, False)]),
-                                                 items=items_frame(), users=users_frame()))
-    P.build_prompts(tight, NEXT_DAY, count_tokens=chars)
-    after = lake.read_partition("prompts", NEXT_DAY).set_index("prompt_id").loc["user:1"]
-    assert after["est_tokens"] <= P.token_budget(tight) and after["is_dirty"]
-    assert after["as_of"] == before["as_of"] == 111
-
-
-def test_collective_build_needs_clusters(cfg, lake):
-    cfg = with_scenario(cfg, extraction_mode="collective")
-    write_features(lake, DAY, basic_inputs())
-    with pytest.raises(P.PromptError, match=r"features/clusters/dt=1998-03-01"):
-        P.build_prompts(cfg, DAY, count_tokens=chars)
-
-
-def test_contract_violation_names_dataset_and_column(cfg, lake):
-    inputs = basic_inputs()
-    inputs.user_history = inputs.user_history.drop(columns=["needs_refresh"])
-    write_features(lake, DAY, inputs)
-    with pytest.raises(P.PromptError, match=r"features/user_history/dt=1998-03-01.*needs_refresh"):
-        P.build_prompts(cfg, DAY, count_tokens=chars)
-
-
 # ---------------------------------------------------------------- the prompts gate
 
 BUDGET = 976
@@ -456,7 +354,7 @@ BUDGET = 976
 def good(cfg):
     inputs = cluster_inputs()
     frame = render(cfg, inputs, mode="collective")
-    return frame, P.expected_prompt_keys(cfg, inputs, "collective")
+    return frame, R.expected_prompt_keys(cfg, inputs, "collective")
 
 
 def failing(frame, expected, budget=BUDGET):
@@ -530,16 +428,65 @@ def test_missing_dirty_entity_and_missing_group_fail(good):
     assert "'user:2'" in message and "'user_neg_group:n0'" in message
 
 
-def test_gate_on_lake_partition(cfg, lake):
-    cfg = with_scenario(cfg, extraction_mode="collective")
-    write_features(lake, DAY, cluster_inputs())
-    P.build_prompts(cfg, DAY, count_tokens=chars)
-    assert gate_prompts(cfg, DAY, lake).success
-    # a prompts partition that lost a group fails the gate on the lake too
-    written = lake.read_partition("prompts", DAY)
-    lake.write_partition(written[written["entity_kind"] != "item_group"], "prompts", DAY)
-    with pytest.raises(GateError, match=r"(?s)prompts/dt=1998-03-01.*missing_group.*item_group:i0"):
+def recorded_checks(lake, frame, **changes):
+    """The checks the prompts job records for a partition holding `frame` (nothing broken unless `changes` say)."""
+    from reki_core.quality.prompts import partition_fingerprint
+
+    lake.write_partition(frame, "prompts", DAY)
+    checks = {"budget": BUDGET, "columns": P.COLUMNS, "failed": {}, "examples": [],
+              "missing": {"missing_dirty_entity": {"count": 0, "examples": []},
+                          "missing_group": {"count": 0, "examples": []}},
+              "fingerprint": partition_fingerprint(lake, DAY, 2), **changes}
+    from reki_core.runlog import record_step
+
+    record_step(lake, DAY, "prompts", {"success": True, "checks": checks})
+    return checks
+
+
+def test_gate_reads_the_jobs_checks_and_reports_its_whole_counts(good, cfg, lake):
+    frame, _ = good
+    recorded_checks(lake, frame)
+    result = gate_prompts(cfg, DAY, lake)
+    assert result.success and result.rows == len(frame)
+    over = {**frame.iloc[0].to_dict(), "tokens": BUDGET + 5, "prompt_hash_matches_text": True}
+    recorded_checks(lake, frame, failed={"tokens_within_budget": 123}, examples=[over],
+                    missing={"missing_dirty_entity": {"count": 7, "examples": ["user:9", "item:8"]},
+                             "missing_group": {"count": 0, "examples": []}})
+    with pytest.raises(GateError) as err:
         gate_prompts(cfg, DAY, lake)
+    message = str(err.value)
+    assert "prompts/dt=1998-03-01" in message
+    assert "column 'tokens'" in message and "123 unexpected" in message
+    assert "column 'missing_dirty_entity'" in message and "7 unexpected" in message and "'user:9'" in message
+
+
+def test_gate_without_the_jobs_checks_or_on_a_rewritten_partition_fails(good, cfg, lake):
+    frame, _ = good
+    with pytest.raises(GateError, match=r"(?s)prompts/dt=1998-03-01.*prompts_job_recorded_its_checks.*prompts task"):
+        gate_prompts(cfg, DAY, lake)
+    recorded_checks(lake, frame)
+    lake.write_partition(frame.iloc[1:], "prompts", DAY)
+    with pytest.raises(GateError, match=r"(?s)partition_is_the_one_the_prompts_job_checked.*re-run the prompts task"):
+        gate_prompts(cfg, DAY, lake)
+
+
+def test_a_carried_user_prompt_is_kept_only_for_its_window_and_budget(cfg):
+    carried = {"text": "yesterday's prompt", "history_text": "h", "as_of": 200, "n_titles": None}
+    window = [entry("2", 200, 3), entry("1", 100, 5)]
+    kept = P.user_prompt_row(cfg, chars, "1", window, 200, False, ("M", 24, "technician"), carried, True)
+    assert (kept["text"], kept["is_dirty"], kept["n_titles"], kept["est_tokens"]) == (
+        "yesterday's prompt", False, 0, chars("yesterday's prompt"))
+    titled = [{**entry("2", 300, 3), "title": "GoldenEye", "year": 1995},
+              {**entry("1", 100, 5), "title": "Toy Story", "year": 1995}]
+    moved = P.user_prompt_row(cfg, chars, "1", titled, 300, False, ("M", 24, "technician"), carried, True)
+    assert moved["is_dirty"] and moved["as_of"] == 300 and moved["n_titles"] == 2
+    assert moved["history_text"] == '"Toy Story (1995)", 5 stars;\n"GoldenEye (1995)", 3 stars;'
+    tight = cfg.model_copy(update={"llm": cfg.llm.model_copy(
+        update={"engine": cfg.llm.engine.model_copy(update={"max_model_len": cfg.llm.sampling.max_tokens + 30})})})
+    refitted = P.user_prompt_row(tight, chars, "1", titled, 200, False, ("M", 24, "technician"),
+                                 {**carried, "text": "x" * 300}, True)
+    assert refitted["is_dirty"] and refitted["text"] != "x" * 300
+    assert P.user_prompt_row(cfg, chars, "1", [], 300, True, (None, None, None), carried, True) is None
 
 
 def test_groups_needed_follows_the_days_mode_and_records_a_skipped_clusters_step(tmp_path):
@@ -564,21 +511,3 @@ def test_groups_needed_follows_the_days_mode_and_records_a_skipped_clusters_step
     assert not lake.has_partition("features/clusters", day), "groups of an earlier mode must not outlive it"
     skipped = {s["step"]: s for s in read_steps(lake, day)}["features_clusters"]
     assert skipped["skipped"] is True and skipped["mode"] == "individual"
-
-
-def test_prompt_inputs_leave_the_history_column_in_the_lake(cfg, lake):
-    """Prompts read only the user columns they use: `history` (every interaction to date) is most of the dataset.
-    A column they need and the table lacks is still named."""
-    write_features(lake, DAY, basic_inputs())
-    inputs, _ = P.load_inputs(cfg, lake, DAY)
-    assert sorted(inputs.user_history.columns) == ["as_of", "needs_refresh", "user_id", "window"]
-    assert P.build_prompts(cfg, DAY, count_tokens=chars)["by_kind"] == {"item": 4, "user": 2}
-
-    from reki_core.storage.lake import Lake
-
-    other = Lake(str(Path(lake.root).parent / "other-lake"))  # whose user_history never had `as_of`
-    inputs = basic_inputs()
-    inputs.user_history = inputs.user_history.drop(columns=["as_of"])
-    write_features(other, DAY, inputs)
-    with pytest.raises(P.PromptError, match=r"features/user_history/dt=.*missing column\(s\) \['as_of'\]"):
-        P.load_inputs(cfg, other, DAY)
