@@ -4,6 +4,7 @@ a half or foreign one is not."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -39,3 +40,19 @@ def test_the_cache_is_per_machine_not_per_checkout(monkeypatch, tmp_path):
     assert lcs.default_cache_dir() == tmp_path / "reki"
     monkeypatch.setenv("REKI_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert lcs.default_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_only_the_package_itself_is_fetched_as_sources(monkeypatch, tmp_path):
+    """`--no-binary :all:` made pip build cmake from source just to read the sdist's metadata (30 min on 2 cores)."""
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        (tmp_path / lcs.LLAMA_CPP_SDIST_FILE).write_bytes(b"not the release")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(lcs.subprocess, "run", fake_run)
+    with pytest.raises(lcs.LlamaServerBuildError):  # the fake bytes fail the sha256 check
+        lcs.download_sdist(tmp_path, report=lambda _: None)
+    no_binary = calls[0][calls[0].index("--no-binary") + 1]
+    assert no_binary == "llama-cpp-python"
