@@ -354,7 +354,7 @@ def checks(rows: DataFrame, expected: DataFrame, cfg) -> dict:
         for r in flagged.where(F.col(f"_{rule}")).select("_row", *cut, "tokens", "prompt_hash_matches_text").orderBy(
                 "prompt_id", "_row").limit(EXAMPLES_PER_RULE).collect():
             examples[r["_row"]] = {k: v for k, v in r.asDict().items() if k != "_row"}
-    missing = expected.join(rows.select("entity_kind", "entity_id"), ["entity_kind", "entity_id"], "left_anti")
+    missing = expected.distinct().join(rows.select("entity_kind", "entity_id"), ["entity_kind", "entity_id"], "left_anti")
     is_entity = F.col("entity_kind").isin("user", "item")
     absent = {}
     for name, which in zip(COVERAGE, (is_entity, ~is_entity)):
