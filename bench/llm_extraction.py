@@ -63,7 +63,7 @@ def prepare_day(cfg: Config, day: dt.date, spark) -> dict:
     from spark_jobs import clusters, items, user_history
 
     lake = lake_of(cfg)
-    land(cfg, day)
+    land(cfg, day, spark)
     items.run(spark, cfg, lake, day)
     user_history.run(spark, cfg, lake, day)
     if cfg.scenario.extraction_mode == "collective":

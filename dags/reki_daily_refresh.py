@@ -20,8 +20,9 @@ DOC = """
 One run per day; `dt` = the data interval's start (UTC), never the wall clock. A manual run at
 logical date D (midnight UTC) processes D, as the scheduled and backfill runs of D do.
 
-1. **land** the day's deliveries from `incoming/` into `raw/` (on an empty lake: all history up to
-   `dt`); **raw_gate** validates them (Great Expectations).
+1. **land** (a Spark Connect task, job `landing`) the day's deliveries from `incoming/` into `raw/` (on an empty
+   lake: all history up to `dt`); **raw_gate** validates them (Great Expectations; the users and items suites on
+   Spark DataFrames).
 2. **Spark** (clients of the warm Spark Connect server, connection `spark_connect_default`):
    **spark_features** runs `items`, `user_history` (knowledge windows, dirty users) and `ctr_samples`
    (point-in-time knowledge join) on one Connect session of its own; **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
@@ -79,19 +80,14 @@ REPLAY_END = (None if CFG.scenario.source.kind == "files"
     tags=["reki", "daily", "knowledge"],
 )
 def reki_daily_refresh():
-    @task
-    def land(**context) -> dict:
-        from reki_core.landing import land as land_day
-
-        cfg, day = task_setup(context)
-        return land_day(cfg, day)
-
     @task(**GATE)
     def raw_gate(**context) -> dict:
+        from reki_airflow.spark_connect import task_connect_session
         from reki_core.landing import run_raw_gate
 
         cfg, day = task_setup(context)
-        return run_gate(context, "raw", lambda: run_raw_gate(cfg, day), cfg)
+        with task_connect_session(context, CFG.spark.connect_conn_id) as spark:  # the snapshots' suites run on Spark
+            return run_gate(context, "raw", lambda: run_raw_gate(cfg, day, spark), cfg)
 
     # Skips only the clusters job (individual extraction needs no groups); the feature gate still runs.
     @task.short_circuit(ignore_downstream_trigger_rules=False)
@@ -179,7 +175,7 @@ def reki_daily_refresh():
             "version": result["version"], "uri": result["uri"], "manifest_uri": result["manifest_uri"], "dt": day.isoformat()}
         return {k: result[k] for k in ("version", "uri", "manifest_uri", "latest_moved")}
 
-    landed = land()
+    landed = spark_jobs("land", "landing")  # spark_jobs/landing.py: the deliveries into raw/
     raw_ok = raw_gate()
     features = spark_jobs("spark_features", *FEATURE_JOBS)
     clusters = spark_jobs("spark_clusters", "clusters")

@@ -254,6 +254,37 @@ def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date 
     )
 
 
+def write_days(df: DataFrame, lake: Lake, dataset: str, days: list[dt.date]) -> str:
+    """Replace days `days` of `dataset` with the rows of `df` (its `dt` column gives each row's day, one of `days`) in
+    one Iceberg commit, then record the days (one more commit): `write_partition` for several days at once (a first
+    load's history). A day of `days` without rows is written empty. Not for keyed datasets."""
+    if lake.key_of(dataset) is not None or not lake.is_table(dataset):
+        raise ValueError(f"{dataset}: write_days writes whole days of a table dataset that is not keyed")
+    spark = df.sparkSession
+    name = table_of(spark, lake, dataset)
+    rows = df.withColumn("dt", F.col("dt").cast("date"))
+    _create_table(spark, lake, dataset, name, rows.schema)
+    rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(
+        F.col("dt").isin(list(days)))
+    recorded = ", ".join(f"'{DAY_PROPERTY}{day.isoformat()}' = '{lake.day_kind(dataset, False)}'" for day in days)
+    spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({recorded})")
+    return f"{name}/dt={days[0].isoformat()}..{days[-1].isoformat()}"
+
+
+def _create_table(spark: SparkSession, lake: Lake, dataset: str, name: str, schema: T.StructType) -> None:
+    """The dataset's table, partitioned by `dt`, unless it exists."""
+    if spark.catalog.tableExists(name):
+        return
+    lake.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
+    try:  # never createOrReplace: a table another writer just created keeps its rows
+        # From the schema alone: an action on `rows` would spend the job's observed metrics.
+        spark.createDataFrame([], schema).writeTo(name).using("iceberg").partitionedBy(
+            F.col("dt")).tableProperty("write.spark.accept-any-schema", "true").create()
+    except Exception as exc:
+        if "already exists" not in str(exc).lower():
+            raise
+
+
 def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False,
                     totals: Callable[[], dict] | None = None) -> str:
     """Replace day `day` of `dataset` with `df`: one Iceberg commit (an overwrite of exactly that day, so a re-run that
@@ -268,15 +299,7 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     spark = df.sparkSession
     name = table_of(spark, lake, dataset)
     rows = df.withColumn("dt", F.lit(day).cast("date"))
-    if not spark.catalog.tableExists(name):
-        lake.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
-        try:  # never createOrReplace: a table another writer just created keeps its rows
-            # From the schema alone: an action on `rows` would spend the job's observed metrics.
-            spark.createDataFrame([], rows.schema).writeTo(name).using("iceberg").partitionedBy(
-                F.col("dt")).tableProperty("write.spark.accept-any-schema", "true").create()
-        except Exception as exc:
-            if "already exists" not in str(exc).lower():
-                raise
+    _create_table(spark, lake, dataset, name, rows.schema)
     # distribution-mode none: the job laid its rows out already; Iceberg's default (hash by partition) would shuffle
     # the whole day again into the one task of its single `dt` value.
     rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(

@@ -8,7 +8,8 @@ cached frames for the next. The server's URL and token come from the Airflow con
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -58,3 +59,19 @@ class SparkConnectJobs(BaseOperator):
             self.log.warning("interrupted %d Spark Connect operation(s) tagged %s", len(interrupted), tag)
         except Exception as exc:  # the server may already be gone: nothing left running there
             self.log.warning("could not interrupt the Spark Connect operations tagged %s: %s", tag, exc)
+
+
+@contextmanager
+def task_connect_session(context, conn_id: str) -> Iterator[Any]:
+    """A Connect session of its own for a Python task that reads a little through Spark (the raw gate's summaries of
+    the landed snapshots), released at the end; its operations are tagged as SparkConnectJobs' are."""
+    from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
+
+    from reki_airflow.runtime import task_setup
+    from reki_core.spark import connect_client, task_session_id
+
+    cfg, day = task_setup(context)
+    ti = context["ti"]
+    url = SparkConnectHook(conn_id).get_connection_url()
+    with connect_client(cfg, url, task_session_id(), f"reki-{ti.task_id}-{day.isoformat()}-try{ti.try_number}") as spark:
+        yield spark

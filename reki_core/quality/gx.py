@@ -1,6 +1,7 @@
 """Great Expectations plumbing shared by every gate: one ephemeral context, one way to run a suite.
 
-A gate is a list of expectations run over a pandas DataFrame. `run_suite` returns a `GateResult`
+A gate is a list of expectations run over a pandas DataFrame, or a Spark one (GX's Spark datasource; Connect
+DataFrames included, docs/design.md "Landing in Spark"). `run_suite` returns a `GateResult`
 (JSON-able summary: each expectation, success, counts); `GateResult.raise_if_failed()` raises a
 `GateError` whose message lists the failing expectations with their counts. The result also holds
 GX's own validation results, which `reki_core.quality.data_docs.keep_validations` renders as Data Docs.
@@ -141,14 +142,18 @@ def _get_context():
     global _context
     with _lock:
         if _context is None:
-            _context = ephemeral_context()
-            try:  # progress bars would flood task logs
-                from great_expectations.data_context.types.base import ProgressBarsConfig
-
-                _context.variables.progress_bars = ProgressBarsConfig(globally=False)
-            except Exception:  # noqa: BLE001 - cosmetic only
-                pass
+            _context = _quiet(ephemeral_context())
         return _context
+
+
+def _quiet(ctx):
+    try:  # progress bars would flood task logs
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
+    return ctx
 
 
 def _json_safe(value: Any) -> Any:
@@ -180,27 +185,45 @@ def suite_name(gate: str, dataset: str) -> str:
     return f"{safe_name(gate)}.{safe_name(dataset)}"
 
 
+def _spark_batch_definition(df):
+    """A batch definition for a Spark DataFrame (a Connect one included) in a context of its own: GX's Spark datasource
+    finds its session with a global `getOrCreate` (a Connect client's session, made with `create()`, is not that one,
+    and a classic fallback would start a JVM in the task), so it is handed the frame's own session; `persist=False`:
+    GX would cache the frame on the shared Connect server and never release it."""
+    ctx = _quiet(ephemeral_context())
+    source = ctx.data_sources.add_spark("reki_spark", persist=False)
+    source._spark = df.sparkSession
+    return source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("whole")
+
+
 def run_suite(
     gate: str,
     dataset: str,
-    df: pd.DataFrame,
+    df,
     expectations: list,
     complete: bool = False,
 ) -> GateResult:
-    """Validate `df` against `expectations` (gxe.* instances); `complete` also returns every unexpected row index."""
+    """Validate `df` (a pandas DataFrame, or a Spark one: its rows stay in Spark) against `expectations` (gxe.*
+    instances); `complete` also returns every unexpected row index (pandas only)."""
     import great_expectations as gx
 
     ctx = _get_context()
+    spark_frame = not isinstance(df, pd.DataFrame)
+    if spark_frame and complete:
+        raise ValueError("run_suite: unexpected row indexes need a pandas DataFrame (Spark rows have no index)")
     with _lock:
         name = f"{gate}-{dataset}"
-        try:
-            batch_def = ctx.data_sources.get("reki").get_asset(name).get_batch_definition("whole")
-        except Exception:  # noqa: BLE001 - first use of this gate in the process
+        if spark_frame:
+            batch_def = _spark_batch_definition(df)
+        else:
             try:
-                source = ctx.data_sources.get("reki")
-            except Exception:  # noqa: BLE001
-                source = ctx.data_sources.add_pandas("reki")
-            batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+                batch_def = ctx.data_sources.get("reki").get_asset(name).get_batch_definition("whole")
+            except Exception:  # noqa: BLE001 - first use of this gate in the process
+                try:
+                    source = ctx.data_sources.get("reki")
+                except Exception:  # noqa: BLE001
+                    source = ctx.data_sources.add_pandas("reki")
+                batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
         suite = gx.ExpectationSuite(name=suite_name(gate, dataset))
         for exp in expectations:
             suite.add_expectation(exp)
@@ -229,4 +252,5 @@ def run_suite(
             )
         )
     validation = {"dataset": dataset, "validated_at": validated_at, "result": res.to_json_dict()}
-    return GateResult(gate=gate, dataset=dataset, rows=len(df), outcomes=outcomes, validations=[validation])
+    rows = df.count() if spark_frame else len(df)
+    return GateResult(gate=gate, dataset=dataset, rows=rows, outcomes=outcomes, validations=[validation])

@@ -1,19 +1,23 @@
-"""The raw-data suites: one per raw dataset (interactions, users, items).
+"""The raw-data rules and suites: one per raw dataset (interactions, users, items).
 
-The same expectations run twice: at landing, on each incoming delivery with every unexpected row
-index (so bad rows are named, or quarantined with their reason), and as the raw gate on the landed
-partitions of `dt` (defence in depth before anything downstream reads them).
+The rules run twice: at landing, in Spark (spark_jobs/landing.py), and as the raw gate on the landed partitions of
+`dt` (defence in depth before anything downstream reads them). The users and items suites run on Spark DataFrames
+(GX's Spark datasource, Connect DataFrames included: docs/design.md "Landing in Spark"). The interactions' row rules
+are Spark columns at landing (`interactions_row_rules`: each bad row needs its reason, for the error or the
+quarantine, and the first copy of a repeated row is kept), and GX validates their per-day counts
+(`summary_expectations`); the raw gate runs the interactions suite on the landed day (the day's increment, pandas).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
 import great_expectations.expectations as gxe
 
 from reki_core.datasets import schema
 
-# Expectation type -> the rule name used in error messages and in `_reason` of rejected rows.
+# Expectation type -> the rule name used in error messages.
 RULE_NAMES = {
     "expect_column_values_to_not_be_null": "not_null",
     "expect_column_values_to_be_between": "in_range",
@@ -53,6 +57,34 @@ def interactions_expectations(day: dt.date, max_rows: int) -> list:
     ]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A row rule of the interactions, as Spark computes it (spark_jobs/landing.py `interaction_checks`): `not_null`,
+    `in_range` (min..max, nulls pass) or `unique` (of the columns, the first copy kept)."""
+
+    column: str
+    rule: str
+    min_value: int | None = None
+    max_value: int | None = None
+
+    @property
+    def summary_column(self) -> str:
+        """Its column in a summary frame: "unique(user_id)"."""
+        return f"{self.rule}({self.column})"
+
+    @property
+    def bound(self) -> str:
+        return f" ({self.min_value}..{self.max_value})" if self.rule == "in_range" else ""
+
+
+def interactions_row_rules(day: dt.date) -> tuple[Rule, ...]:
+    """The row rules of a day's interactions, in the order their problems are reported (as the suite's)."""
+    start, end = day_bounds(day)
+    return (*[Rule(c, "not_null") for c in schema.INTERACTIONS],
+            Rule("rating", "in_range", schema.RATING_MIN, schema.RATING_MAX), Rule("ts", "in_range", start, end - 1),
+            Rule("user_id,item_id,ts", "unique"))
+
+
 def users_expectations() -> list:
     return [
         gxe.ExpectTableColumnsToMatchSet(column_set=list(schema.USERS), exact_match=True),
@@ -70,3 +102,8 @@ def items_expectations() -> list:
         gxe.ExpectColumnValuesToBeUnique(column="item_id"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="title", min_value=1, max_value=500),
     ]
+
+
+def summary_expectations(rules) -> list:
+    """Each rule's count of offending rows (a column of a summary frame, one row per day) must be 0."""
+    return [gxe.ExpectColumnValuesToBeBetween(column=r.summary_column, min_value=0, max_value=0) for r in rules]

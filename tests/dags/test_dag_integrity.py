@@ -117,7 +117,8 @@ def test_feature_tasks_are_spark_connect_clients(dagbag):
 
     dag = dagbag.dags["reki_daily_refresh"]
     spark_tasks = {t.task_id: t for t in dag.tasks if type(t).__name__ == "SparkConnectJobs"}
-    assert set(spark_tasks) >= {"spark_features", "spark_clusters", "assign_knowledge", "prompts"}
+    assert set(spark_tasks) >= {"land", "spark_features", "spark_clusters", "assign_knowledge", "prompts"}
+    assert spark_tasks["land"].jobs == ["landing"]  # the deliveries into raw/ (spark_jobs/landing.py)
     assert spark_tasks["spark_features"].jobs == ["items", "user_history", "ctr_samples"]
     assert spark_tasks["spark_clusters"].jobs == ["clusters"]
     # Knowledge assignment is a Spark job too; it runs when the mapped extract has zero tasks (all cached).

@@ -88,8 +88,8 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
     day = as_date(day)
     run = DayRun(day)
     stages: dict[str, Callable[[], Any]] = {
-        "land": lambda: land(cfg, day),
-        "raw_gate": lambda: run_raw_gate(cfg, day),
+        "land": lambda: land(cfg, day, spark),  # the Spark job on the shared session
+        "raw_gate": lambda: run_raw_gate(cfg, day, spark),
         **{f"spark_{job}": _spark_stage(spark, cfg, day, job) for job in SPARK_JOBS},
         "feature_gate": lambda: run_feature_gates(cfg, day),
         "prompts": lambda: build_prompts(cfg, day, spark=spark),  # the Spark job on the shared session

@@ -380,7 +380,10 @@ def test_a_spark_server_with_a_wrong_identity_fails_naming_the_bucket_and_the_id
         cfg = make_config(root, REKI__SPARK__CONNECT_URL=stranger.url, REKI__LAKE__TABLES_IN_STORE="true",
                           REKI__SPARK__SHUFFLE_PARTITIONS="2", **env)
         day = dt.date(1997, 9, 24)
-        land(cfg, day)
+        monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
+        with connect_client(cfg, connect.url) as spark:  # landing is a Spark job too: on the stack's own server
+            land(cfg, day, spark)
+        monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", stranger.token)
         lake = lake_of(cfg)
         with connect_client(cfg) as spark, pytest.raises(ObjectStoreError) as failure:
             run_jobs(spark, jobs_named(["items"]), cfg, lake, day)

@@ -1,8 +1,10 @@
-"""Landing and the raw suite: good days, no-new-data days, and every kind of bad input."""
+"""Landing (the Spark job spark_jobs/landing.py, on the tests' classic session) and the raw gate: good days,
+no-new-data days, and every kind of bad input."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pandas as pd
 import pyarrow as pa
@@ -17,6 +19,12 @@ from tests.conftest import make_config
 
 DAY = dt.date(2024, 1, 2)
 T0 = day_bounds(DAY)[0]
+
+
+@pytest.fixture(autouse=True)
+def _on_the_spark_session(spark):
+    """`land` and `run_raw_gate` run on the active session: the tests' one."""
+    yield spark
 
 
 @pytest.fixture
@@ -280,3 +288,78 @@ def test_a_write_whose_commit_fails_leaves_the_previous_day(tmp_path, monkeypatc
         lake.write_partition(good_interactions(2), "raw/interactions", DAY)
     monkeypatch.undo()
     pd.testing.assert_frame_equal(Lake(str(tmp_path / "lake")).read_partition("raw/interactions", DAY), before)
+
+
+def test_a_bad_snapshot_names_file_column_and_rule_and_does_not_land(files_cfg):
+    lake = Lake(files_cfg.lake_uri)
+    deliver(lake, "interactions", DAY, good_interactions())
+    deliver_entities(lake, DAY)
+    users = lake.partition_path("incoming/users", DAY) + "/part.parquet"
+    pq.write_table(pa.table({"user_id": ["u0", "u0", "u1"], "age": pa.array([30, 200, 41], pa.int64()),
+                             "gender": ["F", "F", "M"], "occupation": ["a", "b", "c"], "zip_code": ["1", "2", "3"]}),
+                   users)
+    with pytest.raises(LandingError) as err:
+        land(files_cfg, DAY)
+    message = str(err.value)
+    assert f"{users}: column 'user_id': rule 'unique': expect_column_values_to_be_unique" in message, message
+    assert f"{users}: column 'age': rule 'in_range': " in message and "2 unexpected" in message, message
+    assert not lake.has_partition("raw/users", DAY) and not lake.has_partition("raw/items", DAY)
+
+
+def test_raw_gate_checks_the_whole_snapshot_in_spark(files_cfg):
+    """A landed users snapshot that lost its uniqueness: GX's suite on the Spark DataFrame fails the gate."""
+    lake = Lake(files_cfg.lake_uri)
+    deliver(lake, "interactions", DAY, good_interactions())
+    deliver_entities(lake, DAY)
+    land(files_cfg, DAY)
+    users = lake.read_partition("raw/users", DAY)
+    lake.write_partition(pd.concat([users, users.iloc[:1]], ignore_index=True), "raw/users", DAY)
+    with pytest.raises(GateError) as err:
+        run_raw_gate(files_cfg, DAY)
+    assert "raw/users/dt=2024-01-02" in str(err.value), str(err.value)
+    assert "expect_column_values_to_be_unique column 'user_id'" in str(err.value) and "2 unexpected" in str(err.value)
+    assert "raw/items" not in str(err.value).split(":\n", 1)[1]
+
+
+def test_landing_as_a_connect_client_lands_what_the_classic_session_lands(spark, spark_connect, tmp_path):
+    """The DAG runs landing as a Spark Connect task: the same rows, rejects and record as on a classic session (the
+    snapshots' suites run on Connect DataFrames there)."""
+    from spark_jobs.common import jobs_named, run_jobs
+    from tests.spark.test_two_engines import client
+
+    env = {"REKI__SCENARIO": "books", "REKI__SCENARIO_OVERRIDES__SOURCE__KIND": "files",
+           "REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE": DAY.isoformat(),
+           "REKI__QUALITY__RAW_BAD_ROWS_POLICY": "quarantine", "REKI__QUALITY__RAW_MAX_REJECTED_SHARE": "0.5"}
+    results, lakes = [], []
+    for root in (tmp_path / "classic", tmp_path / "connect"):
+        cfg = make_config(root, **env)
+        lake = Lake(cfg.lake_uri)
+        for n in range(2):
+            day_rows = good_interactions(6).assign(ts=lambda d, n=n: d["ts"] + 86_400 * n)
+            day_rows.loc[1, "rating"] = 9
+            deliver(lake, "interactions", DAY + dt.timedelta(days=n), day_rows)
+            deliver(lake, "interactions", DAY + dt.timedelta(days=n), day_rows, name="resent.parquet")
+        deliver_entities(lake, DAY + dt.timedelta(days=1))
+        lakes.append(lake)
+        last = (DAY + dt.timedelta(days=1)).isoformat()
+        if root.name == "classic":
+            results.append(json.loads(json.dumps(run_jobs(spark, jobs_named(["landing"]), cfg, lake,
+                                                          DAY + dt.timedelta(days=1))["land"], default=str)))
+        else:
+            connect_env = {**env, "REKI__PATHS__LAKE_URI": cfg.lake_uri, "REKI__PATHS__STATE_DIR": str(root / "state")}
+            [result] = client("run", spark_connect, connect_env, jobs=[["landing"]], days=[last])["results"]
+            results.append(result["land"])
+    ignore = {"seconds", "started_at", "lake"}
+    classic, connect = ({k: json.loads(json.dumps(v).replace(str(tmp_path / name), "ROOT")) for k, v in r.items()
+                         if k not in ignore} for r, name in zip(results, ("classic", "connect")))
+    assert classic == connect and classic["rejected"] == 2 and classic["duplicate_deliveries"] == 2, (classic, connect)
+    for dataset in ("raw/interactions", "raw/_rejected", "raw/users", "raw/items"):
+        assert lakes[0].partitions(dataset) == lakes[1].partitions(dataset), dataset
+        for day in lakes[0].partitions(dataset):
+            a, b = (lk.read_partition(dataset, day) for lk in lakes)
+            if "_source_file" in a:  # each lake names its own files
+                a["_source_file"], b["_source_file"] = a["_source_file"].str.rsplit("/", n=1).str[-1], \
+                    b["_source_file"].str.rsplit("/", n=1).str[-1]
+            if "genres" in a:
+                a["genres"], b["genres"] = a["genres"].map(list), b["genres"].map(list)
+            pd.testing.assert_frame_equal(a, b)
