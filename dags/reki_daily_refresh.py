@@ -26,7 +26,8 @@ logical date D (midnight UTC) processes D, as the scheduled and backfill runs of
 2. **Spark** (clients of the warm Spark Connect server, connection `spark_connect_default`):
    **spark_features** runs `items`, `user_history` (knowledge windows, dirty users) and `ctr_samples`
    (point-in-time knowledge join) on one Connect session of its own; **needs_groups** skips **spark_clusters** (collective-extraction groups) unless today's extraction
-   mode is collective; **feature_gate**.
+   mode is collective; **feature_checks** (a Spark Connect task, job `feature_checks`: the item and group rules)
+   and **feature_gate** (reads its recorded checks; the keyed datasets' rules on the day's changes).
 3. **prompts** (factorization prompting; a Spark Connect task, job `prompts`, which also evaluates the gate's rules)
    and **prompts_gate** (reads the job's recorded checks).
 4. **plan_shards** then one mapped **extract** task per shard, clients of the warm LLM servers (pool
@@ -38,7 +39,8 @@ logical date D (midnight UTC) processes D, as the scheduled and backfill runs of
    **encode** (encodes them batch by batch into the cache table), **knowledge_vectors** (a Spark Connect task: the
    assignment joined with the cache); **train_if_no_model** registers a first adaptor
    when none exists (weekly retraining is `reki_adaptor_training`); **augment** applies the current
-   adaptor to every user and item vector; **vectors_gate** checks every entity has one finite vector.
+   adaptor to every user and item vector; **vectors_checks** (a Spark Connect task, job `vectors_checks`) evaluates the
+   vectors gate's rules and **vectors_gate** (reads its recorded checks) checks every entity has one finite vector.
 6. **publish** a version to object storage (manifest last, `_LATEST.json` only forward) and emit
    the `reki_augmented_vectors` asset event with the version; it writes the run report too and
    publishes it inside the version.
@@ -98,7 +100,7 @@ def reki_daily_refresh():
         cfg, day = task_setup(context)
         return groups_needed(cfg, lake_of(cfg), day)
 
-    @task(**GATE, trigger_rule="none_failed")
+    @task(**GATE)
     def feature_gate(**context) -> dict:
         from reki_core.quality.features import run_feature_gates
 
@@ -179,6 +181,8 @@ def reki_daily_refresh():
     raw_ok = raw_gate()
     features = spark_jobs("spark_features", *FEATURE_JOBS)
     clusters = spark_jobs("spark_clusters", "clusters")
+    # spark_jobs/feature_checks.py: the feature gate's rules on items and clusters; none_failed: clusters may be skipped
+    feature_checks = spark_jobs("feature_checks", "feature_checks", trigger_rule="none_failed")
     features_ok = feature_gate()
     built = spark_jobs("prompts", "prompts")  # spark_jobs/prompts.py: the day's prompts and the gate's checks
     prompts_ok = prompts_gate()
@@ -194,10 +198,12 @@ def reki_daily_refresh():
     vectors = spark_jobs("knowledge_vectors", "knowledge_vectors")
     model = train_if_no_model()
     augmented = augment()
+    vectors_checked = spark_jobs("vectors_checks", "vectors_checks")  # spark_jobs/vectors_checks.py: the gate's rules
 
     landed >> raw_ok >> features >> needs_groups() >> clusters
-    [features, clusters] >> features_ok >> built >> prompts_ok >> shards
-    extracted >> assigned >> answers_ok >> misses >> encoded >> vectors >> model >> augmented >> vectors_gate() >> publish()
+    [features, clusters] >> feature_checks >> features_ok >> built >> prompts_ok >> shards
+    extracted >> assigned >> answers_ok >> misses >> encoded >> vectors >> model >> augmented >> vectors_checked
+    vectors_checked >> vectors_gate() >> publish()
 
 
 reki_daily_refresh()

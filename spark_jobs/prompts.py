@@ -25,13 +25,13 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from reki_core.quality.prompts import FINGERPRINTED, STEP  # STEP: the run-log step the summary and the gate read
+from spark_jobs.checks import fingerprint, rule_checks
 from spark_jobs.common import cache, empty_frame, releases_cache
 
 DATASET = "prompts"
-STEP = "prompts"  # the run-log step: the summary, the report and the prompts gate read it
 USER_HISTORY, ITEMS, USERS, CLUSTERS = "features/user_history", "features/items", "raw/users", "features/clusters"
 PROFILE_COLUMNS = ("gender", "age", "occupation")
-EXAMPLES_PER_RULE = 5  # offending rows recorded per broken rule
 EXAMPLES = 20  # missing keys recorded per coverage check
 
 ROW_SCHEMA = T.StructType([
@@ -331,29 +331,14 @@ def rule_flags(rows: DataFrame, cfg) -> DataFrame:
     return checked.select("*", *[F.coalesce(flag, F.lit(False)).alias(f"_{name}") for name, flag in flags.items()])
 
 
-def fingerprint(rows: DataFrame) -> dict:
-    """rows and a sum over the rows' (prompt_id, prompt_hash) digests (`reki_core.quality.prompts.row_digest`): the
-    gate checks that the partition it validates is the one this job checked."""
-    digest = F.conv(F.substring(F.sha2(F.concat_ws("\n", "prompt_id", "prompt_hash"), 256), 1, 8), 16, 10)
-    stats = rows.agg(F.count(F.lit(1)).alias("rows"), F.sum(digest.cast("long")).alias("digest")).first()
-    return {"rows": int(stats["rows"]), "digest": int(stats["digest"] or 0)}
-
-
 def checks(rows: DataFrame, expected: DataFrame, cfg) -> dict:
     """The gate's rule counts, a few offending rows (text cut to 200 characters) and the missing keys."""
     from reki_core.prompts import COLUMNS, token_budget
     from reki_core.quality.prompts import COVERAGE, RULES
 
-    flagged = cache(rule_flags(rows, cfg).withColumn("_row", F.monotonically_increasing_id()))
-    counts = flagged.agg(*[F.sum(F.col(f"_{r}").cast("long")).alias(r) for r in RULES]).first()
-    failed = {r: int(counts[r] or 0) for r in RULES if counts[r]}
-    # A few rows per broken rule, each row once (a row twice in the sample would break uniqueness there only).
+    # Text cut to 200 characters: the examples go into the run record.
     cut = [F.substring(c, 1, 200).alias(c) if c in ("text", "history_text") else F.col(c) for c in COLUMNS]
-    examples: dict[int, dict] = {}
-    for rule in failed:
-        for r in flagged.where(F.col(f"_{rule}")).select("_row", *cut, "tokens", "prompt_hash_matches_text").orderBy(
-                "prompt_id", "_row").limit(EXAMPLES_PER_RULE).collect():
-            examples[r["_row"]] = {k: v for k, v in r.asDict().items() if k != "_row"}
+    found = rule_checks(rule_flags(rows, cfg), RULES, [*cut, "tokens", "prompt_hash_matches_text"], ["prompt_id"])
     missing = expected.distinct().join(rows.select("entity_kind", "entity_id"), ["entity_kind", "entity_id"], "left_anti")
     is_entity = F.col("entity_kind").isin("user", "item")
     absent = {}
@@ -362,8 +347,8 @@ def checks(rows: DataFrame, expected: DataFrame, cfg) -> dict:
         n = keys.count()
         absent[name] = {"count": n, "examples": [f"{r['entity_kind']}:{r['entity_id']}" for r in keys.orderBy(
             "entity_kind", "entity_id").limit(EXAMPLES).collect()] if n else []}
-    return {"budget": token_budget(cfg), "columns": list(COLUMNS), "failed": failed, "examples": list(examples.values()),
-            "missing": absent, "fingerprint": fingerprint(rows)}
+    return {"budget": token_budget(cfg), "columns": list(COLUMNS), **found, "missing": absent,
+            "fingerprint": fingerprint(rows, FINGERPRINTED)}
 
 
 # ---------------------------------------------------------------- the job

@@ -2,13 +2,15 @@
 
 `run_feature_gates(cfg, dt)` runs one suite per dataset, records the summary in `_runs/dt=D/feature_gates.json`
 (with the link to the run's GX Data Docs, which hold the full results), and raises `GateError` listing every failing
-expectation (with counts) when any gate fails. The item table and the clusters are read whole (rebuilt daily). Of
-the keyed datasets (`user_history`, `ctr_samples`, written as changes), a rule that holds row by row is checked on
-the rows written on D, every row on a full day: the others were checked on the day they were written and have not
-changed, so a daily gate reads the day's changes, not the dataset. A rule on the whole state (samples, label rate)
-is checked on the totals the job recorded with the day (`Lake.state_totals`).
-Checks that GX has no expectation for (history order, group sizes, membership) are computed as
-columns here and then expected like any other column.
+expectation (with counts) when any gate fails. The item table and the clusters (rebuilt daily) are checked by the
+Spark job `spark_jobs/feature_checks.py` (task `feature_checks`): it records per rule the count and a few offending
+rows or keys, and the gate runs the expectations on those (`reki_core.quality.recorded`), after checking the
+partitions are the ones the job checked. Of the keyed datasets (`user_history`, `ctr_samples`, written as changes),
+a rule that holds row by row is checked here on the rows written on D, every row on a full day: the others were
+checked on the day they were written and have not changed, so a daily gate reads the day's changes, not the
+dataset. A rule on the whole state (samples, label rate) is checked on the totals the job recorded with the day
+(`Lake.state_totals`). Checks that GX has no expectation for (history order, group sizes, membership) are computed
+as columns (the groups' in Spark) and then expected like any other column.
 """
 
 from __future__ import annotations
@@ -23,10 +25,26 @@ from reki_core.config import Config
 from reki_core.prompts import resolve_mode
 from reki_core.quality.data_docs import keep_validations
 from reki_core.quality.gx import GateResult, offenders, raise_if_any_failed, run_suite
+from reki_core.quality.recorded import (no_checks, partition_fingerprint, recorded_checks, same_partition,
+                                       with_recorded_counts)
 from reki_core.runlog import record_step
 from reki_core.storage.lake import Lake, as_date, lake_of
 
 CLUSTERINGS = ("item", "user_pos", "user_neg")
+ITEMS, USER_HISTORY, CLUSTERS = "features/items", "features/user_history", "features/clusters"
+STEP = "feature_checks"  # the Spark job that checks items and clusters records its checks in this run-log step
+ITEM_COLUMNS = ["item_id", "popularity", "metadata_hash"]
+# Each rule: the expectation (type, column) that states it; the Spark job computes one flag per rule.
+ITEM_RULES = {
+    "item_id_not_null": ("expect_column_values_to_not_be_null", "item_id"),
+    "item_id_unique": ("expect_column_values_to_be_unique", "item_id"),
+    "popularity_not_negative": ("expect_column_values_to_be_between", "popularity"),
+    "metadata_hash_not_null": ("expect_column_values_to_not_be_null", "metadata_hash"),
+}
+GROUP_RULE, MEMBER_RULE = "group_over_size_bound", "not_assigned_exactly_once"  # columns of offending keys
+CLUSTER_RULES = {rule: ("expect_column_values_to_be_null", rule) for rule in (GROUP_RULE, MEMBER_RULE)}
+# The columns whose digest tells a partition is the one the job checked.
+FINGERPRINTED = {ITEMS: ITEM_COLUMNS, CLUSTERS: ["clustering", "entity_id", "group_id"]}
 
 
 def _is_time_ordered(entries) -> bool:
@@ -118,55 +136,75 @@ def sample_totals(lake: Lake, day: dt.date) -> dict:
             "positives_per_split": state.loc[positive, "split"].value_counts().to_dict()}
 
 
-def clusters_gate(clusters: pd.DataFrame, item_ids: pd.Series, user_ids: pd.Series, cfg: Config) -> GateResult:
+def clusters_gate(groups: pd.DataFrame, members: pd.DataFrame, rows: int) -> GateResult:
+    """`groups`: clustering and `group_over_size_bound` (the key of an oversized group, else null) of the groups the
+    job recorded, and one row per clustering present; `members`: `not_assigned_exactly_once` (`clustering:entity_id`
+    of an entity assigned other than once, or not expected)."""
     import great_expectations.expectations as gxe
 
-    s = cfg.scenario
-    sizes = clusters.groupby(["clustering", "group_id"]).size().rename("group_size").reset_index()
-    sizes["max_allowed"] = np.where(sizes["clustering"] == "item", s.max_group_size_items, s.max_group_size_users)
-    # Every entity of each clustering must appear exactly once: count assignments per expected entity.
-    expected = pd.concat(
-        [pd.DataFrame({"clustering": "item", "entity_id": item_ids})]
-        + [pd.DataFrame({"clustering": c, "entity_id": user_ids}) for c in ("user_pos", "user_neg")]
-    )
-    counts = clusters.groupby(["clustering", "entity_id"]).size().rename("assignments").reset_index()
-    membership = expected.merge(counts, on=["clustering", "entity_id"], how="outer", indicator=True)
-    # Unassigned entities and assignments of unknown entities both fail, named "clustering:entity_id".
-    once = (membership["_merge"] == "both") & (membership["assignments"] == 1)
-    keys = membership["clustering"].astype(str) + ":" + membership["entity_id"].astype(str)
-    summary_frame = pd.DataFrame({"not_assigned_exactly_once": offenders(keys, once)}).reset_index(drop=True)
-    group_keys = (sizes["clustering"].astype(str) + ":" + sizes["group_id"].astype(str)
-                  + " (" + sizes["group_size"].astype(str) + ")")
-    sizes["group_over_size_bound"] = offenders(group_keys, sizes["group_size"] <= sizes["max_allowed"])
-    gate_group = run_suite("features", "features/clusters#groups", sizes, [
-        gxe.ExpectColumnValuesToBeNull(column="group_over_size_bound"),
+    gate_group = run_suite("features", "features/clusters#groups", groups, [
+        gxe.ExpectColumnValuesToBeNull(column=GROUP_RULE),
         gxe.ExpectColumnDistinctValuesToContainSet(column="clustering", value_set=list(CLUSTERINGS)),
     ])
-    gate_members = run_suite("features", "features/clusters#members", summary_frame, [
-        gxe.ExpectColumnValuesToBeNull(column="not_assigned_exactly_once"),
+    gate_members = run_suite("features", "features/clusters#members", members, [
+        gxe.ExpectColumnValuesToBeNull(column=MEMBER_RULE),
     ])
-    return GateResult("features", "features/clusters", len(clusters), gate_group.outcomes + gate_members.outcomes,
+    return GateResult("features", "features/clusters", rows, gate_group.outcomes + gate_members.outcomes,
                       validations=gate_group.validations + gate_members.validations)
 
 
+def recorded_items_gate(checks: dict) -> GateResult:
+    """The items suite on the rows the job recorded, with its whole counts."""
+    items = pd.DataFrame(checks["examples"], columns=ITEM_COLUMNS, dtype=object)
+    items["popularity"] = pd.to_numeric(items["popularity"])
+    result = with_recorded_counts(items_gate(items), ITEM_RULES, checks["failed"])
+    result.rows = int(checks["rows"])
+    return result
+
+
+def recorded_clusters_gate(checks: dict) -> GateResult:
+    """The clusters suites on the keys the job recorded, with its whole counts."""
+    groups = pd.DataFrame([*checks["groups"]["examples"], *[{"clustering": c} for c in checks["clusterings"]]],
+                          columns=["clustering", GROUP_RULE], dtype=object)
+    members = pd.DataFrame(checks["members"]["examples"], columns=[MEMBER_RULE], dtype=object)
+    failed = {**checks["groups"]["failed"], **checks["members"]["failed"]}
+    return with_recorded_counts(clusters_gate(groups, members, int(checks["rows"])), CLUSTER_RULES, failed)
+
+
 def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None) -> dict[str, Any]:
-    """Gate every feature dataset of `day`; records the summary, raises GateError on any failure."""
+    """Gate every feature dataset of `day` (items and clusters from the checks the job `feature_checks` recorded);
+    records the summary, raises GateError on any failure."""
     import great_expectations.expectations as gxe
 
     day = as_date(day)
     lake = lake or lake_of(cfg)
-    items = lake.read_partition("features/items", day)
-    user_ids = lake.read_partition("features/user_history", day, columns=["user_id"])["user_id"]
+    checks = recorded_checks(lake, day, STEP)
+    if checks is None:
+        no_checks("features", f"features/dt={day.isoformat()}", day, STEP, "feature_checks")
+    checked = {}  # the fingerprint outcome of each partition the job checked (or found absent)
+    for dataset, recorded in checks["fingerprint"].items():
+        found = (partition_fingerprint(lake, dataset, day, FINGERPRINTED[dataset], cfg.lake.batch_rows)
+                 if lake.has_partition(dataset, day) else None)
+        checked[dataset] = same_partition(f"{dataset}/dt={day.isoformat()}", found, recorded, STEP, "feature_checks")
+    items = recorded_items_gate(checks["items"])
+    items.outcomes.insert(0, checked[ITEMS])
     results = [
-        items_gate(items),
-        user_history_gate(lake.read_day_rows("features/user_history", day), cfg),
+        items,
+        user_history_gate(lake.read_day_rows(USER_HISTORY, day), cfg),
         ctr_samples_gate(lake.read_day_rows("features/ctr_samples", day), sample_totals(lake, day), cfg),
     ]
-    if lake.has_partition("features/clusters", day):
-        results.append(clusters_gate(lake.read_partition("features/clusters", day), items["item_id"], user_ids, cfg))
-    elif resolve_mode(cfg, len(user_ids), len(items)) == "collective":  # the groups collective extraction needs
-        results.append(run_suite("features", "features/clusters", pd.DataFrame({"partition_written": [False]}), [
-            gxe.ExpectColumnValuesToBeInSet(column="partition_written", value_set=[True])]))
+    clusters = None
+    if checks["clusters"] is not None:
+        clusters = recorded_clusters_gate(checks["clusters"])
+    elif resolve_mode(cfg, int(checks["users"]), int(checks["items"]["rows"])) == "collective":
+        # the groups collective extraction needs
+        clusters = run_suite("features", CLUSTERS, pd.DataFrame({"partition_written": [False]}), [
+            gxe.ExpectColumnValuesToBeInSet(column="partition_written", value_set=[True])])
+    elif not checked[CLUSTERS].success:  # groups written after the job found none
+        clusters = GateResult("features", CLUSTERS, 0, [])
+    if clusters is not None:
+        clusters.outcomes.insert(0, checked[CLUSTERS])
+        results.append(clusters)
     summary = {"success": all(r.success for r in results), "gates": [r.summary() for r in results],
                "data_docs": keep_validations(lake, day, "feature_gates", results)}
     record_step(lake, day, "feature_gates", summary)

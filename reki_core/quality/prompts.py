@@ -18,16 +18,19 @@ on the offending rows and reports each failure with the job's whole count.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 
 import pandas as pd
 
 from reki_core.config import Config
 from reki_core.quality.data_docs import keep_validations
-from reki_core.quality.gx import ExpectationOutcome, GateResult, run_suite
+from reki_core.quality.gx import GateResult, run_suite
+from reki_core.quality.recorded import (no_checks, partition_fingerprint, recorded_checks, same_partition,
+                                       with_recorded_counts)
 from reki_core.storage.lake import Lake, as_date, lake_of
 
 GATE = "prompts"
+STEP = "prompts"  # the prompts job's run-log step, where it records the checks
+FINGERPRINTED = ["prompt_id", "prompt_hash"]  # the columns whose digest tells the partition is the one checked
 # Each rule: the expectation (type, column) that states it; the Spark job computes one flag per rule.
 RULES = {
     "prompt_id_unique": ("expect_column_values_to_be_unique", "prompt_id"),
@@ -120,25 +123,6 @@ def check_prompts(prompts: pd.DataFrame, expected: dict[str, set[str]], budget: 
     return run_checks(rule_columns(prompts, count_tokens), coverage_frame(prompts, expected), budget, dataset)
 
 
-def row_digest(prompt_id: str | None, prompt_hash: str | None) -> int:
-    """A row's share of the job's fingerprint (`spark_jobs.prompts.fingerprint`): the first 32 bits of the sha256 of
-    its non-null prompt_id and prompt_hash joined by a newline."""
-    joined = "\n".join(v for v in (prompt_id, prompt_hash) if v is not None)
-    return int(hashlib.sha256(joined.encode("utf-8")).hexdigest()[:8], 16)
-
-
-def partition_fingerprint(lake: Lake, day: dt.date, batch_rows: int) -> dict:
-    """rows and digest of the prompts partition, streamed `batch_rows` ids and hashes at a time."""
-    from reki_core.prompts import DATASET
-
-    rows = digest = 0
-    for batch in lake.read_batches(DATASET, day, ["prompt_id", "prompt_hash"], batch_rows):
-        rows += batch.num_rows
-        digest += sum(row_digest(i, h) for i, h in zip(batch.column("prompt_id").to_pylist(),
-                                                         batch.column("prompt_hash").to_pylist()))
-    return {"rows": rows, "digest": digest}
-
-
 def recorded_frames(checks: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The offending rows (with their rule columns) and the coverage frame of the missing keys the job recorded."""
     checked = pd.DataFrame(checks["examples"], columns=[*checks["columns"], "tokens", "prompt_hash_matches_text"])
@@ -151,18 +135,6 @@ def recorded_frames(checks: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return checked, coverage
 
 
-def _with_recorded_counts(result: GateResult, checks: dict) -> GateResult:
-    """Each failed expectation's unexpected count: the job's count over the whole partition, not the sample's."""
-    rule_of = {value: name for name, value in RULES.items()}
-    for outcome in result.failed:
-        rule = rule_of.get((outcome.expectation, outcome.column))
-        if rule is not None and rule in checks["failed"]:
-            outcome.unexpected_count = int(checks["failed"][rule])
-        elif outcome.column in COVERAGE:
-            outcome.unexpected_count = int(checks["missing"][outcome.column]["count"])
-    return result
-
-
 def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> GateResult:
     """The gate on `prompts/dt=D/` from the prompts job's recorded checks; raises `GateError` listing the failures.
 
@@ -173,21 +145,16 @@ def gate_prompts(cfg: Config, dt: str | dt.date, lake: Lake | None = None) -> Ga
     lake = lake or lake_of(cfg)
     day = as_date(dt)
     dataset = f"{DATASET}/dt={day.isoformat()}"
-    record = lake.read_json(f"_runs/dt={day.isoformat()}/prompts.json") or {}
-    checks = record.get("checks") if record.get("success") else None
+    checks = recorded_checks(lake, day, STEP)
     if checks is None:
-        outcome = ExpectationOutcome("prompts_job_recorded_its_checks", None, {"record": f"_runs/dt={day}/prompts.json"},
-                                     False, observed_value="no successful prompts step with checks for the day: "
-                                                           "run the prompts task first")
-        return GateResult(GATE, dataset, 0, [outcome]).raise_if_failed()
-    found = partition_fingerprint(lake, day, cfg.lake.batch_rows)
+        return no_checks(GATE, dataset, day, STEP, "prompts")
+    found = partition_fingerprint(lake, DATASET, day, FINGERPRINTED, cfg.lake.batch_rows)
     checked, coverage = recorded_frames(checks)
-    result = _with_recorded_counts(run_checks(checked, coverage, int(checks["budget"]), dataset), checks)
-    same = found == checks["fingerprint"]
-    result.outcomes.insert(0, ExpectationOutcome(
-        "partition_is_the_one_the_prompts_job_checked", None, {"recorded": checks["fingerprint"]}, same,
-        observed_value=None if same else {**found, "hint": "the partition was rewritten after the prompts job checked "
-                                                           "it: re-run the prompts task"}))
+    result = run_checks(checked, coverage, int(checks["budget"]), dataset)
+    missing = {name: int(checks["missing"][name]["count"]) for name in COVERAGE}
+    coverage_rules = {name: ("expect_column_values_to_be_null", name) for name in COVERAGE}
+    result = with_recorded_counts(result, {**RULES, **coverage_rules}, {**checks["failed"], **missing})
+    result.outcomes.insert(0, same_partition(dataset, found, checks["fingerprint"], STEP, "prompts"))
     result.rows = int(found["rows"])
     keep_validations(lake, day, "prompts_gate", [result])
     return result.raise_if_failed()

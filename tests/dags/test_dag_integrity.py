@@ -130,6 +130,15 @@ def test_feature_tasks_are_spark_connect_clients(dagbag):
     assert spark_tasks["prompts"].jobs == ["prompts"]
     assert [t.task_id for t in spark_tasks["prompts"].upstream_list] == ["feature_gate"]
     assert [t.task_id for t in spark_tasks["prompts"].downstream_list] == ["prompts_gate"]
+    # The feature gate's rules on items and clusters (spark_jobs/feature_checks.py), also when the clusters job is skipped.
+    assert spark_tasks["feature_checks"].jobs == ["feature_checks"]
+    assert spark_tasks["feature_checks"].trigger_rule == "none_failed"
+    assert sorted(t.task_id for t in spark_tasks["feature_checks"].upstream_list) == ["spark_clusters", "spark_features"]
+    assert [t.task_id for t in spark_tasks["feature_checks"].downstream_list] == ["feature_gate"]
+    # The vectors gate's rules over the vectors augment wrote (spark_jobs/vectors_checks.py).
+    assert spark_tasks["vectors_checks"].jobs == ["vectors_checks"]
+    assert [t.task_id for t in spark_tasks["vectors_checks"].upstream_list] == ["augment"]
+    assert [t.task_id for t in spark_tasks["vectors_checks"].downstream_list] == ["vectors_gate"]
     assert {t.conn_id for t in spark_tasks.values()} == {load_config().spark.connect_conn_id}
     assert not [t.task_id for d in dagbag.dags.values() for t in d.tasks if "SparkSubmit" in type(t).__name__]
 

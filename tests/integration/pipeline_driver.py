@@ -27,8 +27,8 @@ FAST_SETTINGS = {
 SPARK_JOBS = ("items", "user_history", "ctr_samples", "clusters")
 
 # The DAG's task order (dags/reki_daily_refresh.py), publish excluded.
-STAGES = ("land", "raw_gate", *(f"spark_{job}" for job in SPARK_JOBS), "feature_gate", "prompts", "prompts_gate",
-          "plan_shards", "extract", "assign_knowledge", "answers_gate", "encode", "train_if_no_model", "augment")
+STAGES = ("land", "raw_gate", *(f"spark_{job}" for job in SPARK_JOBS), "feature_checks", "feature_gate", "prompts",
+          "prompts_gate", "plan_shards", "extract", "assign_knowledge", "answers_gate", "encode", "train_if_no_model", "augment")
 
 
 class StageFailed(RuntimeError):
@@ -84,6 +84,7 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
     from reki_core.quality.answers import validate_answers
     from reki_core.quality.features import run_feature_gates
     from reki_core.quality.prompts import gate_prompts
+    from spark_jobs.common import jobs_named, run_jobs
 
     day = as_date(day)
     run = DayRun(day)
@@ -91,6 +92,7 @@ def run_day(cfg: Config, day: str | dt.date, spark, *, until: str | None = None)
         "land": lambda: land(cfg, day, spark),  # the Spark job on the shared session
         "raw_gate": lambda: run_raw_gate(cfg, day, spark),
         **{f"spark_{job}": _spark_stage(spark, cfg, day, job) for job in SPARK_JOBS},
+        "feature_checks": lambda: run_jobs(spark, jobs_named(["feature_checks"]), cfg, lake_of(cfg), day),
         "feature_gate": lambda: run_feature_gates(cfg, day),
         "prompts": lambda: build_prompts(cfg, day, spark=spark),  # the Spark job on the shared session
         "prompts_gate": lambda: gate_prompts(cfg, day).summary(),

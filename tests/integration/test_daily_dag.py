@@ -69,8 +69,9 @@ def test_every_stage_ran_and_published(first_run, seaweed):
     tmp, _ = first_run
     steps = steps_of(tmp, DT)
     for step in ("land", "raw_gate", "features_items", "features_user_history", "features_ctr_samples",
-                 "features_clusters", "feature_gates", "prompts", "llm_plan", "llm_assign", "llm_answers_gate",
-                 "encoding_misses", "encode_knowledge", "knowledge_vectors", "train_model", "apply_adaptor", "vectors_gate", "publish"):
+                 "features_clusters", "feature_checks", "feature_gates", "prompts", "llm_plan", "llm_assign",
+                 "llm_answers_gate", "encoding_misses", "encode_knowledge", "knowledge_vectors", "train_model",
+                 "apply_adaptor", "vectors_checks", "vectors_gate", "publish"):
         assert step in steps, f"step {step} left no run record"
         assert steps[step].get("success", True), steps[step]
     assert steps["land"]["initial_load"] is True

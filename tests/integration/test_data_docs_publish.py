@@ -16,8 +16,9 @@ from published_vectors import fresh_bucket_config, reader, writer
 from reki_core.quality.gx import suite_name
 from reki_core.quality.vectors import gate_vectors
 from reki_core.storage import publish
-from reki_core.storage.lake import Lake
+from reki_core.storage.lake import Lake, as_date
 from reki_core.storage.s3_access import ObjectStore, resolve_s3_access
+from spark_jobs.common import jobs_named, run_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ def _no_ambient_aws(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_manifest(tmp_path, seaweed):
+def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_manifest(tmp_path, seaweed, spark):
     cfg = fresh_bucket_config(tmp_path, seaweed)
     lake = Lake(cfg.lake_uri)
     users, items = ["u0", "u1"], ["i0", "i1", "i2"]
@@ -47,6 +48,7 @@ def test_data_docs_archive_is_published_beside_the_version_and_listed_in_the_man
     registry.mkdir(parents=True)
     (registry / "adaptor.pt").write_bytes(b"adaptor-state")
     (registry / "model_card.json").write_text(json.dumps({"test": {"with_knowledge": {"auc": 0.74}}}))
+    run_jobs(spark, jobs_named(["vectors_checks"]), cfg, lake, as_date(DAY))  # the DAG's vectors_checks task
     assert gate_vectors(cfg, DAY, lake)["success"]
 
     # The DAG's publish task: every file the report wrote goes beside the version, and none stays on this host.

@@ -14,6 +14,7 @@ from reki_core.quality.features import run_feature_gates
 from reki_core.quality.gx import GateError
 from reki_core.runlog import read_steps
 from spark_jobs import clusters, ctr_samples, items, user_history
+from spark_jobs.common import jobs_named, run_jobs
 
 JOBS = (items, user_history, ctr_samples, clusters)
 
@@ -57,6 +58,7 @@ def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
     later = data.interactions["ts"] > data.interactions["user_id"].map(first_as_of)
     assert len(lake.read_partition("features/ctr_samples", last)) == int(later.sum())
 
+    run_jobs(spark, jobs_named(["feature_checks"]), cfg, lake, last)  # the DAG's feature_checks task
     summary = run_feature_gates(cfg, last, lake)
     assert summary["success"] and len(summary["gates"]) == 4
     assert any(s["step"] == "feature_gates" for s in read_steps(lake, last))
@@ -68,6 +70,7 @@ def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
     groups = lake.read_partition("features/clusters", last)
     groups.loc[groups["clustering"] == "user_pos", "group_id"] = "one-big-group"
     lake.write_partition(groups, "features/clusters", last)
+    run_jobs(spark, jobs_named(["feature_checks"]), cfg, lake, last)
     with pytest.raises(GateError) as err:
         run_feature_gates(cfg, last, lake)
     message = str(err.value)

@@ -40,6 +40,20 @@ def seed_features(lake) -> None:
                          "features/ctr_samples", DAY)
 
 
+def record_feature_checks(lake) -> dict:
+    """The checks the feature_checks job records for seed_features' partitions (nothing broken, no groups)."""
+    from reki_core.quality.features import FINGERPRINTED
+    from reki_core.quality.recorded import partition_fingerprint
+    from reki_core.runlog import record_step
+
+    checks = {"items": {"rows": 2, "failed": {}, "examples": []}, "users": 2, "clusters": None,
+              "fingerprint": {"features/items": partition_fingerprint(lake, "features/items", DAY,
+                                                                      FINGERPRINTED["features/items"], 2),
+                              "features/clusters": None}}
+    record_step(lake, DAY, "feature_checks", {"success": True, "checks": checks})
+    return checks
+
+
 def seed_vectors(lake, dim: int) -> None:
     rows = [("user", "u1"), ("user", "u2"), ("item", "i1"), ("item", "i2")]
     lake.write_partition(pd.DataFrame({"entity_kind": [k for k, _ in rows], "entity_id": [e for _, e in rows],
@@ -47,6 +61,25 @@ def seed_vectors(lake, dim: int) -> None:
                          "vectors/augmented", DAY)
     lake.write_partition(pd.DataFrame({"entity_kind": [k for k, _ in rows], "entity_id": [e for _, e in rows]}),
                          "knowledge/assigned", DAY)
+
+
+def record_vector_checks(lake, cfg, dim: int) -> dict:
+    """The checks the vectors_checks job records for seed_vectors' partition on seed_features' entities: every row
+    of the wrong dimension unless `dim` is the tower's."""
+    from reki_core.quality.recorded import partition_fingerprint
+    from reki_core.quality.vectors import vector_rows
+    from reki_core.runlog import record_step
+
+    keys = ["user:u1", "user:u2", "item:i1", "item:i2"]
+    good = dim == cfg.model.expert_output_dim
+    rows = [{"key": k, "has_vector": True, "expected": True, "lost_vector": None, "dim": dim, "finite": True,
+             "model_version": "m1"} for k in keys]
+    checks = {"rows": 4, "failed": {} if good else {"dim": 4}, "examples": [] if good else rows,
+              "model_versions": 1, "fingerprint": partition_fingerprint(
+                  lake, "vectors/augmented", DAY, ["entity_kind", "entity_id", "vector", "model_version"], 2,
+                  rows_of=vector_rows)}
+    record_step(lake, DAY, "vectors_checks", {"success": True, "checks": checks})
+    return checks
 
 
 def pages(site: Path) -> dict[str, str]:
@@ -61,6 +94,8 @@ def status(validation_page: str) -> str:
 def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, lake, tmp_path):
     seed_features(lake)
     seed_vectors(lake, dim=cfg.model.expert_output_dim - 1)  # wrong size: the vectors gate fails
+    record_vector_checks(lake, cfg, dim=cfg.model.expert_output_dim - 1)
+    record_feature_checks(lake)  # what the feature_checks job records for these partitions
     assert run_feature_gates(cfg, DAY, lake)["success"] is True
     with pytest.raises(GateError, match="column 'dim'") as failed:
         gate_vectors(cfg, DAY, lake)
@@ -105,6 +140,7 @@ def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, 
 def test_a_rerun_of_a_gate_replaces_its_results_and_a_broken_build_leaves_the_verdict(cfg, lake, monkeypatch, caplog):
     seed_features(lake)
     seed_vectors(lake, dim=cfg.model.expert_output_dim)
+    record_vector_checks(lake, cfg, dim=cfg.model.expert_output_dim)
     gate_vectors(cfg, DAY, lake)
     gate_vectors(cfg, DAY, lake)  # idempotent per date: still one kept result for the step
     assert len(data_docs.stored_validations(lake, DAY)) == 1
@@ -113,6 +149,7 @@ def test_a_rerun_of_a_gate_replaces_its_results_and_a_broken_build_leaves_the_ve
         raise OSError("disk full")
 
     seed_vectors(lake, dim=cfg.model.expert_output_dim - 1)
+    record_vector_checks(lake, cfg, dim=cfg.model.expert_output_dim - 1)
     monkeypatch.setattr(data_docs, "build_data_docs", broken)
     with caplog.at_level(logging.ERROR, logger="reki_core.quality.data_docs"):
         with pytest.raises(GateError, match="column 'dim'"):

@@ -430,13 +430,14 @@ def test_missing_dirty_entity_and_missing_group_fail(good):
 
 def recorded_checks(lake, frame, **changes):
     """The checks the prompts job records for a partition holding `frame` (nothing broken unless `changes` say)."""
-    from reki_core.quality.prompts import partition_fingerprint
+    from reki_core.quality.prompts import FINGERPRINTED
+    from reki_core.quality.recorded import partition_fingerprint
 
     lake.write_partition(frame, "prompts", DAY)
     checks = {"budget": BUDGET, "columns": P.COLUMNS, "failed": {}, "examples": [],
               "missing": {"missing_dirty_entity": {"count": 0, "examples": []},
                           "missing_group": {"count": 0, "examples": []}},
-              "fingerprint": partition_fingerprint(lake, DAY, 2), **changes}
+              "fingerprint": partition_fingerprint(lake, "prompts", DAY, FINGERPRINTED, 2), **changes}
     from reki_core.runlog import record_step
 
     record_step(lake, DAY, "prompts", {"success": True, "checks": checks})
