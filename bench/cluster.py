@@ -70,6 +70,8 @@ class Embedded:
         self.env.update({"REKI__OBJECT_STORE__ENDPOINT_URL": f"http://127.0.0.1:{base}",
                          "REKI__SPARK__CONNECT_URL": f"sc://localhost:{base + 12}",
                          "AIRFLOW_HOME": str(tmp / "airflow"), "AIRFLOW__API__PORT": str(base + 13),
+                         # its own LLM server too: the default port is a user's `make run` stack's
+                         "REKI__LLM__SERVER__PORT": str(base + 14),
                          "REKI_PIDS_DIR": str(tmp / "pids"), "REKI_LOGS_DIR": str(tmp / "logs")})
         self.port, self.secrets = base + 13, tmp / "state" / "secrets"
 
