@@ -1,5 +1,5 @@
 """The pandas prompt stage the Spark job `spark_jobs/prompts.py` replaced (issue 28), frozen as the oracle of
-tests/spark/test_prompts.py: the same inputs must give the same rows. It reads every user, item and group into one
+tests/spark/test_prompts_job.py: the same inputs must give the same rows. It reads every user, item and group into one
 process, which is why it left the pipeline; only the tests use it. The wording and sanitising are the pipeline's own
 (`reki_core.prompts`), shared by both.
 """

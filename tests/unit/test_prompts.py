@@ -17,7 +17,7 @@ from reki_core.config import PROJECT_ROOT, load_config
 from reki_core.quality.gx import GateError
 from reki_core.quality.prompts import check_prompts, gate_prompts
 # The pandas prompt stage the Spark job replaced, kept as the tests' oracle: it calls the wording helpers tested here
-# (tests/spark/test_prompts.py checks the job's rows equal its rows on the same inputs).
+# (tests/spark/test_prompts_job.py checks the job's rows equal its rows on the same inputs).
 from tests.spark import prompts_reference as R
 
 DAY = dt.date(1998, 3, 1)
