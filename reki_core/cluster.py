@@ -614,7 +614,9 @@ def _service_user() -> tuple[int, int] | None:
     try:
         entry = pwd.getpwnam(OS_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
+        # root's tools live in /usr/sbin, which a minimal PATH (cron, `env -i`) leaves out
+        useradd = shutil.which("useradd") or shutil.which("useradd", path="/usr/sbin:/sbin") or "useradd"
+        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OS_USER],
                        check=True, capture_output=True)
         entry = pwd.getpwnam(OS_USER)
     return entry.pw_uid, entry.pw_gid
