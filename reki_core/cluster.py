@@ -464,6 +464,16 @@ def _supervisor_files(cfg: Config) -> tuple[Path, Path]:
     return cluster_dir(cfg) / "supervisord.conf", cluster_dir(cfg) / "supervisord.pid"
 
 
+def _process_alive(pid: int) -> bool:
+    """`pid` runs (a zombie has exited; only its parent's wait is left)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def supervisord_pid(cfg: Config) -> int | None:
     """supervisord's PID while it runs (a number reused by another process after a reboot is not taken for it)."""
     _, pid_file = _supervisor_files(cfg)
@@ -822,9 +832,10 @@ def down(cfg: Config, echo=print) -> bool:
     supervisorctl(cfg, "stop", "all", check=False)
     supervisorctl(cfg, "shutdown", check=False)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and supervisord_pid(cfg) is not None:
+    # supervisord removes its pid file before it exits: wait for the process itself
+    while time.monotonic() < deadline and _process_alive(pid):
         time.sleep(0.5)
-    if supervisord_pid(cfg) is not None:
+    if _process_alive(pid):
         os.kill(pid, 9)
     echo("cluster profile stopped (supervisord and its programs)")
     return True
