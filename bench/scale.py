@@ -1,9 +1,9 @@
 """Memory and time of the whole daily DAG as the dataset grows (issue 28's `scale` benchmark).
 
 For each size (interactions in total; users and items grow with them, `synthetic.generate`'s defaults), on fresh
-state with its own embedded stack (bench/cluster.py's `Embedded`: SeaweedFS, Spark Connect, the LLM server,
-Airflow with the LocalExecutor), the upstream deliveries are written to `incoming/` (`source.kind: files`) and the
-DAG runs three days:
+state with its own embedded stack (bench/cluster.py's `Embedded`: SeaweedFS, Spark Connect, Airflow with the
+LocalExecutor; the smoke model stands in for the LLM, in-process, as the issue allows for this benchmark only), the
+upstream deliveries are written to `incoming/` (`source.kind: files`) and the DAG runs three days:
 
 - the set-up day: the first load of `history_days` days of history (every entity extracted and encoded, the model
   trained);
@@ -13,11 +13,12 @@ DAG runs three days:
 Each task's peak RSS is that of its whole process tree (shard subprocesses included), sampled in the task's own
 process by the task-memory listener (`plugins/reki_airflow/task_memory.py`, XCom `peak_rss_mib`); a mapped task's
 figure is its largest map index. Per task, `above_baseline_mib` = measured day minus empty day, and the ratio is
-that figure at the largest size over the smallest. The Connect server's and the LLM server's peak RSS on the
-measured day are sampled separately. Time is the measured day's run, start to end.
+that figure at the largest size over the smallest. The Connect server's peak RSS (and the LLM server's, when one
+runs) is sampled separately. Time is the measured day's run, start to end.
 
-    .venv/bin/python bench/scale.py [--sizes 1000000 4000000] [--active-share 0.01]
-writes bench/results/scale.json (and scale.png); other sizes than the issue's write scale-<a>-<b>.json.
+    .venv/bin/python bench/scale.py [--sizes 1000000 4000000] [--active-share 0.01] [--reuse-runs]
+writes bench/results/scale.json (and scale.png); other sizes than the issue's write scale-<a>-<b>.json. Each size's
+raw figures are kept in .reki/cluster-tests/scale-run-<n>.json; --reuse-runs takes them instead of running again.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ SETTINGS = {
     "REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE": START.isoformat(),
     # One extraction mode at every size (auto would switch at 50,000 users + items): REKI's mode for large data.
     "REKI__SCENARIO_OVERRIDES__EXTRACTION_MODE": "collective",
+    # The smoke model stands in for the LLM (the issue allows it here only): in-process, an engine per shard. The
+    # real model on the local llama.cpp server answers a group prompt in about 6 s on 2 cores, and 4M interactions
+    # make about 1,100 groups. Its text is meaningless, so the answers gate only warns.
+    "REKI__LLM__BACKEND": "transformers",
+    "REKI__LLM__IS_SMOKE_MODEL": "true",
+    "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/smoke-lm",
+    "REKI__LLM__ENGINE__MODEL_ID": "reki-smoke-lm",
+    "REKI__LLM__ENGINE__MAX_MODEL_LEN": "1024",
+    "REKI__LLM__ENGINE__BATCH_SIZE": "64",
+    "REKI__LLM__SERVER__ENABLED": "false",
+    # The DAG's own shard size, not bench/cluster.py's one shard a day: the extraction task is bounded by its shard.
+    "REKI__LLM__SHARD_SIZE": "256",
+    "REKI__QUALITY__LLM_MIN_ANSWER_CHARS": "1",
     # Short answers and one epoch: the benchmark measures the data plane, not the model.
     "REKI__LLM__SAMPLING__MAX_TOKENS": "32",
     "REKI__MODEL__MAX_EPOCHS": "1",
@@ -284,6 +298,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=5400)
     parser.add_argument("--deliver", type=int, help=argparse.SUPPRESS)  # inside a profile's environment
+    parser.add_argument("--reuse-runs", action="store_true", help="reuse a size's figures kept by an earlier run")
     parser.add_argument("--resummarise", type=Path, help="recompute the summary and plot of a results file")
     args = parser.parse_args()
     if args.deliver:
@@ -299,7 +314,15 @@ def main() -> None:
         return
     root = PROJECT_ROOT / ".reki" / "cluster-tests"  # bench/cluster.py's scratch root (reachable by system users)
     root.mkdir(parents=True, exist_ok=True)
-    results = {n: run_size(n, args, root) for n in sorted(args.sizes)}
+    results = {}
+    for n in sorted(args.sizes):
+        kept = root / f"scale-run-{n}.json"  # one size's raw figures: --reuse-runs skips a size already measured
+        if args.reuse_runs and kept.exists():
+            results[n] = json.loads(kept.read_text())
+            print(f"==> {n:,} interactions: reusing {kept}", flush=True)
+            continue
+        results[n] = run_size(n, args, root)
+        kept.write_text(json.dumps(results[n], indent=2) + "\n")
     name = "scale" if tuple(sorted(args.sizes)) == ISSUE_SIZES else f"scale-{'-'.join(map(str, sorted(args.sizes)))}"
     out_dir = PROJECT_ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -307,8 +330,9 @@ def main() -> None:
     out = {
         "what": f"{DAG_ID} on synthetic histories ({args.history_days} days of history, then a day on which "
                 f"{args.active_share:.0%} of the users are active, then an empty day); embedded profile",
-        "llm": "SmolLM2-135M-Instruct on the local llama.cpp server, answers capped at 32 tokens: this benchmark "
-               "measures the data plane",
+        "llm": "the smoke model (reki-smoke-lm, random weights, meaningless text) in-process, an engine per shard, "
+               "answers capped at 32 tokens: this benchmark measures the data plane. With no LLM server running, "
+               "its RSS is not sampled here (bench/results/llm_serving.json has the server's figures)",
         "machine": {"cpus": os.cpu_count(), "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "settings": SETTINGS,
         **summarise(results),
