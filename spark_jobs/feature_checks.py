@@ -1,12 +1,15 @@
-"""The feature gate's rules on the datasets it would otherwise read whole: `features/items` and `features/clusters`.
+"""The feature gate's rules, evaluated over every row in Spark so the gate reads only what this job records.
 
-Reads day D of `features/items`, the `features/user_history` state's user ids and, where it exists,
-`features/clusters`; evaluates the item rules (ids present and unique, popularity not negative, a metadata hash) and
-the group rules (each group within its clustering's size bound; every item and every user assigned exactly once in
-each clustering, and nothing else assigned), and records in its run record (`_runs/dt=D/feature_checks.json`,
-`checks`) the counts per rule, a few offending rows or keys, the clusterings present, the users and items counted
-(the extraction mode) and a fingerprint of each partition checked. `reki_core.quality.features.run_feature_gates`
-runs its expectations on those; the keyed datasets' row rules it checks on the day's changes itself.
+Reads day D of `features/items`, the `features/user_history` state's user ids, the rows of `features/user_history`
+and `features/ctr_samples` written on D (a keyed dataset's changes; every row on a full day) and, where it exists,
+`features/clusters`; evaluates the item rules (ids present and unique, popularity not negative, a metadata hash),
+the user history rules (one row per user, history in time order and as long as its count, the window cut by the
+scenario's rule and ending at `as_of`), the sample rules (unique keys, knowledge older than the sample, history
+length, a known split) and the group rules (each group within its clustering's size bound; every item and every user
+assigned exactly once in each clustering, and nothing else assigned), and records in its run record
+(`_runs/dt=D/feature_checks.json`, `checks`) the counts per rule, a few offending rows or keys, the clusterings
+present, the users and items counted (the extraction mode) and a fingerprint of each partition (or day's rows)
+checked. `reki_core.quality.features.run_feature_gates` runs its expectations on those.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import sys
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from reki_core.quality.features import (CLUSTERINGS, CLUSTERS, FINGERPRINTED, GROUP_RULE, ITEM_COLUMNS, ITEM_RULES,
-                                        ITEMS, MEMBER_RULE, STEP, USER_HISTORY)
+from reki_core.quality.features import (CLUSTERINGS, CLUSTERS, CTR_SAMPLES, DAY_FINGERPRINTED, FINGERPRINTED,
+                                        GROUP_RULE, HISTORY_COLUMNS, HISTORY_OFFENDER_RULES, HISTORY_RULES,
+                                        ITEM_COLUMNS, ITEM_RULES, ITEMS, MEMBER_RULE, SAMPLE_COLUMNS, SAMPLE_RULES,
+                                        SPLITS, STEP, USER_HISTORY, max_window_len)
 from spark_jobs.checks import fingerprint, rule_checks
-from spark_jobs.common import cache, releases_cache
+from spark_jobs.common import cache, read_day_changes, releases_cache
 
 CLUSTERINGS_SHOWN = 20  # distinct clusterings recorded (three are expected)
 
@@ -36,6 +41,69 @@ def item_flags(items: DataFrame) -> DataFrame:
     }
     assert set(flags) == set(ITEM_RULES), "every item rule of the gate has its flag"
     return items.select(*ITEM_COLUMNS).select("*", *[flag.alias(f"_{rule}") for rule, flag in flags.items()])
+
+
+def _length(column: str) -> F.Column:
+    """An array's length, 0 for a null array (`size` gives -1 or null for one, by the ANSI setting)."""
+    return F.when(F.col(column).isNull(), F.lit(0)).otherwise(F.size(column))
+
+
+# Entries in (ts, item_id) order: the full-timestamp order with the item-id tie-break. A null breaks it.
+_OUT_OF_ORDER = F.expr(
+    "CASE WHEN size(history) > 1 THEN coalesce(exists(sequence(1, size(history) - 1), i -> "
+    "history[i - 1].ts > history[i].ts OR (history[i - 1].ts = history[i].ts AND history[i - 1].item_id > "
+    "history[i].item_id)), true) ELSE false END")
+
+
+def history_flags(history: DataFrame, cfg) -> DataFrame:
+    """The user_history rows with HISTORY_COLUMNS (an offender column holds the user_id of a row that breaks its
+    rule) and the rules' flags."""
+    s = cfg.scenario
+    window_len = _length("window")
+    if s.knowledge_window == "earliest":  # the first (n + 1) // 2, at most max_window
+        by_rule = F.least(F.expr("(window_n + 1) div 2"), F.lit(s.max_window))
+    else:  # the last recent_window_size
+        by_rule = F.least(F.col("window_n"), F.lit(s.recent_window_size))
+    last_ts = F.when(window_len > 0, F.expr("window[size(window) - 1].ts"))
+    same_user = F.count(F.lit(1)).over(Window.partitionBy("user_id"))
+    broken = {
+        "history_not_in_time_order": _OUT_OF_ORDER,
+        "history_len_not_n_interactions": ~F.coalesce(_length("history") == F.col("n_interactions"), F.lit(False)),
+        "window_len_not_by_rule": ~F.coalesce(window_len == by_rule, F.lit(False)),
+        "as_of_not_last_window_ts": ~F.coalesce(last_ts == F.col("as_of"), F.lit(False)),
+    }
+    assert tuple(broken) == HISTORY_OFFENDER_RULES, "every offender rule of the gate has its flag"
+    flags = {
+        "user_id_unique": F.col("user_id").isNotNull() & (same_user > 1),
+        "window_len_in_bounds": (window_len < 1) | (window_len > max_window_len(cfg)),
+        **broken,
+    }
+    assert set(flags) == set(HISTORY_RULES), "every user history rule of the gate has its flag"
+    user = F.col("user_id").cast("string")
+    columns = {"user_id": user, "window_len": window_len, **{rule: F.when(flag, user) for rule, flag in broken.items()}}
+    assert list(columns) == HISTORY_COLUMNS
+    return history.select(*[c.alias(name) for name, c in columns.items()],
+                          *[flag.alias(f"_{rule}") for rule, flag in flags.items()])
+
+
+def sample_flags(samples: DataFrame, cfg) -> DataFrame:
+    """The ctr_samples rows with SAMPLE_COLUMNS and the rules' flags, as the gate's suite reads them (a null split is
+    not checked: GX skips nulls)."""
+    before = F.coalesce(F.col("knowledge_as_of") < F.col("ts"), F.lit(False))
+    hist_len = _length("hist_item_ids")
+    same_key = F.count(F.lit(1)).over(Window.partitionBy("user_id", "item_id", "ts"))
+    flags = {
+        "sample_key_unique": same_key > 1,
+        "knowledge_not_before_sample": ~before,
+        "hist_len_out_of_bounds": hist_len > cfg.scenario.max_hist_len,
+        "split_unknown": F.coalesce(~F.col("split").isin(*SPLITS), F.lit(False)),
+    }
+    assert set(flags) == set(SAMPLE_RULES), "every sample rule of the gate has its flag"
+    columns = {"user_id": F.col("user_id").cast("string"), "item_id": F.col("item_id").cast("string"),
+               "ts": F.col("ts"), "split": F.col("split"), "knowledge_before_sample": before, "hist_len": hist_len}
+    assert list(columns) == SAMPLE_COLUMNS
+    return samples.select(*[c.alias(name) for name, c in columns.items()],
+                          *[flag.alias(f"_{rule}") for rule, flag in flags.items()])
 
 
 def group_flags(clusters: DataFrame, cfg) -> DataFrame:
@@ -94,6 +162,16 @@ def run(spark, cfg, lake, day) -> dict:
     found = rule_checks(item_flags(items), ITEM_RULES, ITEM_COLUMNS, ["item_id"])
     checks = {"items": {"rows": items.count(), **found}, "users": users.count(), "clusters": None,
               "fingerprint": {ITEMS: fingerprint(items, FINGERPRINTED[ITEMS]), CLUSTERS: None}}
+    checks["day_fingerprint"] = {}
+    for dataset, flagged, rules, columns, order in (
+            (USER_HISTORY, history_flags, HISTORY_RULES, HISTORY_COLUMNS, ["user_id"]),
+            (CTR_SAMPLES, sample_flags, SAMPLE_RULES, SAMPLE_COLUMNS, ["user_id", "item_id", "ts"])):
+        if not lake.has_partition(dataset, day):
+            raise FileNotFoundError(f"lake partition missing: {lake.describe(dataset, day)}")
+        rows = cache(read_day_changes(spark, lake, dataset, day))
+        found = rule_checks(flagged(rows, cfg), rules, columns, order)
+        checks[dataset.rsplit("/", 1)[-1]] = {"rows": rows.count(), **found}
+        checks["day_fingerprint"][dataset] = fingerprint(rows, DAY_FINGERPRINTED[dataset])
     if lake.has_partition(CLUSTERS, day):
         clusters = cache(strings(read_partition(spark, lake, CLUSTERS, day), "clustering", "entity_id", "group_id"))
         checks["clusters"] = cluster_checks(clusters, items.select("item_id"), users, cfg)

@@ -25,7 +25,8 @@ INCOMING = {"interactions": "incoming/interactions", "users": "incoming/users", 
 
 
 @functools.lru_cache(maxsize=2)
-def _replay_frames(kind: str, data_dir: str, seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _replay_frames(kind: str, data_dir: str, start: dt.date, end: dt.date,
+                   seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     if kind == "movielens_100k":
         from reki_core.datasets import movielens
 
@@ -33,7 +34,7 @@ def _replay_frames(kind: str, data_dir: str, seed: int = 7) -> tuple[pd.DataFram
     if kind == "synthetic":
         from reki_core.datasets import synthetic
 
-        return synthetic.generate_for_replay(seed=seed)
+        return synthetic.generate_for_replay(start, end, seed=seed)
     raise ValueError(f"source kind {kind!r} has no replay")
 
 
@@ -59,7 +60,8 @@ def replay_delivery(cfg: Config, lake: Lake, days: list[dt.date], snapshot_day: 
     kind = cfg.scenario.source.kind
     if kind == "files":
         return 0
-    inter, users, items = _replay_frames(kind, str(cfg.data_dir))
+    source = cfg.scenario.source
+    inter, users, items = _replay_frames(kind, str(cfg.data_dir), source.start_date, source.end_date)
     written = 0
     for day in days:
         start, end = day_bounds(day)

@@ -92,6 +92,19 @@ def generate(
     return SyntheticData(normalise_interactions(inter), normalise_users(users), normalise_items(items))
 
 
+# The `synthetic` source's replay (the books scenario): a MovieLens-100K-sized history, the same for every run.
+REPLAY_INTERACTIONS = 100_000
+
+
+def generate_for_replay(start: dt.date, end: dt.date, n_interactions: int = REPLAY_INTERACTIONS,
+                        seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """interactions, users, items of the `synthetic` source, spread over the days `start`..`end` (both included)."""
+    if end < start:
+        raise ValueError(f"scenario.source: end_date {end} is before start_date {start}")
+    data = generate(n_interactions, start=start, days=(end - start).days + 1, seed=seed)
+    return data.interactions, data.users, data.items
+
+
 def interaction_days(interactions: pd.DataFrame) -> pd.Series:
     """The UTC day of each interaction (the raw partition it lands in)."""
     return pd.to_datetime(interactions["ts"], unit="s", utc=True).dt.date

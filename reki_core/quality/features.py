@@ -2,15 +2,16 @@
 
 `run_feature_gates(cfg, dt)` runs one suite per dataset, records the summary in `_runs/dt=D/feature_gates.json`
 (with the link to the run's GX Data Docs, which hold the full results), and raises `GateError` listing every failing
-expectation (with counts) when any gate fails. The item table and the clusters (rebuilt daily) are checked by the
-Spark job `spark_jobs/feature_checks.py` (task `feature_checks`): it records per rule the count and a few offending
-rows or keys, and the gate runs the expectations on those (`reki_core.quality.recorded`), after checking the
-partitions are the ones the job checked. Of the keyed datasets (`user_history`, `ctr_samples`, written as changes),
-a rule that holds row by row is checked here on the rows written on D, every row on a full day: the others were
-checked on the day they were written and have not changed, so a daily gate reads the day's changes, not the
-dataset. A rule on the whole state (samples, label rate) is checked on the totals the job recorded with the day
-(`Lake.state_totals`). Checks that GX has no expectation for (history order, group sizes, membership) are computed
-as columns (the groups' in Spark) and then expected like any other column.
+expectation (with counts) when any gate fails. Every row rule is evaluated by the Spark job
+`spark_jobs/feature_checks.py` (task `feature_checks`): it records per rule the count and a few offending rows or
+keys, and the gate runs the expectations on those (`reki_core.quality.recorded`), after checking the rows are the
+ones the job checked. The item table and the clusters (rebuilt daily) are checked whole. Of the keyed datasets
+(`user_history`, `ctr_samples`, written as changes), the rows written on D are checked (every row on a full day):
+the others were checked on the day they were written and have not changed. A rule on the whole state (samples,
+label rate) is checked on the totals the job recorded with the day (`Lake.state_totals`). Checks that GX has no
+expectation for (history order, window rule, group sizes, membership) are computed as columns in Spark and then
+expected like any other column. So the gate's memory is the few recorded rows and a batch of fingerprinted columns,
+whatever the day's size (a first load's millions of samples included).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pandas as pd
 from reki_core.config import Config
 from reki_core.prompts import resolve_mode
 from reki_core.quality.data_docs import keep_validations
-from reki_core.quality.gx import GateResult, offenders, raise_if_any_failed, run_suite
+from reki_core.quality.gx import GateResult, raise_if_any_failed, run_suite
 from reki_core.quality.recorded import (no_checks, partition_fingerprint, recorded_checks, same_partition,
                                        with_recorded_counts)
 from reki_core.runlog import record_step
@@ -43,14 +44,33 @@ ITEM_RULES = {
 }
 GROUP_RULE, MEMBER_RULE = "group_over_size_bound", "not_assigned_exactly_once"  # columns of offending keys
 CLUSTER_RULES = {rule: ("expect_column_values_to_be_null", rule) for rule in (GROUP_RULE, MEMBER_RULE)}
-# The columns whose digest tells a partition is the one the job checked.
+# The keyed datasets' row rules, on the rows written on the day. The rules GX has no expectation for are columns
+# holding the user_id of each row that breaks them (a true/false column would only say "False").
+CTR_SAMPLES = "features/ctr_samples"
+HISTORY_OFFENDER_RULES = ("history_not_in_time_order", "history_len_not_n_interactions", "window_len_not_by_rule",
+                          "as_of_not_last_window_ts")
+HISTORY_COLUMNS = ["user_id", "window_len", *HISTORY_OFFENDER_RULES]
+HISTORY_RULES = {
+    "user_id_unique": ("expect_column_values_to_be_unique", "user_id"),
+    "window_len_in_bounds": ("expect_column_values_to_be_between", "window_len"),
+    **{rule: ("expect_column_values_to_be_null", rule) for rule in HISTORY_OFFENDER_RULES},
+}
+SAMPLE_COLUMNS = ["user_id", "item_id", "ts", "split", "knowledge_before_sample", "hist_len"]
+SAMPLE_RULES = {
+    "sample_key_unique": ("expect_compound_columns_to_be_unique", None),
+    "knowledge_not_before_sample": ("expect_column_values_to_be_in_set", "knowledge_before_sample"),
+    "hist_len_out_of_bounds": ("expect_column_values_to_be_between", "hist_len"),
+    "split_unknown": ("expect_column_values_to_be_in_set", "split"),
+}
+SPLITS = ("train", "valid", "test")
+# The columns whose digest tells a partition (a keyed dataset: the day's rows) is the one the job checked.
 FINGERPRINTED = {ITEMS: ITEM_COLUMNS, CLUSTERS: ["clustering", "entity_id", "group_id"]}
+DAY_FINGERPRINTED = {USER_HISTORY: ["user_id", "n_interactions", "as_of"], CTR_SAMPLES: ["user_id", "item_id", "ts", "split"]}
 
 
-def _is_time_ordered(entries) -> bool:
-    """Entries in (ts, item_id) order: the full-timestamp order with the item-id tie-break."""
-    keys = [(e["ts"], e["item_id"]) for e in entries]
-    return all(a <= b for a, b in zip(keys, keys[1:]))
+def max_window_len(cfg: Config) -> int:
+    s = cfg.scenario
+    return s.max_window if s.knowledge_window == "earliest" else s.recent_window_size
 
 
 def items_gate(items: pd.DataFrame) -> GateResult:
@@ -64,73 +84,50 @@ def items_gate(items: pd.DataFrame) -> GateResult:
     ])
 
 
-def window_sizes_by_rule(window_n: pd.Series, cfg: Config) -> pd.Series:
-    """The knowledge window's length the scenario's rule gives a user who had `window_n` interactions."""
-    s = cfg.scenario
-    n = window_n.astype("int64")
-    if s.knowledge_window == "earliest":
-        return np.minimum((n + 1) // 2, s.max_window)
-    return np.minimum(n, s.recent_window_size)
-
-
-def user_history_gate(history: pd.DataFrame, cfg: Config) -> GateResult:
+def user_history_gate(rows: pd.DataFrame, cfg: Config) -> GateResult:
+    """`rows`: HISTORY_COLUMNS of user_history rows (the job's recorded offenders)."""
     import great_expectations.expectations as gxe
 
-    s = cfg.scenario
-    max_window = s.max_window if s.knowledge_window == "earliest" else s.recent_window_size
-    ids = history["user_id"]
-    window_len = history["window"].map(len)
-    # One column per rule, holding the user_id of each row that breaks it.
-    broken = {
-        "history_not_in_time_order": offenders(ids, history["history"].map(_is_time_ordered)),
-        "history_len_not_n_interactions": offenders(ids, history["history"].map(len) == history["n_interactions"]),
-        "window_len_not_by_rule": offenders(ids, window_len == window_sizes_by_rule(history["window_n"], cfg)),
-        "as_of_not_last_window_ts": offenders(
-            ids, [len(w) > 0 and w[-1]["ts"] == a for w, a in zip(history["window"], history["as_of"])]),
-    }
-    df = pd.DataFrame({"user_id": ids, "window_len": window_len, **broken})
-    return run_suite("features", "features/user_history", df, [
+    return run_suite("features", USER_HISTORY, rows, [
         gxe.ExpectColumnValuesToBeUnique(column="user_id"),
-        gxe.ExpectColumnValuesToBeBetween(column="window_len", min_value=1, max_value=max_window),
-        *[gxe.ExpectColumnValuesToBeNull(column=rule) for rule in broken],
+        gxe.ExpectColumnValuesToBeBetween(column="window_len", min_value=1, max_value=max_window_len(cfg)),
+        *[gxe.ExpectColumnValuesToBeNull(column=rule) for rule in HISTORY_OFFENDER_RULES],
     ])
 
 
 def ctr_samples_gate(samples: pd.DataFrame, totals: dict, cfg: Config) -> GateResult:
-    """`samples`: the rows written on the day (their rules hold row by row, and a user's samples are written
-    together); `totals`: the state's samples and positives per split, as the job recorded them (`state_totals`)."""
+    """`samples`: SAMPLE_COLUMNS of rows written on the day (the job's recorded offenders; the rules hold row by
+    row, and a user's samples are written together); `totals`: the state's samples and positives per split, as the
+    job recorded them (`state_totals`)."""
     import great_expectations.expectations as gxe
 
     s = cfg.scenario
     low, high = s.label_rate_bounds
-    df = samples[["user_id", "item_id", "ts", "label", "split"]].copy()
-    df["knowledge_before_sample"] = (samples["knowledge_as_of"] < samples["ts"]).astype(bool)
-    df["hist_len"] = samples["hist_item_ids"].map(len)
-    rows = run_suite("features", "features/ctr_samples", df, [
+    rows = run_suite("features", CTR_SAMPLES, samples, [
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "ts"]),
         gxe.ExpectColumnValuesToBeInSet(column="knowledge_before_sample", value_set=[True]),
         gxe.ExpectColumnValuesToBeBetween(column="hist_len", min_value=0, max_value=s.max_hist_len),
-        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "valid", "test"]),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
     ])
     n = sum(totals["samples_per_split"].values())
     state = pd.DataFrame({"samples": [n],
                           "label_rate": [sum(totals["positives_per_split"].values()) / n if n else np.nan]})
-    whole = run_suite("features", "features/ctr_samples#state", state, [
+    whole = run_suite("features", f"{CTR_SAMPLES}#state", state, [
         # An empty state would fail the label rate with no reason given: this says why.
         gxe.ExpectColumnValuesToBeBetween(column="samples", min_value=1),
         gxe.ExpectColumnValuesToBeBetween(column="label_rate", min_value=low, max_value=high),
     ])
-    return GateResult("features", "features/ctr_samples", len(samples), rows.outcomes + whole.outcomes,
+    return GateResult("features", CTR_SAMPLES, len(samples), rows.outcomes + whole.outcomes,
                       validations=rows.validations + whole.validations)
 
 
 def sample_totals(lake: Lake, day: dt.date) -> dict:
     """The `ctr_samples` state's totals as of `day`: recorded by the job, or (a day written without them, by another
     writer) counted from the state's narrow `split` and `label` columns."""
-    recorded = lake.state_totals("features/ctr_samples", day)
+    recorded = lake.state_totals(CTR_SAMPLES, day)
     if recorded is not None:
         return recorded
-    state = lake.read_partition("features/ctr_samples", day, columns=["split", "label"])
+    state = lake.read_partition(CTR_SAMPLES, day, columns=["split", "label"])
     positive = state["label"].astype("int64") > 0
     return {"samples_per_split": state["split"].value_counts().to_dict(),
             "positives_per_split": state.loc[positive, "split"].value_counts().to_dict()}
@@ -153,13 +150,19 @@ def clusters_gate(groups: pd.DataFrame, members: pd.DataFrame, rows: int) -> Gat
                       validations=gate_group.validations + gate_members.validations)
 
 
-def recorded_items_gate(checks: dict) -> GateResult:
-    """The items suite on the rows the job recorded, with its whole counts."""
-    items = pd.DataFrame(checks["examples"], columns=ITEM_COLUMNS, dtype=object)
-    items["popularity"] = pd.to_numeric(items["popularity"])
-    result = with_recorded_counts(items_gate(items), ITEM_RULES, checks["failed"])
+def recorded_rows_gate(gate, checks: dict, columns: list[str], rules: dict, numeric: tuple[str, ...]) -> GateResult:
+    """`gate` (a suite on a frame of `columns`) on the rows the job recorded, with its whole counts."""
+    rows = pd.DataFrame(checks["examples"], columns=columns, dtype=object)
+    for column in numeric:
+        rows[column] = pd.to_numeric(rows[column])
+    result = with_recorded_counts(gate(rows), rules, checks["failed"])
     result.rows = int(checks["rows"])
     return result
+
+
+def recorded_items_gate(checks: dict) -> GateResult:
+    """The items suite on the rows the job recorded, with its whole counts."""
+    return recorded_rows_gate(items_gate, checks, ITEM_COLUMNS, ITEM_RULES, ("popularity",))
 
 
 def recorded_clusters_gate(checks: dict) -> GateResult:
@@ -186,13 +189,20 @@ def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None)
         found = (partition_fingerprint(lake, dataset, day, FINGERPRINTED[dataset], cfg.lake.batch_rows)
                  if lake.has_partition(dataset, day) else None)
         checked[dataset] = same_partition(f"{dataset}/dt={day.isoformat()}", found, recorded, STEP, "feature_checks")
+    for dataset, recorded in checks["day_fingerprint"].items():  # the keyed datasets: the rows written on D
+        found = partition_fingerprint(lake, dataset, day, DAY_FINGERPRINTED[dataset], cfg.lake.batch_rows,
+                                      day_rows=True)
+        checked[dataset] = same_partition(f"{dataset}/dt={day.isoformat()} (the day's rows)", found, recorded, STEP,
+                                          "feature_checks")
     items = recorded_items_gate(checks["items"])
-    items.outcomes.insert(0, checked[ITEMS])
-    results = [
-        items,
-        user_history_gate(lake.read_day_rows(USER_HISTORY, day), cfg),
-        ctr_samples_gate(lake.read_day_rows("features/ctr_samples", day), sample_totals(lake, day), cfg),
-    ]
+    history = recorded_rows_gate(lambda rows: user_history_gate(rows, cfg), checks["user_history"], HISTORY_COLUMNS,
+                                 HISTORY_RULES, ("window_len",))
+    totals = sample_totals(lake, day)
+    samples = recorded_rows_gate(lambda rows: ctr_samples_gate(rows, totals, cfg), checks["ctr_samples"],
+                                 SAMPLE_COLUMNS, SAMPLE_RULES, ("ts", "hist_len"))
+    for dataset, result in ((ITEMS, items), (USER_HISTORY, history), (CTR_SAMPLES, samples)):
+        result.outcomes.insert(0, checked[dataset])
+    results = [items, history, samples]
     clusters = None
     if checks["clusters"] is not None:
         clusters = recorded_clusters_gate(checks["clusters"])

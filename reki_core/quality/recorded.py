@@ -26,11 +26,13 @@ def row_digest(values: Iterable) -> int:
 
 
 def partition_fingerprint(lake: Lake, dataset: str, day: dt.date, columns: list[str], batch_rows: int,
-                          rows_of=None) -> dict:
-    """rows and digest of `columns` of day D of `dataset` (a keyed one's state), streamed `batch_rows` at a time;
-    `rows_of(batch)` gives a batch's rows as tuples of the fingerprinted values (default: `columns` as they are)."""
+                          rows_of=None, day_rows: bool = False) -> dict:
+    """rows and digest of `columns` of day D of `dataset` (a keyed one's state; with `day_rows`, only the rows written
+    on D), streamed `batch_rows` at a time; `rows_of(batch)` gives a batch's rows as tuples of the fingerprinted
+    values (default: `columns` as they are)."""
     rows = digest = 0
-    for batch in lake.read_batches(dataset, day, columns, batch_rows):
+    read = lake.read_day_batches if day_rows else lake.read_batches
+    for batch in read(dataset, day, columns, batch_rows):
         values = rows_of(batch) if rows_of else zip(*(batch.column(c).to_pylist() for c in columns))
         rows += batch.num_rows
         digest += sum(row_digest(v) for v in values)

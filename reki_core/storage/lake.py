@@ -400,6 +400,19 @@ class Lake:
                 for batch in self._scan_batches(dataset, table, read_day, [key], batch_rows, None):
                     written_later.update(batch.column(key).to_pylist())
 
+    def read_day_batches(self, dataset: str, day: str | dt.date, columns: list[str],
+                         batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The rows written on day D as stored (a keyed dataset's changes of that day), `columns` only, in record
+        batches of at most `batch_rows` rows: `read_day_rows` for a reader that holds a batch, never the day."""
+        day = as_date(day)
+        table = self.load_table(dataset)
+        if table is None or day not in self.day_kinds(dataset, table):
+            raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+        wanted = list(dict.fromkeys(columns))
+        for batch in self._scan_batches(dataset, table, day, wanted, batch_rows, None):
+            if batch.num_rows:
+                yield batch.select(wanted)
+
     def _scan_batches(self, dataset: str, table, day: dt.date, columns: list[str], batch_rows: int,
                       where: dict[str, str] | None) -> Iterator[pa.RecordBatch]:
         """The rows of day D as stored, `columns` only, in batches of `batch_rows` rows (the last fewer)."""

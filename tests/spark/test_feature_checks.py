@@ -1,5 +1,5 @@
-"""The feature gate's item and group rules, evaluated by the Spark job `feature_checks` and expected by the gate on
-what it recorded: each rule fails on a bad partition (naming dataset, column, count and offenders) and passes on a
+"""The feature gate's rules (items, groups, and the user histories and samples written on the day), evaluated by the
+Spark job `feature_checks` and expected by the gate on what it recorded: each rule fails on a bad partition (naming dataset, column, count and offenders) and passes on a
 good one; a partition rewritten after the job, or a day the job never checked, is refused."""
 
 from __future__ import annotations
@@ -155,3 +155,86 @@ def test_a_state_written_without_totals_is_counted_from_its_rows(spark, cfg):
     assert sample_totals(lake, DAY) == {"samples_per_split": {"train": 2, "valid": 1, "test": 1},
                                         "positives_per_split": {"train": 1, "valid": 1}}
     assert checked(spark, cfg, lake)["success"]
+
+
+H = [{"ts": TS - 100 + i, "item_id": f"i{i % 2 + 1}"} for i in range(4)]  # a history of 4 interactions
+
+
+def history_rows(**u2) -> list[dict]:
+    """seed_features' users (u1: 3 interactions, its earliest 2 in the window; u2: 1), u2's fields replaced."""
+    rows = [{"user_id": "u1", "history": H[:3], "n_interactions": 3, "window": H[:2], "window_n": 3, "as_of": H[1]["ts"]},
+            {"user_id": "u2", "history": H[:1], "n_interactions": 1, "window": H[:1], "window_n": 1, "as_of": H[0]["ts"]}]
+    rows[1].update(u2)
+    return rows
+
+
+@pytest.mark.parametrize("column, u2, count", [
+    ("window_len_not_by_rule", {"history": H, "n_interactions": 4, "window_n": 4, "window": H, "as_of": H[3]["ts"]}, 1),
+    ("history_not_in_time_order", {"history": [H[1], H[0]], "n_interactions": 2, "window_n": 2, "window": [H[1]],
+                                   "as_of": H[1]["ts"]}, 1),
+    ("history_len_not_n_interactions", {"n_interactions": 2}, 1),
+    ("as_of_not_last_window_ts", {"as_of": 0}, 1),
+    ("window_len", {"window": [], "window_n": 0}, 1),
+], ids=["window-against-the-rule", "history-out-of-order", "history-length", "as-of", "empty-window"])
+def test_each_user_history_rule_fails_on_the_days_rows_naming_the_user(spark, cfg, column, u2, count):
+    lake = Lake(cfg.lake_uri)
+    seed_features(lake)
+    lake.write_partition(pd.DataFrame(history_rows()), "features/user_history", DAY)
+    assert checked(spark, cfg, lake)["success"] is True
+    lake.write_partition(pd.DataFrame(history_rows(**u2)), "features/user_history", DAY)
+    message = failure(spark, cfg, lake)
+    assert "features/user_history (2 rows)" in message
+    [line] = [line for line in message.splitlines() if f"column '{column}'" in line]
+    assert f"{count} unexpected" in line and ("u2" in line or column == "window_len"), message
+
+
+def test_a_user_written_twice_on_a_day_breaks_uniqueness(spark, cfg):
+    lake = Lake(cfg.lake_uri)
+    seed_features(lake)
+    rows = history_rows()
+    lake.write_partition(pd.DataFrame([*rows, rows[1]]), "features/user_history", DAY)
+    [line] = [line for line in failure(spark, cfg, lake).splitlines() if "column 'user_id'" in line]
+    assert "expect_column_values_to_be_unique" in line and "2 unexpected" in line and "u2" in line
+
+
+def test_the_recent_window_rule_is_checked_in_recent_mode(spark, tmp_path):
+    cfg = make_config(tmp_path, REKI__SCENARIO_OVERRIDES__KNOWLEDGE_WINDOW="recent")
+    size = cfg.scenario.recent_window_size
+    lake = Lake(cfg.lake_uri)
+    seed_features(lake)
+    history = [{"ts": TS - 1000 + i, "item_id": f"i{i % 2 + 1}"} for i in range(size + 5)]
+
+    def u2_with_window(window: list[dict]) -> pd.DataFrame:
+        return pd.DataFrame(history_rows(history=history, n_interactions=len(history), window_n=len(history),
+                                         window=window, as_of=window[-1]["ts"])[1:])
+
+    lake.write_partition(u2_with_window(history[-size:]), "features/user_history", DAY)  # the last `size`
+    assert checked(spark, cfg, lake)["success"] is True
+    lake.write_partition(u2_with_window(history[: (size + 6) // 2]), "features/user_history", DAY)  # earliest's cut
+    [line] = [line for line in failure(spark, cfg, lake).splitlines() if "column 'window_len_not_by_rule'" in line]
+    assert "1 unexpected" in line and "u2" in line
+
+
+@pytest.mark.parametrize("change, column, named", [
+    ({"item_id": ["i1", "i1", "i1", "i2"], "ts": [TS, TS, TS + 2, TS + 3]}, None, None),
+    ({"knowledge_as_of": [TS - 1, TS + 1, TS - 1, TS + 3]}, "knowledge_before_sample", None),
+    ({"hist_item_ids": [["i1"] * 11, [], [], []]}, "hist_len", "11"),
+    ({"split": ["train", "holdout", "valid", "test"]}, "split", "holdout"),
+], ids=["duplicate-key", "knowledge-not-before", "history-too-long", "unknown-split"])
+def test_each_sample_rule_fails_on_the_days_rows(spark, cfg, change, column, named):
+    lake = Lake(cfg.lake_uri)
+    seed_features(lake)
+    assert checked(spark, cfg, lake)["success"] is True
+    samples = lake.read_day_rows("features/ctr_samples", DAY)
+    lake.write_partition(samples.assign(**change), "features/ctr_samples", DAY)
+    message = failure(spark, cfg, lake)
+    assert "features/ctr_samples (4 rows)" in message
+    if column is None:
+        [line] = [line for line in message.splitlines() if "expect_compound_columns_to_be_unique" in line]
+        assert "2 unexpected" in line, message
+        return
+    [line] = [line for line in message.splitlines() if f"column '{column}'" in line]
+    expected = {"knowledge_before_sample": 2}.get(column, 1)
+    assert f"{expected} unexpected" in line, message
+    if named:
+        assert named in line, message

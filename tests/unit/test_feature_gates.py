@@ -3,39 +3,11 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
-from reki_core.quality.features import run_feature_gates, user_history_gate
+from reki_core.quality.features import run_feature_gates
 from reki_core.quality.gx import GateError
-from tests.conftest import make_config
 from tests.unit.test_gx_data_docs import DAY, record_feature_checks, seed_features
-
-
-def entries(n: int) -> list[dict]:
-    return [{"ts": 100 + i, "item_id": f"i{i}"} for i in range(n)]
-
-
-def history(rows) -> pd.DataFrame:
-    """rows: (user_id, n_interactions, window_n, window length)."""
-    return pd.DataFrame([{"user_id": u, "history": entries(n), "n_interactions": n, "window": entries(w),
-                          "window_n": wn, "as_of": 100 + w - 1} for u, n, wn, w in rows])
-
-
-def test_a_window_cut_against_the_rule_is_named(cfg):
-    ok = user_history_gate(history([("u1", 10, 10, 5), ("u2", 3, 2, 1)]), cfg)  # earliest: (n + 1) // 2
-    assert ok.success, ok.summary()
-    bad = user_history_gate(history([("u1", 10, 10, 5), ("u2", 10, 10, 10)]), cfg)  # u2 shows its whole history
-    [failure] = bad.failed
-    assert failure.column == "window_len_not_by_rule" and failure.unexpected_count == 1
-    assert "u2" in failure.describe()
-
-
-def test_the_recent_rule_is_checked_in_recent_mode(tmp_path):
-    cfg = make_config(tmp_path, REKI__SCENARIO_OVERRIDES__KNOWLEDGE_WINDOW="recent")
-    size = cfg.scenario.recent_window_size
-    assert user_history_gate(history([("u1", size + 5, size + 5, size)]), cfg).success
-    assert not user_history_gate(history([("u1", size + 5, size + 5, (size + 6) // 2)]), cfg).success
 
 
 def test_the_gate_runs_its_suites_on_the_recorded_checks_with_their_whole_counts(cfg, lake):
@@ -48,6 +20,12 @@ def test_the_gate_runs_its_suites_on_the_recorded_checks_with_their_whole_counts
     assert run_feature_gates(cfg, DAY, lake)["success"]
     checks["items"].update(failed={"popularity_not_negative": 41}, examples=[
         {"item_id": "i1", "popularity": -3, "metadata_hash": "h1"}])
+    checks["user_history"].update(failed={"window_len_not_by_rule": 7}, examples=[
+        {"user_id": "u2", "window_len": 1, "window_len_not_by_rule": "u2"}])
+    checks["ctr_samples"].update(failed={"knowledge_not_before_sample": 1200, "sample_key_unique": 2}, examples=[
+        {"user_id": "u1", "item_id": "i1", "ts": 5, "split": "train", "knowledge_before_sample": False, "hist_len": 0},
+        {"user_id": "u2", "item_id": "i1", "ts": 9, "split": "train", "knowledge_before_sample": True, "hist_len": 1},
+        {"user_id": "u2", "item_id": "i1", "ts": 9, "split": "train", "knowledge_before_sample": True, "hist_len": 1}])
     checks["clusters"] = {"rows": 9, "clusterings": ["item", "user_neg", "user_pos"],
                           "groups": {"failed": {}, "examples": []},
                           "members": {"failed": {"not_assigned_exactly_once": 12},
@@ -58,3 +36,19 @@ def test_the_gate_runs_its_suites_on_the_recorded_checks_with_their_whole_counts
     message = str(err.value)
     assert "features/items (2 rows)" in message and "column 'popularity'" in message and "41 unexpected" in message
     assert "features/clusters (9 rows)" in message and "12 unexpected" in message and "user_neg:u2" in message
+    [window] = [line for line in message.splitlines() if "column 'window_len_not_by_rule'" in line]
+    assert "7 unexpected" in window and "u2" in window
+    [knowledge] = [line for line in message.splitlines() if "column 'knowledge_before_sample'" in line]
+    assert "1200 unexpected" in knowledge and "features/ctr_samples (4 rows)" in message
+    assert "expect_compound_columns_to_be_unique" in message and "2 unexpected" in message
+
+
+def test_the_days_rows_rewritten_after_the_job_are_refused(cfg, lake):
+    """The keyed datasets are checked on the day's rows: a day rewritten after the job is not the one it checked."""
+    seed_features(lake)
+    record_feature_checks(lake)
+    assert run_feature_gates(cfg, DAY, lake)["success"]
+    samples = lake.read_day_rows("features/ctr_samples", DAY)
+    lake.write_partition(samples.assign(split=["train", "train", "train", "test"]), "features/ctr_samples", DAY)
+    with pytest.raises(GateError, match=r"(?s)partition_is_the_one_the_feature_checks_job_checked.*ctr_samples"):
+        run_feature_gates(cfg, DAY, lake)

@@ -42,14 +42,18 @@ def seed_features(lake) -> None:
 
 def record_feature_checks(lake) -> dict:
     """The checks the feature_checks job records for seed_features' partitions (nothing broken, no groups)."""
-    from reki_core.quality.features import FINGERPRINTED
+    from reki_core.quality.features import DAY_FINGERPRINTED, FINGERPRINTED
     from reki_core.quality.recorded import partition_fingerprint
     from reki_core.runlog import record_step
 
-    checks = {"items": {"rows": 2, "failed": {}, "examples": []}, "users": 2, "clusters": None,
+    nothing = {"failed": {}, "examples": []}
+    checks = {"items": {"rows": 2, **nothing}, "users": 2, "clusters": None,
+              "user_history": {"rows": 2, **nothing}, "ctr_samples": {"rows": 4, **nothing},
               "fingerprint": {"features/items": partition_fingerprint(lake, "features/items", DAY,
                                                                       FINGERPRINTED["features/items"], 2),
-                              "features/clusters": None}}
+                              "features/clusters": None},
+              "day_fingerprint": {dataset: partition_fingerprint(lake, dataset, DAY, columns, 2, day_rows=True)
+                                  for dataset, columns in DAY_FINGERPRINTED.items()}}
     record_step(lake, DAY, "feature_checks", {"success": True, "checks": checks})
     return checks
 

@@ -48,3 +48,20 @@ def test_write_raw_lake_partitions_by_utc_day(lake):
     users_last = lake.read_partition("raw/users", days[-1])
     assert set(users_day1["user_id"]) == set(first_day["user_id"])
     assert set(users_day1["user_id"]) <= set(users_last["user_id"])
+
+
+def test_the_books_scenarios_replay_spans_its_source_dates():
+    """`source.kind: synthetic` (conf/scenarios/books.yaml) replays a fixed history over the scenario's dates."""
+    from reki_core.config import load_config
+    from reki_core.datasets.source import _replay_frames
+
+    source = load_config(environ={"REKI__SCENARIO": "books"}).scenario.source
+    assert source.kind == "synthetic"
+    start, end = source.start_date, source.end_date
+    inter, users, items = _replay_frames(source.kind, "unused", start, end)
+    days = synthetic.interaction_days(inter)
+    assert days.min() == start and days.max() == end
+    assert len(inter) > 0.99 * synthetic.REPLAY_INTERACTIONS
+    assert set(inter["user_id"]) <= set(users["user_id"]) and set(inter["item_id"]) <= set(items["item_id"])
+    again = _replay_frames.__wrapped__("synthetic", "unused", start, end)[0]
+    pd.testing.assert_frame_equal(inter, again)
