@@ -48,11 +48,13 @@ def _length(column: str) -> F.Column:
     return F.when(F.col(column).isNull(), F.lit(0)).otherwise(F.size(column))
 
 
-# Entries in (ts, item_id) order: the full-timestamp order with the item-id tie-break. A null breaks it.
-_OUT_OF_ORDER = F.expr(
-    "CASE WHEN size(history) > 1 THEN coalesce(exists(sequence(1, size(history) - 1), i -> "
-    "history[i - 1].ts > history[i].ts OR (history[i - 1].ts = history[i].ts AND history[i - 1].item_id > "
-    "history[i].item_id)), true) ELSE false END")
+def _out_of_order() -> F.Column:
+    """Entries not in (ts, item_id) order (the full-timestamp order with the item-id tie-break); a null breaks it. A
+    function, not a module constant: a classic session needs its context to build a column."""
+    return F.expr(
+        "CASE WHEN size(history) > 1 THEN coalesce(exists(sequence(1, size(history) - 1), i -> "
+        "history[i - 1].ts > history[i].ts OR (history[i - 1].ts = history[i].ts AND history[i - 1].item_id > "
+        "history[i].item_id)), true) ELSE false END")
 
 
 def history_flags(history: DataFrame, cfg) -> DataFrame:
@@ -67,7 +69,7 @@ def history_flags(history: DataFrame, cfg) -> DataFrame:
     last_ts = F.when(window_len > 0, F.expr("window[size(window) - 1].ts"))
     same_user = F.count(F.lit(1)).over(Window.partitionBy("user_id"))
     broken = {
-        "history_not_in_time_order": _OUT_OF_ORDER,
+        "history_not_in_time_order": _out_of_order(),
         "history_len_not_n_interactions": ~F.coalesce(_length("history") == F.col("n_interactions"), F.lit(False)),
         "window_len_not_by_rule": ~F.coalesce(window_len == by_rule, F.lit(False)),
         "as_of_not_last_window_ts": ~F.coalesce(last_ts == F.col("as_of"), F.lit(False)),
