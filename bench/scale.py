@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cluster import DAG_ID, Embedded, _sh  # noqa: E402
 from reki_core.config import PROJECT_ROOT  # noqa: E402
+from reki_core.llm.smoke_model import SMOKE_LLM_ENV  # noqa: E402
 
 ISSUE_SIZES = (1_000_000, 4_000_000)
 START = dt.date(2024, 1, 1)
@@ -52,26 +53,16 @@ SETTINGS = {
     "REKI__SCENARIO_OVERRIDES__SOURCE__START_DATE": START.isoformat(),
     # One extraction mode at every size (auto would switch at 50,000 users + items): REKI's mode for large data.
     "REKI__SCENARIO_OVERRIDES__EXTRACTION_MODE": "collective",
-    # The smoke model stands in for the LLM (the issue allows it here only): in-process, an engine per shard. The
-    # real model on the local llama.cpp server answers a group prompt in about 6 s on 2 cores, and 4M interactions
-    # make about 1,100 groups. Its text is meaningless, so the answers gate only warns.
-    "REKI__LLM__BACKEND": "transformers",
-    "REKI__LLM__IS_SMOKE_MODEL": "true",
-    "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/smoke-lm",
-    "REKI__LLM__ENGINE__MODEL_ID": "reki-smoke-lm",
-    "REKI__LLM__ENGINE__MAX_MODEL_LEN": "1024",
-    "REKI__LLM__ENGINE__BATCH_SIZE": "64",
-    "REKI__LLM__SERVER__ENABLED": "false",
+    # The smoke model stands in for the LLM (the issue allows it here only): in-process, an engine per shard, its
+    # answer gates warning only. The real model on the local llama.cpp server answers a group prompt in about 6 s on
+    # 2 cores, and the 4M first load has 2,401 group prompts.
+    **SMOKE_LLM_ENV,
     # The DAG's own shard size, not bench/cluster.py's one shard a day: the extraction task is bounded by its shard.
     "REKI__LLM__SHARD_SIZE": "256",
-    "REKI__QUALITY__LLM_MIN_ANSWER_CHARS": "1",
     # Short answers and one epoch: the benchmark measures the data plane, not the model.
     "REKI__LLM__SAMPLING__MAX_TOKENS": "32",
     "REKI__MODEL__MAX_EPOCHS": "1",
     "REKI__MODEL__AUC_TOLERANCE_VS_BASELINE": "1.0",
-    # Answers are cut at 32 tokens on purpose: the answers gate's truncation and semantic rules only warn.
-    "REKI__QUALITY__LLM_MAX_TRUNCATED_SHARE": "1.0",
-    "REKI__QUALITY__LLM_SEMANTIC_ACTION": "warn",
 }
 
 

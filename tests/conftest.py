@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from reki_core.llm.smoke_model import SMOKE_LLM_ENV
+
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -23,17 +25,8 @@ os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 # through the warm server (conf/reki.yaml's default) runs where a test asks for it (tests/integration/test_real_llm.py).
 # Set for this process and for what it starts (Airflow, shard subprocesses); make_config applies them too.
 SMOKE_LLM = {
-    "REKI__LLM__BACKEND": "transformers",
-    "REKI__LLM__IS_SMOKE_MODEL": "true",
-    "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/smoke-lm",
-    "REKI__LLM__ENGINE__MODEL_ID": "reki-smoke-lm",
-    "REKI__LLM__ENGINE__MAX_MODEL_LEN": "1024",
-    "REKI__LLM__ENGINE__BATCH_SIZE": "64",
+    **SMOKE_LLM_ENV,
     "REKI__LLM__SAMPLING__MAX_TOKENS": "48",
-    "REKI__LLM__SERVER__ENABLED": "false",
-    "REKI__QUALITY__LLM_SEMANTIC_ACTION": "warn",  # the smoke model's text is meaningless
-    "REKI__QUALITY__LLM_MAX_TRUNCATED_SHARE": "1.0",  # and it never stops on its own
-    "REKI__QUALITY__LLM_MIN_ANSWER_CHARS": "1",  # the tests' few answer tokens
     "REKI__SCENARIO_OVERRIDES": "{}",  # the scenario's own extraction mode (conf/reki.yaml picks collective)
 }
 for _key, _value in SMOKE_LLM.items():

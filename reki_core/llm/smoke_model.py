@@ -17,6 +17,20 @@ import uuid
 from pathlib import Path
 
 SMOKE_MODEL_VERSION = "smoke-lm-v1"
+# The environment that runs the pipeline on this model in-process (plumbing tests, the scale benchmark): no LLM
+# server, and answer gates that only warn, since its text is meaningless and it never stops on its own.
+SMOKE_LLM_ENV = {
+    "REKI__LLM__BACKEND": "transformers",
+    "REKI__LLM__IS_SMOKE_MODEL": "true",
+    "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/smoke-lm",
+    "REKI__LLM__ENGINE__MODEL_ID": "reki-smoke-lm",
+    "REKI__LLM__ENGINE__MAX_MODEL_LEN": "1024",
+    "REKI__LLM__ENGINE__BATCH_SIZE": "64",
+    "REKI__LLM__SERVER__ENABLED": "false",
+    "REKI__QUALITY__LLM_SEMANTIC_ACTION": "warn",
+    "REKI__QUALITY__LLM_MAX_TRUNCATED_SHARE": "1.0",
+    "REKI__QUALITY__LLM_MIN_ANSWER_CHARS": "1",
+}
 _COMPLETE_MARKER = "REKI_SMOKE_MODEL.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md")
 
