@@ -14,6 +14,7 @@ Reads `knowledge/assigned/dt=D`, the features of D, the cache. Writes `embedding
 
 from __future__ import annotations
 
+import math
 import sys
 
 from pyspark.sql import DataFrame
@@ -111,7 +112,10 @@ def run(spark, cfg, lake, day, encoder_id: str | None = None) -> dict:
     unique_texts = texts.count()
     todo = cache(misses(texts, cached_hashes(spark, lake, encoder_id)))
     n_misses = todo.count()
-    write_partition(todo.orderBy("text_hash"), lake, DATASET, day)
+    # About one reader batch per data file: `encode` streams the misses with pyiceberg, which holds a whole data file
+    # while it reads it (apache/iceberg-python#3036), so one file of the day's misses made its memory grow with the day.
+    files = max(1, math.ceil(n_misses / cfg.lake.batch_rows))
+    write_partition(todo.repartitionByRange(files, "text_hash").sortWithinPartitions("text_hash"), lake, DATASET, day)
     return {**{k: int(v) for k, v in counts.items()}, "unique_texts": unique_texts,
             "cache_hits": unique_texts - n_misses, "misses": n_misses, "encoder_id": encoder_id}
 

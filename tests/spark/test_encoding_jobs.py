@@ -91,6 +91,8 @@ def test_a_retried_encode_goes_on_after_the_batches_it_appended(spark, cfg, lake
                            row("item", "11", "four"), ], users=("1", "2"), items=("10", "11"))
     run_jobs(spark, [(encoding_misses.run, encoding_misses.STEP)], cfg, lake, pd.Timestamp(DAY1).date())
     assert read_step(lake, DAY1, "encoding_misses")["misses"] == 4 and len(lake.read_partition(MISSES, DAY1)) == 4
+    # One data file per reader batch (lake.batch_rows = 2): encode's reader holds a file, never the day's misses.
+    assert [task.file.record_count for task in lake.load_table(MISSES).scan().plan_files()] == [2, 2]
 
     class Crashing:  # encodes the first batch (lake.batch_rows = 2), then dies
         encoder_id, dim = encoder.encoder_id, encoder.dim
