@@ -65,6 +65,8 @@ SAMPLE_RULES = {
 SPLITS = ("train", "valid", "test")
 # The columns whose digest tells a partition (a keyed dataset: the day's rows) is the one the job checked.
 FINGERPRINTED = {ITEMS: ITEM_COLUMNS, CLUSTERS: ["clustering", "entity_id", "group_id"]}
+# What this gate reads of the job's record (one written before the day's rows were checked in Spark lacks some).
+RECORDED_KEYS = ("items", "users", "clusters", "user_history", "ctr_samples", "fingerprint", "day_fingerprint")
 DAY_FINGERPRINTED = {USER_HISTORY: ["user_id", "n_interactions", "as_of"], CTR_SAMPLES: ["user_id", "item_id", "ts", "split"]}
 
 
@@ -181,7 +183,7 @@ def run_feature_gates(cfg: Config, day: str | dt.date, lake: Lake | None = None)
 
     day = as_date(day)
     lake = lake or lake_of(cfg)
-    checks = recorded_checks(lake, day, STEP)
+    checks = recorded_checks(lake, day, STEP, RECORDED_KEYS)
     if checks is None:
         no_checks("features", f"features/dt={day.isoformat()}", day, STEP, "feature_checks")
     checked = {}  # the fingerprint outcome of each partition the job checked (or found absent)

@@ -39,17 +39,19 @@ def partition_fingerprint(lake: Lake, dataset: str, day: dt.date, columns: list[
     return {"rows": rows, "digest": digest}
 
 
-def recorded_checks(lake: Lake, day: dt.date, step: str) -> dict | None:
-    """The `checks` of step `step` of day D, where that step succeeded and recorded them."""
+def recorded_checks(lake: Lake, day: dt.date, step: str, keys: tuple[str, ...] = ()) -> dict | None:
+    """The `checks` of step `step` of day D, where that step succeeded and recorded them with every one of `keys`
+    (a record of an older version of the job, without them, is none: the job must run again)."""
     record = lake.read_json(f"_runs/dt={day.isoformat()}/{step}.json") or {}
-    return record.get("checks") if record.get("success") else None
+    checks = record.get("checks") if record.get("success") else None
+    return checks if checks is not None and set(keys) <= checks.keys() else None
 
 
 def no_checks(gate: str, dataset: str, day: dt.date, step: str, task: str) -> GateResult:
     """Raises: the job `step` recorded no checks for the day."""
     outcome = ExpectationOutcome(f"{step}_job_recorded_its_checks", None, {"record": f"_runs/dt={day}/{step}.json"},
-                                 False, observed_value=f"no successful {step} step with checks for the day: "
-                                                       f"run the {task} task first")
+                                 False, observed_value=f"no successful {step} step with this version's checks for "
+                                                       f"the day: run the {task} task first")
     return GateResult(gate, dataset, 0, [outcome]).raise_if_failed()
 
 

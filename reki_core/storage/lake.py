@@ -377,9 +377,7 @@ class Lake:
         file at a time: a reader holds a batch, never the day. The rows come in the table's file order, the same on
         every read of the same snapshot."""
         day = as_date(day)
-        table = self.load_table(dataset)  # once: its properties say whether the day exists, then it is scanned
-        if table is None or day not in self.day_kinds(dataset, table):
-            raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+        table = self._table_with_day(dataset, day)
         key = self.key_of(dataset)
         days = self.state_days(dataset, day, table) if key else [day]
         wanted = list(dict.fromkeys(columns))
@@ -405,13 +403,19 @@ class Lake:
         """The rows written on day D as stored (a keyed dataset's changes of that day), `columns` only, in record
         batches of at most `batch_rows` rows: `read_day_rows` for a reader that holds a batch, never the day."""
         day = as_date(day)
-        table = self.load_table(dataset)
-        if table is None or day not in self.day_kinds(dataset, table):
-            raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+        table = self._table_with_day(dataset, day)
         wanted = list(dict.fromkeys(columns))
         for batch in self._scan_batches(dataset, table, day, wanted, batch_rows, None):
             if batch.num_rows:
                 yield batch.select(wanted)
+
+    def _table_with_day(self, dataset: str, day: dt.date):
+        """The dataset's table, loaded once (its properties say whether day D was written, then it is scanned);
+        FileNotFoundError where day D was not written."""
+        table = self.load_table(dataset)
+        if table is None or day not in self.day_kinds(dataset, table):
+            raise FileNotFoundError(f"lake partition missing: {self.describe(dataset, day)}")
+        return table
 
     def _scan_batches(self, dataset: str, table, day: dt.date, columns: list[str], batch_rows: int,
                       where: dict[str, str] | None) -> Iterator[pa.RecordBatch]:

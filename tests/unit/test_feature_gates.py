@@ -52,3 +52,16 @@ def test_the_days_rows_rewritten_after_the_job_are_refused(cfg, lake):
     lake.write_partition(samples.assign(split=["train", "train", "train", "test"]), "features/ctr_samples", DAY)
     with pytest.raises(GateError, match=r"(?s)partition_is_the_one_the_feature_checks_job_checked.*ctr_samples"):
         run_feature_gates(cfg, DAY, lake)
+
+
+def test_a_record_of_an_older_job_version_asks_for_the_job_again(cfg, lake):
+    """A record written before the day's rows were checked in Spark (no `day_fingerprint`) is no record: a clear
+    error that names the record and the task to run, not a KeyError."""
+    from reki_core.runlog import record_step
+
+    seed_features(lake)
+    checks = record_feature_checks(lake)
+    del checks["day_fingerprint"]
+    record_step(lake, DAY, "feature_checks", {"success": True, "checks": checks})
+    with pytest.raises(GateError, match=r"(?s)feature_checks_job_recorded_its_checks.*run the feature_checks task"):
+        run_feature_gates(cfg, DAY, lake)
