@@ -5,7 +5,7 @@ set -uo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$REKI_HOME"
 mkdir -p bench/results
-names=("$@"); [ ${#names[@]} -eq 0 ] && names=(spark_prep llm_extraction llm_serving encoding knowledge_quality model_quality serving cluster seaweed_conditional_writes scale)
+names=("$@"); [ ${#names[@]} -eq 0 ] && names=(spark_prep llm_extraction llm_serving encoding encoder_memory knowledge_quality model_quality serving cluster seaweed_conditional_writes scale)
 rc=0
 for n in "${names[@]}"; do
   [ -f "bench/$n.py" ] || { echo "bench/$n.py not found"; rc=1; continue; }
