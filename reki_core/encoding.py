@@ -148,7 +148,6 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
     day's counts (from the `encoding_misses` record) and returns it."""
     from tqdm.auto import tqdm
 
-    from reki_core.process_memory import map_large_allocations
     from reki_core.runlog import read_step
 
     day = as_date(dt_)
@@ -158,7 +157,6 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
         if plan is None or not plan.get("success", True):
             raise EncodingError(f"{lake.describe(MISSES, day)}: no successful run of the Spark job {MISSES_STEP} "
                                 f"for this day (run log {plan and plan.get('error')}); it runs before encode")
-        map_large_allocations()  # the task holds the live batch's activations, not the heap's high-water mark
         encoder = encoder or TextEncoder.from_config(cfg)
         if plan["encoder_id"] != encoder.encoder_id:
             raise EncodingError(f"{lake.describe(MISSES, day)}: the misses of encoder {plan['encoder_id']!r}, this "

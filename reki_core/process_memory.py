@@ -69,19 +69,3 @@ class ProcessTreePeak:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-
-
-def map_large_allocations(threshold_bytes: int = MIB) -> bool:
-    """Fix glibc's mmap threshold at `threshold_bytes`: blocks that large are mapped when allocated and returned to
-    the system when freed. By default glibc raises the threshold after each large free, so a loop whose buffers change
-    size batch after batch (an encoder's activations) grows a fragmented heap that keeps its high-water mark.
-    False (nothing changed) where the C library is not glibc."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))

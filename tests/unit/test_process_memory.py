@@ -71,10 +71,3 @@ def test_the_plugin_registers_the_listener():
 
     assert task_memory in RekiPlugin.listeners
 
-
-def test_the_mmap_threshold_is_set_on_glibc():
-    """`map_large_allocations` sets glibc's threshold (mallopt accepts it, again when called twice), in a process of
-    its own: the setting is process-wide. Its effect on the encoder's peak is measured by bench/encoder_memory.py."""
-    code = "from reki_core.process_memory import map_large_allocations as m; print(m(), m(2**20))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
-    assert out == ["True", "True"], out
