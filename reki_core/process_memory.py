@@ -68,4 +68,3 @@ class ProcessTreePeak:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

@@ -174,8 +174,8 @@ def run(spark, cfg, lake, day) -> dict:
         # server). The flags are cached narrow (`rule_checks`); the count and fingerprint read their columns only.
         rows = read_day_changes(spark, lake, dataset, day)
         found = rule_checks(flagged(rows, cfg), rules, columns, order)
-        checks[dataset.rsplit("/", 1)[-1]] = {"rows": rows.count(), **found}
-        checks["day_fingerprint"][dataset] = fingerprint(rows, DAY_FINGERPRINTED[dataset])
+        checks["day_fingerprint"][dataset] = fingerprint(rows, DAY_FINGERPRINTED[dataset])  # counts the rows too
+        checks[dataset.rsplit("/", 1)[-1]] = {"rows": checks["day_fingerprint"][dataset]["rows"], **found}
     if lake.has_partition(CLUSTERS, day):
         clusters = cache(strings(read_partition(spark, lake, CLUSTERS, day), "clustering", "entity_id", "group_id"))
         checks["clusters"] = cluster_checks(clusters, items.select("item_id"), users, cfg)

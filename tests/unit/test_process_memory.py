@@ -70,4 +70,3 @@ def test_the_plugin_registers_the_listener():
     from reki_airflow.plugin import RekiPlugin
 
     assert task_memory in RekiPlugin.listeners
-
