@@ -39,17 +39,21 @@ side_lane() {
   echo "==> backfill suite exit $backfill_rc, cluster smoke run exit $smoke_rc"
   [ "$backfill_rc" -eq 0 ] && [ "$smoke_rc" -eq 0 ]
 }
+main_log="$REKI_HOME/.reki/logs/test-main.log"
 side_lane >"$side_log" 2>&1 &
 side_pid=$!
-"${PYTEST[@]}" -m "not backfill and not cluster_smoke" tests &
+# The main lane prints as it goes, and keeps a copy so that its failures can be repeated last (CI shows the tail).
+( "${PYTEST[@]}" -m "not backfill and not cluster_smoke" tests 2>&1 | tee "$main_log" ) &
 main_pid=$!
 # A stopped run (Ctrl-C, a CI timeout) still tears both down: tests/conftest.py turns SIGTERM into an interrupt.
-trap 'pkill -TERM -P $side_pid 2>/dev/null; kill -TERM $main_pid $side_pid 2>/dev/null' INT TERM
+trap 'pkill -TERM -P $side_pid 2>/dev/null; pkill -TERM -f "pytest.*not backfill and not cluster_smoke" 2>/dev/null; kill -TERM $main_pid $side_pid 2>/dev/null' INT TERM
 wait $main_pid
 rc=$?
 wait $side_pid
 side_rc=$?
 echo "==> backfill suite and cluster smoke run (-m backfill; -m cluster_smoke), exit $side_rc:"
 cat "$side_log"
+echo "==> main lane (-m 'not backfill and not cluster_smoke'), exit $rc; its summary again:"
+sed -n '/short test summary info/,$p' "$main_log" | grep -vE '^(SKIPPED|XFAIL)' || tail -n 5 "$main_log"
 check $rc "-m 'not backfill and not cluster_smoke'" || exit $?
 exit "$side_rc"
