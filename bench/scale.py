@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -167,6 +168,13 @@ def _failures(api, run_id: str) -> str:
     return "".join(out)
 
 
+def _commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("+uncommitted" if dirty else "")
+
+
 def run_size(n_interactions: int, args, root: Path) -> dict:
     from reki_core.airflow_api import states_of
     from reki_core.process_memory import ProcessTreePeak
@@ -183,6 +191,7 @@ def run_size(n_interactions: int, args, root: Path) -> dict:
                                f"--active-share {args.active_share} --seed {args.seed}", timeout=3600)
         facts = json.loads(out.stdout.strip().splitlines()[-1])
         facts["deliveries_s"] = round(time.perf_counter() - t0, 1)
+        facts["commit"] = _commit()  # a size's kept figures may be reused later: say which code measured them
         print(f"  deliveries: {facts}", flush=True)
         api.unpause(DAG_ID)
         runs, servers = {}, {}
@@ -254,6 +263,7 @@ def summarise(results: dict[int, dict]) -> dict:
         "above_baseline_mib": {str(n): a for n, a in above.items()},
         "peak_without_empty_day_run_mib": {str(n): u for n, u in unbased.items()},
         "measured_day_run_s": {str(n): s for n, s in run_s.items()},
+        "commit_by_size": {str(n): r["facts"].get("commit") for n, r in results.items()},
         "spark_tasks": list(SPARK_TASKS),
         "targets": {"python_task_rss_ratio_max": 1.25, "time_ratio": 4.5},
     }
