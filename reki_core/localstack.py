@@ -128,12 +128,23 @@ def service_ports(s3_port: int) -> dict[str, int]:
     return {name: s3_port + 1 + i for i, name in enumerate(names)}
 
 
+def ephemeral_port_floor() -> int:
+    """The lowest port the kernel gives outgoing connections and port-0 binds (Spark's own ports, every client's)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port_block(size: int = 12) -> int:
-    """A loopback base port with `size` free ports after it (a SeaweedFS instance for tests and benchmarks)."""
+    """A loopback base port with `size` free ports after it (a SeaweedFS instance for tests and benchmarks).
+    Below the ephemeral range: a port found free there can be taken by any new connection before the server binds."""
     import random
 
+    top = ephemeral_port_floor() - size
+    top = top if top > 21000 else 40000  # an unusual, wide ephemeral range: take the chance, as before
     for _ in range(200):
-        base = random.randrange(20000, 40000)
+        base = random.randrange(20000, top)
         socks: list[socket.socket] = []
         try:
             for port in range(base, base + size):
