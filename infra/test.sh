@@ -27,33 +27,15 @@ if [ $# -gt 0 ]; then
   exit $?
 fi
 
-# The whole suite in two lanes of about equal length, which share nothing: the backfill suite (its own SeaweedFS,
-# Airflow home and scheduler; one DAG run after another) then the cluster profile's smoke run (its own PostgreSQL,
-# Redis, Celery workers and Spark standalone) in one; everything else in the other.
-side_log="$REKI_HOME/.reki/logs/test-backfill.log"
-mkdir -p "$(dirname "$side_log")"
-echo "==> the backfill suite and the cluster smoke run go alongside the others; their output: $side_log (printed at the end)"
-side_lane() {
-  "${PYTEST[@]}" -m backfill tests; check $? "-m backfill"; local backfill_rc=$?
-  "${PYTEST[@]}" -m cluster_smoke tests; check $? "-m cluster_smoke"; local smoke_rc=$?
-  echo "==> backfill suite exit $backfill_rc, cluster smoke run exit $smoke_rc"
-  [ "$backfill_rc" -eq 0 ] && [ "$smoke_rc" -eq 0 ]
-}
-main_log="$REKI_HOME/.reki/logs/test-main.log"
-side_lane >"$side_log" 2>&1 &
-side_pid=$!
-# The main lane prints as it goes, and keeps a copy so that its failures can be repeated last (CI shows the tail).
-( "${PYTEST[@]}" -m "not backfill and not cluster_smoke" tests 2>&1 | tee "$main_log" ) &
-main_pid=$!
-# A stopped run (Ctrl-C, a CI timeout) still tears both down: tests/conftest.py turns SIGTERM into an interrupt.
-trap 'pkill -TERM -P $side_pid 2>/dev/null; pkill -TERM -f "pytest.*not backfill and not cluster_smoke" 2>/dev/null; kill -TERM $main_pid $side_pid 2>/dev/null' INT TERM
-wait $main_pid
+# The whole suite, its modules spread over workers (pytest-xdist): the suites mostly wait on servers (Airflow's
+# scheduler, JVM starts, the LLM), so three workers share 2 cores well. A module stays on one worker (its module
+# fixtures start once) and modules go out in collection order, which puts the long integration suites first.
+"${PYTEST[@]}" -n "${REKI_TEST_WORKERS:-3}" --dist loadscope --no-loadscope-reorder tests &
+suite=$!
+# A stopped run (Ctrl-C, a CI timeout) still tears down what the workers started: tests/conftest.py turns SIGTERM into
+# an interrupt, so each worker's fixtures stop their servers.
+trap 'pkill -TERM -P $suite 2>/dev/null; kill -TERM $suite 2>/dev/null' INT TERM
+wait $suite
 rc=$?
-wait $side_pid
-side_rc=$?
-echo "==> backfill suite and cluster smoke run (-m backfill; -m cluster_smoke), exit $side_rc:"
-cat "$side_log"
-echo "==> main lane (-m 'not backfill and not cluster_smoke'), exit $rc; its summary again:"
-sed -n '/short test summary info/,$p' "$main_log" | grep -vE '^(SKIPPED|XFAIL)' || tail -n 5 "$main_log"
-check $rc "-m 'not backfill and not cluster_smoke'" || exit $?
-exit "$side_rc"
+[ "$rc" -gt 128 ] && { wait $suite; rc=$?; }  # interrupted: wait for the teardown to end
+check $rc "the whole suite"
