@@ -28,8 +28,9 @@ if [ $# -gt 0 ]; then
 fi
 
 # The whole suite, its modules spread over workers (pytest-xdist): the long suites wait on Airflow's scheduler and on
-# server starts, which the other workers fill (3 workers on 2 cores: 30 min against 38 for two lanes, docs/design.md). A module stays on one worker (its module
-# fixtures start once) and modules go out in collection order, which puts the long integration suites first.
+# server starts, which the other workers fill (3 workers on 2 cores: 30 min against 38 for two lanes, docs/design.md).
+# A module stays on one worker (its module fixtures start once) and modules go out in collection order, which puts
+# the long integration suites first.
 "${PYTEST[@]}" -n "${REKI_TEST_WORKERS:-3}" --dist loadscope --no-loadscope-reorder tests &
 suite=$!
 # A stopped run (Ctrl-C, a CI timeout) still tears down what the workers started: tests/conftest.py turns SIGTERM into
