@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cluster import DAG_ID, Embedded, _sh  # noqa: E402
 from reki_core.config import PROJECT_ROOT  # noqa: E402
 from reki_core.llm.smoke_model import SMOKE_LLM_ENV  # noqa: E402
+from reki_core.storage.publish import code_version  # noqa: E402
 
 ISSUE_SIZES = (1_000_000, 4_000_000)
 START = dt.date(2024, 1, 1)
@@ -168,13 +168,6 @@ def _failures(api, run_id: str) -> str:
     return "".join(out)
 
 
-def _commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return head.stdout.strip() + ("+uncommitted" if dirty else "")
-
-
 def run_size(n_interactions: int, args, root: Path) -> dict:
     from reki_core.airflow_api import states_of
     from reki_core.process_memory import ProcessTreePeak
@@ -191,7 +184,7 @@ def run_size(n_interactions: int, args, root: Path) -> dict:
                                f"--active-share {args.active_share} --seed {args.seed}", timeout=3600)
         facts = json.loads(out.stdout.strip().splitlines()[-1])
         facts["deliveries_s"] = round(time.perf_counter() - t0, 1)
-        facts["commit"] = _commit()  # a size's kept figures may be reused later: say which code measured them
+        facts["code_version"] = code_version()  # a size's kept figures may be reused later: which code measured them
         print(f"  deliveries: {facts}", flush=True)
         api.unpause(DAG_ID)
         runs, servers = {}, {}
@@ -263,7 +256,7 @@ def summarise(results: dict[int, dict]) -> dict:
         "above_baseline_mib": {str(n): a for n, a in above.items()},
         "peak_without_empty_day_run_mib": {str(n): u for n, u in unbased.items()},
         "measured_day_run_s": {str(n): s for n, s in run_s.items()},
-        "commit_by_size": {str(n): r["facts"].get("commit") for n, r in results.items()},
+        "code_version_by_size": {str(n): r["facts"].get("code_version") for n, r in results.items()},
         "spark_tasks": list(SPARK_TASKS),
         "targets": {"python_task_rss_ratio_max": 1.25, "time_ratio": 4.5},
     }
