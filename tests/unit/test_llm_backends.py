@@ -198,7 +198,7 @@ def test_vllm_backend_without_vllm_names_the_gpu_venv(tmp_path, monkeypatch):
 
 class _ChatServer(ThreadingHTTPServer):
     """A scripted OpenAI-compatible server: /v1/models lists `models`; a chat prompt found in `script` gets those
-    statuses (or "hang": no answer for 5 s; "garbage": a 200 that is not a chat completion) before a 200."""
+    statuses (or "hang": no answer for `hang_s`; "garbage": a 200 that is not a chat completion) before a 200."""
 
     daemon_threads = True
 
@@ -210,6 +210,7 @@ class _ChatServer(ThreadingHTTPServer):
         self.auth: list[str | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.hang_s = 5.0
         self.lock = threading.Lock()
 
     @property
@@ -247,7 +248,7 @@ class _ChatHandler(BaseHTTPRequestHandler):
             server.max_in_flight = max(server.max_in_flight, server.in_flight)
             codes = server.script.get(prompt, [])
             status = codes.pop(0) if codes else 200
-        time.sleep(5 if status == "hang" else 0.05)  # 0.05: long enough for concurrent requests to overlap
+        time.sleep(server.hang_s if status == "hang" else 0.05)  # 0.05: long enough for concurrent requests to overlap
         with server.lock:
             server.in_flight -= 1
         if status == "garbage":
