@@ -82,6 +82,8 @@ class PromptTemplatesConfig(_Strict):
     # Appended to every prompt: how long an answer the model should give (a small instruct model left to itself
     # repeats until max_tokens; SmolLM2-135M stops on its own in 84% of item answers with this, 31% without).
     answer_instruction: str = ""
+    # Per prompt kind (user, item, item_group, user_pos_group, user_neg_group), instead of `answer_instruction`.
+    answer_instruction_by_kind: dict[Literal["user", "item", "item_group", "user_pos_group", "user_neg_group"], str] = {}
     max_title_chars: int = 120
     max_field_chars: int = 60
 

@@ -186,7 +186,8 @@ def _format(cfg: Config, template_name: str, factors: list[str], **values: str) 
             f"scenario '{scenario.name}': template prompts.{template_name} is invalid ({exc!r}); "
             f"placeholders available: {sorted(fields)}"
         ) from None
-    return f"{text} {scenario.prompts.answer_instruction}" if scenario.prompts.answer_instruction else text
+    instruction = scenario.prompts.answer_instruction_by_kind.get(template_name, scenario.prompts.answer_instruction)
+    return f"{text} {instruction}" if instruction else text
 
 
 def render_user(cfg: Config, profile: str, entries: list[str]) -> tuple[str, str]:

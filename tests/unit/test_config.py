@@ -34,7 +34,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
 
 def test_missing_key_names_key_and_file(tmp_path):
     (tmp_path / "scenarios").mkdir()
-    text = (PROJECT_ROOT / "conf/scenarios/movielens.yaml").read_text().replace("template_version: ml-v5\n", "")
+    text = (PROJECT_ROOT / "conf/scenarios/movielens.yaml").read_text().replace("template_version: ml-v6\n", "")
     (tmp_path / "scenarios" / "movielens.yaml").write_text(text)
     good = tmp_path / "reki.yaml"
     good.write_text("scenario: movielens\nrun_date: 1998-03-31\n")

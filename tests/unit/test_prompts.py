@@ -302,12 +302,15 @@ def test_collective_group_prompts(cfg):
     assert "GoldenEye" not in item_group["text"] and item_group["n_titles"] == 2
     assert "Describe the common characteristics of these movies, including but not limited to genre, director/cast" \
         in item_group["text"]
+    # the scenario's instruction for this kind replaces the common one (SmolLM2 otherwise echoes the factor list)
+    assert item_group["text"].endswith('soundtrack. Answer in two sentences that start with "These movies".')
     pos = row(frame, "user_pos_group", "p0")
     assert "rated these movies highly (most frequent first): \"Toy Story (1995)\"; \"The Usual Suspects (1995)\"" \
         in pos["text"]
     assert pos["as_of"] == 120
     neg = row(frame, "user_neg_group", "n0")
     assert 'rated these movies low (most frequent first): "GoldenEye (1995)"; "Mystery Item"\n' in neg["text"]
+    assert neg["text"].endswith("soundtrack. Answer in two sentences.")  # the other kinds keep the common one
     assert neg["as_of"] == 130
     # user 3 disliked nothing: its negative group has no evidence, so no prompt and none expected
     assert frame[frame["entity_kind"] == "user_neg_group"]["entity_id"].tolist() == ["n0"]
