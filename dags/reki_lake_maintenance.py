@@ -17,7 +17,7 @@ DOC = f"""
 
 For every table of the lake's Iceberg catalogs (`{CFG.lake.catalog}` and the stages' own; reki_core/storage/maintenance.py),
 on the warm Spark Connect server:
-1. small files of a partition (from {POLICY.min_input_files} on) are compacted toward {POLICY.target_file_mb} MB;
+1. small files of a partition (from {POLICY.min_input_files} on) are compacted toward {CFG.lake.target_file_mb} MB;
 2. snapshots older than {POLICY.snapshot_retention_days} days expire (the newest {POLICY.retain_last} stay), with the
    files only they referenced;
 3. files no snapshot references and older than {POLICY.orphan_age_hours} h (failed writes) are removed.

@@ -139,7 +139,6 @@ class LakeMaintenanceConfig(_Strict):
     retain_last: int = Field(3, ge=1)  # snapshots kept whatever their age
     # Only files this old can be orphans: younger ones may belong to a write in flight. Iceberg refuses under 24 h.
     orphan_age_hours: float = Field(72.0, ge=24)
-    target_file_mb: int = Field(128, ge=1)  # compaction's target file size
     min_input_files: int = Field(5, ge=2)  # a partition is compacted once it holds this many small files
 
 
@@ -164,6 +163,10 @@ class LakeConfig(_Strict):
     tables_in_store: bool = True
     # Rows per record batch when a Python task streams a table (training, the adaptor, publish): its memory bound.
     batch_rows: int = Field(8192, ge=1)
+    # The tables' data file size (Iceberg's write.target-file-size-bytes, for Spark's and pyiceberg's writes and for
+    # compaction). A Python reader streams a table a file at a time, but pyarrow reads a file ahead of its batches, so a
+    # file's decoded rows are a reader's memory bound: at Iceberg's 512 MB default that grew with the day's size.
+    target_file_mb: int = Field(16, ge=1)
     maintenance: LakeMaintenanceConfig = LakeMaintenanceConfig()
 
 

@@ -278,8 +278,11 @@ def _create_table(spark: SparkSession, lake: Lake, dataset: str, name: str, sche
     lake.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
     try:  # never createOrReplace: a table another writer just created keeps its rows
         # From the schema alone: an action on `rows` would spend the job's observed metrics.
-        spark.createDataFrame([], schema).writeTo(name).using("iceberg").partitionedBy(
-            F.col("dt")).tableProperty("write.spark.accept-any-schema", "true").create()
+        writer = spark.createDataFrame([], schema).writeTo(name).using("iceberg").partitionedBy(
+            F.col("dt")).tableProperty("write.spark.accept-any-schema", "true")
+        for key, value in lake.table_properties.items():
+            writer = writer.tableProperty(key, value)
+        writer.create()
     except Exception as exc:
         if "already exists" not in str(exc).lower():
             raise

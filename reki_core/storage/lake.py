@@ -42,6 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from reki_core.config import LakeConfig
+
 if TYPE_CHECKING:
     from reki_core.config import Config
     from reki_core.storage.s3_access import S3Access
@@ -57,6 +59,7 @@ KEYED_DATASETS = {"features/user_history": "user_id", "features/knowledge_versio
 # Flags of a keyed dataset that hold only on the day their row was written (the user's window advanced in that run):
 # a state row from an earlier day reads them as false, so a flag falls back without a rewrite of its user.
 DAY_FLAGS = {"features/user_history": ("needs_refresh",)}
+TARGET_FILE_SIZE = "write.target-file-size-bytes"  # Iceberg's: where Spark's and pyiceberg's writers roll files
 DAY_PROPERTY = "reki.dt."  # + YYYY-MM-DD: a table property set in the commit that wrote that day
 # The property's value: the day holds the whole dataset, or (keyed datasets) only the keys that changed.
 FULL_DAY, CHANGES_DAY = "written", "changes"
@@ -147,14 +150,17 @@ def lake_of(cfg: Config) -> Lake:
     spark_conf = {k: v for k, v in tables.catalog_settings(cfg).items() if k == prefix or k.startswith(prefix + ".")}
     return Lake(uri, TableStore(cfg.lake.catalog, tables.sqlalchemy_uri(cfg), spark_conf, tables.warehouse_uri(cfg),
                                 tables.lake_access(cfg), cfg.lake.s3_connect_timeout_s, cfg.lake.s3_request_timeout_s),
-                storage_options=options)
+                storage_options=options, target_file_mb=cfg.lake.target_file_mb)
 
 
 class Lake:
     """Date-partitioned datasets under one root URI; their tables' files in the lake folder, or in `store`."""
 
-    def __init__(self, uri: str, store: TableStore | None = None, storage_options: dict | None = None):
+    def __init__(self, uri: str, store: TableStore | None = None, storage_options: dict | None = None,
+                 target_file_mb: int = LakeConfig().target_file_mb):
         self.uri = uri.replace("s3a://", "s3://", 1).rstrip("/")  # the same bucket and key to Python's S3 client
+        # Properties of every table this lake creates, from Spark or pyiceberg (lake.target_file_mb says why).
+        self.table_properties = {TARGET_FILE_SIZE: str(target_file_mb * 1024 * 1024)}
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
         self.store = store
         self._catalog = None
@@ -329,7 +335,7 @@ class Lake:
                                                 transform=IdentityTransform(), name="dt"))
             with self._store_errors("creating", dataset):
                 existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=fresh,
-                                                                   partition_spec=spec)
+                                                                   partition_spec=spec, properties=self.table_properties)
         try:
             with self._store_errors("writing", dataset, day), warnings.catch_warnings(), existing.transaction() as tx:
                 warnings.filterwarnings("ignore", "Delete operation did not match any records")  # a first write of D
@@ -365,7 +371,8 @@ class Lake:
         if existing is None:
             self.catalog.create_namespace_if_not_exists(table_identifier(dataset)[0])
             with self._store_errors("creating", dataset):
-                existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=data.schema)
+                existing = self.catalog.create_table_if_not_exists(self.table_name(dataset), schema=data.schema,
+                                                                   properties=self.table_properties)
         data = self._aligned(data, existing, dataset)
         with self._store_errors("appending to", dataset):
             existing.append(data, snapshot_properties=dict(snapshot_properties or {}))

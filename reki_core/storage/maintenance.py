@@ -2,8 +2,9 @@
 
 Daily increments leave a table with a snapshot and a few small files per commit; readers then open ever more
 manifests and files, and the store keeps every version's bytes. Each table gets, in this order:
-1. `rewrite_data_files`: the small files of each partition merged toward `target_file_mb` (a new snapshot; the old
-   files stay readable by older snapshots until they expire);
+1. `rewrite_data_files`: the small files of each partition merged toward `lake.target_file_mb` (a new snapshot; the
+   old files stay readable by older snapshots until they expire), which the table's own property is first set to, so
+   tables created before the setting write files of that size too;
 2. `expire_snapshots`: snapshots older than `snapshot_retention_days` dropped (the newest `retain_last` always
    kept), with the files only they referenced, so time travel reaches back exactly the retention;
 3. `remove_orphan_files`: files under the table's location that no snapshot references (left by failed or killed
@@ -19,6 +20,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from reki_core.config import LakeConfig
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -47,9 +50,12 @@ def _one_row(spark: SparkSession, statement: str) -> dict:
 
 
 def maintain_table(spark: SparkSession, catalog: str, table: str, policy: LakeMaintenanceConfig,
-                   now: dt.datetime) -> dict:
+                   now: dt.datetime, target_file_mb: int = LakeConfig().target_file_mb) -> dict:
     """Compact, expire and clean one table (`namespace.table`); what each step did, as Iceberg reports it."""
-    target_bytes = policy.target_file_mb * 1024 * 1024
+    from reki_core.storage.lake import TARGET_FILE_SIZE
+
+    target_bytes = target_file_mb * 1024 * 1024
+    spark.sql(f"ALTER TABLE {catalog}.{table} SET TBLPROPERTIES ('{TARGET_FILE_SIZE}' = '{target_bytes}')")
     compacted = _one_row(spark, (
         f"CALL {catalog}.system.rewrite_data_files(table => '{table}', options => map("
         f"'min-input-files', '{policy.min_input_files}', 'target-file-size-bytes', '{target_bytes}'))"))
@@ -86,7 +92,8 @@ def maintain_lake(spark: SparkSession, cfg: Config, now: dt.datetime,
     results = []
     for catalog in maintained_catalogs(spark, cfg):
         for table in lake_table_names(spark, catalog):
-            result = {"catalog": catalog, **maintain_table(spark, catalog, table, cfg.lake.maintenance, now)}
+            result = {"catalog": catalog,
+                      **maintain_table(spark, catalog, table, cfg.lake.maintenance, now, cfg.lake.target_file_mb)}
             if on_table:
                 on_table(result)
             results.append(result)
