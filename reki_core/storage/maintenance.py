@@ -55,6 +55,7 @@ def maintain_table(spark: SparkSession, catalog: str, table: str, policy: LakeMa
     from reki_core.storage.lake import TARGET_FILE_SIZE
 
     target_bytes = target_file_mb * 1024 * 1024
+    # A table created before the setting gets it; an unchanged value commits nothing (test_lake_tables checks).
     spark.sql(f"ALTER TABLE {catalog}.{table} SET TBLPROPERTIES ('{TARGET_FILE_SIZE}' = '{target_bytes}')")
     compacted = _one_row(spark, (
         f"CALL {catalog}.system.rewrite_data_files(table => '{table}', options => map("

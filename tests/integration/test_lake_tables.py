@@ -127,6 +127,7 @@ def test_maintenance_compacts_expires_and_removes_orphans(lake_stack, monkeypatc
     import datetime as dtm
 
     from reki_core.spark import connect_client
+    from reki_core.storage.lake import TARGET_FILE_SIZE
     from reki_core.storage.maintenance import lake_table_names, maintain_lake_via_connect, maintain_table
     from reki_core.storage.object_store import make_s3_client
 
@@ -152,9 +153,15 @@ def test_maintenance_compacts_expires_and_removes_orphans(lake_stack, monkeypatc
 
         files_after = {r["file_path"] for r in spark.sql(f"SELECT file_path FROM {name}.files").collect()}
         snapshots_after = spark.sql(f"SELECT operation FROM {name}.snapshots").collect()
+        properties = {r["key"]: r["value"] for r in spark.sql(f"SHOW TBLPROPERTIES {name}").collect()}
+        metadata_versions = spark.sql(f"SELECT * FROM {name}.metadata_log_entries").count()
+        maintain_table(spark, cfg.lake.catalog, "features.maintenance_probe", policy, now)  # nothing left to do
+        metadata_versions_again = spark.sql(f"SELECT * FROM {name}.metadata_log_entries").count()
         assert sorted(tuple(r) for r in spark.table(name).collect()) == sorted(rows)
         assert "features.maintenance_probe" in lake_table_names(spark, cfg.lake.catalog)
     assert (result["rewritten_data_files"], result["added_data_files"]) == (6, 1), result
+    assert properties[TARGET_FILE_SIZE] == str(cfg.lake.target_file_mb * 2**20)  # set on a table created before it
+    assert metadata_versions_again == metadata_versions  # a second run commits no metadata
     assert len(files_after) == 1 and not files_after & files_before
     assert [r["operation"] for r in snapshots_after] == ["replace"], snapshots_after
     assert result["expired_snapshots_files"]["deleted_data_files_count"] == 6, result
