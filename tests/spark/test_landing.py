@@ -200,6 +200,61 @@ def test_a_first_load_that_failed_part_way_is_redone_whole(files_cfg):
     assert land(files_cfg, days[2])["days_landed"] == 1  # done: a re-run lands its own day only
 
 
+def _count_file_reads(monkeypatch) -> list[str]:
+    """The files landing reads one by one (the plan-per-file read that names a bad file)."""
+    from spark_jobs import landing as job
+
+    reads, read_one = [], job.read_delivery
+    monkeypatch.setattr(job, "read_delivery", lambda spark, lake, path, *a: reads.append(path) or read_one(spark, lake, path, *a))
+    return reads
+
+
+def test_a_first_load_of_good_days_reads_every_file_in_one_scan(quarantine_day_cfg, monkeypatch):
+    """Five good days, two files on one of them (one named with a space), a quarantined row: no file is read on its
+    own, and every row is attributed to its file and day, as the file-by-file read would."""
+    cfg = quarantine_day_cfg
+    lake = Lake(cfg.lake_uri)
+    days = [DAY + dt.timedelta(days=n) for n in range(5)]
+    for n, day in enumerate(days):
+        deliver(lake, "interactions", day, good_interactions(3 + n).assign(ts=lambda d, n=n: d["ts"] + 86_400 * n))
+    spaced = deliver(lake, "interactions", days[2], good_interactions(2).assign(
+        item_id=["j0", "j1"], rating=pd.array([4, 9], dtype="int32"), ts=lambda d: d["ts"] + 2 * 86_400),
+        name="late part.parquet")
+    deliver_entities(lake, days[-1])
+    reads = _count_file_reads(monkeypatch)
+    result = land(cfg, days[-1])
+    assert reads == [f"{lake.partition_path('incoming/users', days[-1])}/part.parquet",
+                     f"{lake.partition_path('incoming/items', days[-1])}/part.parquet"]  # the snapshots only
+    assert result["days_landed"] == 5 and result["rows"] == 3 + 4 + 5 + 6 + 7 + 1 and result["rejected"] == 1
+    assert [len(lake.read_partition("raw/interactions", d)) for d in days] == [3, 4, 6, 6, 7]
+    rejected = lake.read_partition("raw/_rejected", days[2])
+    assert rejected[["_source_file", "_reason", "item_id"]].values.tolist() == [[spaced, "rating:in_range", "j1"]]
+
+
+@pytest.fixture
+def quarantine_day_cfg(tmp_path):
+    return quarantine_cfg(tmp_path, REKI__QUALITY__RAW_MAX_REJECTED_SHARE="0.5")
+
+
+@pytest.mark.parametrize("lacks", ["rows", "no-rows"])
+def test_a_file_without_a_column_among_good_days_is_named_and_the_days_before_it_land(files_cfg, monkeypatch, lacks):
+    """Files that merge into the expected columns can still hide one that lacks a column (its rows read as nulls) or
+    that has no rows: the landing falls back to reading file by file and names it, as for a single day."""
+    lake = Lake(files_cfg.lake_uri)
+    days = [DAY + dt.timedelta(days=n) for n in range(3)]
+    for n, day in enumerate(days):
+        deliver(lake, "interactions", day, good_interactions().assign(ts=lambda d, n=n: d["ts"] + 86_400 * n))
+    short = good_interactions(0 if lacks == "no-rows" else 2).drop(columns=["rating"]).assign(ts=lambda d: d["ts"] + 86_400)
+    bad = deliver(lake, "interactions", days[1], short, name="second.parquet")
+    deliver_entities(lake, days[2])
+    reads = _count_file_reads(monkeypatch)
+    with pytest.raises(LandingError) as err:
+        land(files_cfg, days[2])
+    assert f"{bad}: column 'rating': rule 'schema': required column is missing" in str(err.value)
+    assert bad in reads
+    assert lake.partitions("raw/interactions") == days[:1]
+
+
 def test_days_a_stopped_scheduler_skipped_land_with_the_next_run(files_cfg):
     """DAY landed; the runs of DAY+1 and DAY+2 never happened. The run of DAY+3 lands all three days, and
     stops, naming the folder, at a day whose delivery never came; its retry goes on from there."""
