@@ -2,8 +2,9 @@
 
 What lands, and when (the first load, missed days, re-runs, the bad-row policy): reki_core/landing.py. This job
 reads the delivered Parquet files from the lake (s3a:// on the object store, a folder in the tests), each distinct
-file once (a file whose bytes equal an earlier one's of the same day is a re-delivery: counted, not read), checks
-each file's schema (its columns and their types, naming the file and column), computes every row rule of the interactions as a
+file once (a file whose bytes equal an earlier one's of the same day is a re-delivery: counted, not read), all of
+them in one scan, and checks each file's schema (its columns and their types, naming the file and column: a file
+that needs its own look is read alone, `read_at_once`), computes every row rule of the interactions as a
 column (`raw_rules.interactions_row_rules`: a bad row's reasons, for the error or the quarantine; of a repeated row the
 first copy is kept), and lets Great Expectations decide on the per-day counts of each rule (a small summary frame;
 why not GX on the rows themselves: docs/design.md "Landing in Spark"). The days of one run are read, checked and written
