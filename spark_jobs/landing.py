@@ -171,9 +171,9 @@ def read_at_once(spark, lake, delivered: list[Delivery]) -> DataFrame | None:
         return None
     if set(fields) != set(expected) or not all(_type_ok(fields[c], logical) for c, logical in expected.items()):
         return None
+    bounds = {d.day: raw_rules.day_bounds(d.day) for d in delivered}
     named = spark.createDataFrame(
-        [(_path_key(path), path, d.day, pos, raw_rules.day_bounds(d.day)[0], raw_rules.day_bounds(d.day)[1] - 1)
-         for d, pos, path in files],
+        [(_path_key(path), path, d.day, pos, bounds[d.day][0], bounds[d.day][1] - 1) for d, pos, path in files],
         "_key string, _source_file string, _day date, _file_pos int, _lo bigint, _hi bigint")
     # `_path_key` in Spark: the scheme and leading slashes become one slash, %XX decoded (no listed path has % or +).
     key = F.url_decode(F.regexp_replace(F.col("_metadata.file_path"), r"^[A-Za-z][A-Za-z0-9+.-]*:/*", "/"))
@@ -187,11 +187,11 @@ def every_file_whole(spark, lake, checked: DataFrame, delivered: list[Delivery])
     merges as nulls there, so a file with a column that is null in every row, a row of no listed file, or a file
     without rows whose own schema is wrong sends the landing back to the file-by-file read, which names the file."""
     expected = SCHEMAS["interactions"]
-    seen = {}
+    seen = set()
     for row in checked.groupBy("_source_file").agg(*[F.count(c).alias(c) for c in expected]).collect():
         if row["_source_file"] is None or any(row[c] == 0 for c in expected):
             return False
-        seen[row["_source_file"]] = row
+        seen.add(row["_source_file"])
     for d in delivered:
         for path in d.files:
             if path not in seen:  # no rows: only its own footer tells whether it has the expected columns
