@@ -174,7 +174,7 @@ def memory_bandwidth_bytes_per_s() -> dict:
 
 
 def weights_served(cfg: Config, program: str) -> dict:
-    """Parameters and the bytes a decode step reads: the GGUF llama.cpp serves (Q8_0 here, re-quantised at
+    """Parameters and the bytes a decode step reads: the GGUF llama.cpp serves (Q4_0 here, re-quantised at
     set-up) or the safetensors dequantised to llm.engine.dtype (transformers)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -266,7 +266,8 @@ def server_arms(root: Path, program: str, prompts: int, max_tokens: int) -> dict
         print(json.dumps({"wall_s": concurrent["wall_s"]}), flush=True)
     finally:
         server.stop()
-    return {"program": program, "command": server.command()[1:], "start_s_once": round(start_s, 2),
+    return {"program": program, "command": server.command()[1:], "environment": server.settings_environment(),
+            "start_s_once": round(start_s, 2),
             "one_shard_at_a_time": sequential, "concurrent_shards": concurrent, "_cfg": cfg}
 
 

@@ -409,7 +409,10 @@ class LLMServer(LocalService):
         return [str(server_binary()), "--model", str(gguf_path(self.model_path)), "--alias", engine.model_id,
                 "--host", self.host, "--port", str(self.port), "--parallel", str(server.parallel),
                 "--ctx-size", str(server.parallel * engine.max_model_len), "--threads", threads,
-                "--threads-batch", threads, "--poll", "0",  # idle threads sleep (settings_environment says why)
+                "--threads-batch", threads,  # how its threads wait: settings_environment
+                # CPU flash attention walks every cached cell one dot product at a time: a third of a decode step
+                # on 2 cores; off, attention is batched matrix products (1.3x the tokens/s, docs/real_llms.md).
+                "--flash-attn", "off",
                 # An API for shards only: no web UI, no /slots page (it shows the prompts in flight), a bounded
                 # prompt cache (8 GiB by default).
                 "--no-webui", "--no-slots", "--cache-ram", "256"]
@@ -419,14 +422,16 @@ class LLMServer(LocalService):
         return {
             # Only the local folder is served: the server never reaches for the Hub.
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            # llama.cpp's OpenMP threads sleep when idle instead of spinning: spinning threads on a busy machine
-            # starve everything else and the server with them (64 item prompts, 8 slots, 2 busy cores: 14.5
-            # tokens/s spinning, 38 sleeping).
-            "OMP_WAIT_POLICY": "passive",
+            # llama.cpp's OpenMP threads meet at a barrier after every op (hundreds per token): sleeping at each one
+            # (OMP_WAIT_POLICY=passive) tripled the time per token (35 against 10 ms, one sequence), spinning forever
+            # (active) starves a busy machine and burns a core while idle. Spinning this many rounds (a few ms)
+            # before sleeping keeps both: the policy must stay unset for GNU OpenMP to read it.
+            "GOMP_SPINCOUNT": "1000000",
         }
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, **self.settings_environment()}
+        inherited = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # it would void GOMP_SPINCOUNT
+        return {**inherited, **self.settings_environment()}
 
     def ready(self) -> bool:
         import urllib.request

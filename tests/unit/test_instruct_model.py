@@ -70,7 +70,7 @@ def test_a_complete_folder_is_returned_without_download_or_conversion(tmp_path, 
     folder = tmp_path / spec.model_id
     folder.mkdir()
     served = im.served_gguf_file(spec)
-    assert served == "SmolLM2-135M-Instruct.Q8_0.gguf"
+    assert served == "SmolLM2-135M-Instruct.Q4_0.gguf"
     (folder / "model.safetensors").write_bytes(b"")
     (folder / served).write_bytes(b"")
     (folder / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "gguf_file": served,
@@ -87,7 +87,7 @@ def test_a_folder_of_other_weights_or_without_provenance_is_not_complete(tmp_pat
     (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256}))
     (tmp_path / im.served_gguf_file(spec)).write_bytes(b"")
     assert not im.is_complete(tmp_path, spec)  # a folder built before the re-quantisation: rebuilt
-    (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "served_type": "Q8_0"}))
+    (tmp_path / im.PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": spec.gguf_sha256, "served_type": "Q4_0"}))
     assert im.is_complete(tmp_path, spec)
     (tmp_path / im.served_gguf_file(spec)).unlink()
     assert not im.is_complete(tmp_path, spec)  # its served GGUF gone: rebuilt for llama.cpp
@@ -170,3 +170,23 @@ def test_requantisation_keeps_metadata_and_float_tensors_and_moves_quantised_one
 
     im.requantise_gguf(source, tmp_path / "again.gguf", "Q8_0")
     assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "m.Q8_0.gguf").read_bytes()  # answers stay cached
+
+
+def test_requantisation_to_the_served_4_bit_type_keeps_the_weights_within_a_4_bit_step(tmp_path):
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    weights, norm = rng.normal(size=(8, 64)).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    source = _tiny_gguf(tmp_path / "m.Q4_1.gguf", weights, norm)
+    im.requantise_gguf(source, tmp_path / "m.Q4_0.gguf", im.SMOLLM2_135M_INSTRUCT.served_type)
+    after = gguf.GGUFReader(tmp_path / "m.Q4_0.gguf")
+    assert after.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_0)
+    served_tensor = next(t for t in after.tensors if t.name == "blk.0.attn_q.weight")
+    assert served_tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    shipped = gguf.quants.dequantize(gguf.GGUFReader(source).tensors[0].data, gguf.GGMLQuantizationType.Q4_1)
+    served = gguf.quants.dequantize(served_tensor.data, gguf.GGMLQuantizationType.Q4_0)
+    # Q4_0's step is a block's absolute maximum / 8: every served weight is within one step of the shipped one.
+    step = np.abs(shipped.reshape(-1, 32)).max(axis=1, keepdims=True) / 8
+    assert (np.abs((served - shipped).reshape(-1, 32)) <= step + 1e-6).all()
+    assert not np.array_equal(served, shipped)

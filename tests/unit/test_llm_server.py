@@ -17,7 +17,7 @@ REAL = {"REKI__LLM__SERVER__ENABLED": "true", "REKI__LLM__BACKEND": "openai",
         "REKI__LLM__ENGINE__MODEL_PATH": ".reki/models/SmolLM2-135M-Instruct"}
 
 
-def test_llama_cpp_serves_the_folders_gguf_on_loopback_with_its_slots_and_sleeping_threads(tmp_path):
+def test_llama_cpp_serves_the_folders_gguf_on_loopback_with_its_slots_and_threads(tmp_path):
     cfg = make_config(tmp_path, **REAL, REKI__LLM__SERVER__PORT="18090", REKI__LLM__SERVER__PARALLEL="4",
                       REKI__LLM__SERVER__THREADS="3", REKI__LLM__ENGINE__MAX_MODEL_LEN="1024")
     assert cfg.llm.server.program == "llama.cpp"  # the default
@@ -29,7 +29,13 @@ def test_llama_cpp_serves_the_folders_gguf_on_loopback_with_its_slots_and_sleepi
     pairs = dict(zip(argv[1::], argv[2::]))
     assert (pairs["--model"], pairs["--alias"]) == (str(folder / "m.Q4_1.gguf"), cfg.llm.engine.model_id)
     assert (pairs["--host"], pairs["--port"], pairs["--parallel"], pairs["--ctx-size"]) == ("127.0.0.1", "18090", "4", "4096")
-    assert pairs["--threads"] == pairs["--threads-batch"] == "3" and pairs["--poll"] == "0"
+    assert pairs["--threads"] == pairs["--threads-batch"] == "3" and pairs["--flash-attn"] == "off"
+
+
+def test_llama_cpp_threads_spin_briefly_before_sleeping_whatever_the_caller_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # a set policy makes GNU OpenMP ignore GOMP_SPINCOUNT
+    env = LLMServer(make_config(tmp_path, **REAL)).environment()
+    assert env["GOMP_SPINCOUNT"] == "1000000" and "OMP_WAIT_POLICY" not in env
 
 
 def test_a_folder_without_its_gguf_is_refused_naming_the_fix(tmp_path):
@@ -62,8 +68,7 @@ def test_the_cluster_profile_supervises_the_server_after_the_connect_server(tmp_
     conf = cluster.supervisord_conf(cfg)
     section = conf.split("[program:llm-server]")[1].split("[program:")[0]
     assert "llama-server --model" in section and "--host 127.0.0.1" in section and "autostart=true" in section
-    assert 'OMP_WAIT_POLICY="passive"' in section  # idle threads sleep, as under `reki stack up`
-    assert LLMServer(cfg).environment()["OMP_WAIT_POLICY"] == "passive"
+    assert 'GOMP_SPINCOUNT="1000000"' in section  # threads spin briefly, then sleep, as under `reki stack up`
     assert ("llm-server", [(cfg.llm.server.port, "llm.server.port")]) in cluster.service_ports_of(cfg).items()
     # Disabled (a remote fleet in llm.engine.base_urls, or the tests' smoke model): no program at all.
     assert "llm-server" not in cluster.program_names(make_config(tmp_path, REKI__LLM__SERVER__ENABLED="false"))
