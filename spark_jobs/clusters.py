@@ -15,8 +15,10 @@ Reads `features/items/dt=D`, `features/user_history/dt=D`. Writes `features/clus
 
 from __future__ import annotations
 
+import contextvars
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -182,11 +184,18 @@ def user_points(genre_counts: DataFrame, column: str, vocabulary: list[str]) -> 
 def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_users: int, threshold: int) -> DataFrame:
     vocabulary = genre_vocabulary(items)
     genre_counts = cache(user_genre_counts(user_history, items, threshold))  # users x genres: small, read by both profiles
-    parts = [
-        name_groups(bounded_groups(item_points(items, vocabulary), max_items), "item"),
-        name_groups(bounded_groups(user_points(genre_counts, "liked", vocabulary), max_users), "user_pos"),
-        name_groups(bounded_groups(user_points(genre_counts, "disliked", vocabulary), max_users), "user_neg"),
-    ]
+    clusterings = {
+        "item": (item_points(items, vocabulary), max_items),
+        "user_pos": (user_points(genre_counts, "liked", vocabulary), max_users),
+        "user_neg": (user_points(genre_counts, "disliked", vocabulary), max_users),
+    }
+    # Each k-means fit is a chain of a hundred tiny Spark jobs, bound by scheduling round trips rather than by the
+    # cores: the three run at once on the one session (each thread in a copy of this context, so what it caches is
+    # still released with the job).
+    with ThreadPoolExecutor(len(clusterings)) as pool:
+        grouped = {name: pool.submit(contextvars.copy_context().run, bounded_groups, points, bound)
+                   for name, (points, bound) in clusterings.items()}
+    parts = [name_groups(grouped[name].result(), name) for name in clusterings]
     out = parts[0].unionByName(parts[1]).unionByName(parts[2])
     return out.orderBy("clustering", "group_id", "entity_id")
 
