@@ -1,5 +1,5 @@
 """The real instruct model (SmolLM2-135M-Instruct, `reki setup`) through the warm LLM server the stack starts
-(`reki_core.localstack.LLMServer`: `transformers serve` on loopback): a whole small collective day extracted with
+(`reki_core.localstack.LLMServer`: llama.cpp's `llama-server` on loopback): a whole small collective day extracted with
 the answer gates in `fail` mode, and the server killed mid-shard then restarted (the shard fails clearly and
 resumes after its answered batches)."""
 
