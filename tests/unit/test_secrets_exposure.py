@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import shlex
 import stat
 
@@ -121,7 +122,8 @@ def test_the_security_checks_find_what_they_look_for(tmp_path):
     import subprocess
 
     holder = subprocess.Popen(["sleep", "30"], env={"PATH": os.environ["PATH"], "PROBE": token})
-    shower = subprocess.Popen(["sh", "-c", "sleep 30", "sh", token], env={"PATH": os.environ["PATH"]})
+    # Python keeps its argv for its whole life (`sh -c "sleep 30"` may exec sleep, dropping its arguments mid-test).
+    shower = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token], env={"PATH": os.environ["PATH"]})
     try:
         assert secrets_held(psutil.Process(holder.pid), secrets) == ({"spark_connect.json.token"}, set())
         assert secrets_held(psutil.Process(shower.pid), secrets) == (set(), {"spark_connect.json.token"})
