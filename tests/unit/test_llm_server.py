@@ -35,7 +35,7 @@ def test_llama_cpp_serves_the_folders_gguf_on_loopback_with_its_slots_and_thread
 def test_llama_cpp_threads_spin_briefly_before_sleeping_whatever_the_caller_set(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")  # a set policy makes GNU OpenMP ignore GOMP_SPINCOUNT
     env = LLMServer(make_config(tmp_path, **REAL)).environment()
-    assert env["GOMP_SPINCOUNT"] == "1000000" and "OMP_WAIT_POLICY" not in env
+    assert env["GOMP_SPINCOUNT"] == "3000" and "OMP_WAIT_POLICY" not in env
 
 
 def test_a_folder_without_its_gguf_is_refused_naming_the_fix(tmp_path):
@@ -68,7 +68,7 @@ def test_the_cluster_profile_supervises_the_server_after_the_connect_server(tmp_
     conf = cluster.supervisord_conf(cfg)
     section = conf.split("[program:llm-server]")[1].split("[program:")[0]
     assert "llama-server --model" in section and "--host 127.0.0.1" in section and "autostart=true" in section
-    assert 'GOMP_SPINCOUNT="1000000"' in section  # threads spin briefly, then sleep, as under `reki stack up`
+    assert 'GOMP_SPINCOUNT="3000"' in section  # threads spin briefly, then sleep, as under `reki stack up`
     assert ("llm-server", [(cfg.llm.server.port, "llm.server.port")]) in cluster.service_ports_of(cfg).items()
     # Disabled (a remote fleet in llm.engine.base_urls, or the tests' smoke model): no program at all.
     assert "llm-server" not in cluster.program_names(make_config(tmp_path, REKI__LLM__SERVER__ENABLED="false"))
