@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import shlex
 import stat
+import sys
 
 from click.testing import CliRunner
 
