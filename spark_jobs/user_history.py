@@ -30,6 +30,8 @@ from spark_jobs.common import cache, empty_frame, releases_cache
 DATASET = "features/user_history"
 VERSIONS = "features/knowledge_versions"
 HISTORY_TYPE = "array<struct<item_id:string,ts:bigint,rating:int>>"
+# What a daily run takes of a touched user's previous row (`build_histories`, and the day of the last refresh).
+CARRIED = ("user_id", "history", "n_interactions", "window_n", "refreshed_dt")
 
 
 @dataclass(frozen=True)
@@ -294,9 +296,10 @@ def run(spark, cfg, lake, day) -> dict:
         prev_history = prev_versions = None
     else:
         # Only the touched users are recomputed and written; the others' rows stay as they are. Their previous rows
-        # are few, and read twice (the histories, the refresh day): scanned once.
+        # are few, and read twice (the histories, the refresh day): scanned once, and only the columns a run
+        # carries forward (the scan decodes every user's row: the wide `window` would cost as much as `history`).
         touched = cache(touched_users(spark, lake, day, prev_day, new_interactions))
-        prev_history = cache(read_partition(spark, lake, DATASET, prev_day, only_keys=touched))
+        prev_history = cache(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).select(*CARRIED))
         prev_versions = read_partition(spark, lake, VERSIONS, prev_day, only_keys=touched)
     # Both outputs derive from the advanced windows: compute them once.
     advanced = cache(advance(prev_history, new_interactions, params))
