@@ -301,6 +301,7 @@ def bench_layouts(sizes: list[int], baseline: str, workdir: Path, repeats: int) 
                           f"quiet_over_full_{label}": round(tables["quiet"]["total"] / tables["full"]["total"], 3),
                           "today_quiet_over_full": round(today["quiet"]["total"] / today["full"]["total"], 3),
                           "commit_s": {"today": today["commit_s"], "tables": tables["commit_s"]}})
+            entry["measured_commit"] = out["measured_commit"]  # sizes re-run alone keep their own commit
             out["sizes"][label] = entry
     finally:
         subprocess.run(["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", str(checkout)],
@@ -316,6 +317,11 @@ def layouts_only(args) -> int:
     with tempfile.TemporaryDirectory(prefix="reki-bench-layouts-") as tmp:
         layouts = bench_layouts(sizes, args.baseline, Path(tmp), repeats=2)
     layouts["measured_at"] = dt.datetime.now(dt.UTC).isoformat()
+    # Sizes not re-run this time keep their figures, each with the commit it measured.
+    earlier = result.get("layouts", {})
+    kept = {label: {"measured_commit": earlier.get("measured_commit"), **entry}
+            for label, entry in earlier.get("sizes", {}).items()}
+    layouts["sizes"] = {**kept, **layouts["sizes"]}
     result["layouts"] = layouts
     for entry in layouts["sizes"].values():
         result.update({k: v for k, v in entry.items() if k.startswith(("daily_over_", "full_over_", "quiet_over_"))})
