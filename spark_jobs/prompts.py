@@ -407,7 +407,9 @@ def run(spark, cfg, lake, day) -> dict:
         unknown_clusterings(clusters)
     known = read_known(spark, lake, cfg.llm.engine.model_id, sampling_version(cfg))
     rows, expected = transform(cfg, mode, history, items, users, previous_items, previous_prompts, clusters, known)
-    rows = cache(rows)
+    # Materialised once, out of the tables' lineage: `rows` reads the previous prompts, so a cached plan of it would be
+    # recomputed (the prompt texts built again in the Python workers) after the write to the same table.
+    rows = rows.localCheckpoint()
     path = write_partition(rows.orderBy("entity_kind", "entity_id"), lake, DATASET, day)
     written = cache(read_partition(spark, lake, DATASET, day))
     return {**counts(rows, mode), "path": path, "checks": checks(written, expected, cfg)}
