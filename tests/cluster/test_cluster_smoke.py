@@ -137,11 +137,15 @@ def _check_the_stages_tables_survive_a_catalog_restart(stack) -> None:
             assert lake.load_table(dataset).location().startswith(f"s3a://{cfg.lake.bucket}/"), dataset
 
         probe = "faults/catalog_restart"
-        restarted = threading.Event()
+        restarted, hit = threading.Event(), threading.Event()
 
         def restart() -> None:
             time.sleep(1.0)  # a few commits in
-            stack.supervisorctl("restart", "postgres")
+            # Down until a commit has failed on it, then up again: the restart spans a commit however slow the machine
+            # (a quick `restart` could fall between two commits, which pool_pre_ping then bridges unseen).
+            stack.supervisorctl("stop", "postgres")
+            hit.wait(timeout=60)
+            stack.supervisorctl("start", "postgres")
             restarted.set()
 
         def rows(day: dt.date) -> pd.DataFrame:
@@ -159,6 +163,7 @@ def _check_the_stages_tables_survive_a_catalog_restart(stack) -> None:
             except CatalogUnavailableError as exc:
                 failures.append(str(exc))
                 pending.append(day)
+                hit.set()
                 time.sleep(0.25)  # a refused connection fails at once: a few tries a second, as a task's retries
             assert len(days) < 400, "the restart did not end"
         restarter.join()
