@@ -8,6 +8,7 @@ import os
 import shlex
 import stat
 import sys
+import time
 
 from click.testing import CliRunner
 
@@ -121,12 +122,20 @@ def test_the_security_checks_find_what_they_look_for(tmp_path):
         assert found == [f"{os.getpid()} ({psutil.Process().name()}) 0.0.0.0:{anywhere.getsockname()[1]}"]
     import subprocess
 
-    holder = subprocess.Popen(["sleep", "30"], env={"PATH": os.environ["PATH"], "PROBE": token})
+    def started(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, psutil.Process]:
+        """A child once it has exec'd `argv`: until then /proc shows the forked test process's argv and environment."""
+        proc = subprocess.Popen(argv, env=env)
+        shown, deadline = psutil.Process(proc.pid), time.monotonic() + 10
+        while shown.cmdline() != argv and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return proc, shown
+
+    holder, held = started(["sleep", "30"], {"PATH": os.environ["PATH"], "PROBE": token})
     # Python keeps its argv for its whole life (`sh -c "sleep 30"` may exec sleep, dropping its arguments mid-test).
-    shower = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token], env={"PATH": os.environ["PATH"]})
+    shower, shows = started([sys.executable, "-c", "import time; time.sleep(30)", token], {"PATH": os.environ["PATH"]})
     try:
-        assert secrets_held(psutil.Process(holder.pid), secrets) == ({"spark_connect.json.token"}, set())
-        assert secrets_held(psutil.Process(shower.pid), secrets) == (set(), {"spark_connect.json.token"})
+        assert secrets_held(held, secrets) == ({"spark_connect.json.token"}, set())
+        assert secrets_held(shows, secrets) == (set(), {"spark_connect.json.token"})
     finally:
         for proc in (holder, shower):
             proc.kill()
