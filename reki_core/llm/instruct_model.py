@@ -212,14 +212,19 @@ def machine_copy(spec: GGUFModelSpec, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir() / "models") / f"{spec.model_id}-{spec.gguf_sha256[:16]}-{served}"
 
 
+def _put_in_place(staging: Path, target: Path) -> None:
+    """The finished folder `staging` renamed to `target` (beside it), which appears whole or not at all."""
+    if target.exists():
+        shutil.rmtree(target)  # an older or foreign folder: replaced whole
+    staging.rename(target)
+
+
 def _copy_folder(source: Path, dest: Path) -> None:
-    """`source` copied to `dest`, which appears whole or not at all (a copy beside it, then renamed)."""
+    """`source` copied to `dest`, which appears whole or not at all (a copy beside it, then put in place)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".partial-{dest.name}-") as tmp:
         shutil.copytree(source, Path(tmp) / dest.name)
-        if dest.exists():
-            shutil.rmtree(dest)  # an older or foreign folder: replaced whole
-        (Path(tmp) / dest.name).rename(dest)
+        _put_in_place(Path(tmp) / dest.name, dest)
 
 
 def ensure_gguf_model(spec: GGUFModelSpec, models_dir: Path, download_dir: Path,
@@ -280,9 +285,7 @@ def _build(spec: GGUFModelSpec, target: Path, download_dir: Path, report: Callab
         }  # nothing of this run (no timing): the same weights give the same bytes, so cached answers stay valid
         (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         report(f"converted in {time.perf_counter() - t:.1f}s")
-        if target.exists():
-            shutil.rmtree(target)  # an older or foreign folder: replaced whole
-        staging.rename(target)  # appears whole or not at all
+        _put_in_place(staging, target)
 
 
 def ensure_instruct_model(models_dir: Path, download_dir: Path, report: Callable[[str], None] = print) -> Path:
