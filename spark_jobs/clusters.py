@@ -10,6 +10,11 @@ Python worker, which bisects it with deterministic 2-means until every part fits
 2-means cannot separate into chunks in entity-id order). Every entity gets exactly one group per clustering;
 `group_id` is a hash of the sorted member ids, so an unchanged group keeps its id.
 
+The groups are a function of the items' features, the users' windows, the size bounds and this module's grouping:
+the day is written with a fingerprint of those (`inputs_fingerprint`), and a re-run of the day that finds the same
+fingerprint keeps the day's groups instead of fitting the same k-means again (a backfill's reprocessing, a second run
+of a date).
+
 Reads `features/items/dt=D`, `features/user_history/dt=D`. Writes `features/clusters/dt=D`.
 """
 
@@ -30,6 +35,9 @@ DATASET = "features/clusters"
 SEED = 42
 LLOYD_ITERATIONS = 10
 MAX_SPLIT_DEPTH = 32  # deeper than any sane 2-means tree: past it the rest is cut into id-ordered chunks
+# Part of the inputs' fingerprint: change it with anything that changes the groups of the same inputs (the features,
+# the algorithm), so that days grouped before are grouped again.
+GROUPING_VERSION = 1
 
 
 def _bisect(points: DataFrame, k: int, seed: int) -> DataFrame:
@@ -200,6 +208,22 @@ def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_use
     return out.orderBy("clustering", "group_id", "entity_id")
 
 
+def inputs_fingerprint(items: DataFrame, history: DataFrame, bounds: tuple[int, int, int]) -> str:
+    """sha256 over what the groups are computed from: each item's features (id, genres, year, popularity), each user's
+    window (`window_hash`: its items, times and ratings), the size bounds and threshold, the grouping's version. The
+    rows are summed as numbers (two 60-bit parts of each row's hash), so no order and no sort is needed."""
+    import hashlib
+
+    rows = items.select(F.to_json(F.struct("item_id", "genres", "year", "popularity")).alias("row")).unionByName(
+        history.select(F.concat_ws("\u001f", "user_id", F.coalesce("window_hash", F.lit(""))).alias("row")))
+    digest = F.sha2("row", 256)
+    parts = [F.sum(F.conv(F.substring(digest, start, 15), 16, 10).cast("decimal(38,0)")).alias(f"part{start}")
+             for start in (1, 16)]
+    summed = rows.agg(F.count(F.lit(1)).alias("rows"), *parts).first()
+    described = [GROUPING_VERSION, SEED, *bounds, summed["rows"], str(summed["part1"]), str(summed["part16"])]
+    return hashlib.sha256(repr(described).encode()).hexdigest()
+
+
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
     from spark_jobs.common import read_partition, write_partition
@@ -208,20 +232,26 @@ def run(spark, cfg, lake, day) -> dict:
 
     s = cfg.scenario
     items = cache(read_partition(spark, lake, "features/items", day))
-    history = cache(read_partition(spark, lake, "features/user_history", day).select("user_id", "window"))
+    history = cache(read_partition(spark, lake, "features/user_history", day).select("user_id", "window", "window_hash"))
     mode = resolve_mode(cfg, history.count(), items.count())
     if mode == "individual":  # groups only serve collective extraction: the costliest job is skipped
         return skip_groups(lake, day, mode)
-    out = transform(items, history, s.max_group_size_items, s.max_group_size_users, s.positive_rating_threshold)
-    out = out.localCheckpoint()  # the k-means lineage is long; write and count one materialised result
-    write_partition(out, lake, DATASET, day)
+    bounds = (s.max_group_size_items, s.max_group_size_users, s.positive_rating_threshold)
+    fingerprint = inputs_fingerprint(items, history, bounds)
+    reused = lake.has_partition(DATASET, day) and lake.day_inputs(DATASET, day) == fingerprint
+    if reused:  # grouped from these very inputs already (a re-run of the day): the same groups, kept
+        out = read_partition(spark, lake, DATASET, day)
+    else:
+        out = transform(items, history, *bounds)
+        out = out.localCheckpoint()  # the k-means lineage is long; write and count one materialised result
+        write_partition(out, lake, DATASET, day, inputs=fingerprint)
     summary = {
         r["clustering"]: {"groups": int(r["groups"]), "members": int(r["members"]), "max_group_size": int(r["max_size"])}
         for r in out.groupBy("clustering")
         .agg(F.countDistinct("group_id").alias("groups"), F.count(F.lit(1)).alias("members"), F.max("group_size").alias("max_size"))
         .collect()
     }
-    return {"clusterings": summary}
+    return {"clusterings": summary, "kept_from_an_earlier_run": reused}
 
 
 def main(argv: list[str] | None = None) -> int:

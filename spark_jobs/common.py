@@ -23,7 +23,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from reki_core.config import Config, load_config
-from reki_core.storage.lake import DAY_FLAGS, DAY_PROPERTY, TOTALS_PROPERTY, Lake, as_date, lake_of, table_identifier
+from reki_core.storage.lake import (DAY_FLAGS, DAY_PROPERTY, INPUTS_PROPERTY, TOTALS_PROPERTY, Lake, as_date, lake_of,
+                                    stale_day_records, table_identifier)
 
 INTERACTIONS_SCHEMA = T.StructType(
     [
@@ -289,13 +290,14 @@ def _create_table(spark: SparkSession, lake: Lake, dataset: str, name: str, sche
 
 
 def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False,
-                    totals: Callable[[], dict] | None = None) -> str:
+                    totals: Callable[[], dict] | None = None, inputs: str | None = None) -> str:
     """Replace day `day` of `dataset` with `df`: one Iceberg commit (an overwrite of exactly that day, so a re-run that
     writes fewer rows, or none, leaves none of the old ones), then the day is recorded (a table property; without it
     an empty day would look unwritten), as the whole state or, for a keyed dataset, its changes. A crash between the
     two leaves the day unrecorded, so the next run redoes it. `totals`, called once the day is recorded, gives the
-    state's totals as of the day, recorded next (`TOTALS_PROPERTY`); totals an earlier write of the day recorded are
-    removed first, so a crash in between leaves none rather than stale ones."""
+    state's totals as of the day, recorded next (`TOTALS_PROPERTY`); `inputs`, the fingerprint of what the rows were
+    computed from, is recorded with the day (`INPUTS_PROPERTY`). What an earlier write of the day recorded about its rows
+    (`DAY_RECORDS`) is removed before they are replaced, so a crash in between leaves none rather than stale ones."""
     if not lake.is_table(dataset):
         raise ValueError(f"{dataset} is not a table of the lake")
     kind = lake.day_kind(dataset, changes_only)
@@ -303,14 +305,19 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     name = table_of(spark, lake, dataset)
     rows = df.withColumn("dt", F.lit(day).cast("date"))
     _create_table(spark, lake, dataset, name, rows.schema)
+    table = lake.load_table(dataset)
+    stale = stale_day_records(table.properties, day) if table is not None else []
+    if stale:  # they describe the rows about to be replaced
+        spark.sql(f"ALTER TABLE {name} UNSET TBLPROPERTIES ({', '.join(repr(key) for key in stale)})")
     # distribution-mode none: the job laid its rows out already; Iceberg's default (hash by partition) would shuffle
     # the whole day again into the one task of its single `dt` value.
     rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(
         F.col("dt") == F.lit(day).cast("date"))
-    if lake.state_totals(dataset, day) is not None:  # they described the rows just replaced
-        spark.sql(f"ALTER TABLE {name} UNSET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}')")
-    spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{DAY_PROPERTY}{day.isoformat()}' = '{kind}')")
+    recorded = {f"{DAY_PROPERTY}{day.isoformat()}": kind}
+    if inputs is not None:  # hex digits: nothing to escape
+        recorded[f"{INPUTS_PROPERTY}{day.isoformat()}"] = inputs
+    spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({', '.join(f'{k!r} = {v!r}' for k, v in recorded.items())})")
     if totals is not None:  # after the day's record: an aggregate of the state reads the day
-        recorded = json.dumps(totals(), sort_keys=True)  # numbers and plain keys: no quote to escape
-        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}' = '{recorded}')")
+        summed = json.dumps(totals(), sort_keys=True)  # numbers and plain keys: no quote to escape
+        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}' = '{summed}')")
     return f"{name}/dt={day.isoformat()}"

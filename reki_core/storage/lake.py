@@ -67,6 +67,11 @@ FULL_DAY, CHANGES_DAY = "written", "changes"
 # that wrote it, so the next daily run adds its changes instead of aggregating the whole state again; any other write
 # of the day removes it (the totals then no longer describe the rows).
 TOTALS_PROPERTY = "reki.totals."
+# + YYYY-MM-DD: a fingerprint of what the job that wrote the day computed it from (`Lake.day_inputs`): a re-run that finds
+# the same fingerprint keeps the day instead of computing it again (the clusters job, whose cost no input size bounds).
+INPUTS_PROPERTY = "reki.inputs."
+# What describes one written day's rows: gone before those rows are replaced and with them.
+DAY_RECORDS = (TOTALS_PROPERTY, INPUTS_PROPERTY)
 CATALOG_DIR, WAREHOUSE_DIR = "_catalog", "_tables"
 
 
@@ -77,6 +82,11 @@ def as_date(value: str | dt.date | dt.datetime) -> dt.date:
     if isinstance(value, dt.date):
         return value
     return dt.date.fromisoformat(str(value)[:10])
+
+
+def stale_day_records(properties: dict[str, str], day: dt.date) -> list[str]:
+    """The properties of `DAY_RECORDS` that describe day D's rows as written before (to remove when they are replaced)."""
+    return [key for key in (prefix + as_date(day).isoformat() for prefix in DAY_RECORDS) if key in properties]
 
 
 def table_identifier(dataset: str) -> tuple[str, str]:
@@ -278,6 +288,11 @@ class Lake:
         recorded = None if table is None else table.properties.get(f"{TOTALS_PROPERTY}{as_date(day).isoformat()}")
         return json.loads(recorded) if recorded else None
 
+    def day_inputs(self, dataset: str, day: str | dt.date) -> str | None:
+        """The fingerprint of the inputs day D was computed from (`INPUTS_PROPERTY`), or None when its write recorded none."""
+        table = self.load_table(dataset)
+        return None if table is None else table.properties.get(f"{INPUTS_PROPERTY}{as_date(day).isoformat()}")
+
     def column_names(self, dataset: str) -> list[str]:
         """The columns of a table dataset (none before its first write), `dt` aside."""
         table = self.load_table(dataset)
@@ -352,8 +367,9 @@ class Lake:
                                                                       io=existing.io, write_uuid=uuid.uuid4()):
                                 append.append_data_file(data_file)
                 tx.set_properties({f"{DAY_PROPERTY}{day.isoformat()}": kind})
-                if f"{TOTALS_PROPERTY}{day.isoformat()}" in existing.properties:  # they described the replaced rows
-                    tx.remove_properties(f"{TOTALS_PROPERTY}{day.isoformat()}")
+                stale = stale_day_records(existing.properties, day)  # they described the replaced rows
+                if stale:
+                    tx.remove_properties(*stale)
         except Exception as exc:
             if "disk is full" in str(exc):  # SQLite's word for it: the same OSError as a data file's full disk
                 raise OSError(errno.ENOSPC, f"No space left on device: committing {self.describe(dataset, day)} "
@@ -471,8 +487,8 @@ class Lake:
             return
         with table.transaction() as tx:
             tx.delete(EqualTo("dt", day.isoformat()))
-            tx.remove_properties(*[p + day.isoformat() for p in (DAY_PROPERTY, TOTALS_PROPERTY)
-                                   if p + day.isoformat() in table.properties])
+            recorded = f"{DAY_PROPERTY}{day.isoformat()}"
+            tx.remove_properties(recorded, *stale_day_records(table.properties, day))
 
     def drop_namespace(self, namespace: str) -> None:
         """Every dataset under `namespace/`, tables and folders, gone with its files (a benchmark's reset)."""

@@ -275,3 +275,38 @@ def test_a_quiet_day_writes_no_user(spark, tmp_path):
         assert len(a) > 0 and a.astype(str).equals(b.astype(str))
         assert len(lake.read_day_rows(job.DATASET, quiet[0])) == 0
     assert summaries[user_history]["dirty_users"] == 0
+
+
+def test_a_rerun_keeps_the_groups_of_unchanged_inputs_and_regroups_changed_ones(spark, tmp_path):
+    """The day's groups are recorded with a fingerprint of their inputs: a re-run of the day with the same inputs keeps
+    them (no new snapshot); a changed item, or a day rewritten without a fingerprint, is grouped again."""
+    from reki_core.storage.lake import Lake
+
+    cfg = _make_cfg(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    data = synthetic.generate(500, n_users=20, n_items=30, days=2, seed=17, start=dt.date(2024, 9, 1))
+    day = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)[-1]
+    for job in (items, user_history):
+        job.run(spark, cfg, lake, day)
+    snapshot = lambda: lake.load_table("features/clusters").current_snapshot().snapshot_id  # noqa: E731
+    first = clusters.run(spark, cfg, lake, day)
+    assert first["kept_from_an_earlier_run"] is False
+    fingerprint, written = lake.day_inputs("features/clusters", day), snapshot()
+    groups = lake.read_partition("features/clusters", day)
+    assert len(fingerprint) == 64 and len(groups) > 0
+
+    again = clusters.run(spark, cfg, lake, day)
+    assert again["kept_from_an_earlier_run"] is True and again["clusterings"] == first["clusterings"]
+    assert snapshot() == written and lake.day_inputs("features/clusters", day) == fingerprint
+
+    described = lake.read_partition("features/items", day)
+    described.at[described.index[0], "genres"] = ["a-genre-of-its-own"]
+    lake.write_partition(described, "features/items", day)
+    changed = clusters.run(spark, cfg, lake, day)
+    assert changed["kept_from_an_earlier_run"] is False and snapshot() != written
+    assert lake.day_inputs("features/clusters", day) not in (None, fingerprint)
+
+    # Rows replaced by another writer lose the fingerprint with the rows it described: the next run groups again.
+    lake.write_partition(lake.read_partition("features/clusters", day), "features/clusters", day)
+    assert lake.day_inputs("features/clusters", day) is None
+    assert clusters.run(spark, cfg, lake, day)["kept_from_an_earlier_run"] is False
