@@ -240,7 +240,7 @@ def gate(ctx: click.Context, name: str, day: str | None) -> None:
 # What the summary shows of each step's record (all of it stays in _runs/dt=D/<step>.json).
 SUMMARY_FACTS = (
     "initial_load", "days_landed", "rows_today", "rows", "rejected", "no_new_data", "users", "items",
-    "dirty_users", "dirty_items", "samples", "label_rate", "groups", "mode", "to_ask", "with_knowledge",
+    "dirty_users", "dirty_items", "samples", "label_rate", "groups", "groups_kept", "mode", "to_ask", "with_knowledge",
     "n_prompts", "n_pending", "cache_hits", "calls", "prompt_tokens", "completion_tokens", "tokens_per_s",
     "encoded", "cache_hit_rate", "test_auc_with_knowledge", "test_auc_no_knowledge", "published",
     "version", "latest_moved", "skipped", "reason",

@@ -251,7 +251,7 @@ def run(spark, cfg, lake, day) -> dict:
         .agg(F.countDistinct("group_id").alias("groups"), F.count(F.lit(1)).alias("members"), F.max("group_size").alias("max_size"))
         .collect()
     }
-    return {"clusterings": summary, "kept_from_an_earlier_run": reused}
+    return {"clusterings": summary, "groups": sum(c["groups"] for c in summary.values()), "groups_kept": reused}
 
 
 def main(argv: list[str] | None = None) -> int:

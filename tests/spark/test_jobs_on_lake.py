@@ -290,23 +290,23 @@ def test_a_rerun_keeps_the_groups_of_unchanged_inputs_and_regroups_changed_ones(
         job.run(spark, cfg, lake, day)
     snapshot = lambda: lake.load_table("features/clusters").current_snapshot().snapshot_id  # noqa: E731
     first = clusters.run(spark, cfg, lake, day)
-    assert first["kept_from_an_earlier_run"] is False
+    assert first["groups_kept"] is False
     fingerprint, written = lake.day_inputs("features/clusters", day), snapshot()
     groups = lake.read_partition("features/clusters", day)
     assert len(fingerprint) == 64 and len(groups) > 0
 
     again = clusters.run(spark, cfg, lake, day)
-    assert again["kept_from_an_earlier_run"] is True and again["clusterings"] == first["clusterings"]
+    assert again["groups_kept"] is True and again["clusterings"] == first["clusterings"]
     assert snapshot() == written and lake.day_inputs("features/clusters", day) == fingerprint
 
     described = lake.read_partition("features/items", day)
     described.at[described.index[0], "genres"] = ["a-genre-of-its-own"]
     lake.write_partition(described, "features/items", day)
     changed = clusters.run(spark, cfg, lake, day)
-    assert changed["kept_from_an_earlier_run"] is False and snapshot() != written
+    assert changed["groups_kept"] is False and snapshot() != written
     assert lake.day_inputs("features/clusters", day) not in (None, fingerprint)
 
     # Rows replaced by another writer lose the fingerprint with the rows it described: the next run groups again.
     lake.write_partition(lake.read_partition("features/clusters", day), "features/clusters", day)
     assert lake.day_inputs("features/clusters", day) is None
-    assert clusters.run(spark, cfg, lake, day)["kept_from_an_earlier_run"] is False
+    assert clusters.run(spark, cfg, lake, day)["groups_kept"] is False
