@@ -11,9 +11,10 @@ Python worker, which bisects it with deterministic 2-means until every part fits
 `group_id` is a hash of the sorted member ids, so an unchanged group keeps its id.
 
 The groups are a function of the items' features, the users' windows, the size bounds and this module's grouping:
-the day is written with a fingerprint of those (`inputs_fingerprint`), and a re-run of the day that finds the same
-fingerprint keeps the day's groups instead of fitting the same k-means again (a backfill's reprocessing, a second run
-of a date).
+the day is written with a fingerprint of those (`inputs_fingerprint`). A run that finds the same fingerprint recorded
+with the day itself keeps the day's groups (a re-run: a backfill's reprocessing, a second run of a date), and one
+that finds it with the previous day writes that day's groups again (a day on which no window and no item changed),
+instead of fitting the same k-means again.
 
 Reads `features/items/dt=D`, `features/user_history/dt=D`. Writes `features/clusters/dt=D`.
 """
@@ -226,7 +227,7 @@ def inputs_fingerprint(items: DataFrame, history: DataFrame, bounds: tuple[int, 
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import read_partition, write_partition
+    from spark_jobs.common import previous_day, read_partition, write_partition
 
     from reki_core.prompts import resolve_mode, skip_groups
 
@@ -238,12 +239,15 @@ def run(spark, cfg, lake, day) -> dict:
         return skip_groups(lake, day, mode)
     bounds = (s.max_group_size_items, s.max_group_size_users, s.positive_rating_threshold)
     fingerprint = inputs_fingerprint(items, history, bounds)
-    reused = lake.has_partition(DATASET, day) and lake.day_inputs(DATASET, day) == fingerprint
-    if reused:  # grouped from these very inputs already (a re-run of the day): the same groups, kept
-        out = read_partition(spark, lake, DATASET, day)
-    else:
+    # Grouped from these very inputs already: on this day (a re-run), or on the day before (nothing changed since).
+    candidates = [d for d in (day, previous_day(lake, DATASET, day)) if d is not None and lake.has_partition(DATASET, d)]
+    source = next((d for d in candidates if lake.day_inputs(DATASET, d) == fingerprint), None)
+    if source is None:
         out = transform(items, history, *bounds)
         out = out.localCheckpoint()  # the k-means lineage is long; write and count one materialised result
+    else:
+        out = read_partition(spark, lake, DATASET, source)
+    if source != day:
         write_partition(out, lake, DATASET, day, inputs=fingerprint)
     summary = {
         r["clustering"]: {"groups": int(r["groups"]), "members": int(r["members"]), "max_group_size": int(r["max_size"])}
@@ -251,7 +255,8 @@ def run(spark, cfg, lake, day) -> dict:
         .agg(F.countDistinct("group_id").alias("groups"), F.count(F.lit(1)).alias("members"), F.max("group_size").alias("max_size"))
         .collect()
     }
-    return {"clusterings": summary, "groups": sum(c["groups"] for c in summary.values()), "groups_kept": reused}
+    return {"clusterings": summary, "groups": sum(c["groups"] for c in summary.values()),
+            "groups_kept": source is not None, "grouped_on": (source or day).isoformat()}
 
 
 def main(argv: list[str] | None = None) -> int:

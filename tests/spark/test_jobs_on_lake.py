@@ -310,3 +310,20 @@ def test_a_rerun_keeps_the_groups_of_unchanged_inputs_and_regroups_changed_ones(
     lake.write_partition(lake.read_partition("features/clusters", day), "features/clusters", day)
     assert lake.day_inputs("features/clusters", day) is None
     assert clusters.run(spark, cfg, lake, day)["groups_kept"] is False
+
+    # A day on which no window and no item changed gets the day before's groups, written again, not grouped again.
+    items.run(spark, cfg, lake, day)  # the day's items as delivered again (their genres were changed above)
+    assert clusters.run(spark, cfg, lake, day)["groups_kept"] is False
+    quiet = day + dt.timedelta(days=1)
+    lake.write_partition(lake.read_partition("raw/interactions", day).iloc[0:0], "raw/interactions", quiet)
+    for ds in ("raw/users", "raw/items"):
+        lake.write_partition(lake.read_partition(ds, day), ds, quiet)
+    for job in (items, user_history):
+        job.run(spark, cfg, lake, quiet)
+    copied = clusters.run(spark, cfg, lake, quiet)
+    assert copied["groups_kept"] is True and copied["grouped_on"] == day.isoformat()
+    keys = ["clustering", "entity_id"]
+    a = lake.read_partition("features/clusters", day).sort_values(keys).reset_index(drop=True)
+    b = lake.read_partition("features/clusters", quiet).sort_values(keys).reset_index(drop=True)
+    assert len(a) > 0 and a.astype(str).equals(b.astype(str))
+    assert lake.day_inputs("features/clusters", quiet) == lake.day_inputs("features/clusters", day)
