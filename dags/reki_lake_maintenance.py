@@ -17,6 +17,8 @@ DOC = f"""
 
 For every table of the lake's Iceberg catalogs (`{CFG.lake.catalog}` and the stages' own; reki_core/storage/maintenance.py),
 on the warm Spark Connect server:
+0. a per-user dataset whose state spans more than {POLICY.max_change_days} days of changes gets its newest day rewritten
+   as one full day (the same state, read from one day);
 1. small files of a partition (from {POLICY.min_input_files} on) are compacted toward {CFG.lake.target_file_mb} MB;
 2. snapshots older than {POLICY.snapshot_retention_days} days expire (the newest {POLICY.retain_last} stay), with the
    files only they referenced;

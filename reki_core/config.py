@@ -140,6 +140,8 @@ class LakeMaintenanceConfig(_Strict):
     # Only files this old can be orphans: younger ones may belong to a write in flight. Iceberg refuses under 24 h.
     orphan_age_hours: float = Field(72.0, ge=24)
     min_input_files: int = Field(5, ge=2)  # a partition is compacted once it holds this many small files
+    # A keyed dataset's state is rewritten as one full day once it spans more days of changes than this.
+    max_change_days: int = Field(14, ge=1)
 
 
 class LakeConfig(_Strict):

@@ -290,14 +290,17 @@ def _create_table(spark: SparkSession, lake: Lake, dataset: str, name: str, sche
 
 
 def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False,
-                    totals: Callable[[], dict] | None = None, inputs: str | None = None) -> str:
+                    totals: Callable[[], dict] | None = None, inputs: str | None = None,
+                    unchanged_since: int | None = None) -> str:
     """Replace day `day` of `dataset` with `df`: one Iceberg commit (an overwrite of exactly that day, so a re-run that
     writes fewer rows, or none, leaves none of the old ones), then the day is recorded (a table property; without it
     an empty day would look unwritten), as the whole state or, for a keyed dataset, its changes. A crash between the
     two leaves the day unrecorded, so the next run redoes it. `totals`, called once the day is recorded, gives the
     state's totals as of the day, recorded next (`TOTALS_PROPERTY`); `inputs`, the fingerprint of what the rows were
     computed from, is recorded with the day (`INPUTS_PROPERTY`). What an earlier write of the day recorded about its rows
-    (`DAY_RECORDS`) is removed before they are replaced, so a crash in between leaves none rather than stale ones."""
+    (`DAY_RECORDS`) is removed before they are replaced, so a crash in between leaves none rather than stale ones.
+    `unchanged_since`, a snapshot id the rows were read at: the commit fails (Iceberg's serializable validation) if
+    another writer added rows to the day after it, instead of replacing them with rows computed before them."""
     if not lake.is_table(dataset):
         raise ValueError(f"{dataset} is not a table of the lake")
     kind = lake.day_kind(dataset, changes_only)
@@ -311,8 +314,10 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
         spark.sql(f"ALTER TABLE {name} UNSET TBLPROPERTIES ({', '.join(repr(key) for key in stale)})")
     # distribution-mode none: the job laid its rows out already; Iceberg's default (hash by partition) would shuffle
     # the whole day again into the one task of its single `dt` value.
-    rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none").overwrite(
-        F.col("dt") == F.lit(day).cast("date"))
+    writer = rows.writeTo(name).option("mergeSchema", "true").option("distribution-mode", "none")
+    if unchanged_since is not None:
+        writer = writer.option("isolation-level", "serializable").option("validate-from-snapshot-id", str(unchanged_since))
+    writer.overwrite(F.col("dt") == F.lit(day).cast("date"))
     recorded = {f"{DAY_PROPERTY}{day.isoformat()}": kind}
     if inputs is not None:  # hex digits: nothing to escape
         recorded[f"{INPUTS_PROPERTY}{day.isoformat()}"] = inputs
@@ -321,3 +326,26 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
         summed = json.dumps(totals(), sort_keys=True)  # numbers and plain keys: no quote to escape
         spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}' = '{summed}')")
     return f"{name}/dt={day.isoformat()}"
+
+
+def consolidate_state(spark: SparkSession, lake: Lake, dataset: str, max_change_days: int) -> dict | None:
+    """Rewrite the newest day of a keyed dataset as a full day (each key's rows as of that day, its day flags resolved,
+    its totals kept) once its state spans more than `max_change_days` days of changes: a later run's read of the
+    state then scans that one day, not every day since the last full one (a heavy user's rows are stored again on each
+    day the user was active). What the state reads as of any day is unchanged. A write of that day by another run
+    between the read and the commit fails this one (`unchanged_since`); None when the chain is short enough."""
+    days = lake.partitions(dataset)
+    if not days or lake.key_of(dataset) is None:
+        return None
+    newest = days[-1]
+    chain = lake.state_days(dataset, newest)
+    if len(chain) - 1 <= max_change_days:
+        return None
+    table = lake.load_table(dataset)
+    read_at = table.current_snapshot().snapshot_id
+    totals = lake.state_totals(dataset, newest)
+    key = lake.key_of(dataset)
+    state = read_partition(spark, lake, dataset, newest).localCheckpoint()  # read before the day is replaced
+    write_partition(state.repartition(key).sortWithinPartitions(key), lake, dataset, newest,
+                    totals=(lambda: totals) if totals is not None else None, unchanged_since=read_at)
+    return {"dataset": dataset, "day": newest.isoformat(), "change_days": len(chain) - 1, "since": chain[0].isoformat()}

@@ -10,6 +10,10 @@ manifests and files, and the store keeps every version's bytes. Each table gets,
 3. `remove_orphan_files`: files under the table's location that no snapshot references (left by failed or killed
    writes) and older than `orphan_age_hours`, so an in-flight write's new files are never taken for orphans.
 
+Before them, `consolidate_states`: each keyed dataset (`KEYED_DATASETS`, written as a chain of change days) whose
+state spans more than `max_change_days` days of changes gets its newest day rewritten as a full day (spark_jobs/common.py
+`consolidate_state`), so the daily runs' state scans stop growing with the days since the last full build.
+
 Iceberg's own Spark procedures do the work (`CALL <catalog>.system.*`), on any session that has the lake's catalogs
 (the object store's `lake.catalog` and the stages' own, `maintained_catalogs`): the maintenance DAG's Spark Connect
 client (dags/reki_lake_maintenance.py).
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from reki_core.config import Config, LakeMaintenanceConfig
+    from reki_core.storage.lake import Lake
 
 
 def lake_table_names(spark: SparkSession, catalog: str) -> list[str]:
@@ -87,14 +92,29 @@ def maintained_catalogs(spark: SparkSession, cfg: Config) -> list[str]:
     return list(dict.fromkeys([cfg.lake.catalog, lake.catalog_name]))  # one, when the stages' tables are in the store
 
 
+def consolidate_states(spark: SparkSession, lake: Lake, max_change_days: int) -> list[dict]:
+    """`consolidate_state` on every keyed dataset of `lake`: what was rewritten (nothing where the chain is short)."""
+    from reki_core.storage.lake import KEYED_DATASETS
+    from spark_jobs.common import consolidate_state
+
+    done = [consolidate_state(spark, lake, dataset, max_change_days) for dataset in KEYED_DATASETS]
+    return [result for result in done if result is not None]
+
+
 def maintain_lake(spark: SparkSession, cfg: Config, now: dt.datetime,
                   on_table: Callable[[dict], None] | None = None) -> list[dict]:
-    """`maintain_table` on every table of the maintained catalogs, in name order; `on_table` sees each result."""
+    """`consolidate_states`, then `maintain_table` on every table of the maintained catalogs, in name order; `on_table`
+    sees each table's result (a consolidated dataset's under `consolidated`)."""
+    from reki_core.storage.lake import lake_of
+
+    consolidated = {result["dataset"]: result
+                    for result in consolidate_states(spark, lake_of(cfg), cfg.lake.maintenance.max_change_days)}
     results = []
     for catalog in maintained_catalogs(spark, cfg):
         for table in lake_table_names(spark, catalog):
             result = {"catalog": catalog,
-                      **maintain_table(spark, catalog, table, cfg.lake.maintenance, now, cfg.lake.target_file_mb)}
+                      **maintain_table(spark, catalog, table, cfg.lake.maintenance, now, cfg.lake.target_file_mb),
+                      "consolidated": consolidated.get(table.replace(".", "/", 1))}
             if on_table:
                 on_table(result)
             results.append(result)
@@ -114,6 +134,7 @@ def maintain_lake_via_connect(cfg: Config, url: str, now: dt.datetime, log: Call
         tables = maintain_lake(spark, cfg, now, on_table=report)
     return {
         "tables": tables,
+        "consolidated": [t["consolidated"] for t in tables if t.get("consolidated")],
         "rewritten_data_files": sum(t["rewritten_data_files"] for t in tables),
         "removed_orphan_files": sum(len(t["removed_orphan_files"]) for t in tables),
     }

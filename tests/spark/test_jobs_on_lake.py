@@ -324,3 +324,59 @@ def test_a_rerun_keeps_the_groups_of_unchanged_inputs_and_regroups_changed_ones(
     # Rows replaced by another writer lose the fingerprint with the rows it described: they can never be kept.
     lake.write_partition(lake.read_partition("features/clusters", day), "features/clusters", day)
     assert lake.day_inputs("features/clusters", day) is None
+
+
+def test_a_long_chain_of_change_days_is_consolidated_into_one_full_day(spark, tmp_path):
+    """Past `max_change_days`, the newest day of each keyed dataset is rewritten as a full day: its state and totals
+    are what they were, the next daily run builds on that one day and still equals a full build, and a write of a day
+    after a consolidation read it makes the consolidation's commit fail instead of replacing that write."""
+    from pyspark.sql import functions as F
+
+    from reki_core.storage.lake import FULL_DAY, KEYED_DATASETS, Lake
+    from reki_core.storage.maintenance import consolidate_states
+    from spark_jobs.common import consolidate_state, write_partition
+
+    cfg = _make_cfg(tmp_path)
+    lake = Lake(cfg.lake_uri)
+    data = synthetic.generate(900, n_users=25, n_items=30, days=5, seed=23, start=dt.date(2024, 10, 1))
+    days = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)
+    for day in days[:4]:
+        for job in (items, user_history, ctr_samples):
+            job.run(spark, cfg, lake, day)
+    newest = days[3]
+    before = {ds: lake.read_partition(ds, newest) for ds in KEYED_DATASETS}
+    totals = {ds: lake.state_totals(ds, ds_day) for ds, ds_day in ((d, newest) for d in KEYED_DATASETS)}
+    assert all(len(lake.state_days(ds, newest)) == 4 for ds in KEYED_DATASETS)
+    assert lake.read_partition("features/user_history", newest)["needs_refresh"].sum() > 0
+
+    done = consolidate_states(spark, lake, max_change_days=2)
+    assert sorted(r["dataset"] for r in done) == sorted(KEYED_DATASETS) and {r["change_days"] for r in done} == {3}
+    for ds in KEYED_DATASETS:
+        assert lake.state_days(ds, newest) == [newest] and lake.day_kinds(ds)[newest] == FULL_DAY
+        keys = [c for c in ("user_id", "window_n", "ts", "item_id") if c in before[ds].columns]
+        a = before[ds].sort_values(keys).reset_index(drop=True)
+        b = lake.read_partition(ds, newest)[list(before[ds].columns)].sort_values(keys).reset_index(drop=True)
+        assert a.astype(str).equals(b.astype(str)), ds
+        assert lake.state_totals(ds, newest) == totals[ds]
+    assert consolidate_states(spark, lake, max_change_days=2) == []  # the chain is one day now
+
+    # The next daily run builds on the full day and gives what the chain gave (a full build of the same day).
+    items.run(spark, cfg, lake, days[4])
+    summary = user_history.run(spark, cfg, lake, days[4])
+    assert summary["incremental_from"] == newest.isoformat()
+    ctr_samples.run(spark, cfg, lake, days[4])
+    assert lake.state_days("features/user_history", days[4]) == [newest, days[4]]
+    chained = {ds: lake.read_partition(ds, days[4]) for ds in KEYED_DATASETS}
+
+    # A day written again after the consolidation read it: the consolidation's commit is refused, the write stays.
+    lake_table = lake.load_table("features/ctr_samples")
+    read_at = lake_table.current_snapshot().snapshot_id
+    rewritten = lake.read_day_rows("features/ctr_samples", days[4])
+    lake.write_partition(rewritten, "features/ctr_samples", days[4], changes_only=True)
+    stale = spark.table(f"{lake.catalog_name}.features.ctr_samples").where(F.col("dt") == F.lit(days[4])).drop("dt")
+    with pytest.raises(Exception, match="(?i)conflict"):
+        write_partition(stale.limit(1), lake, "features/ctr_samples", days[4], changes_only=True,
+                        unchanged_since=read_at)
+    assert len(lake.read_day_rows("features/ctr_samples", days[4])) == len(rewritten)
+    assert consolidate_state(spark, lake, "features/ctr_samples", 5) is None
+    _assert_state_equals_a_full_build(spark, cfg, lake, days[4], chained, days[:4])
