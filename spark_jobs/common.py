@@ -328,6 +328,11 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     return f"{name}/dt={day.isoformat()}"
 
 
+# The row order each keyed dataset's job writes (readers that stream a day get it in this order).
+STATE_ORDER = {"features/user_history": ("user_id",), "features/knowledge_versions": ("user_id", "window_n"),
+               "features/ctr_samples": ("user_id", "ts", "item_id")}
+
+
 def consolidate_state(spark: SparkSession, lake: Lake, dataset: str, max_change_days: int) -> dict | None:
     """Rewrite the newest day of a keyed dataset as a full day (each key's rows as of that day, its day flags resolved,
     its totals kept) once its state spans more than `max_change_days` days of changes: a later run's read of the
@@ -346,6 +351,7 @@ def consolidate_state(spark: SparkSession, lake: Lake, dataset: str, max_change_
     totals = lake.state_totals(dataset, newest)
     key = lake.key_of(dataset)
     state = read_partition(spark, lake, dataset, newest).localCheckpoint()  # read before the day is replaced
-    write_partition(state.repartition(key).sortWithinPartitions(key), lake, dataset, newest,
-                    totals=(lambda: totals) if totals is not None else None, unchanged_since=read_at)
+    state = state.repartition(key).sortWithinPartitions(*STATE_ORDER.get(dataset, (key,)))
+    write_partition(state, lake, dataset, newest, totals=(lambda: totals) if totals is not None else None,
+                    unchanged_since=read_at)
     return {"dataset": dataset, "day": newest.isoformat(), "change_days": len(chain) - 1, "since": chain[0].isoformat()}
