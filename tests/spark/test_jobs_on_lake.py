@@ -338,19 +338,19 @@ def test_a_long_chain_of_change_days_is_consolidated_into_one_full_day(spark, tm
 
     cfg = _make_cfg(tmp_path)
     lake = Lake(cfg.lake_uri)
-    data = synthetic.generate(900, n_users=25, n_items=30, days=5, seed=23, start=dt.date(2024, 10, 1))
+    data = synthetic.generate(700, n_users=25, n_items=30, days=4, seed=23, start=dt.date(2024, 10, 1))
     days = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)
-    for day in days[:4]:
+    for day in days[:3]:
         for job in (items, user_history, ctr_samples):
             job.run(spark, cfg, lake, day)
-    newest = days[3]
+    newest = days[2]
     before = {ds: lake.read_partition(ds, newest) for ds in KEYED_DATASETS}
     totals = {ds: lake.state_totals(ds, ds_day) for ds, ds_day in ((d, newest) for d in KEYED_DATASETS)}
-    assert all(len(lake.state_days(ds, newest)) == 4 for ds in KEYED_DATASETS)
+    assert all(len(lake.state_days(ds, newest)) == 3 for ds in KEYED_DATASETS)
     assert lake.read_partition("features/user_history", newest)["needs_refresh"].sum() > 0
 
-    done = consolidate_states(spark, lake, max_change_days=2)
-    assert sorted(r["dataset"] for r in done) == sorted(KEYED_DATASETS) and {r["change_days"] for r in done} == {3}
+    done = consolidate_states(spark, lake, max_change_days=1)
+    assert sorted(r["dataset"] for r in done) == sorted(KEYED_DATASETS) and {r["change_days"] for r in done} == {2}
     for ds in KEYED_DATASETS:
         assert lake.state_days(ds, newest) == [newest] and lake.day_kinds(ds)[newest] == FULL_DAY
         keys = [c for c in ("user_id", "window_n", "ts", "item_id") if c in before[ds].columns]
@@ -358,25 +358,25 @@ def test_a_long_chain_of_change_days_is_consolidated_into_one_full_day(spark, tm
         b = lake.read_partition(ds, newest)[list(before[ds].columns)].sort_values(keys).reset_index(drop=True)
         assert a.astype(str).equals(b.astype(str)), ds
         assert lake.state_totals(ds, newest) == totals[ds]
-    assert consolidate_states(spark, lake, max_change_days=2) == []  # the chain is one day now
+    assert consolidate_states(spark, lake, max_change_days=1) == []  # the chain is one day now
 
     # The next daily run builds on the full day and gives what the chain gave (a full build of the same day).
-    items.run(spark, cfg, lake, days[4])
-    summary = user_history.run(spark, cfg, lake, days[4])
+    items.run(spark, cfg, lake, days[3])
+    summary = user_history.run(spark, cfg, lake, days[3])
     assert summary["incremental_from"] == newest.isoformat()
-    ctr_samples.run(spark, cfg, lake, days[4])
-    assert lake.state_days("features/user_history", days[4]) == [newest, days[4]]
-    chained = {ds: lake.read_partition(ds, days[4]) for ds in KEYED_DATASETS}
+    ctr_samples.run(spark, cfg, lake, days[3])
+    assert lake.state_days("features/user_history", days[3]) == [newest, days[3]]
+    chained = {ds: lake.read_partition(ds, days[3]) for ds in KEYED_DATASETS}
 
     # A day written again after the consolidation read it: the consolidation's commit is refused, the write stays.
     lake_table = lake.load_table("features/ctr_samples")
     read_at = lake_table.current_snapshot().snapshot_id
-    rewritten = lake.read_day_rows("features/ctr_samples", days[4])
-    lake.write_partition(rewritten, "features/ctr_samples", days[4], changes_only=True)
-    stale = spark.table(f"{lake.catalog_name}.features.ctr_samples").where(F.col("dt") == F.lit(days[4])).drop("dt")
+    rewritten = lake.read_day_rows("features/ctr_samples", days[3])
+    lake.write_partition(rewritten, "features/ctr_samples", days[3], changes_only=True)
+    stale = spark.table(f"{lake.catalog_name}.features.ctr_samples").where(F.col("dt") == F.lit(days[3])).drop("dt")
     with pytest.raises(Exception, match="(?i)conflict"):
-        write_partition(stale.limit(1), lake, "features/ctr_samples", days[4], changes_only=True,
+        write_partition(stale.limit(1), lake, "features/ctr_samples", days[3], changes_only=True,
                         unchanged_since=read_at)
-    assert len(lake.read_day_rows("features/ctr_samples", days[4])) == len(rewritten)
+    assert len(lake.read_day_rows("features/ctr_samples", days[3])) == len(rewritten)
     assert consolidate_state(spark, lake, "features/ctr_samples", 5) is None
-    _assert_state_equals_a_full_build(spark, cfg, lake, days[4], chained, days[:4])
+    _assert_state_equals_a_full_build(spark, cfg, lake, days[3], chained, days[:3])
