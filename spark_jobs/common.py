@@ -255,6 +255,12 @@ def read_interactions(spark: SparkSession, lake: Lake, since_exclusive: dt.date 
     )
 
 
+# The row order each keyed dataset is written in, by its job and by `consolidate_state` (readers that stream a day
+# get it in this order).
+STATE_ORDER = {"features/user_history": ("user_id",), "features/knowledge_versions": ("user_id", "window_n"),
+               "features/ctr_samples": ("user_id", "ts", "item_id")}
+
+
 def write_days(df: DataFrame, lake: Lake, dataset: str, days: list[dt.date]) -> str:
     """Replace days `days` of `dataset` with the rows of `df` (its `dt` column gives each row's day, one of `days`) in
     one Iceberg commit, then record the days (one more commit): `write_partition` for several days at once (a first
@@ -328,30 +334,25 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     return f"{name}/dt={day.isoformat()}"
 
 
-# The row order each keyed dataset's job writes (readers that stream a day get it in this order).
-STATE_ORDER = {"features/user_history": ("user_id",), "features/knowledge_versions": ("user_id", "window_n"),
-               "features/ctr_samples": ("user_id", "ts", "item_id")}
-
-
 def consolidate_state(spark: SparkSession, lake: Lake, dataset: str, max_change_days: int) -> dict | None:
     """Rewrite the newest day of a keyed dataset as a full day (each key's rows as of that day, its day flags resolved,
     its totals kept) once its state spans more than `max_change_days` days of changes: a later run's read of the
     state then scans that one day, not every day since the last full one (a heavy user's rows are stored again on each
     day the user was active). What the state reads as of any day is unchanged. A write of that day by another run
     between the read and the commit fails this one (`unchanged_since`); None when the chain is short enough."""
-    days = lake.partitions(dataset)
-    if not days or lake.key_of(dataset) is None:
+    key = lake.key_of(dataset)
+    table = lake.load_table(dataset)  # once: the days, the chain and the snapshot checked at the commit agree
+    written = lake.day_kinds(dataset, table) if key is not None and table is not None else {}
+    if not written:
         return None
-    newest = days[-1]
-    chain = lake.state_days(dataset, newest)
+    newest = max(written)
+    chain = lake.state_days(dataset, newest, table)
     if len(chain) - 1 <= max_change_days:
         return None
-    table = lake.load_table(dataset)
     read_at = table.current_snapshot().snapshot_id
     totals = lake.state_totals(dataset, newest)
-    key = lake.key_of(dataset)
     state = read_partition(spark, lake, dataset, newest).localCheckpoint()  # read before the day is replaced
-    state = state.repartition(key).sortWithinPartitions(*STATE_ORDER.get(dataset, (key,)))
+    state = state.repartition(key).sortWithinPartitions(*STATE_ORDER[dataset])
     write_partition(state, lake, dataset, newest, totals=(lambda: totals) if totals is not None else None,
                     unchanged_since=read_at)
     return {"dataset": dataset, "day": newest.isoformat(), "change_days": len(chain) - 1, "since": chain[0].isoformat()}

@@ -140,7 +140,8 @@ def users_rating(history: DataFrame, item_ids: DataFrame) -> DataFrame:
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import cache, read_day_changes, read_partition, totals_source, values_frame, write_partition
+    from spark_jobs.common import (STATE_ORDER, cache, read_day_changes, read_partition, totals_source, values_frame,
+                                   write_partition)
 
     params = SampleParams.from_config(cfg)
     items = read_partition(spark, lake, "features/items", day)
@@ -159,7 +160,7 @@ def run(spark, cfg, lake, day) -> dict:
     history = read_partition(spark, lake, HISTORY, day, only_keys=touched, written_after=written_after)
     versions = read_partition(spark, lake, VERSIONS, day, only_keys=touched, written_after=written_after)
     written = Observation("ctr_samples")
-    samples = transform(history, versions, items, params).sortWithinPartitions("user_id", "ts", "item_id").observe(
+    samples = transform(history, versions, items, params).sortWithinPartitions(*STATE_ORDER[DATASET]).observe(
         written, *split_counts())
     before = STATE_TOTALS_BEFORE_FIRST_DAY if prev_day is None else lake.state_totals(DATASET, prev_day)
     if before is not None and touched is not None:  # the rewritten users' previous samples leave the totals

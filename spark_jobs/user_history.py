@@ -285,7 +285,7 @@ def previous_state(lake, day):
 
 @releases_cache
 def run(spark, cfg, lake, day) -> dict:
-    from spark_jobs.common import read_interactions, read_partition, totals_source, write_partition
+    from spark_jobs.common import STATE_ORDER, read_interactions, read_partition, totals_source, write_partition
 
     params = WindowParams.from_config(cfg)
     prev_day = previous_state(lake, day)
@@ -306,11 +306,11 @@ def run(spark, cfg, lake, day) -> dict:
     history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
     changes = prev_day is not None
     change = run_changes(advanced, params)
-    write_partition(versions.repartition("user_id").sortWithinPartitions("user_id", "window_n"), lake, VERSIONS, day,
+    write_partition(versions.repartition("user_id").sortWithinPartitions(*STATE_ORDER[VERSIONS]), lake, VERSIONS, day,
                     changes_only=changes)
     before = lake.state_totals(DATASET, prev_day) if changes else STATE_TOTALS_BEFORE_FIRST_DAY
     # Called once the rows are written: an aggregate of the state needs them.
-    write_partition(history.repartition("user_id").sortWithinPartitions("user_id"), lake, DATASET, day,
+    write_partition(history.repartition("user_id").sortWithinPartitions(*STATE_ORDER[DATASET]), lake, DATASET, day,
                     changes_only=changes, totals=lambda: aggregated_totals(spark, lake, day, params)
                     if before is None else carried_totals(before, change))
     return {

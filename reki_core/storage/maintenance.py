@@ -107,14 +107,15 @@ def maintain_lake(spark: SparkSession, cfg: Config, now: dt.datetime,
     sees each table's result (a consolidated dataset's under `consolidated`)."""
     from reki_core.storage.lake import lake_of
 
-    consolidated = {result["dataset"]: result
-                    for result in consolidate_states(spark, lake_of(cfg), cfg.lake.maintenance.max_change_days)}
+    lake = lake_of(cfg)
+    consolidated = {lake.table_name(result["dataset"]): result
+                    for result in consolidate_states(spark, lake, cfg.lake.maintenance.max_change_days)}
     results = []
     for catalog in maintained_catalogs(spark, cfg):
         for table in lake_table_names(spark, catalog):
             result = {"catalog": catalog,
                       **maintain_table(spark, catalog, table, cfg.lake.maintenance, now, cfg.lake.target_file_mb),
-                      "consolidated": consolidated.get(table.replace(".", "/", 1))}
+                      "consolidated": consolidated.get(table)}
             if on_table:
                 on_table(result)
             results.append(result)

@@ -28,6 +28,13 @@ def _make_cfg(tmp_path):
     return load_config(PROJECT_ROOT / "conf" / "reki.yaml", environ=env)
 
 
+def _deliver_a_quiet_day(lake, like: dt.date, day: dt.date) -> None:
+    """Raw data for `day` with no interactions and the user and item snapshots of `like` (nothing changes)."""
+    lake.write_partition(lake.read_partition("raw/interactions", like).iloc[0:0], "raw/interactions", day)
+    for ds in ("raw/users", "raw/items"):
+        lake.write_partition(lake.read_partition(ds, like), ds, day)
+
+
 def test_daily_chain_rerun_overwrites_gates_pass_and_fail(spark, tmp_path):
     from reki_core.storage.lake import Lake
 
@@ -232,9 +239,7 @@ def test_a_plain_daily_run_reads_only_the_days_since_and_equals_a_full_build(spa
     for job in (user_history, ctr_samples):  # prev recorded none, so the re-run aggregated again: same totals
         assert again[job]["totals_from"] == "aggregate"
     next_day = last + dt.timedelta(days=1)  # a quiet day after it carries the totals it recorded
-    lake.write_partition(lake.read_partition("raw/interactions", last).iloc[0:0], "raw/interactions", next_day)
-    for ds in ("raw/users", "raw/items"):
-        lake.write_partition(lake.read_partition(ds, last), ds, next_day)
+    _deliver_a_quiet_day(lake, last, next_day)
     quiet = {job: job.run(spark, cfg, lake, next_day) for job in (items, user_history, ctr_samples)}
     _assert_totals_are_the_states(cfg, lake, next_day, quiet, carried=True)
     assert summaries[ctr_samples]["samples_written"] > 0
@@ -256,9 +261,7 @@ def test_a_quiet_day_writes_no_user(spark, tmp_path):
     days = synthetic.write_raw_lake(lake, data.interactions, data.users, data.items)
     quiet = [days[-1] + dt.timedelta(days=1), days[-1] + dt.timedelta(days=2)]
     for day in quiet:
-        lake.write_partition(lake.read_partition("raw/interactions", days[-1]).iloc[0:0], "raw/interactions", day)
-        for ds in ("raw/users", "raw/items"):
-            lake.write_partition(lake.read_partition(ds, days[-1]), ds, day)
+        _deliver_a_quiet_day(lake, days[-1], day)
     for day in days[-2:] + quiet[:1]:
         for job in (items, user_history, ctr_samples):
             job.run(spark, cfg, lake, day)
@@ -301,9 +304,7 @@ def test_a_rerun_keeps_the_groups_of_unchanged_inputs_and_regroups_changed_ones(
 
     # A day on which no window and no item changed gets the day before's groups, written again, not grouped again.
     quiet = day + dt.timedelta(days=1)
-    lake.write_partition(lake.read_partition("raw/interactions", day).iloc[0:0], "raw/interactions", quiet)
-    for ds in ("raw/users", "raw/items"):
-        lake.write_partition(lake.read_partition(ds, day), ds, quiet)
+    _deliver_a_quiet_day(lake, day, quiet)
     for job in (items, user_history):
         job.run(spark, cfg, lake, quiet)
     copied = clusters.run(spark, cfg, lake, quiet)
