@@ -71,6 +71,14 @@ def encoder_id_of(cfg: Config) -> str:
     return _resolve_encoder_folder(cfg)[1]
 
 
+def encoder_dim_of(cfg: Config) -> int:
+    """The configured encoder's vector size, from its config.json, without loading it."""
+    import json
+
+    folder = _resolve_encoder_folder(cfg)[0]
+    return int(json.loads((folder / "config.json").read_text())["hidden_size"])
+
+
 # Batches are padded to a multiple of this many tokens: every distinct input shape leaves memory behind in torch's CPU
 # kernels, so with a shape per batch length encode's peak grew with the number of batches (bench/encoder_memory.py,
 # 16 texts a batch: +300 MiB above the loaded encoder after 1,200 texts, +501 after 4,800; padded, +225 and +236).
@@ -163,14 +171,17 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
         if plan is None or not plan.get("success", True):
             raise EncodingError(f"{lake.describe(MISSES, day)}: no successful run of the Spark job {MISSES_STEP} "
                                 f"for this day (run log {plan and plan.get('error')}); it runs before encode")
-        encoder = encoder or TextEncoder.from_config(cfg)
-        if plan["encoder_id"] != encoder.encoder_id:
+        encoder_id = encoder.encoder_id if encoder is not None else encoder_id_of(cfg)
+        if plan["encoder_id"] != encoder_id:
             raise EncodingError(f"{lake.describe(MISSES, day)}: the misses of encoder {plan['encoder_id']!r}, this "
-                                f"task's encoder is {encoder.encoder_id!r}: run {MISSES_STEP} again")
+                                f"task's encoder is {encoder_id!r}: run {MISSES_STEP} again")
         key = _misses_key(lake, day)
         resumed = _already_encoded(lake, key)
+        # The model is loaded only for texts left to encode: a day whose texts are all cached (a re-run) skips torch.
+        if encoder is None and plan["misses"] > resumed:
+            encoder = TextEncoder.from_config(cfg)
         seen = encoded = 0
-        with tqdm(total=plan["misses"], initial=resumed, desc=f"encode ({encoder.encoder_id.split(';')[0]})",
+        with tqdm(total=plan["misses"], initial=resumed, desc=f"encode ({encoder_id.split(';')[0]})",
                   unit="text", disable=not progress) as bar:
             for batch in lake.read_batches(MISSES, day, ["text_hash", "encode_text"], cfg.lake.batch_rows):
                 skip = min(batch.num_rows, max(0, resumed - seen))  # rows of this batch an earlier try appended
@@ -182,7 +193,7 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
                                          progress=False)
                 lake.append_rows(pa.table({
                     "text_hash": batch.column("text_hash"),
-                    "encoder_id": pa.array([encoder.encoder_id] * batch.num_rows, pa.string()),
+                    "encoder_id": pa.array([encoder_id] * batch.num_rows, pa.string()),
                     "vector": _vector_column(vectors)}), EMBEDDING_CACHE, {MISSES_KEY: key, MISSES_DONE: str(seen)})
                 encoded += batch.num_rows
                 bar.update(batch.num_rows)
@@ -191,8 +202,8 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
                                 f"{plan['misses']}: run {MISSES_STEP} again")
         record.update({
             **{k: plan[k] for k in ("rows", "users", "items", "unique_texts", "cache_hits")},
-            "encoder_id": encoder.encoder_id,
-            "dim": encoder.dim,
+            "encoder_id": encoder_id,
+            "dim": encoder.dim if encoder is not None else encoder_dim_of(cfg),
             "encoded": plan["misses"],
             "resumed_from_earlier_try": resumed,
             "cache_hit_rate": round(plan["cache_hits"] / plan["unique_texts"], 4) if plan["unique_texts"] else None,

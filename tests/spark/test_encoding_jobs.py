@@ -51,7 +51,7 @@ def cache_rows(lake: Lake) -> pd.DataFrame:
     return lake.load_table(EMBEDDING_CACHE).scan().to_arrow().to_pandas()
 
 
-def test_encoding_writes_vectors_and_next_day_hits_the_cache(spark, cfg, lake, encoder):
+def test_encoding_writes_vectors_and_next_day_hits_the_cache(spark, cfg, lake, encoder, monkeypatch):
     day1 = [row("user", "1", "likes noir"), row("user", "2", "likes comedy"), row("item", "10", "a comedy"),
             row("item", "11", "a comedy", as_of=None)]  # a duplicate text is encoded once; as_of may be null
     write_day(lake, DAY1, day1)
@@ -76,6 +76,10 @@ def test_encoding_writes_vectors_and_next_day_hits_the_cache(spark, cfg, lake, e
     before = lake.read_partition(KNOWLEDGE_VECTORS, DAY2)
     again = encode_knowledge(cfg, DAY2, encoder=encoder, progress=False, spark=spark)  # a re-run encodes nothing
     assert again["encoded"] == 0 and again["cache_hit_rate"] == 1.0
+    with monkeypatch.context() as patched:  # and, as the DAG's task, loads no model for it
+        patched.setattr(TextEncoder, "from_config", classmethod(lambda cls, cfg: pytest.fail("the encoder was loaded")))
+        rerun = encode_misses(cfg, DAY2, progress=False)
+    assert (rerun["encoded"], rerun["dim"], rerun["encoder_id"]) == (0, encoder.dim, encoder.encoder_id)
     pd.testing.assert_frame_equal(lake.read_partition(KNOWLEDGE_VECTORS, DAY2), before)
     cached = cache_rows(lake)
     assert list(cached.columns) == ["text_hash", "encoder_id", "vector"]

@@ -91,6 +91,20 @@ def test_hostile_titles_and_no_users_snapshot(spark, cfg):
     build(spark, cfg, lake, DAY)
 
 
+def test_the_coverage_checks_count_and_name_each_kind_of_missing_key(spark, cfg):
+    from spark_jobs.prompts import checks
+
+    lake = Lake(cfg.lake_uri)
+    write_features(lake, DAY, basic_inputs())
+    build(spark, cfg, lake, DAY)
+    rows = spark.createDataFrame(lake.read_partition("prompts", DAY))
+    expected = rows.select("entity_kind", "entity_id").union(spark.createDataFrame(
+        [("user", "404"), ("item", "405"), ("item_group", "g1"), ("user", "404")], ["entity_kind", "entity_id"]))
+    found = checks(rows.where(rows["prompt_id"] != "item:1"), expected, cfg)["missing"]
+    assert found == {"missing_dirty_entity": {"count": 3, "examples": ["item:1", "item:405", "user:404"]},
+                     "missing_group": {"count": 1, "examples": ["item_group:g1"]}}
+
+
 @pytest.mark.parametrize("representatives", [2, 10])
 def test_collective_day(spark, tmp_path, representatives):
     cfg = with_scenario(make_config(tmp_path, REKI__SCENARIO_OVERRIDES="{extraction_mode: collective}"),
