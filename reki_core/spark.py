@@ -219,6 +219,20 @@ def connect_client(cfg: Config, url: str | None = None, session_id: str | None =
             session.stop()  # releases the session on the server
         except Exception as exc:  # a server already gone has nothing left to release
             print(f"WARNING: releasing the Spark Connect session failed: {type(exc).__name__}", file=sys.stderr)
+        disarm_finalizer(session)
+
+
+def disarm_finalizer(session: "SparkSession") -> None:
+    """Keep a stopped session's finalizer from closing its client a second time. pyspark's `SparkSession.__del__`
+    closes the client, and closing any client shuts down the result-release thread pool that every client of the
+    process shares, waiting for it (fixed upstream by SPARK-55362 and SPARK-55406, not in pyspark 4.1.4). A stopped
+    session is freed by the cyclic garbage collector (it holds a cycle through its catalog) at any point of later work
+    in the same process: run inside a live query's stream, that wait hung `airflow dags test`, which runs every
+    task in one process, for good. `stop()` has closed the client already; there is nothing left to close."""
+    try:
+        session.client.close = lambda: None
+    except Exception:  # noqa: BLE001 - a session without a client has no finalizer work either
+        pass
 
 
 @contextmanager

@@ -98,6 +98,40 @@ def interrupt(args: dict) -> dict:
     return outcome
 
 
+def finalizer(args: dict) -> dict:
+    """A stopped session freed later by the garbage collector leaves the process's shared result-release pool alone
+    (its finalizer would shut the pool down and wait for it, which hung a later task's query): for a session that
+    `connect_client` stopped, and, for contrast, pyspark's own behaviour for one stopped without it."""
+    import gc
+
+    from pyspark.sql.connect.client.reattach import ExecutePlanResponseReattachableIterator as Releases
+
+    from reki_core.spark import connect_session
+
+    cfg = load_config()
+    shutdowns: list[str] = []
+    real_shutdown = Releases.shutdown
+    Releases.shutdown = classmethod(lambda cls: shutdowns.append("pool shut down"))
+    try:
+        for ours in (True, False):
+            if ours:
+                with connect_client(cfg, args["url"], task_session_id()) as spark:
+                    assert spark.range(5).count() == 5
+                    _ = spark.catalog  # a cycle (the catalog holds its session): only the cyclic collector frees it
+            else:
+                spark = connect_session(cfg, args["url"], task_session_id())
+                assert spark.range(5).count() == 5
+                _ = spark.catalog
+                spark.stop()
+            stopped = len(shutdowns)  # stop() itself closes the client once
+            del spark, _
+            gc.collect()
+            args[f"{'ours' if ours else 'plain'}_shutdowns_when_freed"] = len(shutdowns) - stopped
+    finally:
+        Releases.shutdown = real_shutdown
+    return args
+
+
 if __name__ == "__main__":
     check, payload = sys.argv[1], json.loads(sys.argv[2])
     print(json.dumps({"check": check, **globals()[check](payload)}, default=str))

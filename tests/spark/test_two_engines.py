@@ -92,6 +92,12 @@ def test_a_released_session_leaves_nothing_for_the_next_try(spark_connect):
     assert len(set(result["sessions"])) == 2
 
 
+def test_a_stopped_session_freed_later_leaves_the_shared_release_pool_alone(spark_connect):
+    result = client("finalizer", spark_connect)
+    assert result["plain_shutdowns_when_freed"] == 1, result  # pyspark's finalizer: what hung `airflow dags test`
+    assert result["ours_shutdowns_when_freed"] == 0, result
+
+
 def test_killing_the_task_interrupts_its_spark_operation(spark_connect):
     result = client("interrupt", spark_connect)
     assert "OPERATION_CANCELED" in result["error"] or "cancel" in result["error"].lower(), result
