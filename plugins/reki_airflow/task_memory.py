@@ -13,8 +13,8 @@ import logging
 from airflow.listeners import hookimpl
 
 XCOM_KEY = "peak_rss_mib"
-# A sample lists every process on the host (psutil builds the tree from /proc): at 10 a second that was about 5% of
-# a DAG run's task CPU. Twice a second still sees the children that matter (servers, shards, Python workers).
+# A sample lists every process on the host (psutil builds the tree from /proc): at 10 a second that was about 8% of
+# a DAG run's Python CPU. Twice a second still sees the children that matter (servers, shards, Python workers).
 SAMPLE_INTERVAL_S = 0.5
 
 log = logging.getLogger(__name__)
