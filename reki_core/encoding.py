@@ -71,11 +71,10 @@ def encoder_id_of(cfg: Config) -> str:
     return _resolve_encoder_folder(cfg)[1]
 
 
-def encoder_dim_of(cfg: Config) -> int:
-    """The configured encoder's vector size, from its config.json, without loading it."""
+def _hidden_size(folder: Path) -> int:
+    """An encoder folder's vector size, from its config.json, without loading the model."""
     import json
 
-    folder = _resolve_encoder_folder(cfg)[0]
     return int(json.loads((folder / "config.json").read_text())["hidden_size"])
 
 
@@ -171,7 +170,8 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
         if plan is None or not plan.get("success", True):
             raise EncodingError(f"{lake.describe(MISSES, day)}: no successful run of the Spark job {MISSES_STEP} "
                                 f"for this day (run log {plan and plan.get('error')}); it runs before encode")
-        encoder_id = encoder.encoder_id if encoder is not None else encoder_id_of(cfg)
+        # Resolved once: a folder encoder's id hashes its weights.
+        folder, encoder_id = (None, encoder.encoder_id) if encoder is not None else _resolve_encoder_folder(cfg)
         if plan["encoder_id"] != encoder_id:
             raise EncodingError(f"{lake.describe(MISSES, day)}: the misses of encoder {plan['encoder_id']!r}, this "
                                 f"task's encoder is {encoder_id!r}: run {MISSES_STEP} again")
@@ -179,7 +179,7 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
         resumed = _already_encoded(lake, key)
         # The model is loaded only for texts left to encode: a day whose texts are all cached (a re-run) skips torch.
         if encoder is None and plan["misses"] > resumed:
-            encoder = TextEncoder.from_config(cfg)
+            encoder = TextEncoder(folder, encoder_id, cfg.encoding.max_length, cfg.encoding.device)
         seen = encoded = 0
         with tqdm(total=plan["misses"], initial=resumed, desc=f"encode ({encoder_id.split(';')[0]})",
                   unit="text", disable=not progress) as bar:
@@ -203,7 +203,7 @@ def encode_misses(cfg: Config, dt_: str | dt.date, encoder: TextEncoder | None =
         record.update({
             **{k: plan[k] for k in ("rows", "users", "items", "unique_texts", "cache_hits")},
             "encoder_id": encoder_id,
-            "dim": encoder.dim if encoder is not None else encoder_dim_of(cfg),
+            "dim": encoder.dim if encoder is not None else _hidden_size(folder),
             "encoded": plan["misses"],
             "resumed_from_earlier_try": resumed,
             "cache_hit_rate": round(plan["cache_hits"] / plan["unique_texts"], 4) if plan["unique_texts"] else None,

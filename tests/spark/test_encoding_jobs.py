@@ -77,7 +77,7 @@ def test_encoding_writes_vectors_and_next_day_hits_the_cache(spark, cfg, lake, e
     again = encode_knowledge(cfg, DAY2, encoder=encoder, progress=False, spark=spark)  # a re-run encodes nothing
     assert again["encoded"] == 0 and again["cache_hit_rate"] == 1.0
     with monkeypatch.context() as patched:  # and, as the DAG's task, loads no model for it
-        patched.setattr(TextEncoder, "from_config", classmethod(lambda cls, cfg: pytest.fail("the encoder was loaded")))
+        patched.setattr(TextEncoder, "__init__", lambda self, *args, **kwargs: pytest.fail("the encoder was loaded"))
         rerun = encode_misses(cfg, DAY2, progress=False)
     assert (rerun["encoded"], rerun["dim"], rerun["encoder_id"]) == (0, encoder.dim, encoder.encoder_id)
     pd.testing.assert_frame_equal(lake.read_partition(KNOWLEDGE_VECTORS, DAY2), before)

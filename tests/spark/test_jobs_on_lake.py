@@ -335,7 +335,7 @@ def test_a_long_chain_of_change_days_is_consolidated_into_one_full_day(spark, tm
 
     from reki_core.storage.lake import FULL_DAY, KEYED_DATASETS, Lake
     from reki_core.storage.maintenance import consolidate_states
-    from spark_jobs.common import consolidate_state, write_partition
+    from spark_jobs.common import STATE_ORDER, consolidate_state, write_partition
 
     cfg = _make_cfg(tmp_path)
     lake = Lake(cfg.lake_uri)
@@ -346,7 +346,7 @@ def test_a_long_chain_of_change_days_is_consolidated_into_one_full_day(spark, tm
             job.run(spark, cfg, lake, day)
     newest = days[2]
     before = {ds: lake.read_partition(ds, newest) for ds in KEYED_DATASETS}
-    totals = {ds: lake.state_totals(ds, ds_day) for ds, ds_day in ((d, newest) for d in KEYED_DATASETS)}
+    totals = {ds: lake.state_totals(ds, newest) for ds in KEYED_DATASETS}
     assert all(len(lake.state_days(ds, newest)) == 3 for ds in KEYED_DATASETS)
     assert lake.read_partition("features/user_history", newest)["needs_refresh"].sum() > 0
 
@@ -354,7 +354,7 @@ def test_a_long_chain_of_change_days_is_consolidated_into_one_full_day(spark, tm
     assert sorted(r["dataset"] for r in done) == sorted(KEYED_DATASETS) and {r["change_days"] for r in done} == {2}
     for ds in KEYED_DATASETS:
         assert lake.state_days(ds, newest) == [newest] and lake.day_kinds(ds)[newest] == FULL_DAY
-        keys = [c for c in ("user_id", "window_n", "ts", "item_id") if c in before[ds].columns]
+        keys = list(STATE_ORDER[ds])
         a = before[ds].sort_values(keys).reset_index(drop=True)
         b = lake.read_partition(ds, newest)[list(before[ds].columns)].sort_values(keys).reset_index(drop=True)
         assert a.astype(str).equals(b.astype(str)), ds
