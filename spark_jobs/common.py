@@ -104,39 +104,74 @@ def run_jobs(spark: SparkSession, jobs: list[Job], cfg: Config, lake: Lake, day:
     from reki_core.runlog import timed_step
 
     results = {}
-    for run, step in jobs:
+    for index, (run, step) in enumerate(jobs):
         try:
             with timed_step(lake, day, step) as payload:
+                if index == 0:
+                    check_server_reaches_store(spark, lake)
                 payload.update(run(spark, cfg, lake, day))
         except Exception as exc:
-            refused = store_refusal(exc, lake, step)
-            if refused is None:
+            explained = store_error(exc, lake, step)
+            if explained is None:
                 raise
-            raise refused from exc
+            raise explained from exc
         results[step] = payload
     return results
 
 
+def check_server_reaches_store(spark: SparkSession, lake: Lake) -> None:
+    """Before the jobs: the Spark server reads, as its own identity, where one of the lake's tables keeps its metadata
+    (s3a's status of that file: one HEAD, retries capped). Iceberg retries a failed metadata read 20 times with a
+    backoff of up to 5 s (about 90 s, and no setting of the JDBC catalog changes it), so a store that refuses the
+    server's identity, or that the server cannot reach, would fail the first table read only after a minute and a
+    half; here it fails in seconds, and `store_error` names the bucket and the identity. Any other answer (the
+    file just replaced by a commit) leaves it to the jobs."""
+    if lake.store is None:
+        return
+    datasets = lake.table_datasets()
+    table = lake.load_table(datasets[0]) if datasets else None  # the task's identity: a dead store fails here already
+    if table is None:
+        return  # nothing written yet: the first write fails fast by itself (no metadata to retry)
+    metadata = table.metadata_location.replace("s3://", "s3a://", 1)
+    try:
+        spark.read.format("binaryFile").load(metadata).schema  # analysis resolves the path: no Spark job
+    except Exception as exc:
+        if store_error(exc, lake, "") is not None:
+            raise
+
+
 # What s3a's errors say when the store refuses an identity (the AWS SDK's codes, and the HTTP status of a HEAD).
 _REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Status Code: 403", "403 Forbidden")
+# And when it does not answer (a refused or timed-out connection, an unknown host).
+_UNREACHABLE = ("Connection refused", "connect timed out", "Connect timed out", "UnknownHostException",
+                "Unable to execute HTTP request")
 
 
-def store_refusal(exc: Exception, lake: Lake, step: str) -> Exception | None:
-    """For a job the store refused (s3a's identity is the Spark server's, not the task's): an error that says so,
-    naming the bucket and where that identity comes from; None for any other failure."""
+def store_error(exc: Exception, lake: Lake, step: str) -> Exception | None:
+    """For a job the store refused or did not answer (s3a's identity and network are the Spark server's, not the
+    task's): an error that says so, naming the bucket, the endpoint and where that identity comes from; None for any
+    other failure."""
     from urllib.parse import urlparse
 
     from reki_core.storage.s3_access import ObjectStoreError
 
-    text = str(exc)
-    if lake.store is None or not any(code in text for code in _REFUSALS):
+    if lake.store is None:
         return None
-    bucket = urlparse(lake.store.warehouse).netloc
-    return ObjectStoreError(
-        f"Spark job {step}: the object store at {lake.store.access.endpoint_url} refused the Spark server's identity "
-        f"on s3://{bucket} (the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY of the Connect server's or the executors' "
-        f"environment, not this task's): give them the lake's writer identity. Store's words: "
-        f"{next((line.strip() for line in text.splitlines() if any(c in line for c in _REFUSALS)), '')[:300]}")
+    lines = str(exc).splitlines()
+    refused = next((line.strip() for line in lines if any(code in line for code in _REFUSALS)), None)
+    unanswered = None if refused else next((line.strip() for line in lines if any(c in line for c in _UNREACHABLE)), None)
+    if refused is None and unanswered is None:
+        return None
+    bucket, endpoint = urlparse(lake.store.warehouse).netloc, lake.store.access.endpoint_url
+    if refused is not None:
+        what = (f"refused the Spark server's identity on s3://{bucket} (the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "of the Connect server's or the executors' environment, not this task's): give them the lake's writer "
+                "identity")
+    else:
+        what = (f"did not answer the Spark server (s3://{bucket}; the server's `fs.s3a.endpoint`, from "
+                "object_store.endpoint_url, must reach the store from where the server runs)")
+    return ObjectStoreError(f"Spark job {step}: the object store at {endpoint} {what}. Store's words: "
+                            f"{(refused or unanswered)[:300]}")
 
 
 def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:

@@ -5,6 +5,7 @@ SQLite file, and read by pyiceberg with the read-only identity. A re-run of a da
 from __future__ import annotations
 
 import dataclasses
+import time
 import datetime as dt
 from pathlib import Path
 
@@ -396,10 +397,16 @@ def test_a_spark_server_with_a_wrong_identity_fails_naming_the_bucket_and_the_id
         monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", stranger.token)
         lake = lake_of(cfg)
         with connect_client(cfg) as spark, pytest.raises(ObjectStoreError) as failure:
-            run_jobs(spark, jobs_named(["items"]), cfg, lake, day)
+            started = time.monotonic()
+            try:
+                run_jobs(spark, jobs_named(["items"]), cfg, lake, day)
+            finally:
+                failed_after = time.monotonic() - started
     finally:
         stranger_run.close()
     message = str(failure.value)
     assert f"s3://{LAKE_BUCKET}" in message and "features_items" in message, message
     assert "the Spark server's identity" in message and "AWS_ACCESS_KEY_ID" in message, message
+    # Iceberg's own retries of a metadata read take about 90 s: the check before the jobs fails in seconds.
+    assert failed_after < 45, f"the refused identity failed the job only after {failed_after:.0f} s"
     assert day not in lake.partitions("features/items")

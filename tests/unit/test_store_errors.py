@@ -1,0 +1,45 @@
+"""How a Spark job's failure on the object store is explained (`spark_jobs.common.store_error`): the server's identity
+refused, or the store not answering the server, each named with the bucket and the endpoint; anything else is left
+as it was."""
+
+from __future__ import annotations
+
+from reki_core.storage.lake import Lake, TableStore
+from reki_core.storage.s3_access import ObjectStoreError, S3Access
+from spark_jobs.common import store_error
+
+ENDPOINT = "http://127.0.0.1:8333"
+
+
+def _store_lake(tmp_path) -> Lake:
+    access = S3Access(ENDPOINT, "reki-published", "writer-key", "writer-secret")
+    store = TableStore("reki", "sqlite:///unused.db", {}, "s3a://reki-lake/warehouse", access)
+    return Lake(str(tmp_path / "lake"), store=store)
+
+
+def test_a_refused_identity_names_the_bucket_the_endpoint_and_whose_identity(tmp_path):
+    failure = RuntimeError("org.apache.iceberg.exceptions.RuntimeIOException: Failed to open input stream\n"
+                           "java.nio.file.AccessDeniedException: s3a://reki-lake/warehouse/x.json: getFileStatus on "
+                           "s3a://reki-lake/warehouse/x.json: software.amazon.awssdk.services.s3.model.S3Exception: "
+                           "null (Service: S3, Status Code: 403, Request ID: 1)")
+    explained = store_error(failure, _store_lake(tmp_path), "features_items")
+    assert isinstance(explained, ObjectStoreError)
+    message = str(explained)
+    assert message.startswith("Spark job features_items: the object store at " + ENDPOINT), message
+    assert "refused the Spark server's identity on s3://reki-lake" in message and "AWS_ACCESS_KEY_ID" in message
+    assert "Status Code: 403" in message  # the store's own words
+
+
+def test_a_store_that_does_not_answer_the_server_names_the_endpoint(tmp_path):
+    failure = RuntimeError("org.apache.hadoop.fs.s3a.AWSClientIOException: getFileStatus on s3a://reki-lake/w/x.json\n"
+                           "software.amazon.awssdk.core.exception.SdkClientException: Unable to execute HTTP request: "
+                           "Connect to 127.0.0.1:8333 failed: Connection refused")
+    message = str(store_error(failure, _store_lake(tmp_path), "features_user_history"))
+    assert "features_user_history" in message and f"the object store at {ENDPOINT} did not answer" in message, message
+    assert "s3://reki-lake" in message and "Connection refused" in message, message
+
+
+def test_other_failures_and_folder_lakes_are_left_as_they_are(tmp_path):
+    assert store_error(ValueError("UNRESOLVED_COLUMN: `title`"), _store_lake(tmp_path), "features_items") is None
+    refused = RuntimeError("S3Exception: (Service: S3, Status Code: 403)")
+    assert store_error(refused, Lake(str(tmp_path / "folder")), "features_items") is None
