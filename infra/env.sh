@@ -14,6 +14,9 @@ export AIRFLOW__CORE__EXECUTOR=LocalExecutor
 export AIRFLOW__CORE__PARALLELISM=4
 export AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=2
 export AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT=60
+# The DAG files change with a deployment, not while the stack runs: parse each every 2 minutes, not Airflow's 30 s
+# (each parse is a forked interpreter importing the DAG file: the dag-processor's CPU on a small machine).
+export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="${AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL:-120}"
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
 # Every Airflow process shares that one SQLite file: wait for its lock instead of failing after 5 s.
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS=reki_airflow.db.SQLITE_CONNECT_ARGS
