@@ -126,15 +126,11 @@ def check_server_reaches_store(spark: SparkSession, lake: Lake) -> None:
     server's identity, or that the server cannot reach, would fail the first table read only after a minute and a
     half; here it fails in seconds, and `store_error` names the bucket and the identity. Any other answer (the
     file just replaced by a commit) leaves it to the jobs."""
-    if lake.store is None:
-        return
-    datasets = lake.table_datasets()
-    table = lake.load_table(datasets[0]) if datasets else None  # the task's identity: a dead store fails here already
-    if table is None:
-        return  # nothing written yet: the first write fails fast by itself (no metadata to retry)
-    metadata = table.metadata_location.replace("s3://", "s3a://", 1)
-    try:
-        spark.read.format("binaryFile").load(metadata).schema  # analysis resolves the path: no Spark job
+    metadata = lake.any_metadata_file() if lake.store is not None else None
+    if metadata is None:
+        return  # a folder lake, or nothing written yet: a first write fails fast by itself (no metadata to retry)
+    try:  # analysis resolves the path: no Spark job
+        spark.read.format("binaryFile").load(metadata.replace("s3://", "s3a://", 1)).schema
     except Exception as exc:
         if store_error(exc, lake, "") is not None:
             raise

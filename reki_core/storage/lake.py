@@ -532,6 +532,17 @@ class Lake:
                                      f"the table holds {want}: {exc}") from exc
         return data
 
+    def any_metadata_file(self) -> str | None:
+        """Where one of this lake's tables keeps its current metadata (the catalog's own row: no read of the store), or
+        None before the first table: a file every identity of the lake may read (`check_server_reaches_store`)."""
+        from pyiceberg.catalog.sql import IcebergTables
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        with Session(self.catalog.engine) as session:
+            return session.scalar(select(IcebergTables.metadata_location).where(
+                IcebergTables.catalog_name == self.catalog_name, IcebergTables.metadata_location.is_not(None)).limit(1))
+
     def table_datasets(self) -> list[str]:
         """Every dataset of this lake that is a table (`namespace/name`; `main` tables by their bare name)."""
         names = []

@@ -1,6 +1,6 @@
-"""How a Spark job's failure on the object store is explained (`spark_jobs.common.store_error`): the server's identity
-refused, or the store not answering the server, each named with the bucket and the endpoint; anything else is left
-as it was."""
+"""The object store under a Spark job: how its failure is explained (`spark_jobs.common.store_error`: the server's
+identity refused, or the store not answering the server, each named with the bucket and the endpoint; anything else
+left as it was), and the file the check before the jobs asks the server for (`Lake.any_metadata_file`)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,12 @@ def test_other_failures_and_folder_lakes_are_left_as_they_are(tmp_path):
     assert store_error(ValueError("UNRESOLVED_COLUMN: `title`"), _store_lake(tmp_path), "features_items") is None
     refused = RuntimeError("S3Exception: (Service: S3, Status Code: 403)")
     assert store_error(refused, Lake(str(tmp_path / "folder")), "features_items") is None
+
+
+def test_the_catalog_names_a_tables_metadata_file_without_reading_the_store(tmp_path):
+    import pandas as pd
+
+    lake = Lake(str(tmp_path / "lake"))
+    assert lake.any_metadata_file() is None  # nothing written: nothing to check
+    lake.write_partition(pd.DataFrame({"user_id": ["u1"], "age": [30]}), "raw/users", "2024-01-01")
+    assert lake.any_metadata_file() == lake.load_table("raw/users").metadata_location
