@@ -410,3 +410,41 @@ def test_a_spark_server_with_a_wrong_identity_fails_naming_the_bucket_and_the_id
     # Iceberg's own retries of a metadata read take about 90 s: the check before the jobs fails in seconds.
     assert failed_after < 45, f"the refused identity failed the job only after {failed_after:.0f} s"
     assert day not in lake.partitions("features/items")
+
+
+@pytest.mark.faults
+def test_a_store_down_when_the_jobs_start_fails_them_in_seconds_naming_the_store(lake_stack, monkeypatch):
+    """SeaweedFS stopped before a feature task's jobs start: the check before them (the Spark server resolves a
+    table's metadata file through s3a, capped retries) fails in seconds with an error naming the job, the endpoint and
+    the bucket; the store comes back and the table reads."""
+    from reki_core.spark import connect_client
+    from reki_core.storage.lake import lake_of
+    from reki_core.storage.s3_access import ObjectStoreError
+    from spark_jobs.common import jobs_named, run_jobs
+
+    root, s3, connect, cfg = lake_stack
+    monkeypatch.setenv("SPARK_CONNECT_AUTHENTICATE_TOKEN", connect.token)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.writer_key)  # the task's own identity (the lake's tables)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.writer_secret)
+    cfg = make_config(root, REKI__SPARK__CONNECT_URL=connect.url, REKI__LAKE__TABLES_IN_STORE="true",
+                      REKI__OBJECT_STORE__ENDPOINT_URL=s3.endpoint_url, REKI__LAKE__BUCKET=LAKE_BUCKET)
+    name = f"{cfg.lake.catalog}.features.store_down_probe"
+    with connect_client(cfg) as spark:  # a table in the catalog: the check needs one metadata file to ask for
+        _create_day_table(spark, cfg, name)
+        spark.sql(f"SELECT 1L AS user_id, 1 AS n_events, DATE'{D1}' AS dt").writeTo(name).append()
+    s3.server.stop()
+    try:
+        with connect_client(cfg) as spark, pytest.raises(ObjectStoreError) as failure:
+            started = time.monotonic()
+            try:
+                run_jobs(spark, jobs_named(["items"]), cfg, lake_of(cfg), D2)
+            finally:
+                failed_after = time.monotonic() - started
+    finally:
+        s3.server.start()
+    message = str(failure.value)
+    assert "Spark job features_items" in message and f"the object store at {s3.endpoint_url} did not answer" in message
+    assert f"s3://{LAKE_BUCKET}" in message, message
+    assert failed_after < 45, f"a dead store failed the job only after {failed_after:.0f} s"
+    with connect_client(cfg) as spark:
+        assert spark.table(name).count() == 1
