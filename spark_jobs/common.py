@@ -132,7 +132,7 @@ def check_server_reaches_store(spark: SparkSession, lake: Lake) -> None:
     try:  # analysis resolves the path: no Spark job
         spark.read.format("binaryFile").load(metadata.replace("s3://", "s3a://", 1)).schema
     except Exception as exc:
-        if store_error(exc, lake, "") is not None:
+        if store_failure(exc) is not None:
             raise
 
 
@@ -143,6 +143,17 @@ _UNREACHABLE = ("Connection refused", "connect timed out", "Connect timed out", 
                 "Unable to execute HTTP request")
 
 
+def store_failure(exc: Exception) -> tuple[bool, str] | None:
+    """(refused, the line saying so) when s3a's error says the store refused the Spark server's identity (refused
+    true) or did not answer it (false); None for any other failure."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    for refused, codes in ((True, _REFUSALS), (False, _UNREACHABLE)):
+        said = next((line for line in lines if any(code in line for code in codes)), None)
+        if said is not None:
+            return refused, said
+    return None
+
+
 def store_error(exc: Exception, lake: Lake, step: str) -> Exception | None:
     """For a job the store refused or did not answer (s3a's identity and network are the Spark server's, not the
     task's): an error that says so, naming the bucket, the endpoint and where that identity comes from; None for any
@@ -151,23 +162,19 @@ def store_error(exc: Exception, lake: Lake, step: str) -> Exception | None:
 
     from reki_core.storage.s3_access import ObjectStoreError
 
-    if lake.store is None:
+    failure = store_failure(exc) if lake.store is not None else None
+    if failure is None:
         return None
-    lines = str(exc).splitlines()
-    refused = next((line.strip() for line in lines if any(code in line for code in _REFUSALS)), None)
-    unanswered = None if refused else next((line.strip() for line in lines if any(c in line for c in _UNREACHABLE)), None)
-    if refused is None and unanswered is None:
-        return None
+    refused, said = failure
     bucket, endpoint = urlparse(lake.store.warehouse).netloc, lake.store.access.endpoint_url
-    if refused is not None:
+    if refused:
         what = (f"refused the Spark server's identity on s3://{bucket} (the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
                 "of the Connect server's or the executors' environment, not this task's): give them the lake's writer "
                 "identity")
     else:
         what = (f"did not answer the Spark server (s3://{bucket}; the server's `fs.s3a.endpoint`, from "
                 "object_store.endpoint_url, must reach the store from where the server runs)")
-    return ObjectStoreError(f"Spark job {step}: the object store at {endpoint} {what}. Store's words: "
-                            f"{(refused or unanswered)[:300]}")
+    return ObjectStoreError(f"Spark job {step}: the object store at {endpoint} {what}. Store's words: {said[:300]}")
 
 
 def run_as_job(run, step: str, argv: list[str] | None, description: str) -> int:

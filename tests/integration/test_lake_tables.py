@@ -5,8 +5,8 @@ SQLite file, and read by pyiceberg with the read-only identity. A re-run of a da
 from __future__ import annotations
 
 import dataclasses
-import time
 import datetime as dt
+import time
 from pathlib import Path
 
 import pytest
