@@ -21,16 +21,15 @@ Reads `features/items/dt=D`, `features/user_history/dt=D`. Writes `features/clus
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import math
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_jobs.common import cache, empty_frame, releases_cache
+from spark_jobs.common import at_once, cache, empty_frame, releases_cache
 
 DATASET = "features/clusters"
 SEED = 42
@@ -199,12 +198,10 @@ def transform(items: DataFrame, user_history: DataFrame, max_items: int, max_use
         "user_neg": (user_points(genre_counts, "disliked", vocabulary), max_users),
     }
     # Each k-means fit is a chain of a hundred tiny Spark jobs, bound by scheduling round trips rather than by the
-    # cores: the three run at once on the one session (each thread in a copy of this context, so what it caches is
-    # still released with the job).
-    with ThreadPoolExecutor(len(clusterings)) as pool:
-        grouped = {name: pool.submit(contextvars.copy_context().run, bounded_groups, points, bound)
-                   for name, (points, bound) in clusterings.items()}
-    parts = [name_groups(grouped[name].result(), name) for name in clusterings]
+    # cores: the three run at once on the one session.
+    grouped = at_once(items.sparkSession, [functools.partial(bounded_groups, points, bound)
+                                           for points, bound in clusterings.values()])
+    parts = [name_groups(assigned, name) for name, assigned in zip(clusterings, grouped)]
     out = parts[0].unionByName(parts[1]).unionByName(parts[2])
     return out.orderBy("clustering", "group_id", "entity_id")
 

@@ -10,13 +10,16 @@ client with `python -m spark_jobs.<job> --dt ... --remote sc://localhost:15002` 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import datetime as dt
 import functools
 import importlib
 import json
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -96,6 +99,30 @@ def releases_cache(run: Callable[..., dict]) -> Callable[..., dict]:
                     pass
             _CACHED.reset(token)
     return job
+
+
+Result = TypeVar("Result")
+
+
+def at_once(spark: SparkSession, calls: list[Callable[[], Result]]) -> list[Result]:
+    """The results of `calls`, run at the same time on `spark`, each in a thread of its own (the first failure is
+    raised once all have ended). Each thread carries this job's context (what it caches is released with the job) and
+    the session's tags: a session's tags belong to the thread that added them, and an untagged operation would escape
+    the `interruptTag` that stops a killed task's work (SparkConnectJobs.on_kill)."""
+    tags = sorted(spark.getTags())
+
+    def tagged(call: Callable[[], Result]) -> Result:
+        for tag in tags:
+            spark.addTag(tag)
+        try:
+            return call()
+        finally:
+            for tag in tags:
+                spark.removeTag(tag)
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, tagged, call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def run_jobs(spark: SparkSession, jobs: list[Job], cfg: Config, lake: Lake, day: dt.date) -> dict[str, dict]:

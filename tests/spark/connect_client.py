@@ -65,8 +65,10 @@ def isolation(args: dict) -> dict:
 
 
 def interrupt(args: dict) -> dict:
-    """The Airflow task's on_kill (what a kill from the UI calls) interrupts its running Spark operation."""
+    """The Airflow task's on_kill (what a kill from the UI calls) interrupts its running Spark operation: one the task
+    runs itself, or with `in_threads`, one a job runs in threads of its own (`at_once`, as the clusters job does)."""
     from reki_airflow.spark_connect import SparkConnectJobs
+    from spark_jobs.common import at_once
 
     cfg = load_config()
     op = SparkConnectJobs(task_id="spark_features", jobs=["items"], conn_id="unused")
@@ -74,11 +76,17 @@ def interrupt(args: dict) -> dict:
     with connect_client(cfg, args["url"], task_session_id(), tag="reki-kill-test") as spark:
         op._session, op._tag = spark, "reki-kill-test"
 
+        def query() -> None:
+            spark.range(0, 10**13, numPartitions=2).selectExpr("sum(id % 7)").collect()
+
         def endless() -> None:
             spark.addTag("reki-kill-test")  # tags are per thread: the task's own thread has it from connect_client
             started = time.monotonic()
             try:
-                spark.range(0, 10**13, numPartitions=2).selectExpr("sum(id % 7)").collect()
+                if args.get("in_threads"):
+                    at_once(spark, [query, query])
+                else:
+                    query()
                 outcome["finished"] = True
             except Exception as exc:
                 outcome["error"] = f"{type(exc).__name__}: {exc}"

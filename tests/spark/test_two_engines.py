@@ -98,8 +98,9 @@ def test_a_stopped_session_freed_later_leaves_the_shared_release_pool_alone(spar
     assert result["ours_shutdowns_when_freed"] == 0, result
 
 
-def test_killing_the_task_interrupts_its_spark_operation(spark_connect):
-    result = client("interrupt", spark_connect)
+@pytest.mark.parametrize("in_threads", [False, True], ids=["on-the-task-thread", "in-a-job-s-threads"])
+def test_killing_the_task_interrupts_its_spark_operation(spark_connect, in_threads):
+    result = client("interrupt", spark_connect, in_threads=in_threads)
     assert "OPERATION_CANCELED" in result["error"] or "cancel" in result["error"].lower(), result
     assert result["after_kill_s"] < 30, result
 
