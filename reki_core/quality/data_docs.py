@@ -1,11 +1,13 @@
 """Great Expectations Data Docs of one run date: every gate's suites and validation results as GX's own HTML site.
 
 Each gate step keeps the GX validation results of its suites (`ExpectationSuiteValidationResult` JSON)
-in `_runs/dt=D/gx_validations/<step>/` (`keep_validations`), then the site of the date is rebuilt
-(`build_data_docs`): a fresh ephemeral GX context gets those results and their suites, and GX's
+in `_runs/dt=D/gx_validations/<step>/` (`keep_validations`), then the site of the date is brought up to
+date (`build_data_docs`): a fresh ephemeral GX context gets those results and their suites, and GX's
 SiteBuilder renders `_runs/dt=D/data_docs/index.html` with one page per suite and per validation.
-The docs are rebuilt right after each gate, so a failing gate's results are in them before the run
-stops. Landing clears `_runs/dt=D/` at the start of each run, so the docs describe that run only.
+The docs are updated right after each gate, so a failing gate's results are in them before the run
+stops: the first gate of a run builds the site whole, each later one renders only its own pages and
+the index (GX's incremental build), written into the site pages first, index last. Landing clears
+`_runs/dt=D/` at the start of each run, so the docs describe that run only.
 Docs are a by-product: an error building them is logged loudly and never changes a gate's verdict.
 """
 
@@ -39,21 +41,23 @@ def runs_path(day: str | dt.date, *parts: str) -> str:
 
 
 def keep_validations(lake: Lake, day: str | dt.date, step: str, results: list) -> str | None:
-    """Store the GX validation results of one gate step (replacing that step's earlier ones), rebuild the docs.
+    """Store the GX validation results of one gate step (replacing that step's earlier ones), update the docs.
 
     `results` are `GateResult`s. Returns the URI of the docs' index.html, or None when keeping or
     building failed: that is logged as an error and the gate's own verdict is left untouched.
     """
     try:
         folder = f"{lake.root}/{runs_path(day, VALIDATIONS_DIR, safe_name(step))}"
-        if lake.fs.exists(folder):  # a re-run of the step replaces its results
+        rerun = lake.fs.exists(folder)
+        if rerun:  # a re-run of the step replaces its results
             lake.fs.rm(folder, recursive=True)
         for result in results:
             for validation in result.validations:
                 name = safe_name(validation["result"]["suite_name"])
                 lake.write_json(runs_path(day, VALIDATIONS_DIR, safe_name(step), f"{name}.json"),
                                 {"step": step, "gate": result.gate, "dataset": result.dataset, **validation})
-        uri = build_data_docs(lake, day)
+        # A re-run's earlier pages leave the site only with a whole build.
+        uri = build_data_docs(lake, day, step=None if rerun else step)
         for result in results:
             result.data_docs = uri
         return uri
@@ -98,8 +102,9 @@ def _suite_of(result) -> Any:
     return suite
 
 
-def _render_site(validations: list[dict[str, Any]], day: dt.date, site_dir: str) -> None:
-    """Render `validations` with GX's SiteBuilder into the local folder `site_dir`."""
+def _render_site(validations: list[dict[str, Any]], day: dt.date, site_dir: str, step: str | None = None) -> None:
+    """Render `validations` with GX's SiteBuilder into the local folder `site_dir`: every page, or with `step` only
+    that step's validations and suites (and the index, which lists them all)."""
     from great_expectations.core.expectation_validation_result import expectationSuiteValidationResultSchema
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.resource_identifiers import (
@@ -108,6 +113,7 @@ def _render_site(validations: list[dict[str, Any]], day: dt.date, site_dir: str)
     )
 
     context = ephemeral_context()  # a fresh one: only this date's results end up in the site
+    rendered: list = []  # with `step`: the resources whose pages are rendered
     context.add_data_docs_site(SITE_NAME, {
         "class_name": "SiteBuilder",
         "show_how_to_buttons": False,
@@ -126,11 +132,15 @@ def _render_site(validations: list[dict[str, Any]], day: dt.date, site_dir: str)
             batch_identifier=safe_name(stored["dataset"]),
         )
         context.validation_results_store.set(key, result)
-    context.build_data_docs(site_names=[SITE_NAME])
+        if stored["step"] == step:
+            rendered += [key, key.expectation_suite_identifier]
+    context.build_data_docs(site_names=[SITE_NAME], resource_identifiers=rendered or None)
 
 
-def build_data_docs(lake: Lake, day: str | dt.date) -> str:
-    """Render every kept validation of `day` into `_runs/dt=D/data_docs/` (replaced whole); returns index.html's URI.
+def build_data_docs(lake: Lake, day: str | dt.date, step: str | None = None) -> str:
+    """Render every kept validation of `day` into `_runs/dt=D/data_docs/`; returns index.html's URI. The site is
+    replaced whole, or, with `step` and a site already there, only `step`'s pages and the index are rendered and
+    written into it (pages first: the index never links a page not written yet).
 
     Raises FileNotFoundError when no gate of `day` has kept results, RuntimeError when GX wrote no index.
     """
@@ -140,25 +150,51 @@ def build_data_docs(lake: Lake, day: str | dt.date) -> str:
         raise FileNotFoundError(f"no GX validation results under {lake.uri_of(f'{lake.root}/{runs_path(day, VALIDATIONS_DIR)}')}"
                                 f": no gate has run for dt={day} since landing")
     final = f"{lake.root}/{runs_path(day, DATA_DOCS_DIR)}"
+    index = f"{final}/index.html"
+    incremental = step is not None and lake.fs.exists(index)
     with tempfile.TemporaryDirectory(prefix="reki-data-docs-") as site_dir:
-        _render_site(validations, day, site_dir)
+        if incremental:
+            # GX's index lists the pages of the folder it builds in: the site's pages are stood in for by empty files.
+            for path in lake.fs.find(final):
+                relative = path[len(final) + 1:]
+                if relative != "index.html" and not relative.startswith("static/"):
+                    os.makedirs(os.path.dirname(os.path.join(site_dir, relative)), exist_ok=True)
+                    open(os.path.join(site_dir, relative), "wb").close()
+        _render_site(validations, day, site_dir, step if incremental else None)
         if not os.path.exists(os.path.join(site_dir, "index.html")):
             raise RuntimeError(f"Great Expectations wrote no index.html for dt={day} into {site_dir}")
-        # Write aside, then swap: readers never see a half-copied site.
-        staging = f"{final}.staging-{uuid.uuid4().hex}"
-        try:
-            for folder, _, files in os.walk(site_dir):
-                for file in files:
-                    local = os.path.join(folder, file)
-                    relative = os.path.relpath(local, site_dir).replace(os.sep, "/")
-                    if not relative.startswith(_SKIPPED_STATIC):
-                        lake.fs.makedirs(f"{staging}/{relative}".rsplit("/", 1)[0], exist_ok=True)
-                        lake.fs.put_file(local, f"{staging}/{relative}")
-        except BaseException:
-            if lake.fs.exists(staging):  # e.g. a full disk: no half-copied site left behind
-                lake.fs.rm(staging, recursive=True)
-            raise
-    lake.replace_folder(staging, final)
-    index = f"{final}/index.html"
-    logger.info("GX Data Docs of dt=%s: %d validations -> %s", day, len(validations), lake.uri_of(index))
+        files = sorted(_site_files(site_dir), key=lambda relative: relative == "index.html")
+        if incremental:  # what GX rendered now; the site has its static assets already (GX copies them every time)
+            rendered = [f for f in files if not f.startswith("static/") and os.path.getsize(os.path.join(site_dir, f))]
+            _upload(lake, site_dir, rendered, final)
+        else:
+            # Write aside, then swap: readers never see a half-copied site.
+            staging = f"{final}.staging-{uuid.uuid4().hex}"
+            try:
+                _upload(lake, site_dir, files, staging)
+            except BaseException:
+                if lake.fs.exists(staging):  # e.g. a full disk: no half-copied site left behind
+                    lake.fs.rm(staging, recursive=True)
+                raise
+            lake.replace_folder(staging, final)
+    logger.info("GX Data Docs of dt=%s: %d validations%s -> %s", day, len(validations),
+                f" (step {step}'s pages and the index)" if incremental else "", lake.uri_of(index))
     return lake.uri_of(index)
+
+
+def _site_files(site_dir: str) -> list[str]:
+    """The site's files GX rendered, relative to `site_dir`, without the skipped static ones."""
+    files = []
+    for folder, _, names in os.walk(site_dir):
+        for name in names:
+            relative = os.path.relpath(os.path.join(folder, name), site_dir).replace(os.sep, "/")
+            if not relative.startswith(_SKIPPED_STATIC):
+                files.append(relative)
+    return files
+
+
+def _upload(lake: Lake, site_dir: str, files: list[str], target: str) -> None:
+    """Copy `files` (relative to the local `site_dir`) under the lake folder `target`, in the order given."""
+    for relative in files:
+        lake.fs.makedirs(f"{target}/{relative}".rsplit("/", 1)[0], exist_ok=True)
+        lake.fs.put_file(os.path.join(site_dir, relative), f"{target}/{relative}")

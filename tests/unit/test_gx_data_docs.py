@@ -101,12 +101,16 @@ def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, 
     record_vector_checks(lake, cfg, dim=cfg.model.expert_output_dim - 1)
     record_feature_checks(lake)  # what the feature_checks job records for these partitions
     assert run_feature_gates(cfg, DAY, lake)["success"] is True
+    site = Path(lake.root) / f"_runs/dt={DAY}/data_docs"
+    first_build = {p: p.stat().st_mtime_ns for p in site.rglob("*") if p.is_file()}
     with pytest.raises(GateError, match="column 'dim'") as failed:
         gate_vectors(cfg, DAY, lake)
+    # The later gate rendered its own pages and the index; the first gate's files were left as they were.
+    rewritten = {p for p, mtime in first_build.items() if p.stat().st_mtime_ns != mtime}
+    assert rewritten == {site / "index.html"}, rewritten
 
     # The failing gate's docs exist before anything after it runs: that is when people look.
     record = lake.read_json(f"_runs/dt={DAY}/vectors_gate.json")
-    site = Path(lake.root) / f"_runs/dt={DAY}/data_docs"
     assert record["success"] is False and record["data_docs"] == str(site / "index.html")
     assert failed.value.result.data_docs == record["data_docs"]  # what an alert can link to
     html = pages(site)
@@ -149,7 +153,7 @@ def test_a_rerun_of_a_gate_replaces_its_results_and_a_broken_build_leaves_the_ve
     gate_vectors(cfg, DAY, lake)  # idempotent per date: still one kept result for the step
     assert len(data_docs.stored_validations(lake, DAY)) == 1
 
-    def broken(lake, day):
+    def broken(lake, day, step=None):
         raise OSError("disk full")
 
     seed_vectors(lake, dim=cfg.model.expert_output_dim - 1)
