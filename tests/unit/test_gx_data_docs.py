@@ -152,6 +152,9 @@ def test_a_rerun_of_a_gate_replaces_its_results_and_a_broken_build_leaves_the_ve
     gate_vectors(cfg, DAY, lake)
     gate_vectors(cfg, DAY, lake)  # idempotent per date: still one kept result for the step
     assert len(data_docs.stored_validations(lake, DAY)) == 1
+    # and one page for it: the re-run's site was built whole, without the first run's page
+    site = Path(lake.root) / f"_runs/dt={DAY}/data_docs"
+    assert sum(path.startswith("validations/") for path in pages(site)) == 1
 
     def broken(lake, day, step=None):
         raise OSError("disk full")
