@@ -139,8 +139,8 @@ def _render_site(validations: list[dict[str, Any]], day: dt.date, site_dir: str,
 
 def build_data_docs(lake: Lake, day: str | dt.date, step: str | None = None) -> str:
     """Render every kept validation of `day` into `_runs/dt=D/data_docs/`; returns index.html's URI. The site is
-    replaced whole, or, with `step` and a site already there, only `step`'s pages and the index are rendered and
-    written into it (pages first: the index never links a page not written yet).
+    replaced whole, or, with `step` and a site already holding every other step's validations, only `step`'s pages
+    and the index are rendered and written into it (pages first: the index never links a page not written yet).
 
     Raises FileNotFoundError when no gate of `day` has kept results, RuntimeError when GX wrote no index.
     """
@@ -151,15 +151,17 @@ def build_data_docs(lake: Lake, day: str | dt.date, step: str | None = None) -> 
                                 f": no gate has run for dt={day} since landing")
     final = f"{lake.root}/{runs_path(day, DATA_DOCS_DIR)}"
     index = f"{final}/index.html"
-    incremental = step is not None and lake.fs.exists(index)
+    site = [path[len(final) + 1:] for path in lake.fs.find(final)] if step is not None else []
+    # Only onto a site with a page for each other step's validation (an earlier gate's build may have failed).
+    incremental = "index.html" in site and (sum(page.startswith("validations/") for page in site)
+                                            == sum(stored["step"] != step for stored in validations))
     with tempfile.TemporaryDirectory(prefix="reki-data-docs-") as site_dir:
         if incremental:
             # GX's index lists the pages of the folder it builds in: the site's pages are stood in for by empty files.
-            for path in lake.fs.find(final):
-                relative = path[len(final) + 1:]
-                if relative != "index.html" and not relative.startswith("static/"):
-                    os.makedirs(os.path.dirname(os.path.join(site_dir, relative)), exist_ok=True)
-                    open(os.path.join(site_dir, relative), "wb").close()
+            for page in site:
+                if page != "index.html" and not page.startswith("static/"):
+                    os.makedirs(os.path.dirname(os.path.join(site_dir, page)), exist_ok=True)
+                    open(os.path.join(site_dir, page), "wb").close()
         _render_site(validations, day, site_dir, step if incremental else None)
         if not os.path.exists(os.path.join(site_dir, "index.html")):
             raise RuntimeError(f"Great Expectations wrote no index.html for dt={day} into {site_dir}")

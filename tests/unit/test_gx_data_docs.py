@@ -145,6 +145,21 @@ def test_passing_and_failing_gates_are_rendered_and_linked_from_the_report(cfg, 
         assert sum(n.startswith("data_docs/validations/") for n in zf.namelist()) == len(validation_pages)
 
 
+def test_a_site_missing_an_earlier_gates_page_is_built_whole(cfg, lake):
+    """An earlier gate's build that failed left its page out: the next gate builds the site whole, not onto it."""
+    seed_features(lake)
+    seed_vectors(lake, dim=cfg.model.expert_output_dim)
+    record_vector_checks(lake, cfg, dim=cfg.model.expert_output_dim)
+    record_feature_checks(lake)
+    assert run_feature_gates(cfg, DAY, lake)["success"] is True
+    site = Path(lake.root) / f"_runs/dt={DAY}/data_docs"
+    lost = sorted(site.glob("validations/**/*.html"))[0]
+    lost.unlink()
+    gate_vectors(cfg, DAY, lake)
+    assert lost.exists()
+    assert sum(path.startswith("validations/") for path in pages(site)) == 5
+
+
 def test_a_rerun_of_a_gate_replaces_its_results_and_a_broken_build_leaves_the_verdict(cfg, lake, monkeypatch, caplog):
     seed_features(lake)
     seed_vectors(lake, dim=cfg.model.expert_output_dim)
