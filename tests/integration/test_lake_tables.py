@@ -248,10 +248,11 @@ def test_store_killed_during_a_write_keeps_the_previous_snapshot(lake_stack, mon
     def write_day2() -> None:
         try:
             # 200 files, one per task, one task at a time (local[1]): seconds of writing between the first file and
-            # the commit even when this process is starved. With 40, a loaded machine once saw the first file only
-            # after the new metadata was written, and the kill fell after the commit.
+            # the commit even when this process is starved. distribution-mode none keeps them 200: Iceberg's default
+            # (hash by partition) shuffles one day's rows into one task, so its one file came just before the commit
+            # and a slow machine's kill could fall after it (CI, stop 47).
             with connect_client(cfg) as spark:
-                spark.sql(day2).repartition(200).writeTo(name).overwritePartitions()
+                spark.sql(day2).repartition(200).writeTo(name).option("distribution-mode", "none").overwritePartitions()
             outcome["result"] = "committed"
         except Exception as exc:
             outcome["result"], outcome["error"] = "failed", exc
