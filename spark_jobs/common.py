@@ -181,6 +181,12 @@ def store_failure(exc: Exception) -> tuple[bool, str] | None:
     return None
 
 
+def store_refused(exc: Exception) -> bool:
+    """Whether s3a's error says the store refused the Spark server's identity: no input file is at fault then."""
+    failure = store_failure(exc)
+    return failure is not None and failure[0]
+
+
 def store_error(exc: Exception, lake: Lake, step: str) -> Exception | None:
     """For a job the store refused or did not answer (s3a's identity and network are the Spark server's, not the
     task's): an error that says so, naming the bucket, the endpoint and where that identity comes from; None for any

@@ -34,7 +34,7 @@ from pyspark.sql import types as T
 
 from reki_core.landing import RAW, REJECTED, SCHEMAS, LandingError, Problem
 from reki_core.quality import raw as raw_rules
-from spark_jobs.common import cache, releases_cache, store_failure, write_days, write_partition
+from spark_jobs.common import cache, releases_cache, store_refused, write_days, write_partition
 from spark_jobs.knowledge import spark_path
 
 STEP = "land"
@@ -129,8 +129,7 @@ def read_delivery(spark, lake, path: str, size: int, what: str) -> DataFrame:
         frame = spark.read.parquet(spark_path(lake, path))
         fields = {f.name: f.dataType for f in frame.schema.fields}
     except Exception as exc:  # noqa: BLE001 - any parse failure is the same input problem
-        failure = store_failure(exc)
-        if failure is not None and failure[0]:  # the store refused the server: not the file's fault
+        if store_refused(exc):  # the store's refusal, not the input's fault
             raise
         raise LandingError([Problem(path, None, "readable", f"not readable as Parquet: {_first_line(exc)}")]) from None
     problems = [Problem(path, c, "schema", "required column is missing") for c in expected if c not in fields]
@@ -167,8 +166,7 @@ def read_at_once(spark, lake, delivered: list[Delivery]) -> DataFrame | None:
         frame = spark.read.option("mergeSchema", "true").parquet(*[spark_path(lake, p) for _, _, p in files])
         fields = {f.name: f.dataType for f in frame.schema.fields}
     except Exception as exc:  # noqa: BLE001 - the file-by-file read names the file that is the problem
-        failure = store_failure(exc)
-        if failure is not None and failure[0]:  # the store refused the server: not a file's fault
+        if store_refused(exc):  # the store's refusal, not the input's fault
             raise
         return None
     if set(fields) != set(expected) or not all(_type_ok(fields[c], logical) for c, logical in expected.items()):

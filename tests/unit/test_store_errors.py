@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from reki_core.storage.lake import Lake, TableStore
 from reki_core.storage.s3_access import ObjectStoreError, S3Access
-from spark_jobs.common import store_error
+from spark_jobs.common import store_error, store_refused
 
 ENDPOINT = "http://127.0.0.1:8333"
 
@@ -43,6 +43,14 @@ def test_other_failures_and_folder_lakes_are_left_as_they_are(tmp_path):
     assert store_error(ValueError("UNRESOLVED_COLUMN: `title`"), _store_lake(tmp_path), "features_items") is None
     refused = RuntimeError("S3Exception: (Service: S3, Status Code: 403)")
     assert store_error(refused, Lake(str(tmp_path / "folder")), "features_items") is None
+
+
+def test_only_a_refusal_is_the_stores_fault_for_landing():
+    """Landing re-raises a refused read (the server's identity) instead of blaming the delivered file; a store that
+    does not answer, or a file that does not parse, is no refusal."""
+    assert store_refused(RuntimeError("java.nio.file.AccessDeniedException: s3a://reki-lake/x: Status Code: 403"))
+    assert not store_refused(RuntimeError("SdkClientException: Unable to execute HTTP request: Connection refused"))
+    assert not store_refused(RuntimeError("[CANNOT_READ_FILE_FOOTER] Could not read footer for file: s3a://b/day.parquet"))
 
 
 def test_the_catalog_names_a_tables_metadata_file_without_reading_the_store(tmp_path):
