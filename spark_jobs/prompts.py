@@ -297,7 +297,8 @@ def transform(cfg, mode: str, history: DataFrame, items: DataFrame, users: DataF
     rows = rows.unionByName(_rows(items.withColumn("individual", F.lit(individual)), cfg, _item_row, ROW_SCHEMA))
     groups = None
     if mode == "collective":
-        groups = group_members(cfg, clusters, facts, window_entries(history))
+        # Cached: the prompt rows and the coverage check's expected keys both read the groups.
+        groups = cache(group_members(cfg, clusters, facts, window_entries(history)))
         rows = rows.unionByName(_rows(groups, cfg, _group_row, ROW_SCHEMA))
     return with_knowledge(rows, known), expected_keys(history, facts, groups)
 
