@@ -24,7 +24,8 @@ prereqs:
 
 # The venv is rebuilt only when the pinned requirements change. uv installs the locked set (requirements.lock, as
 # constraints) in about a minute, where pip took about three (docs/design.md); pip stays in the venv for `pip download`.
-UV_PIP := $(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python
+# --system-certs: the platform's trust store, not uv's own CA bundle (a registry behind a TLS-inspecting proxy is trusted there).
+UV_PIP := $(VENV)/bin/uv pip install --quiet --system-certs --python $(VENV)/bin/python
 $(STAMP): requirements.txt requirements.lock pyproject.toml
 	@PYTHON=$(PYTHON) bash infra/check_prereqs.sh
 	@echo "==> creating $(VENV) and installing the pinned stack (first time: a few minutes)"
