@@ -32,8 +32,8 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv==0.13.10
 	$(UV_PIP) -r requirements.txt -c requirements.lock
-	@# The Spark provider pulls pyspark-client, which overwrites pyspark's files: put pyspark back.
-	$(UV_PIP) --reinstall --no-deps pyspark==4.1.4
+	@# The Spark provider pulls pyspark-client, which overwrites pyspark's files: put pyspark back (its pin, as the images read it).
+	$(UV_PIP) --reinstall --no-deps "$$(grep -E '^pyspark==' requirements.txt)"
 	$(UV_PIP) --no-deps -e .
 	touch $(STAMP)
 
