@@ -628,6 +628,8 @@ def test_images_install_the_stack_then_pyspark_then_the_project(path):
         return hits[0]
 
     stack = first(r"install [^&]*-r requirements\.txt")
+    # The versions `make test` ran, as the Makefile installs them.
+    assert re.search(r"-r requirements\.txt -c requirements\.lock", runs[stack]), f"{path.name}: {runs[stack]}"
     pyspark = first(r"--force-reinstall --no-deps")
     project = first(r"install [^&]*--no-deps -e /opt/reki")
     assert stack <= pyspark < project or (stack == pyspark < project), path.name
@@ -977,3 +979,19 @@ def test_helm_shards_reach_the_gpu_sets_vllm_through_the_llm_server_service(valu
     target = service["spec"]["ports"][0]["targetPort"]
     assert any(p["name"] == target for p in vllm["ports"])
     assert option(vllm["command"], "--port") == str(url.port)
+
+
+def test_the_lock_pins_what_requirements_txt_pins():
+    """requirements.lock (the images' and the Makefile's constraints) agrees with every pin of requirements.txt: a pin
+    changed without regenerating the lock would make both installs fail to resolve."""
+    def pins(path):
+        found = {}
+        for line in (PROJECT_ROOT / path).read_text().splitlines():
+            m = re.match(r"^([A-Za-z0-9_.\[\]-]+)==([^\s;#]+)", line.strip())
+            if m:
+                found[re.sub(r"\[.*\]", "", m.group(1)).lower().replace("_", "-")] = m.group(2)
+        return found
+
+    required, locked = pins("requirements.txt"), pins("requirements.lock")
+    assert required and len(locked) > len(required)
+    assert {name: (version, locked.get(name)) for name, version in required.items() if locked.get(name) != version} == {}
