@@ -14,7 +14,8 @@ that assumes unchanged sample parameters (`max_hist_len`, the threshold, the spl
 changing one, rebuild from the first affected date.
 
 Reads `features/user_history` and `features/knowledge_versions` as of D (a daily run: only the recomputed
-users), `features/items/dt=D` and the previous day's `features/items`. Writes `features/ctr_samples/dt=D`
+users, and their previous per-user sample counts from `user_history` as of the previous day, for the totals),
+`features/items/dt=D` and the previous day's `features/items`. Writes `features/ctr_samples/dt=D`
 (a user stays in one split every day), in (user_id, ts, item_id) order.
 """
 
@@ -164,8 +165,7 @@ def run(spark, cfg, lake, day) -> dict:
         written, *split_counts())
     before = STATE_TOTALS_BEFORE_FIRST_DAY if prev_day is None else lake.state_totals(DATASET, prev_day)
     if before is not None and touched is not None:  # the rewritten users' previous samples leave the totals
-        before = subtract(before, counts_of(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).agg(
-            *split_counts()).first().asDict()))
+        before = subtract(before, previous_counts(spark, lake, prev_day, touched, params))
     # Called once the rows are written: the observed counts, or an aggregate of the state, need them.
     write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None,
                     totals=lambda: aggregated_totals(spark, lake, day) if before is None
@@ -200,6 +200,28 @@ def split_counts() -> list:
         counts += [F.coalesce(F.sum(in_split), F.lit(0)).alias(f"samples_{split}"),
                    F.coalesce(F.sum(in_split * F.col("label").cast("int")), F.lit(0)).alias(f"positives_{split}")]
     return counts
+
+
+def previous_counts(spark, lake, prev_day, touched: DataFrame, params: SampleParams) -> dict:
+    """`counts_of` the touched users' samples as of the previous day. Taken from `user_history`'s per-user counts as of
+    that day (the rows those samples were built from: `user_history.with_sample_counts`), which reads its narrow
+    columns; counted from the previous samples themselves (a scan of the whole sample state) where a touched user's
+    row predates the counts."""
+    from spark_jobs.common import read_partition
+
+    if {"samples", "positive_samples"} <= set(lake.column_names(HISTORY)):
+        rows = read_partition(spark, lake, HISTORY, prev_day, only_keys=touched).select(
+            "samples", "positive_samples", split_of(F.col("user_id"), params.split_fractions).alias("split"))
+        aggregates = [F.sum(F.col("samples").isNull().cast("int")).alias("uncounted")]
+        for split in SPLITS:
+            in_split = (F.col("split") == split).cast("long")
+            aggregates += [F.coalesce(F.sum(in_split * F.col("samples")), F.lit(0)).alias(f"samples_{split}"),
+                           F.coalesce(F.sum(in_split * F.col("positive_samples")), F.lit(0)).alias(f"positives_{split}")]
+        found = rows.agg(*aggregates).first().asDict()
+        if not found["uncounted"]:
+            return counts_of(found)
+    return counts_of(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).agg(*split_counts()).first()
+                     .asDict())
 
 
 def counts_of(row: dict) -> dict:

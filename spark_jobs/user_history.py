@@ -11,8 +11,8 @@ daily run finds the users whose rows can change (`touched_users`), reads only th
 day and `raw/interactions` newer than that, and writes only their rows under `dt=D`; everyone else's rows stay
 where they are, and a reader of D gets each user's newest rows. A first run (or one with no usable previous
 day) writes every user, as a full day. Also reads `features/items` (titles; the previous day's too) and
-`raw/users` (profile) of both days. Writes `features/user_history/dt=D` (a user's row) and
-`features/knowledge_versions/dt=D` (all of a user's versions so far).
+`raw/users` (profile) of both days. Writes `features/user_history/dt=D` (a user's row, with the counts of the CTR
+samples built from it: `with_sample_counts`) and `features/knowledge_versions/dt=D` (all of a user's versions so far).
 """
 
 from __future__ import annotations
@@ -198,6 +198,22 @@ def advance(prev_history: DataFrame | None, new_interactions: DataFrame, params:
     return advance_windows(build_histories(prev_history, new_interactions), params)
 
 
+def with_sample_counts(history: DataFrame, versions: DataFrame, positive_threshold: int) -> DataFrame:
+    """The rows with what each user contributes to `features/ctr_samples` built from them, so that its daily run takes a
+    rewritten user's previous counts from here instead of scanning the previous samples: `knowledge_since`, the as_of
+    of the user's earliest window version (every version of the user is in `versions`); `samples`, the interactions
+    after it (an interaction is a sample when a version is strictly older: ctr_samples' as-of rule); `positive_samples`,
+    those rated above `positive_threshold` (its label)."""
+    since = versions.groupBy("user_id").agg(F.min("as_of").alias("knowledge_since"))
+    after = "e.ts > knowledge_since"  # null (no version yet) counts nothing
+    return history.join(since, "user_id", "left").select(
+        "*",
+        F.expr(f"size(filter(history, e -> {after}))").cast("int").alias("samples"),
+        F.expr(f"size(filter(history, e -> {after} AND e.rating > {int(positive_threshold)}))").cast("int")
+        .alias("positive_samples"),
+    )
+
+
 def outputs(
     advanced: DataFrame,
     prev_history: DataFrame | None,
@@ -205,6 +221,7 @@ def outputs(
     items: DataFrame,
     users: DataFrame | None,
     params: WindowParams,
+    positive_threshold: int,
 ) -> tuple[DataFrame, DataFrame]:
     """(user_history, knowledge_versions) from the advanced windows."""
     new_versions = version_rows(advanced, params)
@@ -214,7 +231,7 @@ def outputs(
         # A user whose window did not advance keeps the day it was last refreshed.
         history = history.join(prev_history.select("user_id", F.col("refreshed_dt").alias("_prev_refreshed")), "user_id", "left")
         history = history.withColumn("refreshed_dt", F.coalesce("refreshed_dt", "_prev_refreshed")).drop("_prev_refreshed")
-    return history, versions
+    return with_sample_counts(history, versions, positive_threshold), versions
 
 
 def transform(
@@ -224,9 +241,11 @@ def transform(
     items: DataFrame,
     users: DataFrame | None,
     params: WindowParams,
+    positive_threshold: int,
 ) -> tuple[DataFrame, DataFrame]:
     """(user_history, knowledge_versions) as of the newest interaction day given."""
-    return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params)
+    return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params,
+                   positive_threshold)
 
 
 def touched_users(spark, lake, day, prev_day, new_interactions: DataFrame) -> DataFrame:
@@ -303,7 +322,8 @@ def run(spark, cfg, lake, day) -> dict:
         prev_versions = read_partition(spark, lake, VERSIONS, prev_day, only_keys=touched)
     # Both outputs derive from the advanced windows: compute them once.
     advanced = cache(advance(prev_history, new_interactions, params))
-    history, versions = outputs(advanced, prev_history, prev_versions, items, users, params)
+    history, versions = outputs(advanced, prev_history, prev_versions, items, users, params,
+                                cfg.scenario.positive_rating_threshold)
     changes = prev_day is not None
     change = run_changes(advanced, params)
     write_partition(versions.repartition("user_id").sortWithinPartitions(*STATE_ORDER[VERSIONS]), lake, VERSIONS, day,

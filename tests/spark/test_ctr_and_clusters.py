@@ -28,12 +28,18 @@ def feature_frames(spark, data):
 def test_samples_join_only_earlier_knowledge_and_never_their_own_interaction(spark, data, feature_frames, mode):
     inter, items = feature_frames
     params = user_history.WindowParams(mode, recent_window_size=8, max_window=30, refresh_min_new_interactions=3)
-    history, versions = user_history.transform(None, None, inter, items, None, params)
+    history, versions = user_history.transform(None, None, inter, items, None, params, positive_threshold=3)
     sample_params = ctr_samples.SampleParams(max_hist_len=4, positive_rating_threshold=3, split_fractions=(0.6, 0.2, 0.2))
     samples = ctr_samples.transform(history, versions, items, sample_params).toPandas()
     versions_pd = versions.toPandas()
-    history_pd = {r["user_id"]: r["history"] for r in history.collect()}
+    rows = history.collect()
+    history_pd = {r["user_id"]: r["history"] for r in rows}
     assert len(samples) > 500
+    # Each user's row counts the samples (and positives) built from it: ctr_samples' daily totals rely on it.
+    made = samples.groupby("user_id").agg(samples=("label", "size"), positives=("label", "sum"))
+    counted = {r["user_id"]: (r["samples"], r["positive_samples"]) for r in rows}
+    assert {u: counted[u] for u in made.index} == {u: (int(c.samples), int(c.positives)) for u, c in made.iterrows()}
+    assert all(counted[u] == (0, 0) for u in set(counted) - set(made.index))
 
     for user, s in samples.groupby("user_id"):
         v = versions_pd[versions_pd["user_id"] == user]
@@ -135,7 +141,7 @@ def test_user_profiles_count_only_the_knowledge_window(spark):
 def test_clusters_bounded_every_entity_once_and_deterministic(spark, data, feature_frames):
     inter, items = feature_frames
     params = user_history.WindowParams("earliest", 8, 30, 3)
-    history, _ = user_history.transform(None, None, inter, items, None, params)
+    history, _ = user_history.transform(None, None, inter, items, None, params, positive_threshold=3)
     history = history.select("user_id", "window").localCheckpoint()
     first = clusters.transform(items, history, max_items=7, max_users=6, threshold=3).localCheckpoint()
     out = first.toPandas()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+from unittest import mock
 
 import pytest
 
@@ -173,6 +174,15 @@ def test_daily_runs_write_only_touched_users_and_equal_a_full_build(spark, tmp_p
     _assert_totals_are_the_states(cfg, lake, last, summaries, carried=True)
     _assert_state_equals_a_full_build(spark, cfg, lake, last, chained, (first, prev))
 
+    # The previous counts the daily run subtracted, from user_history's per-user counts, equal those of the samples
+    # themselves (the scan it replaces, and still takes where a user's row predates the counts).
+    touched = spark.createDataFrame([(u,) for u in sorted(samples_users)], "user_id string")
+    params = ctr_samples.SampleParams.from_config(cfg)
+    from_history = ctr_samples.previous_counts(spark, lake, prev, touched, params)
+    with mock.patch.object(type(lake), "column_names", return_value=[]):  # as a lake written before the counts
+        from_samples = ctr_samples.previous_counts(spark, lake, prev, touched, params)
+    assert from_history == from_samples and sum(from_history["samples_per_split"].values()) > 0
+
 
 def _assert_totals_are_the_states(cfg, lake, day, summaries, carried: bool) -> None:
     """The run-log totals a daily run carried from the previous day's (plus its changes) equal the state's own."""
@@ -183,6 +193,12 @@ def _assert_totals_are_the_states(cfg, lake, day, summaries, carried: bool) -> N
                 "users_shorter_than_max_window": int((history["n_interactions"] < cfg.scenario.max_window).sum()),
                 "knowledge_versions": len(lake.read_partition("features/knowledge_versions", day))}
     assert {k: summaries[user_history][k] for k in expected} == expected
+    # Each user's row counts the user's samples (what ctr_samples' daily totals subtract when it rewrites the user).
+    made = samples.groupby("user_id")["label"].agg(["size", "sum"])
+    counted = history.set_index("user_id")[["samples", "positive_samples"]]
+    assert (counted.loc[made.index, "samples"].to_numpy() == made["size"].to_numpy()).all()
+    assert (counted.loc[made.index, "positive_samples"].to_numpy() == made["sum"].to_numpy()).all()
+    assert (counted.drop(made.index)["samples"] == 0).all()
     per_split = samples["split"].value_counts().to_dict()
     assert summaries[ctr_samples]["samples"] == len(samples) and summaries[ctr_samples]["samples_per_split"] == per_split
     assert summaries[ctr_samples]["label_rate"] == pytest.approx(samples["label"].mean())

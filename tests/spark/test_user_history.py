@@ -53,7 +53,7 @@ def _params(mode):
 )
 def test_windows_versions_and_refresh_rule(spark, frames, mode, versions, window_items):
     inter, items, users = frames
-    history, kv = transform(None, None, inter, items, users, _params(mode))
+    history, kv = transform(None, None, inter, items, users, _params(mode), positive_threshold=3)
     assertDataFrameEqual(
         kv.select("user_id", "window_n", "window_size", "version_dt"),
         spark.createDataFrame(versions, "user_id string, window_n int, window_size int, version_dt date"),
@@ -73,10 +73,10 @@ def test_windows_versions_and_refresh_rule(spark, frames, mode, versions, window
 def test_full_build_equals_chain_of_daily_runs(spark, frames, mode):
     inter, items, users = frames
     params = _params(mode)
-    full_history, full_versions = transform(None, None, inter, items, users, params)
-    history, versions = transform(None, None, _day(inter, 1), items, users, params)
+    full_history, full_versions = transform(None, None, inter, items, users, params, positive_threshold=3)
+    history, versions = transform(None, None, _day(inter, 1), items, users, params, positive_threshold=3)
     for n in (2, 3):
-        history, versions = transform(history.localCheckpoint(), versions.localCheckpoint(), _day(inter, n), items, users, params)
+        history, versions = transform(history.localCheckpoint(), versions.localCheckpoint(), _day(inter, n), items, users, params, positive_threshold=3)
     assertDataFrameEqual(versions, full_versions)
     assertDataFrameEqual(history.drop("needs_refresh"), full_history.drop("needs_refresh"))
     # Day 3 changed no window: nobody needs a refresh, while the full build refreshes everyone.
