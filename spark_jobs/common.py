@@ -367,13 +367,15 @@ def _create_table(spark: SparkSession, lake: Lake, dataset: str, name: str, sche
 
 
 def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, changes_only: bool = False,
-                    totals: Callable[[], dict] | None = None, inputs: str | None = None,
-                    unchanged_since: int | None = None) -> str:
+                    totals: Callable[[], dict] | None = None, totals_read_the_day: bool = False,
+                    inputs: str | None = None, unchanged_since: int | None = None) -> str:
     """Replace day `day` of `dataset` with `df`: one Iceberg commit (an overwrite of exactly that day, so a re-run that
     writes fewer rows, or none, leaves none of the old ones), then the day is recorded (a table property; without it
     an empty day would look unwritten), as the whole state or, for a keyed dataset, its changes. A crash between the
-    two leaves the day unrecorded, so the next run redoes it. `totals`, called once the day is recorded, gives the
-    state's totals as of the day, recorded next (`TOTALS_PROPERTY`); `inputs`, the fingerprint of what the rows were
+    two leaves the day unrecorded, so the next run redoes it. `totals`, called once the rows are committed, gives the
+    state's totals as of the day (`TOTALS_PROPERTY`), recorded with the day in the same commit; with
+    `totals_read_the_day` (an aggregate that reads the state as of the day) it is called once the day is recorded, and
+    recorded in a commit of its own. `inputs`, the fingerprint of what the rows were
     computed from, is recorded with the day (`INPUTS_PROPERTY`). What an earlier write of the day recorded about its rows
     (`DAY_RECORDS`) is removed before they are replaced, so a crash in between leaves none rather than stale ones.
     `unchanged_since`, a snapshot id the rows were read at: the commit fails (Iceberg's serializable validation) if
@@ -398,10 +400,12 @@ def write_partition(df: DataFrame, lake: Lake, dataset: str, day: dt.date, chang
     recorded = {f"{DAY_PROPERTY}{day.isoformat()}": kind}
     if inputs is not None:  # hex digits: nothing to escape
         recorded[f"{INPUTS_PROPERTY}{day.isoformat()}"] = inputs
+    totals_key = f"{TOTALS_PROPERTY}{day.isoformat()}"
+    if totals is not None and not totals_read_the_day:  # numbers and plain keys: no quote to escape
+        recorded[totals_key] = json.dumps(totals(), sort_keys=True)
     spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({', '.join(f'{k!r} = {v!r}' for k, v in recorded.items())})")
-    if totals is not None:  # after the day's record: an aggregate of the state reads the day
-        summed = json.dumps(totals(), sort_keys=True)  # numbers and plain keys: no quote to escape
-        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{TOTALS_PROPERTY}{day.isoformat()}' = '{summed}')")
+    if totals is not None and totals_read_the_day:  # after the day's record: the aggregate reads the day
+        spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ('{totals_key}' = '{json.dumps(totals(), sort_keys=True)}')")
     return f"{name}/dt={day.isoformat()}"
 
 

@@ -169,7 +169,7 @@ def run(spark, cfg, lake, day) -> dict:
     # Called once the rows are written: the observed counts, or an aggregate of the state, need them.
     write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None,
                     totals=lambda: aggregated_totals(spark, lake, day) if before is None
-                    else add(before, counts_of(written.get)))
+                    else add(before, counts_of(written.get)), totals_read_the_day=before is None)
     totals = lake.state_totals(DATASET, day)
     per_split = {s: totals["samples_per_split"][s] for s in SPLITS if totals["samples_per_split"][s]}
     total = sum(per_split.values())

@@ -329,10 +329,10 @@ def run(spark, cfg, lake, day) -> dict:
     write_partition(versions.repartition("user_id").sortWithinPartitions(*STATE_ORDER[VERSIONS]), lake, VERSIONS, day,
                     changes_only=changes)
     before = lake.state_totals(DATASET, prev_day) if changes else STATE_TOTALS_BEFORE_FIRST_DAY
-    # Called once the rows are written: an aggregate of the state needs them.
+    # Called once the rows are written: an aggregate of the state needs them (and the day recorded).
     write_partition(history.repartition("user_id").sortWithinPartitions(*STATE_ORDER[DATASET]), lake, DATASET, day,
                     changes_only=changes, totals=lambda: aggregated_totals(spark, lake, day, params)
-                    if before is None else carried_totals(before, change))
+                    if before is None else carried_totals(before, change), totals_read_the_day=before is None)
     return {
         **lake.state_totals(DATASET, day),
         "totals_from": totals_source(prev_day, before),

@@ -63,8 +63,8 @@ TARGET_FILE_SIZE = "write.target-file-size-bytes"  # Iceberg's: where Spark's an
 DAY_PROPERTY = "reki.dt."  # + YYYY-MM-DD: a table property set in the commit that wrote that day
 # The property's value: the day holds the whole dataset, or (keyed datasets) only the keys that changed.
 FULL_DAY, CHANGES_DAY = "written", "changes"
-# + YYYY-MM-DD: a keyed dataset's run-log totals over its state as of that day (JSON), recorded after the day by the job
-# that wrote it, so the next daily run adds its changes instead of aggregating the whole state again; any other write
+# + YYYY-MM-DD: a keyed dataset's run-log totals over its state as of that day (JSON), recorded by the job that wrote the
+# day (with the day's record, or after it where the totals are an aggregate of the state), so the next daily run adds its changes instead of aggregating the whole state again; any other write
 # of the day removes it (the totals then no longer describe the rows).
 TOTALS_PROPERTY = "reki.totals."
 # + YYYY-MM-DD: a fingerprint of what the job that wrote the day computed it from (`Lake.day_inputs`): a re-run that finds

@@ -171,17 +171,18 @@ def test_daily_runs_write_only_touched_users_and_equal_a_full_build(spark, tmp_p
     assert history.loc[reprofiled, "occupation"] == "retitled occupation"
     assert chained["features/ctr_samples"]["hist_genres"].map(lambda g: "Regenred" in list(g)).any()
 
-    _assert_totals_are_the_states(cfg, lake, last, summaries, carried=True)
-    _assert_state_equals_a_full_build(spark, cfg, lake, last, chained, (first, prev))
-
-    # The previous counts the daily run subtracted, from user_history's per-user counts, equal those of the samples
-    # themselves (the scan it replaces, and still takes where a user's row predates the counts).
+    # (Before the full build below replaces the lake.) The previous counts the daily run subtracted, from
+    # user_history's per-user counts, equal those of the samples themselves (the scan it replaces, and still takes
+    # where a user's row predates the counts).
     touched = spark.createDataFrame([(u,) for u in sorted(samples_users)], "user_id string")
     params = ctr_samples.SampleParams.from_config(cfg)
     from_history = ctr_samples.previous_counts(spark, lake, prev, touched, params)
     with mock.patch.object(type(lake), "column_names", return_value=[]):  # as a lake written before the counts
         from_samples = ctr_samples.previous_counts(spark, lake, prev, touched, params)
     assert from_history == from_samples and sum(from_history["samples_per_split"].values()) > 0
+
+    _assert_totals_are_the_states(cfg, lake, last, summaries, carried=True)
+    _assert_state_equals_a_full_build(spark, cfg, lake, last, chained, (first, prev))
 
 
 def _assert_totals_are_the_states(cfg, lake, day, summaries, carried: bool) -> None:
