@@ -192,13 +192,16 @@ STATE_TOTALS_BEFORE_FIRST_DAY = {"samples_per_split": dict.fromkeys(SPLITS, 0),
                                  "positives_per_split": dict.fromkeys(SPLITS, 0)}
 
 
-def split_counts() -> list:
-    """Aggregates of samples and positives per split (for `counts_of`)."""
+def split_counts(samples=None, positives=None) -> list:
+    """Aggregates of samples and positives per split (for `counts_of`): over sample rows by default, or over rows that
+    each count `samples` samples and `positives` positives (a user's row)."""
+    samples = F.lit(1) if samples is None else samples
+    positives = F.col("label").cast("int") if positives is None else positives
     counts = []
     for split in SPLITS:
         in_split = (F.col("split") == split).cast("int")
-        counts += [F.coalesce(F.sum(in_split), F.lit(0)).alias(f"samples_{split}"),
-                   F.coalesce(F.sum(in_split * F.col("label").cast("int")), F.lit(0)).alias(f"positives_{split}")]
+        counts += [F.coalesce(F.sum(in_split * samples), F.lit(0)).alias(f"samples_{split}"),
+                   F.coalesce(F.sum(in_split * positives), F.lit(0)).alias(f"positives_{split}")]
     return counts
 
 
@@ -212,12 +215,8 @@ def previous_counts(spark, lake, prev_day, touched: DataFrame, params: SamplePar
     if {"samples", "positive_samples"} <= set(lake.column_names(HISTORY)):
         rows = read_partition(spark, lake, HISTORY, prev_day, only_keys=touched).select(
             "samples", "positive_samples", split_of(F.col("user_id"), params.split_fractions).alias("split"))
-        aggregates = [F.sum(F.col("samples").isNull().cast("int")).alias("uncounted")]
-        for split in SPLITS:
-            in_split = (F.col("split") == split).cast("long")
-            aggregates += [F.coalesce(F.sum(in_split * F.col("samples")), F.lit(0)).alias(f"samples_{split}"),
-                           F.coalesce(F.sum(in_split * F.col("positive_samples")), F.lit(0)).alias(f"positives_{split}")]
-        found = rows.agg(*aggregates).first().asDict()
+        found = rows.agg(F.sum(F.col("samples").isNull().cast("int")).alias("uncounted"),
+                         *split_counts(F.col("samples"), F.col("positive_samples"))).first().asDict()
         if not found["uncounted"]:
             return counts_of(found)
     return counts_of(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).agg(*split_counts()).first()
