@@ -32,6 +32,8 @@ VERSIONS = "features/knowledge_versions"
 HISTORY_TYPE = "array<struct<item_id:string,ts:bigint,rating:int>>"
 # What a daily run takes of a touched user's previous row (`build_histories`, and the day of the last refresh).
 CARRIED = ("user_id", "history", "n_interactions", "window_n", "refreshed_dt")
+# And, from rows written with their sample counts (`with_sample_counts`), the earliest version's as_of.
+CARRIED_COUNTS = ("knowledge_since", "samples")
 
 
 @dataclass(frozen=True)
@@ -198,13 +200,12 @@ def advance(prev_history: DataFrame | None, new_interactions: DataFrame, params:
     return advance_windows(build_histories(prev_history, new_interactions), params)
 
 
-def with_sample_counts(history: DataFrame, versions: DataFrame, positive_threshold: int) -> DataFrame:
+def with_sample_counts(history: DataFrame, since: DataFrame, positive_threshold: int) -> DataFrame:
     """The rows with what each user contributes to `features/ctr_samples` built from them, so that its daily run takes a
     rewritten user's previous counts from here instead of scanning the previous samples: `knowledge_since`, the as_of
-    of the user's earliest window version (every version of the user is in `versions`); `samples`, the interactions
-    after it (an interaction is a sample when a version is strictly older: ctr_samples' as-of rule); `positive_samples`,
-    those rated above `positive_threshold` (its label)."""
-    since = versions.groupBy("user_id").agg(F.min("as_of").alias("knowledge_since"))
+    of the user's earliest window version (`since`: `earliest_versions`); `samples`, the interactions after it (an
+    interaction is a sample when a version is strictly older: ctr_samples' as-of rule); `positive_samples`, those rated
+    above `positive_threshold` (its label)."""
     after = "e.ts > knowledge_since"  # null (no version yet) counts nothing
     return history.join(since, "user_id", "left").select(
         "*",
@@ -212,6 +213,18 @@ def with_sample_counts(history: DataFrame, versions: DataFrame, positive_thresho
         F.expr(f"size(filter(history, e -> {after} AND e.rating > {int(positive_threshold)}))").cast("int")
         .alias("positive_samples"),
     )
+
+
+def earliest_versions(versions: DataFrame, prev_since: DataFrame | None = None) -> DataFrame:
+    """Per user, `knowledge_since`: the as_of of the earliest of `versions`, or of the versions summed up by `prev_since`
+    (user_id, knowledge_since: the previous rows' own, so that a daily run needs only its new versions, not every
+    version of its users again)."""
+    since = versions.groupBy("user_id").agg(F.min("as_of").alias("knowledge_since"))
+    if prev_since is None:
+        return since
+    before = prev_since.select("user_id", F.col("knowledge_since").alias("_before"))
+    return since.join(before, "user_id", "full_outer").select(
+        "user_id", F.least("knowledge_since", "_before").alias("knowledge_since"))  # least() skips a null
 
 
 def outputs(
@@ -222,16 +235,20 @@ def outputs(
     users: DataFrame | None,
     params: WindowParams,
     positive_threshold: int,
+    prev_since: DataFrame | None = None,
 ) -> tuple[DataFrame, DataFrame]:
-    """(user_history, knowledge_versions) from the advanced windows."""
+    """(user_history, knowledge_versions) from the advanced windows. `prev_since` (user_id, knowledge_since), the
+    previous rows' earliest versions where every one of them has its counts: then only the new versions are read for
+    them (`earliest_versions`)."""
     new_versions = version_rows(advanced, params)
     versions = new_versions if prev_versions is None else prev_versions.select(*new_versions.columns).unionByName(new_versions)
+    since = earliest_versions(versions) if prev_since is None else earliest_versions(new_versions, prev_since)
     history = attach_titles_and_profile(advanced, items, users)
     if prev_history is not None:
         # A user whose window did not advance keeps the day it was last refreshed.
         history = history.join(prev_history.select("user_id", F.col("refreshed_dt").alias("_prev_refreshed")), "user_id", "left")
         history = history.withColumn("refreshed_dt", F.coalesce("refreshed_dt", "_prev_refreshed")).drop("_prev_refreshed")
-    return with_sample_counts(history, versions, positive_threshold), versions
+    return with_sample_counts(history, since, positive_threshold), versions
 
 
 def transform(
@@ -242,10 +259,11 @@ def transform(
     users: DataFrame | None,
     params: WindowParams,
     positive_threshold: int,
+    prev_since: DataFrame | None = None,
 ) -> tuple[DataFrame, DataFrame]:
-    """(user_history, knowledge_versions) as of the newest interaction day given."""
+    """(user_history, knowledge_versions) as of the newest interaction day given (`outputs` for `prev_since`)."""
     return outputs(advance(prev_history, new_interactions, params), prev_history, prev_versions, items, users, params,
-                   positive_threshold)
+                   positive_threshold, prev_since)
 
 
 def touched_users(spark, lake, day, prev_day, new_interactions: DataFrame) -> DataFrame:
@@ -311,6 +329,7 @@ def run(spark, cfg, lake, day) -> dict:
     new_interactions = read_interactions(spark, lake, prev_day, day)
     items = read_partition(spark, lake, "features/items", day)
     users = read_partition(spark, lake, "raw/users", day) if lake.has_partition("raw/users", day) else None
+    prev_since = None
     if prev_day is None:
         prev_history = prev_versions = None
     else:
@@ -318,14 +337,19 @@ def run(spark, cfg, lake, day) -> dict:
         # are few, and read twice (the histories, the refresh day): scanned once, and only the columns a run
         # carries forward (the scan decodes every user's row: the wide `window` would cost as much as `history`).
         touched = cache(touched_users(spark, lake, day, prev_day, new_interactions))
-        prev_history = cache(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).select(*CARRIED))
+        counted = set(CARRIED_COUNTS) <= set(lake.column_names(DATASET))
+        prev_history = cache(read_partition(spark, lake, DATASET, prev_day, only_keys=touched)
+                             .select(*CARRIED, *(CARRIED_COUNTS if counted else ())))
         prev_versions = read_partition(spark, lake, VERSIONS, prev_day, only_keys=touched)
     # Both outputs derive from the advanced windows: compute them once.
     advanced = cache(advance(prev_history, new_interactions, params))
+    change = run_changes(advanced, params)  # the first action: it fills the caches
+    if prev_history is not None and counted and prev_history.where(F.col("samples").isNull()).isEmpty():
+        # Every previous row has its counts (none predates them): its knowledge_since sums up its versions.
+        prev_since = prev_history.select("user_id", "knowledge_since")
     history, versions = outputs(advanced, prev_history, prev_versions, items, users, params,
-                                cfg.scenario.positive_rating_threshold)
+                                cfg.scenario.positive_rating_threshold, prev_since)
     changes = prev_day is not None
-    change = run_changes(advanced, params)
     write_partition(versions.repartition("user_id").sortWithinPartitions(*STATE_ORDER[VERSIONS]), lake, VERSIONS, day,
                     changes_only=changes)
     before = lake.state_totals(DATASET, prev_day) if changes else STATE_TOTALS_BEFORE_FIRST_DAY
