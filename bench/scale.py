@@ -76,7 +76,7 @@ def deliver(n_interactions: int, history_days: int, active_share: float, seed: i
     from reki_core.datasets import synthetic
     from reki_core.datasets.schema import normalise_interactions
     from reki_core.datasets.source import write_delivery
-    from reki_core.quality.raw import day_bounds
+    from reki_core.datasets.schema import day_bounds
     from reki_core.storage.lake import lake_of
 
     cfg = load_config()

@@ -14,7 +14,7 @@ that assumes unchanged sample parameters (`max_hist_len`, the threshold, the spl
 changing one, rebuild from the first affected date.
 
 Reads `features/user_history` and `features/knowledge_versions` as of D (a daily run: only the recomputed
-users, and their previous per-user sample counts from `user_history` as of the previous day, for the totals),
+users),
 `features/items/dt=D` and the previous day's `features/items`. Writes `features/ctr_samples/dt=D`
 (a user stays in one split every day), in (user_id, ts, item_id) order.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
+from reki_core.datasets.schema import day_bounds
 from spark_jobs.common import releases_cache
 
 DATASET = "features/ctr_samples"
@@ -161,15 +162,25 @@ def run(spark, cfg, lake, day) -> dict:
     history = read_partition(spark, lake, HISTORY, day, only_keys=touched, written_after=written_after)
     versions = read_partition(spark, lake, VERSIONS, day, only_keys=touched, written_after=written_after)
     written = Observation("ctr_samples")
+    counted = split_counts()
+    if prev_day is not None:
+        # The rewritten users' samples as of the previous day leave the totals: they are their samples up to that day's
+        # end (a day's interactions lie within it, the landing's rule): the same interactions after the same earliest
+        # version, with the same label and split. Counted as the samples are written: no read of the previous ones.
+        earlier = F.col("ts") < F.lit(day_bounds(prev_day)[1])
+        counted += split_counts(earlier.cast("int"), (earlier & (F.col("label") == 1)).cast("int"), prefix=EARLIER)
     samples = transform(history, versions, items, params).sortWithinPartitions(*STATE_ORDER[DATASET]).observe(
-        written, *split_counts())
+        written, *counted)
     before = STATE_TOTALS_BEFORE_FIRST_DAY if prev_day is None else lake.state_totals(DATASET, prev_day)
-    if before is not None and touched is not None:  # the rewritten users' previous samples leave the totals
-        before = subtract(before, previous_counts(spark, lake, prev_day, touched, params))
-    # Called once the rows are written: the observed counts, or an aggregate of the state, need them.
-    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None,
-                    totals=lambda: aggregated_totals(spark, lake, day) if before is None
-                    else add(before, counts_of(written.get)), totals_read_the_day=before is None)
+
+    def new_totals() -> dict:  # called once the rows are written: the observed counts, or an aggregate of the state, need them
+        if before is None:
+            return aggregated_totals(spark, lake, day)
+        now = add(before, counts_of(written.get))
+        return now if prev_day is None else subtract(now, counts_of(written.get, prefix=EARLIER))
+
+    write_partition(samples, lake, DATASET, day, changes_only=prev_day is not None, totals=new_totals,
+                    totals_read_the_day=before is None)
     totals = lake.state_totals(DATASET, day)
     per_split = {s: totals["samples_per_split"][s] for s in SPLITS if totals["samples_per_split"][s]}
     total = sum(per_split.values())
@@ -192,40 +203,26 @@ STATE_TOTALS_BEFORE_FIRST_DAY = {"samples_per_split": dict.fromkeys(SPLITS, 0),
                                  "positives_per_split": dict.fromkeys(SPLITS, 0)}
 
 
-def split_counts(samples=None, positives=None) -> list:
-    """Aggregates of samples and positives per split (for `counts_of`): over sample rows by default, or over rows that
-    each count `samples` samples and `positives` positives (a user's row)."""
+def split_counts(samples=None, positives=None, prefix: str = "") -> list:
+    """Aggregates of samples and positives per split (for `counts_of`): over sample rows by default, or counting
+    `samples` samples and `positives` positives of each row; `prefix` names them apart."""
     samples = F.lit(1) if samples is None else samples
     positives = F.col("label").cast("int") if positives is None else positives
     counts = []
     for split in SPLITS:
         in_split = (F.col("split") == split).cast("int")
-        counts += [F.coalesce(F.sum(in_split * samples), F.lit(0)).alias(f"samples_{split}"),
-                   F.coalesce(F.sum(in_split * positives), F.lit(0)).alias(f"positives_{split}")]
+        counts += [F.coalesce(F.sum(in_split * samples), F.lit(0)).alias(f"{prefix}samples_{split}"),
+                   F.coalesce(F.sum(in_split * positives), F.lit(0)).alias(f"{prefix}positives_{split}")]
     return counts
 
 
-def previous_counts(spark, lake, prev_day, touched: DataFrame, params: SampleParams) -> dict:
-    """`counts_of` the touched users' samples as of the previous day. Taken from `user_history`'s per-user counts as of
-    that day (the rows those samples were built from: `user_history.with_sample_counts`), which reads its narrow
-    columns; counted from the previous samples themselves (a scan of the whole sample state) where a touched user's
-    row predates the counts."""
-    from spark_jobs.common import read_partition
-
-    if {"samples", "positive_samples"} <= set(lake.column_names(HISTORY)):
-        rows = read_partition(spark, lake, HISTORY, prev_day, only_keys=touched).select(
-            "samples", "positive_samples", split_of(F.col("user_id"), params.split_fractions).alias("split"))
-        found = rows.agg(F.sum(F.col("samples").isNull().cast("int")).alias("uncounted"),
-                         *split_counts(F.col("samples"), F.col("positive_samples"))).first().asDict()
-        if not found["uncounted"]:
-            return counts_of(found)
-    return counts_of(read_partition(spark, lake, DATASET, prev_day, only_keys=touched).agg(*split_counts()).first()
-                     .asDict())
+# The prefix of the counts a daily run subtracts (`split_counts`): its rewritten users' samples as of the previous day.
+EARLIER = "earlier_"
 
 
-def counts_of(row: dict) -> dict:
+def counts_of(row: dict, prefix: str = "") -> dict:
     """{"samples_per_split": ..., "positives_per_split": ...} from a row of `split_counts`."""
-    return {f"{kind}_per_split": {split: int(row[f"{kind}_{split}"] or 0) for split in SPLITS}
+    return {f"{kind}_per_split": {split: int(row[f"{prefix}{kind}_{split}"] or 0) for split in SPLITS}
             for kind in ("samples", "positives")}
 
 

@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from reki_core.landing import RAW, REJECTED, SCHEMAS, LandingError, Problem
+from reki_core.datasets import schema
 from reki_core.quality import raw as raw_rules
 from spark_jobs.common import cache, releases_cache, store_refused, write_days, write_partition
 from spark_jobs.knowledge import spark_path
@@ -171,7 +172,7 @@ def read_at_once(spark, lake, delivered: list[Delivery]) -> DataFrame | None:
         return None
     if set(fields) != set(expected) or not all(_type_ok(fields[c], logical) for c, logical in expected.items()):
         return None
-    bounds = {d.day: raw_rules.day_bounds(d.day) for d in delivered}
+    bounds = {d.day: schema.day_bounds(d.day) for d in delivered}
     named = spark.createDataFrame(
         [(_path_key(path), path, d.day, pos, bounds[d.day][0], bounds[d.day][1] - 1) for d, pos, path in files],
         "_key string, _source_file string, _day date, _file_pos int, _lo bigint, _hi bigint")
@@ -320,7 +321,7 @@ def land_interactions(spark, cfg, lake, days: list[dt.date]) -> dict[str, dict]:
             except LandingError as exc:
                 stop = exc
                 break
-            low, high = raw_rules.day_bounds(delivery.day)
+            low, high = schema.day_bounds(delivery.day)
             frames += [f.select("*", F.lit(delivery.day).alias("_day"), F.lit(pos).alias("_file_pos"),
                                 F.lit(low).alias("_lo"), F.lit(high - 1).alias("_hi")) for pos, f in enumerate(read)]
             checked_days.append(delivery.day)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pandas as pd
 
 # column -> logical type; the landing checks incoming files against these.
@@ -10,6 +12,12 @@ USERS = {"user_id": "string", "age": "integer", "gender": "string", "occupation"
 ITEMS = {"item_id": "string", "title": "string", "year": "integer", "genres": "list"}
 
 RATING_MIN, RATING_MAX = 1, 5
+
+
+def day_bounds(day: dt.date) -> tuple[int, int]:
+    """[start, end) of a UTC day in epoch seconds: the `ts` of the interactions landed for that day (a landing rule)."""
+    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
+    return start, start + 86_400
 
 
 def normalise_interactions(df: pd.DataFrame) -> pd.DataFrame:

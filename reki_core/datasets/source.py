@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reki_core.config import Config
-from reki_core.quality.raw import day_bounds
+from reki_core.datasets.schema import day_bounds
 from reki_core.storage.lake import Lake
 
 INCOMING = {"interactions": "incoming/interactions", "users": "incoming/users", "items": "incoming/items"}

@@ -29,15 +29,9 @@ RULE_NAMES = {
 }
 
 
-def day_bounds(day: dt.date) -> tuple[int, int]:
-    """[start, end) of a UTC day in epoch seconds."""
-    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp())
-    return start, start + 86_400
-
-
 def interactions_row_expectations(day: dt.date) -> list:
     """Row-level rules: each failing row can be named and quarantined."""
-    start, end = day_bounds(day)
+    start, end = schema.day_bounds(day)
     return [
         *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in schema.INTERACTIONS],
         gxe.ExpectColumnValuesToBeBetween(column="rating", min_value=schema.RATING_MIN, max_value=schema.RATING_MAX),
@@ -79,7 +73,7 @@ class Rule:
 
 def interactions_row_rules(day: dt.date) -> tuple[Rule, ...]:
     """The row rules of a day's interactions, in the order their problems are reported (as the suite's)."""
-    start, end = day_bounds(day)
+    start, end = schema.day_bounds(day)
     return (*[Rule(c, "not_null") for c in schema.INTERACTIONS],
             Rule("rating", "in_range", schema.RATING_MIN, schema.RATING_MAX), Rule("ts", "in_range", start, end - 1),
             Rule("user_id,item_id,ts", "unique"))
