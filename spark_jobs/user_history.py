@@ -201,8 +201,7 @@ def advance(prev_history: DataFrame | None, new_interactions: DataFrame, params:
 
 
 def with_sample_counts(history: DataFrame, since: DataFrame, positive_threshold: int) -> DataFrame:
-    """The rows with what each user contributes to `features/ctr_samples` built from them, so that its daily run takes a
-    rewritten user's previous counts from here instead of scanning the previous samples: `knowledge_since`, the as_of
+    """The rows with what each user contributes to `features/ctr_samples` built from them: `knowledge_since`, the as_of
     of the user's earliest window version (`since`: `earliest_versions`); `samples`, the interactions after it (an
     interaction is a sample when a version is strictly older: ctr_samples' as-of rule); `positive_samples`, those rated
     above `positive_threshold` (its label)."""
