@@ -74,9 +74,8 @@ def deliver(n_interactions: int, history_days: int, active_share: float, seed: i
     """Write every delivery of the three days to `incoming/`; returns the days and counts."""
     from reki_core.config import load_config
     from reki_core.datasets import synthetic
-    from reki_core.datasets.schema import normalise_interactions
+    from reki_core.datasets.schema import day_bounds, normalise_interactions
     from reki_core.datasets.source import write_delivery
-    from reki_core.datasets.schema import day_bounds
     from reki_core.storage.lake import lake_of
 
     cfg = load_config()

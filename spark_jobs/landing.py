@@ -32,8 +32,8 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from reki_core.landing import RAW, REJECTED, SCHEMAS, LandingError, Problem
 from reki_core.datasets import schema
+from reki_core.landing import RAW, REJECTED, SCHEMAS, LandingError, Problem
 from reki_core.quality import raw as raw_rules
 from spark_jobs.common import cache, releases_cache, store_refused, write_days, write_partition
 from spark_jobs.knowledge import spark_path

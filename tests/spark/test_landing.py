@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from reki_core.datasets.schema import day_bounds
 from reki_core.landing import LandingError, land, run_raw_gate
 from reki_core.quality.gx import GateError
-from reki_core.datasets.schema import day_bounds
 from reki_core.storage.lake import Lake
 from tests.conftest import make_config
 
